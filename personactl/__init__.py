@@ -1,0 +1,31 @@
+"""personactl: persona vectors for open LLMs.
+
+The public API is imported lazily so that `import personactl` (and `personactl --help`) stays fast:
+
+    from personactl import load_model, extract_vectors, PersonaVector, load_trait
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "personactl.models",
+    "LoadedModel": "personactl.models",
+    "extract_vectors": "personactl.activations",
+    "PairExample": "personactl.chat_format",
+    "PersonaVector": "personactl.vectors",
+    "load_trait": "personactl.traits",
+    "Trait": "personactl.traits",
+    "Settings": "personactl.settings",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'personactl' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from personactl.cli.app import main
+
+main()

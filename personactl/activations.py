@@ -1,0 +1,258 @@
+"""Residual-stream capture and streamed extraction of persona vectors.
+
+Layer convention (the same everywhere in personactl): row `l` in 0..L is the residual stream
+*after* decoder block `l` (1-based); row 0 is the input to block 1 (the embeddings, after any
+model-specific scaling). Rows 0..L-1 equal Hugging Face's `hidden_states[l]`; row L is the raw
+output of the last block, before the final norm (HF's `hidden_states[L]` is after it), because
+that is the stream steering at layer L acts on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from personactl.chat_format import EncodedExample, PairExample
+from personactl.errors import InputError
+
+POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg")
+AGGREGATORS = ("mean_diff", "pca")
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook so nothing past the last needed layer is computed."""
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def residual_hooks(
+    layers: Any, rows: Sequence[int], on_row: Callable[[int, torch.Tensor], None], stop_after_last: bool = True
+) -> Iterator[None]:
+    """Call `on_row(row, hidden[B,T,H])` for each requested row during a forward pass.
+
+    Hooks are removed on exit, also after an exception. With `stop_after_last`, the forward pass
+    is cut off right after the deepest requested row (use `run_to_last_row`)."""
+    wanted = sorted(set(rows))
+    if not wanted or wanted[0] < 0 or wanted[-1] > len(layers):
+        raise InputError(f"layer rows must be within 0..{len(layers)}, got {list(rows)}")
+    deepest = wanted[-1]
+    handles = []
+
+    def post_hook(row: int):
+        def hook(_module, _args, output):
+            on_row(row, _hidden(output))
+            if stop_after_last and row == deepest:
+                raise _StopForward
+
+        return hook
+
+    def embeddings_hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        on_row(0, hidden)
+        if stop_after_last and deepest == 0:
+            raise _StopForward
+
+    try:
+        if 0 in wanted:
+            handles.append(layers[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True))
+        for row in wanted:
+            if row > 0:
+                handles.append(layers[row - 1].register_forward_hook(post_hook(row)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_to_last_row(model: Any, **inputs: Any) -> None:
+    """Forward pass that ends at the deepest hooked row (no final norm, no lm_head, no logits)."""
+    try:
+        model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T] bool
+    position_ids: torch.Tensor  # [B, T]
+    prompt_end: torch.Tensor  # [B] index of the last prompt token
+    response_start: torch.Tensor  # [B] index of the first response token
+    prompt_mask: torch.Tensor  # [B, T] bool
+    response_mask: torch.Tensor  # [B, T] bool
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str = "right", device: Any = "cpu") -> Batch:
+    """Pad a batch and compute exact spans. Position ids follow the mask, so either side is exact."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    starts = []
+    for i, example in enumerate(examples):
+        n = len(example.input_ids)
+        start = width - n if padding_side == "left" else 0
+        ids[i, start : start + n] = torch.tensor(example.input_ids)
+        mask[i, start : start + n] = True
+        starts.append(start)
+    start = torch.tensor(starts)
+    prompt_len = torch.tensor([e.prompt_len for e in examples])
+    lengths = torch.tensor([len(e.input_ids) for e in examples])
+    cols = torch.arange(width)[None, :]
+    rel = cols - start[:, None]  # position of each column within its own sequence
+    prompt_mask = (rel >= 0) & (rel < prompt_len[:, None])
+    response_mask = (rel >= prompt_len[:, None]) & (rel < lengths[:, None])
+    position_ids = rel.clamp(min=0)
+    to = lambda t: t.to(device)  # noqa: E731
+    return Batch(to(ids), to(mask), to(position_ids), to(start + prompt_len - 1), to(start + prompt_len),
+                 to(prompt_mask), to(response_mask))
+
+
+def _reduce(hidden: torch.Tensor, batch: Batch, positions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example vectors [P, B, H] in fp32 at each position, and the response token-norm sum."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    out = []
+    h32 = None
+    for position in positions:
+        if position == "prompt_end":
+            out.append(hidden[rows, batch.prompt_end].float())
+        elif position == "response_start":
+            out.append(hidden[rows, batch.response_start].float())
+        else:
+            if h32 is None:
+                h32 = hidden.float().masked_fill_(~batch.attention_mask[..., None], 0.0)
+            span = batch.response_mask if position == "response_avg" else batch.prompt_mask
+            weights = span.float() / span.sum(1, keepdim=True).clamp(min=1)
+            out.append(torch.einsum("bt,bth->bh", weights, h32))
+    norms = torch.linalg.vector_norm(hidden.float(), dim=-1)
+    norm_sum = (norms * batch.response_mask).sum()
+    return torch.stack(out), norm_sum
+
+
+@dataclass
+class ExtractionResult:
+    """Per-position `[L+1, H]` tensors; rows that were not computed are NaN."""
+
+    mean_diff: dict[str, torch.Tensor]
+    pos_mean: dict[str, torch.Tensor]
+    neg_mean: dict[str, torch.Tensor]
+    pca: dict[str, torch.Tensor]
+    stream_norm: torch.Tensor  # [L+1] mean residual norm over response tokens
+    rows: list[int]
+    n_pairs: int
+    n_tokens: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def length_sorted_batches(pairs: Sequence[PairExample], batch_tokens: int) -> list[list[int]]:
+    """Pair indices grouped so each batch holds whole pairs and at most ~batch_tokens padded tokens."""
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].max_len)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = pairs[i].max_len  # sorted ascending, so this is the batch's width
+        if current and 2 * (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def extract_vectors(
+    model: Any,
+    layers: Any,
+    pairs: Sequence[PairExample],
+    *,
+    pad_id: int,
+    rows: Sequence[int] | None = None,
+    positions: Sequence[str] = POSITIONS,
+    pca: bool = True,
+    batch_tokens: int = 8192,
+    padding_side: str = "right",
+    on_batch: Callable[[int], None] | None = None,
+) -> ExtractionResult:
+    """Mean-difference (and PCA) vectors at every requested row and position, in one streamed pass.
+
+    Memory does not grow with the number of pairs: per (position, row) we keep fp32 sums of the
+    positive and negative examples and, for PCA, the H×H scatter of the pair differences."""
+    unknown = set(positions) - set(POSITIONS)
+    if unknown:
+        raise InputError(f"unknown position(s) {sorted(unknown)}", hint=f"choose from {', '.join(POSITIONS)}")
+    if not pairs:
+        raise InputError("no pairs to extract from", hint="generate responses first, or check the filter")
+    n_rows = len(layers) + 1
+    rows = sorted(set(range(n_rows) if rows is None else rows))
+    if rows[0] < 0 or rows[-1] >= n_rows:
+        raise InputError(f"layer {rows[-1] if rows[-1] >= n_rows else rows[0]} out of range 0..{n_rows - 1}")
+    for pair in pairs:
+        for ex in (pair.pos, pair.neg):
+            if ex.response_len < 1 and {"response_start", "response_avg"} & set(positions):
+                raise InputError("an example has an empty response", hint="drop empty responses first")
+            if ex.prompt_len < 1 and {"prompt_end", "prompt_avg"} & set(positions):
+                raise InputError("an example has no prompt tokens; use response positions only")
+
+    device = next(model.parameters()).device
+    hidden_size = int(model.get_input_embeddings().weight.shape[1])
+    row_index = {row: i for i, row in enumerate(rows)}
+    P, R = len(positions), len(rows)
+    sum_pos = torch.zeros(P, R, hidden_size, dtype=torch.float32, device=device)
+    sum_neg = torch.zeros_like(sum_pos)
+    scatter = torch.zeros(P, R, hidden_size, hidden_size, dtype=torch.float32, device=device) if pca else None
+    norm_sum = torch.zeros(R, dtype=torch.float64, device=device)
+    state: dict[str, Any] = {}
+
+    def on_row(row: int, hidden: torch.Tensor) -> None:
+        batch: Batch = state["batch"]
+        k = state["k"]
+        values, norms = _reduce(hidden, batch, positions)  # [P, 2k, H]
+        r = row_index[row]
+        sum_pos[:, r] += values[:, :k].sum(1)
+        sum_neg[:, r] += values[:, k:].sum(1)
+        norm_sum[r] += norms.double()
+        if scatter is not None:
+            diffs = values[:, :k] - values[:, k:]
+            scatter[:, r] += diffs.transpose(1, 2) @ diffs
+
+    n_tokens = n_response_tokens = 0
+    with torch.inference_mode(), residual_hooks(layers, rows, on_row):
+        for batch_indices in length_sorted_batches(pairs, batch_tokens):
+            examples = [pairs[i].pos for i in batch_indices] + [pairs[i].neg for i in batch_indices]
+            batch = collate(examples, pad_id, padding_side, device)
+            state.update(batch=batch, k=len(batch_indices))
+            run_to_last_row(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                            position_ids=batch.position_ids)
+            n_tokens += int(batch.attention_mask.sum())
+            n_response_tokens += int(batch.response_mask.sum())
+            if on_batch:
+                on_batch(len(batch_indices))
+
+    n = len(pairs)
+    full = lambda t: _scatter_rows(t.cpu(), rows, n_rows)  # noqa: E731
+    result = ExtractionResult({}, {}, {}, {}, torch.full((n_rows,), float("nan")), rows, n, n_tokens)
+    result.stream_norm[rows] = (norm_sum / max(n_response_tokens, 1)).float().cpu()
+    for p, position in enumerate(positions):
+        pos_mean, neg_mean = sum_pos[p] / n, sum_neg[p] / n
+        diff = pos_mean - neg_mean
+        result.pos_mean[position] = full(pos_mean)
+        result.neg_mean[position] = full(neg_mean)
+        result.mean_diff[position] = full(diff)
+        if scatter is not None:
+            from personactl.vectors import principal_direction
+
+            result.pca[position] = full(principal_direction(scatter[p].cpu(), diff.cpu()))
+    return result
+
+
+def _scatter_rows(values: torch.Tensor, rows: list[int], n_rows: int) -> torch.Tensor:
+    out = torch.full((n_rows, values.shape[-1]), float("nan"), dtype=torch.float32)
+    out[rows] = values.float()
+    return out

@@ -1,0 +1,61 @@
+"""Hugging Face transformers generation: batched, left-padded, reproducible for a seed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from personactl.backends import Generation, Sampling
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(model, tokenizer)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> list[Generation]:
+        """One batched `generate` call. Same prompts, sampling and seed give the same tokens."""
+        from transformers import GenerationConfig
+
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):  # left padding: every row's next token is at column `width`
+            ids[i, width - len(prompt):] = torch.tensor(list(prompt))
+            mask[i, width - len(prompt):] = 1
+        greedy = sampling.temperature == 0
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=self.stop_ids,
+        )
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        return [self._finish(row[width:].tolist()) for row in out.cpu()]
+
+    def _finish(self, tokens: list[int]) -> Generation:
+        for i, token in enumerate(tokens):
+            if token in self.stop_ids:
+                kept = tokens[:i]
+                return Generation(kept, self.tokenizer.decode(kept, skip_special_tokens=True), "stop")
+        return Generation(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), "length")

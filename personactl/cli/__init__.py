@@ -1,0 +1,1 @@
+"""Typer commands: one module per command, no logic, no heavy imports at module level."""

@@ -1,0 +1,37 @@
+"""The `personactl` entry point. Commands live one per module; only typer is imported here."""
+
+from __future__ import annotations
+
+import typer
+
+from personactl.cli import config_cmd, extract, generate, ls, traits
+
+app = typer.Typer(
+    name="personactl",
+    help="Persona vectors for open LLMs: generate contrastive responses, extract vectors, inspect them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+app.command("generate")(generate.generate)
+app.command("extract")(extract.extract)
+app.add_typer(traits.app, name="traits")
+app.command("config")(config_cmd.config)
+app.command("ls")(ls.ls)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from personactl import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    app()

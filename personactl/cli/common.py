@@ -1,0 +1,104 @@
+"""Output and error plumbing shared by commands: the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def log(message: str) -> None:
+    stderr_console().print(message, markup=False)
+
+
+def report(exc: Exception) -> int:
+    """Print an error as one line plus a hint to stderr; return the exit code."""
+    from personactl.errors import PersonactlError
+
+    console = stderr_console()
+    if isinstance(exc, PersonactlError):
+        console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+        if exc.hint:
+            console.print(f"[dim]hint:[/] {exc.hint}", soft_wrap=True)
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        console.print("interrupted; finished work is kept, rerun the same command to resume")
+        return 130
+    console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", soft_wrap=True, markup=False)
+    console.print("[dim]hint:[/] rerun with PERSONACTL_DEBUG=1 for a traceback, and please report it")
+    return 1
+
+
+def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command so expected failures exit with one line and a hint, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            if os.environ.get("PERSONACTL_DEBUG") == "1":
+                raise
+            raise typer.Exit(report(exc)) from None
+
+    return wrapper
+
+
+def settings_from(config=None, **cli: Any):
+    """Effective settings (CLI > env > toml > defaults) from a command's flags."""
+    from personactl.settings import load_settings
+
+    settings, _ = load_settings(cli, config)
+    return settings
+
+
+def open_workspace(settings):
+    from personactl.workspace import Workspace
+
+    workspace = Workspace(settings.workspace)
+    workspace.ensure_writable()
+    return workspace
+
+
+def load_model_from(settings):
+    from personactl.models import load_model
+
+    console = stderr_console()
+    with console.status(f"loading {settings.model} …"):
+        return load_model(
+            settings.model, dtype=settings.dtype, device=settings.device, revision=settings.revision,
+            trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir,
+            token=settings.hf_token.get_secret_value() if settings.hf_token else None, log=log,
+        )
+
+
+def progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=stderr_console(), transient=False)

@@ -1,0 +1,94 @@
+"""`personactl traits list|show|validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from personactl.cli import options as o
+from personactl.cli.common import emit_json, guarded, stdout_console
+
+app = typer.Typer(help="List, show and validate trait files.", no_args_is_help=True)
+
+
+@app.command("list")
+@guarded
+def list_traits(json: o.Json = False) -> None:
+    """List the traits found in ./traits and the shipped traits."""
+    from rich.table import Table
+
+    from personactl.errors import TraitError
+    from personactl.traits import list_trait_files, load_trait
+
+    rows = []
+    for path in list_trait_files():
+        try:
+            t = load_trait(path)
+            rows.append({"name": t.name, "path": str(path), "instructions": len(t.instructions),
+                         "extraction": len(t.questions.extraction), "evaluation": len(t.questions.evaluation),
+                         "description": t.description, "error": None})
+        except TraitError as exc:
+            rows.append({"name": path.stem, "path": str(path), "error": exc.message})
+    if json:
+        emit_json({"traits": rows})
+        return
+    table = Table("name", "pairs", "extract q", "eval q", "description", title="traits")
+    for r in rows:
+        if r["error"]:
+            table.add_row(r["name"], "", "", "", f"[red]invalid: {r['error']}[/]")
+        else:
+            table.add_row(r["name"], str(r["instructions"]), str(r["extraction"]), str(r["evaluation"]),
+                          r["description"].strip().split(". ")[0][:80])
+    stdout_console().print(table)
+
+
+@app.command("show")
+@guarded
+def show(name: Annotated[str, typer.Argument(help="Trait name or path.")], json: o.Json = False) -> None:
+    """Show one trait: its instruction pairs, questions and rubric."""
+    from personactl.traits import load_trait, resolve_trait_path
+
+    trait = load_trait(name)
+    if json:
+        emit_json({"path": str(resolve_trait_path(name)), "sha256": trait.sha256, **trait.model_dump()})
+        return
+    from rich.markup import escape
+
+    console = stdout_console()
+    console.print(f"[bold]{trait.name}[/]  ({resolve_trait_path(name)})\n{escape(trait.description.strip())}\n")
+    for i, pair in enumerate(trait.instructions):
+        console.print(f"[green]pos {i}[/] {escape(pair.pos)}\n[red]neg {i}[/] {escape(pair.neg)}")
+    console.print(f"\n[bold]extraction questions[/] ({len(trait.questions.extraction)})")
+    for q in trait.questions.extraction:
+        console.print(f"  • {q}", markup=False)
+    console.print(f"\n[bold]evaluation questions[/] ({len(trait.questions.evaluation)})")
+    for q in trait.questions.evaluation:
+        console.print(f"  • {q}", markup=False)
+    console.print("\n[bold]rubric[/]")
+    console.print(trait.rubric, markup=False)
+
+
+@app.command("validate")
+@guarded
+def validate(paths: Annotated[list[Path], typer.Argument(help="Trait files to check.")], json: o.Json = False) -> None:
+    """Check trait files against the schema; exit 2 if any is invalid."""
+    from personactl.errors import TraitError
+    from personactl.traits import load_trait
+
+    results = []
+    for path in paths:
+        try:
+            trait = load_trait(path)
+            results.append({"path": str(path), "valid": True, "name": trait.name, "error": None})
+        except TraitError as exc:
+            results.append({"path": str(path), "valid": False, "name": None, "error": exc.message})
+    if json:
+        emit_json({"results": results})
+    else:
+        for r in results:
+            mark = "[green]ok[/]     " if r["valid"] else "[red]invalid[/]"
+            stdout_console().print(f"{mark} {r['path'] if r['valid'] else r['error']}")
+    if not all(r["valid"] for r in results):
+        raise typer.Exit(2)

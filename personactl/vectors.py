@@ -1,0 +1,129 @@
+"""PersonaVector (a safetensors file that describes itself) and the pure math on vectors.
+
+File layout: tensors `<aggregator>.<position>` of shape `[L+1, hidden]` (rows not computed are
+NaN), `pos_mean.<position>`, `neg_mean.<position>`, and `stream_norm` `[L+1]`. Metadata values
+are JSON strings; `layer_convention` spells out what row `l` means.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personactl.errors import VectorFileError
+from personactl.ranges import format_ranges
+
+FORMAT = "personactl.vector/1"
+LAYER_CONVENTION = (
+    "row l = residual stream after decoder block l (1-based), row 0 = embeddings; rows 0..L-1 equal "
+    "HF hidden_states[l], row L is before the final norm; steering at layer l adds to the output of block l"
+)
+
+
+# ---------------------------------------------------------------- pure math
+
+
+def unit(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=eps)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity along the last dimension (per layer for `[L+1, H]` inputs)."""
+    return (unit(a.double()) * unit(b.double())).sum(-1).float()
+
+
+def principal_direction(scatter: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """First principal direction of pair differences from their (uncentred) scatter `Σ d dᵀ`.
+
+    Uncentred, so the direction captures the consistent pos→neg shift weighted by how much pairs
+    agree; unit norm, sign chosen to agree with `reference` (the mean difference). `[R,H,H] -> [R,H]`."""
+    _, eigvecs = torch.linalg.eigh(scatter.double())
+    top = eigvecs[..., -1]  # eigh sorts eigenvalues ascending
+    sign = torch.sign((top * reference.double()).sum(-1, keepdim=True))
+    sign[sign == 0] = 1
+    return (top * sign).float()
+
+
+def project(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Scalar projection of activations onto a direction (unit-normalised)."""
+    return (hidden.float() * unit(direction.float())).sum(-1)
+
+
+# ---------------------------------------------------------------- the file
+
+
+@dataclass
+class PersonaVector:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> list[str]:
+        return list(self.metadata.get("positions", []))
+
+    @property
+    def aggregators(self) -> list[str]:
+        return list(self.metadata.get("aggregators", []))
+
+    @property
+    def rows(self) -> list[int]:
+        return list(self.metadata.get("rows", []))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.metadata["num_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.metadata["hidden_size"])
+
+    def get(self, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
+        key = f"{aggregator}.{position}"
+        if key not in self.tensors:
+            have = sorted(k for k in self.tensors if "." in k and not k.startswith(("pos_mean", "neg_mean")))
+            raise VectorFileError(f"this vector file has no {key}", hint=f"available: {', '.join(have)}")
+        return self.tensors[key]
+
+    def at(self, layer: int, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
+        """The `[H]` vector for one layer (same convention as everywhere: row = layer)."""
+        if layer not in self.rows:
+            raise VectorFileError(f"layer {layer} was not extracted", hint=f"extracted layers: {format_ranges(self.rows)}")
+        return self.get(position, aggregator)[layer]
+
+    def norms(self, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
+        return torch.linalg.vector_norm(self.get(position, aggregator), dim=-1)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        from personactl.workspace import atomic_path
+
+        metadata = {k: json.dumps(v) for k, v in {"format": FORMAT, **self.metadata}.items()}
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors.items()}
+        with atomic_path(Path(path)) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Path | str) -> PersonaVector:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise VectorFileError(f"vector file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = {k: json.loads(v) for k, v in raw.items()}
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise VectorFileError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}",
+                                  hint="re-extract it (personactl extract --force)") from None
+        if metadata.get("format") != FORMAT:
+            raise VectorFileError(f"{path} is not a personactl vector file (format={metadata.get('format')!r})")
+        metadata.pop("format")
+        return cls(tensors, metadata)
+

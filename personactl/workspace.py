@@ -1,0 +1,151 @@
+"""The workspace: the only code that knows where artifacts live.
+
+Layout (one directory per model and trait, every artifact next to its manifest):
+
+    <workspace>/<model-slug>/<trait>/responses-<persona>.parquet
+                                    responses-<persona>.manifest.json
+                                    responses-<persona>.shards/   (only while generating)
+                                    vectors-<persona>.safetensors
+                                    vectors-<persona>.manifest.json
+
+Every write goes to a temporary name in the same directory and is moved into place with
+`os.replace`, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from personactl import __version__
+from personactl.errors import WorkspaceError
+
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success move it into place, on failure delete it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def slugify(text: str) -> str:
+    """A file-system-safe name: `HuggingFaceTB/SmolLM2-135M` -> `HuggingFaceTB--SmolLM2-135M`."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text.replace("/", "--")).strip("-.")
+    return slug or "unnamed"
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions that decide numerics, recorded in every manifest (only already-imported packages)."""
+    versions = {"personactl": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "polars", "safetensors"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return versions
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def ensure_writable(self) -> None:
+        """Fail early, with one line, when the workspace cannot hold artifacts."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".write-test-"):
+                pass
+        except OSError as exc:
+            raise WorkspaceError(
+                f"workspace {self.root} is not writable: {exc.strerror or exc}",
+                hint="pass --workspace DIR with a directory you can write to",
+            ) from None
+
+    def trait_dir(self, model_slug: str, trait: str) -> Path:
+        return self.root / slugify(model_slug) / slugify(trait)
+
+    def responses_path(self, model_slug: str, trait: str, persona: str) -> Path:
+        return self.trait_dir(model_slug, trait) / f"responses-{persona}.parquet"
+
+    def shards_dir(self, model_slug: str, trait: str, persona: str) -> Path:
+        return self.trait_dir(model_slug, trait) / f"responses-{persona}.shards"
+
+    def vectors_path(self, model_slug: str, trait: str, persona: str) -> Path:
+        return self.trait_dir(model_slug, trait) / f"vectors-{persona}.safetensors"
+
+    @staticmethod
+    def manifest_path(artifact: Path) -> Path:
+        return artifact.with_name(artifact.name.split(".")[0] + MANIFEST_SUFFIX)
+
+    def write_manifest(self, artifact: Path, kind: str, **fields: Any) -> dict[str, Any]:
+        manifest = {
+            "kind": kind,
+            "artifact": artifact.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": environment_versions(),
+            **fields,
+        }
+        atomic_write_text(self.manifest_path(artifact), json.dumps(manifest, indent=2, default=str) + "\n")
+        return manifest
+
+    def read_manifest(self, artifact: Path) -> dict[str, Any] | None:
+        path = self.manifest_path(artifact)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise WorkspaceError(f"corrupt manifest {path}: {exc}", hint="delete it or rerun with --force")
+
+    def finished(self, artifact: Path, fingerprint: dict[str, Any]) -> bool:
+        """True when `artifact` is complete and was made from the same inputs.
+
+        A complete artifact made from *different* inputs is an error, not a silent reuse."""
+        manifest = self.read_manifest(artifact)
+        if manifest is None or not artifact.is_file():
+            return False
+        old = manifest.get("fingerprint")
+        if old != json.loads(json.dumps(fingerprint, default=str)):
+            changed = sorted(k for k in set(old or {}) | set(fingerprint) if (old or {}).get(k) != fingerprint.get(k))
+            raise WorkspaceError(
+                f"{artifact} exists but was made with different inputs ({', '.join(map(str, changed))})",
+                hint="rerun with --force to recompute it, or use another --workspace",
+            )
+        return True
+
+    def artifacts(self) -> list[dict[str, Any]]:
+        """Every manifest in the workspace, with its artifact path."""
+        rows = []
+        if not self.root.is_dir():
+            return rows
+        for path in sorted(self.root.rglob(f"*{MANIFEST_SUFFIX}")):
+            try:
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                manifest = {"kind": "corrupt manifest"}
+            artifact = path.parent / manifest.get("artifact", "?")
+            rows.append({**manifest, "path": str(artifact), "exists": artifact.is_file()})
+        return rows
