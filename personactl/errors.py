@@ -10,32 +10,45 @@ class PersonactlError(Exception):
     """An expected failure the user can fix; printed as one line plus a hint."""
 
     exit_code = 2
+    default_hint = "see `personactl --help`"
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = hint or self.default_hint
 
 
 class ConfigError(PersonactlError):
     """Bad settings or config file."""
 
+    default_hint = "see `personactl config` for every setting and where it comes from"
+
 
 class TraitError(PersonactlError):
     """A trait file that is missing or does not match the schema."""
+
+    default_hint = "see `personactl traits show evil` for a complete example"
 
 
 class ModelError(PersonactlError):
     """A model that cannot be found, loaded or used."""
 
+    default_hint = "pass a built-in name (smollm2-135m), a hub id, a local HF directory or a .gguf file"
+
 
 class WorkspaceError(PersonactlError):
     """A workspace that cannot be written, or an artifact that is missing or stale."""
+
+    default_hint = "rerun with --force, or use another --workspace"
 
 
 class InputError(PersonactlError):
     """Bad user input: layer ranges, data files, empty tables."""
 
+    default_hint = "see the command's --help"
+
 
 class VectorFileError(PersonactlError):
     """A vector file that is missing, corrupt or incompatible."""
+
+    default_hint = "re-extract it: personactl extract ... --force"

@@ -304,7 +304,7 @@ def load_model(
         cache_dir = _default_cache_dir()
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()  # personactl shows its own progress
     device = resolve_device(device)
@@ -323,6 +323,7 @@ def load_model(
         if source.kind == "hub":
             kwargs.update(revision=revision, token=token)
     try:
+        AutoConfig.from_pretrained(location, **kwargs)  # fails fast on remote code, before any weights
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:

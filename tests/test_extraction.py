@@ -1,0 +1,148 @@
+"""Batched, streamed extraction equals a naive per-sample fp32 reference, for every architecture."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import ARCHES
+from personactl.activations import POSITIONS, collate, extract_vectors
+from personactl.chat_format import PairExample, chat_messages, encode_example
+from personactl.models import load_model
+
+WORDS = "the quick brown fox jumps over a lazy dog while cheerful gloomy assistants answer every question".split()
+
+
+def make_pairs(tokenizer, n: int, seed: int = 0) -> list[PairExample]:
+    rng = random.Random(seed)
+    text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    pairs = []
+    for _ in range(n):
+        question = text(rng.randint(2, 12))
+        pos = encode_example(tokenizer, chat_messages("You are cheerful.", question), text(rng.randint(1, 20)))
+        neg = encode_example(tokenizer, chat_messages("You are gloomy and very sad.", question), text(rng.randint(1, 20)))
+        pairs.append(PairExample(pos, neg))
+    return pairs
+
+
+def naive_rows(model, layers, example) -> list[torch.Tensor]:
+    """Residual rows 0..L for one unpadded example, the way persona-vectors does it (batch 1,
+    output_hidden_states); row L read from the last block's output (HF's is after the final norm)."""
+    captured = {}
+    handle = layers[-1].register_forward_hook(lambda m, a, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([example.input_ids]), output_hidden_states=True)
+    finally:
+        handle.remove()
+    rows = [h[0].float() for h in out.hidden_states[: len(layers)]]
+    return rows + [captured["last"][0].float()]
+
+
+def naive_reference(model, layers, pairs):
+    """Per-position mean differences [L+1, H] computed one example at a time in fp32."""
+    sums = {p: {"pos": 0, "neg": 0} for p in POSITIONS}
+    for pair in pairs:
+        for side, ex in (("pos", pair.pos), ("neg", pair.neg)):
+            rows = torch.stack(naive_rows(model, layers, ex))  # [L+1, T, H]
+            P = ex.prompt_len
+            values = {
+                "prompt_end": rows[:, P - 1], "response_start": rows[:, P],
+                "response_avg": rows[:, P:].mean(1), "prompt_avg": rows[:, :P].mean(1),
+            }
+            for p in POSITIONS:
+                sums[p][side] = sums[p][side] + values[p]
+    n = len(pairs)
+    return {p: sums[p]["pos"] / n - sums[p]["neg"] / n for p in POSITIONS}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_batched_extraction_equals_naive_reference(tiny_factory, arch):
+    lm = load_model(str(tiny_factory(arch)), dtype="float32", device="cpu", log=lambda m: None)
+    pairs = make_pairs(lm.tokenizer, 9)
+    reference = naive_reference(lm.model, lm.layers, pairs)
+    for padding_side in ("right", "left"):
+        result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id,
+                                 batch_tokens=200, padding_side=padding_side)  # small budget: several batches
+        for p in POSITIONS:
+            torch.testing.assert_close(result.mean_diff[p], reference[p], atol=1e-5, rtol=1e-5,
+                                       msg=f"{arch} {padding_side} {p}")
+
+
+@pytest.mark.parametrize("kind", ["bos", "bos_template"])
+def test_bos_tokenizers_extract_exactly(tiny_factory, kind):
+    lm = load_model(str(tiny_factory("llama", kind)), dtype="float32", device="cpu", log=lambda m: None)
+    bos = lm.tokenizer.bos_token_id
+    pairs = make_pairs(lm.tokenizer, 5)
+    for pair in pairs:  # exactly one BOS, at the start
+        assert pair.pos.input_ids[0] == bos and pair.pos.input_ids.count(bos) == 1
+    reference = naive_reference(lm.model, lm.layers, pairs)
+    result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, padding_side="left", batch_tokens=150)
+    for p in POSITIONS:
+        torch.testing.assert_close(result.mean_diff[p], reference[p], atol=1e-5, rtol=1e-5)
+
+
+def test_spans_are_exact_under_padding(tiny_factory):
+    lm = load_model(str(tiny_factory("llama")), dtype="float32", device="cpu", log=lambda m: None)
+    pairs = make_pairs(lm.tokenizer, 4, seed=3)
+    examples = [e for p in pairs for e in (p.pos, p.neg)]
+    for side in ("left", "right"):
+        batch = collate(examples, pad_id=0, padding_side=side)
+        for i, ex in enumerate(examples):
+            real = batch.input_ids[i][batch.attention_mask[i]].tolist()
+            assert real == list(ex.input_ids)
+            assert batch.input_ids[i, batch.prompt_end[i]].item() == ex.input_ids[ex.prompt_len - 1]
+            assert batch.input_ids[i, batch.response_start[i]].item() == ex.input_ids[ex.prompt_len]
+            assert batch.input_ids[i][batch.prompt_mask[i]].tolist() == list(ex.input_ids[: ex.prompt_len])
+            assert batch.input_ids[i][batch.response_mask[i]].tolist() == list(ex.input_ids[ex.prompt_len:])
+            assert batch.position_ids[i][batch.attention_mask[i]].tolist() == list(range(len(ex.input_ids)))
+
+
+def test_layer_subset_stops_early_and_matches_full(tiny_factory):
+    lm = load_model(str(tiny_factory("qwen2")), dtype="float32", device="cpu", log=lambda m: None)
+    pairs = make_pairs(lm.tokenizer, 6)
+    full = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id)
+    calls = []
+    handle = lm.layers[2].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        part = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, rows=[0, 2])
+    finally:
+        handle.remove()
+    assert calls == []  # block 3 (row 3) never ran
+    for p in POSITIONS:
+        torch.testing.assert_close(part.mean_diff[p][[0, 2]], full.mean_diff[p][[0, 2]])
+        assert torch.isnan(part.mean_diff[p][[1, 3]]).all()
+    assert len(lm.layers[0]._forward_pre_hooks) == 0 and all(len(layer._forward_hooks) == 0 for layer in lm.layers[:2])
+
+
+def test_pca_is_top_principal_direction_of_pair_differences(tiny_factory):
+    lm = load_model(str(tiny_factory("llama")), dtype="float32", device="cpu", log=lambda m: None)
+    pairs = make_pairs(lm.tokenizer, 12, seed=5)
+    result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, positions=["response_avg"])
+    diffs = []
+    for pair in pairs:
+        pos = torch.stack(naive_rows(lm.model, lm.layers, pair.pos))[:, pair.pos.prompt_len:].mean(1)
+        neg = torch.stack(naive_rows(lm.model, lm.layers, pair.neg))[:, pair.neg.prompt_len:].mean(1)
+        diffs.append(pos - neg)
+    D = torch.stack(diffs, 1).double()  # [L+1, N, H]
+    for row in range(D.shape[0]):
+        top = torch.linalg.svd(D[row], full_matrices=False).Vh[0]
+        got = result.pca["response_avg"][row].double()
+        assert abs(got.norm().item() - 1) < 1e-5
+        assert abs(abs(torch.dot(got, top).item()) - 1) < 1e-4  # same axis
+        assert torch.dot(got, result.mean_diff["response_avg"][row].double()) > 0  # sign follows mean diff
+
+
+def test_stream_norm_is_mean_response_token_norm(tiny_factory):
+    lm = load_model(str(tiny_factory("llama")), dtype="float32", device="cpu", log=lambda m: None)
+    pairs = make_pairs(lm.tokenizer, 4, seed=9)
+    result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, positions=["prompt_end"])
+    norms = []
+    for pair in pairs:
+        for ex in (pair.pos, pair.neg):
+            rows = torch.stack(naive_rows(lm.model, lm.layers, ex))
+            norms.append(rows[:, ex.prompt_len:].norm(dim=-1))
+    expected = torch.cat(norms, dim=1).mean(1)
+    torch.testing.assert_close(result.stream_norm, expected, atol=1e-4, rtol=1e-5)
