@@ -111,8 +111,15 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str =
     response_mask = (rel >= prompt_len[:, None]) & (rel < lengths[:, None])
     position_ids = rel.clamp(min=0)
     to = lambda t: t.to(device)  # noqa: E731
-    return Batch(to(ids), to(mask), to(position_ids), to(start + prompt_len - 1), to(start + prompt_len),
-                 to(prompt_mask), to(response_mask))
+    return Batch(
+        to(ids),
+        to(mask),
+        to(position_ids),
+        to(start + prompt_len - 1),
+        to(start + prompt_len),
+        to(prompt_mask),
+        to(response_mask),
+    )
 
 
 def _reduce(hidden: torch.Tensor, batch: Batch, positions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,8 +233,12 @@ def extract_vectors(
             examples = [pairs[i].pos for i in batch_indices] + [pairs[i].neg for i in batch_indices]
             batch = collate(examples, pad_id, padding_side, device)
             state.update(batch=batch, k=len(batch_indices))
-            run_to_last_row(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
-                            position_ids=batch.position_ids)
+            run_to_last_row(
+                model,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask.long(),
+                position_ids=batch.position_ids,
+            )
             n_tokens += int(batch.attention_mask.sum())
             n_response_tokens += int(batch.response_mask.sum())
             if on_batch:

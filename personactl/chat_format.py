@@ -49,7 +49,9 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # jinja raises its own TemplateError subclasses
         if messages and messages[0]["role"] == "system" and len(messages) > 1:
-            folded = [{"role": messages[1]["role"], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            folded = [
+                {"role": messages[1]["role"], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            ]
             return render_prompt(tokenizer, folded + messages[2:])
         raise ModelError(f"the chat template failed: {exc}") from None
 
@@ -58,7 +60,7 @@ def _special_prefix(tokenizer: Any) -> list[int]:
     """Tokens the tokenizer puts before any text by default (usually BOS), else []."""
     with_special = tokenizer("x")["input_ids"]
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    if len(with_special) > len(plain) and with_special[len(with_special) - len(plain):] == plain:
+    if len(with_special) > len(plain) and with_special[len(with_special) - len(plain) :] == plain:
         return list(with_special[: len(with_special) - len(plain)])
     return []
 

@@ -57,17 +57,23 @@ def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], boo
             if not (isinstance(pos, str) and isinstance(neg, str) and pos and neg):
                 raise ValueError("positive and negative must be non-empty strings")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}:{number}: bad pair ({exc})",
-                             hint='each line: {"positive": "...", "negative": "...", "prompt": "..." (optional)}') from None
+            raise InputError(
+                f"{path}:{number}: bad pair ({exc})",
+                hint='each line: {"positive": "...", "negative": "...", "prompt": "..." (optional)}',
+            ) from None
         has_prompt = bool(item.get("prompt"))
         if chat is None:
             chat = has_prompt
         elif chat != has_prompt:
             raise InputError(f"{path}:{number}: either every line has a prompt or none does")
         if has_prompt:
-            messages = [*([{"role": "system", "content": item["system"]}] if item.get("system") else []),
-                        {"role": "user", "content": item["prompt"]}]
-            pairs.append(PairExample(encode_example(tokenizer, messages, pos), encode_example(tokenizer, messages, neg)))
+            messages = [
+                *([{"role": "system", "content": item["system"]}] if item.get("system") else []),
+                {"role": "user", "content": item["prompt"]},
+            ]
+            pairs.append(
+                PairExample(encode_example(tokenizer, messages, pos), encode_example(tokenizer, messages, neg))
+            )
         else:
             pairs.append(PairExample(encode_raw(tokenizer, pos), encode_raw(tokenizer, neg)))
     if not pairs:
@@ -91,9 +97,17 @@ def build_vector(
     if unknown:
         raise InputError(f"unknown aggregator(s) {sorted(unknown)}", hint=f"choose from {', '.join(AGGREGATORS)}")
     start = time.perf_counter()
-    result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, rows=rows,
-                             positions=positions, pca="pca" in aggregators, batch_tokens=batch_tokens,
-                             on_batch=on_batch)
+    result = extract_vectors(
+        lm.model,
+        lm.layers,
+        pairs,
+        pad_id=lm.tokenizer.pad_token_id,
+        rows=rows,
+        positions=positions,
+        pca="pca" in aggregators,
+        batch_tokens=batch_tokens,
+        on_batch=on_batch,
+    )
     seconds = time.perf_counter() - start
     tensors = {"stream_norm": result.stream_norm}
     for position in positions:
@@ -147,20 +161,33 @@ def extract_step(
         responses_path = workspace.responses_path(source.slug, trait.name, "model")
         manifest = workspace.read_manifest(responses_path)
         if manifest is None or not responses_path.is_file():
-            raise WorkspaceError(f"no responses for trait {trait.name} and model {settings.model} in {workspace.root}",
-                                 hint=f"run: personactl generate --trait {trait.name} --model {settings.model}")
+            raise WorkspaceError(
+                f"no responses for trait {trait.name} and model {settings.model} in {workspace.root}",
+                hint=f"run: personactl generate --trait {trait.name} --model {settings.model}",
+            )
         if manifest["trait"]["sha256"] != trait.sha256:
-            raise WorkspaceError(f"{responses_path} was generated from a different version of trait {trait.name}",
-                                 hint="regenerate: personactl generate --force")
+            raise WorkspaceError(
+                f"{responses_path} was generated from a different version of trait {trait.name}",
+                hint="regenerate: personactl generate --force",
+            )
         input_id = {"responses": str(responses_path), "responses_fingerprint": manifest.get("fingerprint")}
     else:
         if not Path(pairs_file).is_file():
             raise InputError(f"pairs file not found: {pairs_file}")
         import hashlib
 
-        input_id = {"pairs_file": str(pairs_file), "pairs_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest()}
-    fingerprint = {**input_id, "model": settings.model, "dtype": settings.dtype, "rows": rows,
-                   "positions": list(positions), "aggregators": list(aggregators)}
+        input_id = {
+            "pairs_file": str(pairs_file),
+            "pairs_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest(),
+        }
+    fingerprint = {
+        **input_id,
+        "model": settings.model,
+        "dtype": settings.dtype,
+        "rows": rows,
+        "positions": list(positions),
+        "aggregators": list(aggregators),
+    }
     summary = {"artifact": str(output), "name": label, "model": settings.model}
     if not force and workspace.finished(output, fingerprint):
         return PersonaVector.load(output), {**summary, "skipped": True}
@@ -171,25 +198,56 @@ def extract_step(
     if trait is not None:
         table = select_pairs(pl.read_parquet(responses_path))
         if table.height == 0:
-            raise InputError(f"{responses_path} has no complete pairs with non-empty responses",
-                             hint="regenerate with more questions or a larger --max-new-tokens")
+            raise InputError(
+                f"{responses_path} has no complete pairs with non-empty responses",
+                hint="regenerate with more questions or a larger --max-new-tokens",
+            )
         pairs = pairs_from_responses(table, lm.tokenizer)
-        provenance = {"trait": trait.name, "trait_sha256": trait.sha256, "persona": "model",
-                      "source": "responses", "judge": None, "filter": "complete non-empty pairs (no judge yet)"}
+        provenance = {
+            "trait": trait.name,
+            "trait_sha256": trait.sha256,
+            "persona": "model",
+            "source": "responses",
+            "judge": None,
+            "filter": "complete non-empty pairs (no judge yet)",
+        }
     else:
         pairs, has_prompt = pairs_from_jsonl(Path(pairs_file), lm.tokenizer)
         if not has_prompt:
             dropped = [p for p in positions if p.startswith("prompt")]
             if dropped:
-                raise InputError(f"{pairs_file} has no prompts, so {', '.join(dropped)} cannot be computed",
-                                 hint="pass --positions response_start,response_avg or add \"prompt\" to each line")
-        provenance = {"trait": label, "trait_sha256": None, "persona": "model", "source": "pairs_file",
-                      "pairs_file": str(pairs_file), "judge": None}
+                raise InputError(
+                    f"{pairs_file} has no prompts, so {', '.join(dropped)} cannot be computed",
+                    hint='pass --positions response_start,response_avg or add "prompt" to each line',
+                )
+        provenance = {
+            "trait": label,
+            "trait_sha256": None,
+            "persona": "model",
+            "source": "pairs_file",
+            "pairs_file": str(pairs_file),
+            "judge": None,
+        }
     on_start(len(pairs))
-    vector, timing = build_vector(lm, pairs, rows=rows, positions=positions, aggregators=aggregators,
-                                  batch_tokens=settings.extract_batch_tokens, provenance=provenance, on_batch=on_batch)
+    vector, timing = build_vector(
+        lm,
+        pairs,
+        rows=rows,
+        positions=positions,
+        aggregators=aggregators,
+        batch_tokens=settings.extract_batch_tokens,
+        provenance=provenance,
+        on_batch=on_batch,
+    )
     vector.save(output)
-    workspace.write_manifest(output, "vectors", fingerprint=fingerprint, model=lm.describe(),
-                             settings=masked_dump(settings), counts={"pairs": len(pairs), "tokens": vector.metadata["n_tokens"]},
-                             timings=timing, metadata=vector.metadata)
+    workspace.write_manifest(
+        output,
+        "vectors",
+        fingerprint=fingerprint,
+        model=lm.describe(),
+        settings=masked_dump(settings),
+        counts={"pairs": len(pairs), "tokens": vector.metadata["n_tokens"]},
+        timings=timing,
+        metadata=vector.metadata,
+    )
     return vector, {**summary, "skipped": False, "pairs": len(pairs), **timing}

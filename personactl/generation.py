@@ -152,27 +152,45 @@ def run_generation(
         batch_seed = seed + index
         outputs = backend.generate([rows[i].prompt_ids for i in batch], sampling, batch_seed)
         records = []
-        for i, gen in zip(batch, outputs):
+        for i, gen in zip(batch, outputs, strict=True):
             row = rows[i]
-            records.append({
-                "trait": trait.name, "persona": "model", "polarity": row.polarity, "pair_id": row.pair_id,
-                "instruction_index": row.instruction_index, "question_index": row.question_index,
-                "sample_index": row.sample_index, "question": row.question, "system_prompt": row.system_prompt,
-                "messages": json.dumps(chat_messages(row.system_prompt, row.question)),
-                "response": gen.text, "response_token_ids": gen.token_ids,
-                "n_prompt_tokens": len(row.prompt_ids), "n_response_tokens": len(gen.token_ids),
-                "finish_reason": gen.finish_reason, "model": model_info["model"],
-                "model_fingerprint": model_info["model_fingerprint"], "backend": backend.name,
-                "temperature": sampling.temperature, "top_p": sampling.top_p,
-                "max_new_tokens": sampling.max_new_tokens, "seed": batch_seed, "batch_index": index,
-            })
+            records.append(
+                {
+                    "trait": trait.name,
+                    "persona": "model",
+                    "polarity": row.polarity,
+                    "pair_id": row.pair_id,
+                    "instruction_index": row.instruction_index,
+                    "question_index": row.question_index,
+                    "sample_index": row.sample_index,
+                    "question": row.question,
+                    "system_prompt": row.system_prompt,
+                    "messages": json.dumps(chat_messages(row.system_prompt, row.question)),
+                    "response": gen.text,
+                    "response_token_ids": gen.token_ids,
+                    "n_prompt_tokens": len(row.prompt_ids),
+                    "n_response_tokens": len(gen.token_ids),
+                    "finish_reason": gen.finish_reason,
+                    "model": model_info["model"],
+                    "model_fingerprint": model_info["model_fingerprint"],
+                    "backend": backend.name,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "max_new_tokens": sampling.max_new_tokens,
+                    "seed": batch_seed,
+                    "batch_index": index,
+                }
+            )
         shards.write(index, pl.DataFrame(records, schema=RESPONSE_SCHEMA))
         on_batch(len(batch), sum(len(g.token_ids) for g in outputs))
-    table = shards.read_all().sort(["instruction_index", "question_index", "sample_index", "polarity"],
-                                   descending=[False, False, False, True])
+    table = shards.read_all().sort(
+        ["instruction_index", "question_index", "sample_index", "polarity"], descending=[False, False, False, True]
+    )
     if table.height != len(rows) or table.select(pl.struct("pair_id", "polarity").n_unique()).item() != len(rows):
-        raise WorkspaceError(f"shards in {shards.directory} are inconsistent ({table.height} rows, plan has {len(rows)})",
-                             hint="rerun with --force")
+        raise WorkspaceError(
+            f"shards in {shards.directory} are inconsistent ({table.height} rows, plan has {len(rows)})",
+            hint="rerun with --force",
+        )
     with atomic_path(output) as tmp:
         table.write_parquet(tmp)
     return table
@@ -198,10 +216,18 @@ def generate_step(
     source = resolve_model(settings.model)
     output = workspace.responses_path(source.slug, trait.name, "model")
     fingerprint = {
-        "trait_sha256": trait.sha256, "model": settings.model, "revision": settings.revision,
-        "dtype": settings.dtype, "backend": "hf", "temperature": settings.temperature, "top_p": settings.top_p,
-        "max_new_tokens": settings.max_new_tokens, "seed": settings.seed, "batch_size": settings.batch_size,
-        "samples_per_question": settings.samples_per_question, "max_questions": max_questions,
+        "trait_sha256": trait.sha256,
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+        "backend": "hf",
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_new_tokens": settings.max_new_tokens,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "samples_per_question": settings.samples_per_question,
+        "max_questions": max_questions,
     }
     summary = {"artifact": str(output), "trait": trait.name, "model": settings.model}
     if not force and workspace.finished(output, fingerprint):
@@ -215,10 +241,20 @@ def generate_step(
     shards = ShardStore(workspace.shards_dir(source.slug, trait.name, "model"), fingerprint_of(fingerprint))
     start = time.perf_counter()
     table = run_generation(
-        trait=trait, backend=HFBackend(lm.model, lm.tokenizer), tokenizer=lm.tokenizer, model_info=lm.describe(),
-        sampling=sampling, seed=settings.seed, batch_size=settings.batch_size,
-        samples_per_question=settings.samples_per_question, max_questions=max_questions, shards=shards,
-        output=output, force=force, on_start=on_start, on_batch=on_batch,
+        trait=trait,
+        backend=HFBackend(lm.model, lm.tokenizer),
+        tokenizer=lm.tokenizer,
+        model_info=lm.describe(),
+        sampling=sampling,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        samples_per_question=settings.samples_per_question,
+        max_questions=max_questions,
+        shards=shards,
+        output=output,
+        force=force,
+        on_start=on_start,
+        on_batch=on_batch,
     )
     seconds = time.perf_counter() - start
     counts = {
@@ -229,9 +265,15 @@ def generate_step(
         "truncated": int((table["finish_reason"] == "length").sum()),
     }
     workspace.write_manifest(
-        output, "responses", fingerprint=fingerprint, trait={"name": trait.name, "sha256": trait.sha256},
-        model=lm.describe(), settings=masked_dump(settings), counts=counts,
-        timings={"seconds_this_run": round(seconds, 2)}, schema={k: str(v) for k, v in RESPONSE_SCHEMA.items()},
+        output,
+        "responses",
+        fingerprint=fingerprint,
+        trait={"name": trait.name, "sha256": trait.sha256},
+        model=lm.describe(),
+        settings=masked_dump(settings),
+        counts=counts,
+        timings={"seconds_this_run": round(seconds, 2)},
+        schema={k: str(v) for k, v in RESPONSE_SCHEMA.items()},
     )
     shards.remove()
     return {**summary, "skipped": False, **counts, "seconds": round(seconds, 2)}

@@ -150,8 +150,13 @@ def ensure_builtin(name: str, cache_dir: Path, log: Log = _stderr) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        source = {"builtin": name, "package": BUILTINS[name].pip_spec, "gguf": gguf.name,
-                  "gguf_digest": quick_digest(gguf), "upstream": BUILTINS[name].upstream}
+        source = {
+            "builtin": name,
+            "package": BUILTINS[name].pip_spec,
+            "gguf": gguf.name,
+            "gguf_digest": quick_digest(gguf),
+            "upstream": BUILTINS[name].upstream,
+        }
         (tmp / "personactl-source.json").write_text(json.dumps(source, indent=2))
         try:
             os.replace(tmp, target)
@@ -218,8 +223,10 @@ def decoder_layers(model: Any):
     for _, module in model.named_modules():  # unknown architecture: the first block list of the right size
         if isinstance(module, nn.ModuleList) and len(module) == expected:
             return module
-    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}",
-                     hint="this architecture is not supported yet; please report it")
+    raise ModelError(
+        f"cannot find the decoder layers of {type(model).__name__}",
+        hint="this architecture is not supported yet; please report it",
+    )
 
 
 @dataclass
@@ -341,8 +348,9 @@ def _load_error(spec: str, source: ModelSource, exc: Exception) -> ModelError:
     text = str(exc)
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     if "trust_remote_code" in text:
-        return ModelError(f"{spec} needs custom code from its repository",
-                          hint="pass --trust-remote-code only if you trust that code")
+        return ModelError(
+            f"{spec} needs custom code from its repository", hint="pass --trust-remote-code only if you trust that code"
+        )
     if source.kind == "hub":
         return ModelError(
             f"cannot load {spec!r} from the hub: {first[:200]}",

@@ -41,6 +41,8 @@ def format_ranges(values: list[int]) -> str:
 def check_in_range(values: list[int], num_layers: int) -> list[int]:
     bad = [v for v in values if v < 0 or v > num_layers]
     if bad:
-        raise InputError(f"layer {bad[0]} out of range: this model has rows 0..{num_layers}",
-                         hint=f"row 0 = embeddings, row l = output of block l (1..{num_layers})")
+        raise InputError(
+            f"layer {bad[0]} out of range: this model has rows 0..{num_layers}",
+            hint=f"row 0 = embeddings, row l = output of block l (1..{num_layers})",
+        )
     return values

@@ -86,9 +86,7 @@ def _config_file(cli: dict[str, Any], config: Path | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_settings(
-    cli: dict[str, Any] | None = None, config: Path | None = None
-) -> tuple[Settings, dict[str, str]]:
+def load_settings(cli: dict[str, Any] | None = None, config: Path | None = None) -> tuple[Settings, dict[str, str]]:
     """Build the effective settings and, per field, where its value came from."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     toml_file = _config_file(cli, config)

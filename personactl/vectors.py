@@ -92,7 +92,9 @@ class PersonaVector:
     def at(self, layer: int, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
         """The `[H]` vector for one layer (same convention as everywhere: row = layer)."""
         if layer not in self.rows:
-            raise VectorFileError(f"layer {layer} was not extracted", hint=f"extracted layers: {format_ranges(self.rows)}")
+            raise VectorFileError(
+                f"layer {layer} was not extracted", hint=f"extracted layers: {format_ranges(self.rows)}"
+            )
         return self.get(position, aggregator)[layer]
 
     def norms(self, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
@@ -121,10 +123,11 @@ class PersonaVector:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = {k: json.loads(v) for k, v in raw.items()}
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise VectorFileError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}",
-                                  hint="re-extract it (personactl extract --force)") from None
+            raise VectorFileError(
+                f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}",
+                hint="re-extract it (personactl extract --force)",
+            ) from None
         if metadata.get("format") != FORMAT:
             raise VectorFileError(f"{path} is not a personactl vector file (format={metadata.get('format')!r})")
         metadata.pop("format")
         return cls(tensors, metadata)
-

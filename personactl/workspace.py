@@ -118,7 +118,7 @@ class Workspace:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise WorkspaceError(f"corrupt manifest {path}: {exc}", hint="delete it or rerun with --force")
+            raise WorkspaceError(f"corrupt manifest {path}: {exc}", hint="delete it or rerun with --force") from None
 
     def finished(self, artifact: Path, fingerprint: dict[str, Any]) -> bool:
         """True when `artifact` is complete and was made from the same inputs.

@@ -41,11 +41,14 @@ def build_tokenizer(kind: str = "chatml"):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 3, trainer)
     if kind in ("bos", "bos_template"):
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     kwargs = dict(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", unk_token=None)
     if kind != "plain":
         kwargs["pad_token"] = "<pad>"
@@ -57,8 +60,14 @@ def build_tokenizer(kind: str = "chatml"):
 def tiny_config(arch: str, vocab_size: int):
     import transformers as t
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, max_position_embeddings=256)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
     llama_like = dict(common, num_key_value_heads=2, bos_token_id=1, eos_token_id=4, pad_token_id=0)
     if arch == "llama":
         return t.LlamaConfig(**llama_like)
@@ -77,14 +86,24 @@ def tiny_config(arch: str, vocab_size: int):
     if arch == "phi3":
         return t.Phi3Config(**llama_like)
     if arch == "gpt2":
-        return t.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=256,
-                            bos_token_id=1, eos_token_id=4)
+        return t.GPT2Config(
+            vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=4
+        )
     if arch == "gpt_neox":
         return t.GPTNeoXConfig(**common, bos_token_id=1, eos_token_id=4)
     if arch == "opt":
-        return t.OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=3,
-                           num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32,
-                           bos_token_id=1, eos_token_id=4, pad_token_id=0)
+        return t.OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=32,
+            bos_token_id=1,
+            eos_token_id=4,
+            pad_token_id=0,
+        )
     raise ValueError(arch)
 
 

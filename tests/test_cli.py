@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
@@ -20,9 +19,12 @@ def invoke(*args, **kwargs):
 
 
 def test_help_does_not_import_heavy_packages():
-    code = ("import sys; from personactl.cli.app import app\n"
-            "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'openai', 'polars', 'pydantic') if m in sys.modules))")
+    code = (
+        "import sys; from personactl.cli.app import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ('torch', 'transformers', 'vllm', 'openai', 'polars', 'pydantic')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
@@ -85,8 +87,22 @@ def test_bad_inputs_exit_2_with_one_line(isolated_env, tmp_path, tiny_factory):
 
 
 def generate_small(ws, model, *extra):
-    return invoke("generate", "--trait", "optimistic", "--model", model, "-w", ws, "--questions", "2",
-                  "--max-new-tokens", "6", "--dtype", "float32", *extra)
+    return invoke(
+        "generate",
+        "--trait",
+        "optimistic",
+        "--model",
+        model,
+        "-w",
+        ws,
+        "--questions",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "float32",
+        *extra,
+    )
 
 
 def test_generate_extract_round_trip_and_errors_on_artifacts(isolated_env, tmp_path, tiny_factory):
@@ -100,19 +116,49 @@ def test_generate_extract_round_trip_and_errors_on_artifacts(isolated_env, tmp_p
     changed = generate_small(ws, model, "--seed", "3")
     expect_error(changed, "different inputs (seed)")
 
-    expect_error(invoke("extract", "--trait", "optimistic", "--model", model, "-w", ws, "--layers", "2,9"), "out of range")
-    ok = invoke("extract", "--trait", "optimistic", "--model", model, "-w", ws, "--layers", "0-3", "--json", "--dtype", "float32")
+    expect_error(
+        invoke("extract", "--trait", "optimistic", "--model", model, "-w", ws, "--layers", "2,9"), "out of range"
+    )
+    ok = invoke(
+        "extract",
+        "--trait",
+        "optimistic",
+        "--model",
+        model,
+        "-w",
+        ws,
+        "--layers",
+        "0-3",
+        "--json",
+        "--dtype",
+        "float32",
+    )
     assert ok.exit_code == 0, ok.output
     doc = json.loads(ok.stdout)
     assert [row["layer"] for row in doc["layers"]] == [0, 1, 2, 3] and doc["n_pairs"] == 10
     vector_path = doc["artifact"]
-    skipped = invoke("extract", "--trait", "optimistic", "--model", model, "-w", ws, "--layers", "0-3", "--json", "--dtype", "float32")
+    skipped = invoke(
+        "extract",
+        "--trait",
+        "optimistic",
+        "--model",
+        model,
+        "-w",
+        ws,
+        "--layers",
+        "0-3",
+        "--json",
+        "--dtype",
+        "float32",
+    )
     assert json.loads(skipped.stdout)["skipped"] is True
 
     with open(vector_path, "r+b") as f:  # corrupt the vector file in place
         f.write(b"\xff" * 16)
-    expect_error(invoke("extract", "--trait", "optimistic", "--model", model, "-w", ws, "--layers", "0-3", "--dtype", "float32"),
-                 "not a readable safetensors")
+    expect_error(
+        invoke("extract", "--trait", "optimistic", "--model", model, "-w", ws, "--layers", "0-3", "--dtype", "float32"),
+        "not a readable safetensors",
+    )
 
     listing = json.loads(invoke("ls", "-w", ws, "--json").stdout)
     assert {a["kind"] for a in listing["artifacts"]} == {"responses", "vectors"}
@@ -132,10 +178,24 @@ def test_empty_responses_table_is_a_clear_error(isolated_env, tmp_path, tiny_fac
 def test_pairs_file_extraction(isolated_env, tmp_path, tiny_factory):
     model = str(tiny_factory("llama"))
     plain = tmp_path / "plain.jsonl"
-    plain.write_text("\n".join(json.dumps({"positive": f"happy day {i}", "negative": f"sad day {i}"}) for i in range(4)))
+    plain.write_text(
+        "\n".join(json.dumps({"positive": f"happy day {i}", "negative": f"sad day {i}"}) for i in range(4))
+    )
     expect_error(invoke("extract", "--pairs", plain, "--model", model, "-w", tmp_path / "ws"), "cannot be computed")
-    ok = invoke("extract", "--pairs", plain, "--model", model, "-w", tmp_path / "ws", "--positions",
-                "response_avg,response_start", "--json", "--dtype", "float32")
+    ok = invoke(
+        "extract",
+        "--pairs",
+        plain,
+        "--model",
+        model,
+        "-w",
+        tmp_path / "ws",
+        "--positions",
+        "response_avg,response_start",
+        "--json",
+        "--dtype",
+        "float32",
+    )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["positions"] == ["response_avg", "response_start"]
     chat = tmp_path / "chat.jsonl"
@@ -144,13 +204,16 @@ def test_pairs_file_extraction(isolated_env, tmp_path, tiny_factory):
     assert json.loads(ok.stdout)["positions"] == ["prompt_end", "response_start", "response_avg", "prompt_avg"]
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"positive": "x"}\n')
-    expect_error(invoke("extract", "--pairs", broken, "--model", model, "-w", tmp_path / "ws"), "broken.jsonl:1: bad pair")
+    expect_error(
+        invoke("extract", "--pairs", broken, "--model", model, "-w", tmp_path / "ws"), "broken.jsonl:1: bad pair"
+    )
 
 
 def test_real_subprocess_exit_code_and_stderr(isolated_env):
     env = {**os.environ, "PERSONACTL_DEBUG": "0"}
-    result = subprocess.run([sys.executable, "-m", "personactl", "traits", "show", "no-such-trait"],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "personactl", "traits", "show", "no-such-trait"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith("error: unknown trait 'no-such-trait'")

@@ -19,8 +19,11 @@ runner = CliRunner()
 
 def test_generate_then_extract_on_embedded_model(isolated_env, tmp_path):
     ws = tmp_path / "ws"
-    gen = runner.invoke(app, ["generate", "--trait", "optimistic", "-w", str(ws), "--questions", "2",
-                              "--max-new-tokens", "24", "--json"], catch_exceptions=False)
+    gen = runner.invoke(
+        app,
+        ["generate", "--trait", "optimistic", "-w", str(ws), "--questions", "2", "--max-new-tokens", "24", "--json"],
+        catch_exceptions=False,
+    )
     assert gen.exit_code == 0, gen.output
     summary = json.loads(gen.stdout)
     assert summary["rows"] == 20 and summary["pairs"] == 10
@@ -40,8 +43,10 @@ def test_generate_then_extract_on_embedded_model(isolated_env, tmp_path):
         for aggregator in ("mean_diff", "pca"):
             t = vector.get(position, aggregator)
             assert t.shape == (31, 576) and torch.isfinite(t).all()
-        torch.testing.assert_close(vector.get(position, "mean_diff"),
-                                   vector.tensors[f"pos_mean.{position}"] - vector.tensors[f"neg_mean.{position}"])
+        torch.testing.assert_close(
+            vector.get(position, "mean_diff"),
+            vector.tensors[f"pos_mean.{position}"] - vector.tensors[f"neg_mean.{position}"],
+        )
     # the system prompts differ, so the last prompt token differs clearly between pos and neg
     assert float(vector.norms("prompt_end")[15]) > 0.1
     assert (vector.tensors["stream_norm"][1:] > 0).all()

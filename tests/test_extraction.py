@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import ARCHES
+
 from personactl.activations import POSITIONS, collate, extract_vectors
 from personactl.chat_format import PairExample, chat_messages, encode_example
 from personactl.models import load_model
@@ -22,7 +22,9 @@ def make_pairs(tokenizer, n: int, seed: int = 0) -> list[PairExample]:
     for _ in range(n):
         question = text(rng.randint(2, 12))
         pos = encode_example(tokenizer, chat_messages("You are cheerful.", question), text(rng.randint(1, 20)))
-        neg = encode_example(tokenizer, chat_messages("You are gloomy and very sad.", question), text(rng.randint(1, 20)))
+        neg = encode_example(
+            tokenizer, chat_messages("You are gloomy and very sad.", question), text(rng.randint(1, 20))
+        )
         pairs.append(PairExample(pos, neg))
     return pairs
 
@@ -31,7 +33,9 @@ def naive_rows(model, layers, example) -> list[torch.Tensor]:
     """Residual rows 0..L for one unpadded example, the way persona-vectors does it (batch 1,
     output_hidden_states); row L read from the last block's output (HF's is after the final norm)."""
     captured = {}
-    handle = layers[-1].register_forward_hook(lambda m, a, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out))
+    handle = layers[-1].register_forward_hook(
+        lambda m, a, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out)
+    )
     try:
         with torch.no_grad():
             out = model(torch.tensor([example.input_ids]), output_hidden_states=True)
@@ -49,8 +53,10 @@ def naive_reference(model, layers, pairs):
             rows = torch.stack(naive_rows(model, layers, ex))  # [L+1, T, H]
             P = ex.prompt_len
             values = {
-                "prompt_end": rows[:, P - 1], "response_start": rows[:, P],
-                "response_avg": rows[:, P:].mean(1), "prompt_avg": rows[:, :P].mean(1),
+                "prompt_end": rows[:, P - 1],
+                "response_start": rows[:, P],
+                "response_avg": rows[:, P:].mean(1),
+                "prompt_avg": rows[:, :P].mean(1),
             }
             for p in POSITIONS:
                 sums[p][side] = sums[p][side] + values[p]
@@ -64,11 +70,13 @@ def test_batched_extraction_equals_naive_reference(tiny_factory, arch):
     pairs = make_pairs(lm.tokenizer, 9)
     reference = naive_reference(lm.model, lm.layers, pairs)
     for padding_side in ("right", "left"):
-        result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id,
-                                 batch_tokens=200, padding_side=padding_side)  # small budget: several batches
+        result = extract_vectors(
+            lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, batch_tokens=200, padding_side=padding_side
+        )  # small budget: several batches
         for p in POSITIONS:
-            torch.testing.assert_close(result.mean_diff[p], reference[p], atol=1e-5, rtol=1e-5,
-                                       msg=f"{arch} {padding_side} {p}")
+            torch.testing.assert_close(
+                result.mean_diff[p], reference[p], atol=1e-5, rtol=1e-5, msg=f"{arch} {padding_side} {p}"
+            )
 
 
 @pytest.mark.parametrize("kind", ["bos", "bos_template"])
@@ -79,7 +87,9 @@ def test_bos_tokenizers_extract_exactly(tiny_factory, kind):
     for pair in pairs:  # exactly one BOS, at the start
         assert pair.pos.input_ids[0] == bos and pair.pos.input_ids.count(bos) == 1
     reference = naive_reference(lm.model, lm.layers, pairs)
-    result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, padding_side="left", batch_tokens=150)
+    result = extract_vectors(
+        lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, padding_side="left", batch_tokens=150
+    )
     for p in POSITIONS:
         torch.testing.assert_close(result.mean_diff[p], reference[p], atol=1e-5, rtol=1e-5)
 
@@ -96,7 +106,7 @@ def test_spans_are_exact_under_padding(tiny_factory):
             assert batch.input_ids[i, batch.prompt_end[i]].item() == ex.input_ids[ex.prompt_len - 1]
             assert batch.input_ids[i, batch.response_start[i]].item() == ex.input_ids[ex.prompt_len]
             assert batch.input_ids[i][batch.prompt_mask[i]].tolist() == list(ex.input_ids[: ex.prompt_len])
-            assert batch.input_ids[i][batch.response_mask[i]].tolist() == list(ex.input_ids[ex.prompt_len:])
+            assert batch.input_ids[i][batch.response_mask[i]].tolist() == list(ex.input_ids[ex.prompt_len :])
             assert batch.position_ids[i][batch.attention_mask[i]].tolist() == list(range(len(ex.input_ids)))
 
 
@@ -123,8 +133,8 @@ def test_pca_is_top_principal_direction_of_pair_differences(tiny_factory):
     result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, positions=["response_avg"])
     diffs = []
     for pair in pairs:
-        pos = torch.stack(naive_rows(lm.model, lm.layers, pair.pos))[:, pair.pos.prompt_len:].mean(1)
-        neg = torch.stack(naive_rows(lm.model, lm.layers, pair.neg))[:, pair.neg.prompt_len:].mean(1)
+        pos = torch.stack(naive_rows(lm.model, lm.layers, pair.pos))[:, pair.pos.prompt_len :].mean(1)
+        neg = torch.stack(naive_rows(lm.model, lm.layers, pair.neg))[:, pair.neg.prompt_len :].mean(1)
         diffs.append(pos - neg)
     D = torch.stack(diffs, 1).double()  # [L+1, N, H]
     for row in range(D.shape[0]):
@@ -143,6 +153,6 @@ def test_stream_norm_is_mean_response_token_norm(tiny_factory):
     for pair in pairs:
         for ex in (pair.pos, pair.neg):
             rows = torch.stack(naive_rows(lm.model, lm.layers, ex))
-            norms.append(rows[:, ex.prompt_len:].norm(dim=-1))
+            norms.append(rows[:, ex.prompt_len :].norm(dim=-1))
     expected = torch.cat(norms, dim=1).mean(1)
     torch.testing.assert_close(result.stream_norm, expected, atol=1e-4, rtol=1e-5)

@@ -38,9 +38,20 @@ class CrashAfter:
 def run(lm, backend, directory, force=False, seed=0):
     trait = load_trait("optimistic")
     shards = ShardStore(directory / "shards", "plan-1")
-    return run_generation(trait=trait, backend=backend, tokenizer=lm.tokenizer, model_info=lm.describe(),
-                          sampling=SAMPLING, seed=seed, batch_size=4, samples_per_question=1, max_questions=3,
-                          shards=shards, output=directory / "responses.parquet", force=force)
+    return run_generation(
+        trait=trait,
+        backend=backend,
+        tokenizer=lm.tokenizer,
+        model_info=lm.describe(),
+        sampling=SAMPLING,
+        seed=seed,
+        batch_size=4,
+        samples_per_question=1,
+        max_questions=3,
+        shards=shards,
+        output=directory / "responses.parquet",
+        force=force,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +86,7 @@ def test_same_seed_same_rows_other_seed_other_rows(lm, tmp_path, isolated_env):
 def test_rows_are_paired_and_described(lm, tmp_path, isolated_env):
     table = run(lm, HFBackend(lm.model, lm.tokenizer), tmp_path / "t")
     trait = load_trait("optimistic")
-    for pair_id, group in table.group_by("pair_id"):
+    for _, group in table.group_by("pair_id"):
         assert sorted(group["polarity"]) == ["neg", "pos"]
         assert group["question"].n_unique() == 1
         i = group["instruction_index"][0]
@@ -89,8 +100,24 @@ def test_rows_are_paired_and_described(lm, tmp_path, isolated_env):
 def test_kill_9_mid_run_then_resume(tiny_factory, tmp_path, isolated_env):
     """A real SIGKILL of the CLI while it writes shards; the rerun completes every row exactly once."""
     model = str(tiny_factory("llama"))
-    args = [sys.executable, "-m", "personactl", "generate", "--trait", "optimistic", "--model", model,
-            "--workspace", str(tmp_path / "ws"), "--batch-size", "1", "--max-new-tokens", "24", "--dtype", "float32"]
+    args = [
+        sys.executable,
+        "-m",
+        "personactl",
+        "generate",
+        "--trait",
+        "optimistic",
+        "--model",
+        model,
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "24",
+        "--dtype",
+        "float32",
+    ]
     env = {**os.environ, "PERSONACTL_DEBUG": "0"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard_dir = None

@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import ARCHES
+
 from personactl.chat_format import chat_messages, encode_example, encode_prompt, render_prompt
 from personactl.errors import ModelError
 from personactl.models import load_model, resolve_model
@@ -38,11 +38,18 @@ def test_hub_id_without_network_is_one_clear_error(monkeypatch):
 
 
 def test_remote_code_is_opt_in(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "personactl-custom", "architectures": ["CustomForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
-                     "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"},
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "personactl-custom",
+                "architectures": ["CustomForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_custom.CustomConfig",
+                    "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+                },
+            }
+        )
+    )
     with pytest.raises(ModelError) as info:
         load_model(str(tmp_path), **quiet)
     assert "--trust-remote-code" in info.value.hint
@@ -72,7 +79,7 @@ def test_encoded_spans_decode_to_their_parts(tiny_factory):
     messages = chat_messages("You are cheerful.", "what about the weather today?")
     ex = encode_example(tok, messages, "It might rain tomorrow, but the fox is quick.")
     assert tok.decode(ex.input_ids[: ex.prompt_len]) == render_prompt(tok, messages)
-    assert tok.decode(ex.input_ids[ex.prompt_len:]) == "It might rain tomorrow, but the fox is quick."
+    assert tok.decode(ex.input_ids[ex.prompt_len :]) == "It might rain tomorrow, but the fox is quick."
     assert list(ex.input_ids[: ex.prompt_len]) == encode_prompt(tok, messages)
     by_ids = encode_example(tok, messages, response_ids=[5, 6, 7])
-    assert by_ids.input_ids[by_ids.prompt_len:] == (5, 6, 7)
+    assert by_ids.input_ids[by_ids.prompt_len :] == (5, 6, 7)

@@ -21,8 +21,17 @@ def test_parse_and_format_ranges():
 
 def test_vector_file_round_trip(tmp_path):
     tensors = {"mean_diff.response_avg": torch.randn(4, 8), "stream_norm": torch.rand(4)}
-    meta = {"model": "m", "num_layers": 3, "hidden_size": 8, "rows": [0, 1, 2, 3], "positions": ["response_avg"],
-            "aggregators": ["mean_diff"], "trait": "t", "nested": {"a": [1, 2]}, "judge": None}
+    meta = {
+        "model": "m",
+        "num_layers": 3,
+        "hidden_size": 8,
+        "rows": [0, 1, 2, 3],
+        "positions": ["response_avg"],
+        "aggregators": ["mean_diff"],
+        "trait": "t",
+        "nested": {"a": [1, 2]},
+        "judge": None,
+    }
     PersonaVector(tensors, meta).save(tmp_path / "v.safetensors")
     loaded = PersonaVector.load(tmp_path / "v.safetensors")
     assert loaded.metadata == meta

@@ -9,7 +9,7 @@ from personactl.settings import load_settings, masked_dump
 def test_precedence_cli_env_toml_default(isolated_env, monkeypatch):
     ws = isolated_env / "ws"
     ws.mkdir()
-    (ws / "personactl.toml").write_text('max_new_tokens = 11\ntemperature = 0.5\ntop_p = 0.9\n')
+    (ws / "personactl.toml").write_text("max_new_tokens = 11\ntemperature = 0.5\ntop_p = 0.9\n")
     monkeypatch.setenv("PERSONACTL_WORKSPACE", str(ws))
     monkeypatch.setenv("PERSONACTL_TEMPERATURE", "0.7")
     monkeypatch.setenv("PERSONACTL_TOP_P", "0.8")

@@ -53,7 +53,10 @@ def test_good_trait_loads_by_path_and_hash_is_content_based(tmp_path):
         (GOOD.replace("{answer}", "{reply}"), "field rubric: Value error, must contain {answer} exactly once"),
         (GOOD.replace('["How do you face fear?"]', '["What would you do in a fire?"]'), "share 1 question"),
         (GOOD.replace("name: brave", "name: 7"), "field name: Input should be a valid string"),
-        (GOOD.replace("instructions:\n  - pos: You are brave.\n    neg: You are timid.", "instructions: []"), "field instructions"),
+        (
+            GOOD.replace("instructions:\n  - pos: You are brave.\n    neg: You are timid.", "instructions: []"),
+            "field instructions",
+        ),
         ("- just\n- a list\n", "expected a mapping"),
     ],
 )

@@ -36,8 +36,8 @@ class HFBackend:
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):  # left padding: every row's next token is at column `width`
-            ids[i, width - len(prompt):] = torch.tensor(list(prompt))
-            mask[i, width - len(prompt):] = 1
+            ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
+            mask[i, width - len(prompt) :] = 1
         greedy = sampling.temperature == 0
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
@@ -50,7 +50,9 @@ class HFBackend:
         )
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
         return [self._finish(row[width:].tolist()) for row in out.cpu()]
 
     def _finish(self, tokens: list[int]) -> Generation:

@@ -90,15 +90,58 @@ def load_model_from(settings):
     console = stderr_console()
     with console.status(f"loading {settings.model} …"):
         return load_model(
-            settings.model, dtype=settings.dtype, device=settings.device, revision=settings.revision,
-            trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir,
-            token=settings.hf_token.get_secret_value() if settings.hf_token else None, log=log,
+            settings.model,
+            dtype=settings.dtype,
+            device=settings.device,
+            revision=settings.revision,
+            trust_remote_code=settings.trust_remote_code,
+            cache_dir=settings.cache_dir,
+            token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+            log=log,
         )
 
 
-def progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class LazyProgress:
+    """A rich progress bar on stderr that appears only once work starts (not for skipped steps)."""
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=stderr_console(), transient=False)
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+        self.task = None
+        self.tokens = 0
+
+    def __enter__(self) -> "LazyProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def start(self, total: int | None, completed: int = 0) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr_console(),
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(self.description, total=total, completed=completed, rate="")
+
+    def advance(self, n: int, tokens: int = 0) -> None:
+        self.tokens += tokens
+        rate = ""
+        if self.tokens:
+            rate = f"{self.tokens / max(self.bar.tasks[self.task].elapsed or 0, 1e-9):.0f} tok/s"
+        self.bar.update(self.task, advance=n, rate=rate)

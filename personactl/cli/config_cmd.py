@@ -7,7 +7,9 @@ from personactl.cli.common import emit_json, guarded, stdout_console
 
 
 @guarded
-def config(workspace: o.Workspace = None, config: o.ConfigFile = None, model: o.Model = None, json: o.Json = False) -> None:
+def config(
+    workspace: o.Workspace = None, config: o.ConfigFile = None, model: o.Model = None, json: o.Json = False
+) -> None:
     """Show the effective settings (CLI > env PERSONACTL_* > personactl.toml > defaults), secrets masked."""
     from rich.table import Table
 

@@ -8,23 +8,44 @@ from typing import Annotated, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import emit_json, guarded, load_model_from, open_workspace, progress, settings_from, stdout_console, log
+from personactl.cli.common import (
+    LazyProgress,
+    emit_json,
+    guarded,
+    load_model_from,
+    log,
+    open_workspace,
+    settings_from,
+    stdout_console,
+)
 
 POSITIONS_HELP = "Comma list of prompt_end, response_start, response_avg, prompt_avg [default: all]."
 
 
 @guarded
 def extract(
-    trait: Annotated[Optional[str], typer.Option("--trait", "-t", help="Trait whose generated responses to use.", show_default=False)] = None,
-    pairs: Annotated[Optional[Path], typer.Option("--pairs", help='JSON lines {"positive","negative"[,"prompt"]} instead of a trait.', show_default=False)] = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="Artifact name for --pairs [default: file stem].", show_default=False)] = None,
+    trait: Annotated[
+        Optional[str], typer.Option("--trait", "-t", help="Trait whose generated responses to use.", show_default=False)
+    ] = None,
+    pairs: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--pairs", help='JSON lines {"positive","negative"[,"prompt"]} instead of a trait.', show_default=False
+        ),
+    ] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Option("--name", help="Artifact name for --pairs [default: file stem].", show_default=False),
+    ] = None,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
     layers: o.Layers = None,
     positions: Annotated[Optional[str], typer.Option("--positions", help=POSITIONS_HELP, show_default=False)] = None,
     aggregators: Annotated[str, typer.Option("--aggregators", help="mean_diff and/or pca.")] = "mean_diff,pca",
-    show_position: Annotated[str, typer.Option("--show", help="Position whose norms the table shows.")] = "response_avg",
+    show_position: Annotated[
+        str, typer.Option("--show", help="Position whose norms the table shows.")
+    ] = "response_avg",
     dtype: o.Dtype = None,
     device: o.Device = None,
     trust_remote_code: o.TrustRemoteCode = None,
@@ -40,36 +61,59 @@ def extract(
 
     if (trait is None) == (pairs is None):
         raise InputError("pass exactly one of --trait or --pairs")
-    settings = settings_from(config, workspace=workspace, model=model, dtype=dtype, device=device,
-                             trust_remote_code=trust_remote_code)
+    settings = settings_from(
+        config, workspace=workspace, model=model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
     rows = parse_ranges(layers) if layers else None
     position_list = [p.strip() for p in positions.split(",") if p.strip()] if positions else list(POSITIONS)
     aggregator_list = [a.strip() for a in aggregators.split(",") if a.strip()]
-    if (pairs is not None and positions is None):
-        position_list = list(POSITIONS)
     trait_obj = load_trait(trait) if trait else None
     ws = open_workspace(settings)
-    with progress() as bar:
-        task = bar.add_task("extract", total=None, rate="")
+    with LazyProgress("extract pairs") as bar:
         vector, summary = extract_step(
-            settings=settings, workspace=ws, load=lambda: load_model_from(settings), trait=trait_obj, pairs_file=pairs,
-            name=name, rows=rows, positions=position_list, aggregators=aggregator_list, force=force,
-            on_start=lambda n: bar.update(task, total=n), on_batch=lambda n: bar.update(task, advance=n),
+            settings=settings,
+            workspace=ws,
+            load=lambda: load_model_from(settings),
+            trait=trait_obj,
+            pairs_file=pairs,
+            name=name,
+            rows=rows,
+            positions=position_list,
+            aggregators=aggregator_list,
+            force=force,
+            on_start=bar.start,
+            on_batch=bar.advance,
         )
     if summary["skipped"]:
         log(f"skipped: {summary['artifact']} is already complete; --force to recompute")
     show = show_position if show_position in vector.positions else vector.positions[0]
     norms = vector.norms(show, "mean_diff")
     stream = vector.tensors["stream_norm"]
-    layer_rows = [{"layer": r, "norm": float(norms[r]), "stream_norm": float(stream[r]),
-                   "relative": float(norms[r] / stream[r])} for r in vector.rows]
+    layer_rows = [
+        {"layer": r, "norm": float(norms[r]), "stream_norm": float(stream[r]), "relative": float(norms[r] / stream[r])}
+        for r in vector.rows
+    ]
     if json:
-        emit_json({**summary, "positions": vector.positions, "aggregators": vector.aggregators,
-                   "n_pairs": vector.metadata["n_pairs"], "norms_position": show, "layers": layer_rows})
+        emit_json(
+            {
+                **summary,
+                "positions": vector.positions,
+                "aggregators": vector.aggregators,
+                "n_pairs": vector.metadata["n_pairs"],
+                "norms_position": show,
+                "layers": layer_rows,
+            }
+        )
         return
     from rich.table import Table
 
-    table = Table("layer", f"‖mean_diff‖ ({show})", "stream norm", "relative", title=f"vectors {summary['name']}  ·  {vector.metadata['n_pairs']} pairs  ·  {summary['artifact']}")
+    table = Table(
+        "layer",
+        f"‖mean_diff‖ ({show})",
+        "stream norm",
+        "relative",
+        title=f"vectors {summary['name']}  ·  {vector.metadata['n_pairs']} pairs  ·  {summary['artifact']}",
+    )
     for r in layer_rows:
         table.add_row(str(r["layer"]), f"{r['norm']:.3f}", f"{r['stream_norm']:.2f}", f"{r['relative']:.3f}")
     stdout_console().print(table)

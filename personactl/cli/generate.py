@@ -7,7 +7,15 @@ from typing import Annotated, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import emit_json, guarded, load_model_from, log, open_workspace, progress, settings_from
+from personactl.cli.common import (
+    LazyProgress,
+    emit_json,
+    guarded,
+    load_model_from,
+    log,
+    open_workspace,
+    settings_from,
+)
 
 
 @guarded
@@ -16,13 +24,32 @@ def generate(
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
-    questions: Annotated[Optional[int], typer.Option("--questions", min=1, help="Use only the first N extraction questions.", show_default=False)] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", "-n", min=1, help="Responses per (instruction, question) [default: 1].", show_default=False)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="[default: 128]", show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="0 = greedy [default: 1.0].", show_default=False)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="[default: 1.0]", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Same seed and settings, same rows [default: 0].", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="[default: 32]", show_default=False)] = None,
+    questions: Annotated[
+        Optional[int],
+        typer.Option("--questions", min=1, help="Use only the first N extraction questions.", show_default=False),
+    ] = None,
+    samples: Annotated[
+        Optional[int],
+        typer.Option(
+            "--samples", "-n", min=1, help="Responses per (instruction, question) [default: 1].", show_default=False
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option("--max-new-tokens", min=1, help="[default: 128]", show_default=False)
+    ] = None,
+    temperature: Annotated[
+        Optional[float], typer.Option("--temperature", min=0.0, help="0 = greedy [default: 1.0].", show_default=False)
+    ] = None,
+    top_p: Annotated[
+        Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="[default: 1.0]", show_default=False)
+    ] = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option("--seed", help="Same seed and settings, same rows [default: 0].", show_default=False),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", min=1, help="[default: 32]", show_default=False)
+    ] = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
     trust_remote_code: o.TrustRemoteCode = None,
@@ -34,32 +61,44 @@ def generate(
     from personactl.traits import load_trait
 
     settings = settings_from(
-        config, workspace=workspace, model=model, samples_per_question=samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, dtype=dtype, device=device,
+        config,
+        workspace=workspace,
+        model=model,
+        samples_per_question=samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
         trust_remote_code=trust_remote_code,
     )
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)
-    with progress() as bar:
-        task = bar.add_task(f"generate {trait_obj.name}", total=None, rate="")
-        tokens = {"n": 0}
+    with LazyProgress(f"generate {trait_obj.name}") as bar:
 
         def on_start(total: int, done: int) -> None:
-            bar.update(task, total=total, completed=done)
             if done:
                 log(f"resuming: {done}/{total} rows already generated")
+            bar.start(total, done)
 
-        def on_batch(rows: int, new_tokens: int) -> None:
-            tokens["n"] += new_tokens
-            elapsed = bar.tasks[task].elapsed or 1e-9
-            bar.update(task, advance=rows, rate=f"{tokens['n'] / elapsed:.0f} tok/s")
-
-        summary = generate_step(settings=settings, trait=trait_obj, workspace=ws, load=lambda: load_model_from(settings),
-                                max_questions=questions, force=force, on_start=on_start, on_batch=on_batch)
+        summary = generate_step(
+            settings=settings,
+            trait=trait_obj,
+            workspace=ws,
+            load=lambda: load_model_from(settings),
+            max_questions=questions,
+            force=force,
+            on_start=on_start,
+            on_batch=bar.advance,
+        )
     if summary["skipped"]:
         log(f"skipped: {summary['artifact']} is already complete ({summary['rows']} rows); --force to regenerate")
     if json:
         emit_json(summary)
     elif not summary["skipped"]:
-        typer.echo(f"wrote {summary['rows']} rows ({summary['pairs']} pairs, {summary['response_tokens']} tokens, "
-                   f"{summary['truncated']} truncated, {summary['empty_responses']} empty) to {summary['artifact']}")
+        typer.echo(
+            f"wrote {summary['rows']} rows ({summary['pairs']} pairs, {summary['response_tokens']} tokens, "
+            f"{summary['truncated']} truncated, {summary['empty_responses']} empty) to {summary['artifact']}"
+        )

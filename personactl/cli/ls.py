@@ -32,6 +32,12 @@ def ls(workspace: o.Workspace = None, config: o.ConfigFile = None, json: o.Json 
     table = Table("kind", "model", "trait", "counts", "created", "path", title=f"artifacts in {settings.workspace}")
     for r in rows:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
-        table.add_row(r["kind"] or "?", r["model"] or "", r["trait"] or "", counts, r["created"] or "",
-                      r["path"] + ("" if r["exists"] else " (missing)"))
+        table.add_row(
+            r["kind"] or "?",
+            r["model"] or "",
+            r["trait"] or "",
+            counts,
+            r["created"] or "",
+            r["path"] + ("" if r["exists"] else " (missing)"),
+        )
     stdout_console().print(table if rows else f"no artifacts in {settings.workspace}")

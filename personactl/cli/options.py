@@ -7,13 +7,44 @@ from typing import Annotated, Optional
 
 import typer
 
-Workspace = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory [env PERSONACTL_WORKSPACE].", show_default=False)]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="personactl.toml to read (default: <workspace>/personactl.toml).", show_default=False)]
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Built-in name, hub id, local HF dir or .gguf file [default: smollm2-135m].", show_default=False)]
+Workspace = Annotated[
+    Optional[Path],
+    typer.Option("--workspace", "-w", help="Workspace directory [env PERSONACTL_WORKSPACE].", show_default=False),
+]
+ConfigFile = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config", help="personactl.toml to read (default: <workspace>/personactl.toml).", show_default=False
+    ),
+]
+Model = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        help="Built-in name, hub id, local HF dir or .gguf file [default: smollm2-135m].",
+        show_default=False,
+    ),
+]
 TraitName = Annotated[str, typer.Option("--trait", "-t", help="Trait name (traits/NAME.yaml) or path to a trait file.")]
-Layers = Annotated[Optional[str], typer.Option("--layers", "-l", help="Layer rows, e.g. 10,12,14-16 (0 = embeddings, l = output of block l).", show_default=False)]
+Layers = Annotated[
+    Optional[str],
+    typer.Option(
+        "--layers",
+        "-l",
+        help="Layer rows, e.g. 10,12,14-16 (0 = embeddings, l = output of block l).",
+        show_default=False,
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout for scripts.")]
 Force = Annotated[bool, typer.Option("--force", help="Recompute even if the artifact exists.")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto, bfloat16, float16 or float32.", show_default=False)]
+Dtype = Annotated[
+    Optional[str], typer.Option("--dtype", help="auto, bfloat16, float16 or float32.", show_default=False)
+]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", show_default=False)]
-TrustRemoteCode = Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow model code from the hub (only if you trust it).", show_default=False)]
+TrustRemoteCode = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--trust-remote-code", help="Allow model code from the hub (only if you trust it).", show_default=False
+    ),
+]

@@ -26,9 +26,17 @@ def list_traits(json: o.Json = False) -> None:
     for path in list_trait_files():
         try:
             t = load_trait(path)
-            rows.append({"name": t.name, "path": str(path), "instructions": len(t.instructions),
-                         "extraction": len(t.questions.extraction), "evaluation": len(t.questions.evaluation),
-                         "description": t.description, "error": None})
+            rows.append(
+                {
+                    "name": t.name,
+                    "path": str(path),
+                    "instructions": len(t.instructions),
+                    "extraction": len(t.questions.extraction),
+                    "evaluation": len(t.questions.evaluation),
+                    "description": t.description,
+                    "error": None,
+                }
+            )
         except TraitError as exc:
             rows.append({"name": path.stem, "path": str(path), "error": exc.message})
     if json:
@@ -39,8 +47,13 @@ def list_traits(json: o.Json = False) -> None:
         if r["error"]:
             table.add_row(r["name"], "", "", "", f"[red]invalid: {r['error']}[/]")
         else:
-            table.add_row(r["name"], str(r["instructions"]), str(r["extraction"]), str(r["evaluation"]),
-                          r["description"].strip().split(". ")[0][:80])
+            table.add_row(
+                r["name"],
+                str(r["instructions"]),
+                str(r["extraction"]),
+                str(r["evaluation"]),
+                r["description"].strip().split(". ")[0][:80],
+            )
     stdout_console().print(table)
 
 
