@@ -46,3 +46,20 @@ def check_in_range(values: list[int], num_layers: int) -> list[int]:
             hint=f"row 0 = embeddings, row l = output of block l (1..{num_layers})",
         )
     return values
+
+
+def parse_floats(text: str, what: str = "coefficient list") -> list[float]:
+    """`-2,-1,0,1.5` -> [-2.0, -1.0, 0.0, 1.5]; finite numbers only, order kept, duplicates dropped."""
+    import math
+
+    values: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError(f"bad {what} {text!r} at {part!r}", hint="write e.g. --coefficients=-2,-1,0,1,2") from None
+        if not math.isfinite(value):
+            raise InputError(f"bad {what} {text!r}: {part!r} is not finite")
+        if value not in values:
+            values.append(value)
+    return values

@@ -49,6 +49,23 @@ def principal_direction(scatter: torch.Tensor, reference: torch.Tensor) -> torch
     return unit(top * sign).float()
 
 
+NORM_MODES = ("raw", "unit", "stream")
+
+
+def scale_direction(vector: torch.Tensor, mode: str, stream_norm: float | None = None) -> torch.Tensor:
+    """`raw`: as extracted; `unit`: norm 1; `stream`: norm = the layer's mean residual-stream norm,
+    so that α = 1 means "one typical residual-stream length" at any layer of any model."""
+    if mode == "raw":
+        return vector
+    if mode == "unit":
+        return unit(vector)
+    if mode == "stream":
+        if stream_norm is None or not stream_norm > 0:
+            raise ValueError("stream normalisation needs the layer's stream norm")
+        return unit(vector) * stream_norm
+    raise ValueError(f"unknown norm mode {mode!r}")
+
+
 def project(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Scalar projection of activations onto a direction (unit-normalised)."""
     return (hidden.float() * unit(direction.float())).sum(-1)
@@ -96,6 +113,26 @@ class PersonaVector:
                 f"layer {layer} was not extracted", hint=f"extracted layers: {format_ranges(self.rows)}"
             )
         return self.get(position, aggregator)[layer]
+
+    def direction(self, layer: int, position: str = "response_avg", aggregator: str = "mean_diff",
+                  norm: str = "raw") -> torch.Tensor:
+        """The `[H]` steering direction at `layer`, scaled per `norm` (see `scale_direction`)."""
+        vector = self.at(layer, position, aggregator)
+        if not torch.isfinite(vector).all() or (norm != "raw" and float(vector.norm()) == 0):
+            raise VectorFileError(f"the vector at layer {layer} ({aggregator}.{position}) is not finite and non-zero")
+        stream = self.tensors.get("stream_norm")
+        return scale_direction(vector, norm, float(stream[layer]) if stream is not None else None)
+
+    def check_compatible(self, model_info: dict[str, Any]) -> None:
+        """A clear error when this vector was made for a model of another shape."""
+        mine = (self.metadata.get("hidden_size"), self.metadata.get("num_layers"))
+        theirs = (model_info["hidden_size"], model_info["num_layers"])
+        if mine != theirs:
+            raise VectorFileError(
+                f"vector made for {self.metadata.get('model')} (hidden {mine[0]}, {mine[1]} layers) does not fit "
+                f"{model_info['model']} (hidden {theirs[0]}, {theirs[1]} layers)",
+                hint="extract vectors for this model, or pass --model with the vector's model",
+            )
 
     def norms(self, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
         return torch.linalg.vector_norm(self.get(position, aggregator), dim=-1)

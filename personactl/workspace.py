@@ -96,6 +96,27 @@ class Workspace:
     def vectors_path(self, model_slug: str, trait: str, persona: str) -> Path:
         return self.trait_dir(model_slug, trait) / f"vectors-{persona}.safetensors"
 
+    def find_vector(self, spec: str, model_slug: str, persona: str = "model") -> Path:
+        """A vector file path, or a trait name looked up for this model in the workspace."""
+        from personactl.errors import VectorFileError
+
+        path = Path(spec)
+        if path.suffix == ".safetensors" or path.is_file():
+            if not path.is_file():
+                raise VectorFileError(f"vector file not found: {path}")
+            return path
+        found = self.vectors_path(model_slug, spec, persona)
+        if not found.is_file():
+            raise VectorFileError(
+                f"no vectors for {spec!r} and model {model_slug} in {self.root}",
+                hint=f"run: personactl extract --trait {spec} (or pass a .safetensors path)",
+            )
+        return found
+
+    def steer_run_path(self, model_slug: str, label: str) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.trait_dir(model_slug, label) / f"steer-{stamp}-{os.getpid()}.parquet"
+
     @staticmethod
     def manifest_path(artifact: Path) -> Path:
         return artifact.with_name(artifact.name.split(".")[0] + MANIFEST_SUFFIX)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from personactl.cli import config_cmd, extract, generate, ls, traits
+from personactl.cli import compare, config_cmd, extract, generate, ls, steer, traits
 
 app = typer.Typer(
     name="personactl",
-    help="Persona vectors for open LLMs: generate contrastive responses, extract vectors, inspect them.",
+    help="Persona vectors for open LLMs: generate contrastive responses, extract vectors, steer and compare.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -17,6 +17,8 @@ app = typer.Typer(
 
 app.command("generate")(generate.generate)
 app.command("extract")(extract.extract)
+app.command("steer")(steer.steer)
+app.command("compare")(compare.compare)
 app.add_typer(traits.app, name="traits")
 app.command("config")(config_cmd.config)
 app.command("ls")(ls.ls)
