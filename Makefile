@@ -28,6 +28,8 @@ DEMO_WS ?= demo-workspace
 demo: venv
 	$(BIN)/personactl generate --trait optimistic --workspace $(DEMO_WS) --questions 6 --max-new-tokens 48
 	$(BIN)/personactl extract --trait optimistic --workspace $(DEMO_WS)
+	$(BIN)/personactl steer --vector optimistic --workspace $(DEMO_WS) --layers 12,18 --coefficients=-2,-1,0,1,2 \
+		--max-new-tokens 40 --prompt "My exam went badly." --prompt "What do you think about Mondays?"
 
 bench: venv
 	$(BIN)/python bench/run.py

@@ -45,6 +45,18 @@ def median_seconds(fn, repeats=REPEATS) -> float:
     return statistics.median(times)
 
 
+def paired_median_seconds(fn_a, fn_b, repeats=REPEATS) -> tuple[float, float]:
+    """Medians of `fn_a` and `fn_b` timed alternately, so drift on a busy machine hits both alike."""
+    fn_a(), fn_b()  # warm-up
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, a), (fn_b, b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
 def make_pairs(tokenizer, n: int) -> list[PairExample]:
     trait = load_trait("optimistic")
     rng = random.Random(0)
@@ -105,9 +117,8 @@ def bench_extraction(results: dict) -> list[tuple]:
                         v = h[0, ex.prompt_len :].float().mean(0)
                         sums[(side, layer)] = sums.get((side, layer), 0) + v
 
-    t_ext = median_seconds(personactl_extract)
+    t_ext, t_bare = paired_median_seconds(personactl_extract, bare_forward)
     t_md = median_seconds(personactl_extract_mean_diff)
-    t_bare = median_seconds(bare_forward)
     t_naive = median_seconds(naive_loop, repeats=1)
     tps = {
         "personactl_extract": n_tokens / t_ext,
@@ -147,6 +158,83 @@ def bench_extraction(results: dict) -> list[tuple]:
     ]
 
 
+def bench_steering(results: dict) -> list[tuple]:
+    from personactl.backends import Sampling
+    from personactl.backends.hf import HFBackend, contiguous_lm_head_input
+    from personactl.chat_format import encode_prompt
+    from personactl.steering import Steerer, plan_grid, run_grid
+
+    lm = load_model("smollm2-135m", log=lambda m: None)
+    trait = load_trait("optimistic")
+    vector = torch.randn(lm.num_layers + 1, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    vector = vector / vector.norm(dim=-1, keepdim=True) * 4.0
+    questions = trait.questions.extraction + trait.questions.evaluation
+    prompts = [encode_prompt(lm.tokenizer, chat_messages(None, q)) for q in questions[:32]]
+    pad = lm.tokenizer.pad_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    new_tokens = 32
+
+    def fixed_length_generate():  # min = max new tokens, so steered and plain do identical work
+        with torch.inference_mode(), contiguous_lm_head_input(lm.model):
+            lm.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+
+    def steered_generate():
+        with Steerer(lm.model, vector, layers=[15], coefficient=torch.full((len(prompts),), 1.0)):
+            fixed_length_generate()
+
+    t_plain, t_steer = paired_median_seconds(fixed_length_generate, steered_generate, repeats=max(REPEATS, 5))
+
+    backend = HFBackend(lm.model, lm.tokenizer)
+    sweep_prompts = prompts[:8]
+    alphas = [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]
+    rows = plan_grid(len(sweep_prompts), [15], alphas)  # 8 baselines + 8 × 6 steered = 56 = 7 α × 8 prompts
+    sampling = Sampling(max_new_tokens=16, temperature=0.0)
+    counted = {}
+
+    def batched_sweep():
+        outs = list(run_grid(backend, sweep_prompts, rows, {15: vector[15]}, sampling=sampling, seed=0, batch_size=64))
+        counted["batched"] = sum(len(g.token_ids) for _, g in outs)
+
+    def loop_sweep():  # one batch-1 generate per (prompt, α)
+        total = 0
+        for p in sweep_prompts:
+            for a in alphas:
+                with Steerer(lm.model, vector, layers=[15], coefficient=a):
+                    total += len(backend.generate([p], sampling, 0)[0].token_ids)
+        counted["loop"] = total
+
+    t_batched = median_seconds(batched_sweep)
+    t_loop = median_seconds(loop_sweep, repeats=1)
+    tps_batched, tps_loop = counted["batched"] / t_batched, counted["loop"] / t_loop
+    results["steering"] = {
+        "generate_32x32": {
+            "plain_seconds": t_plain,
+            "steered_seconds": t_steer,
+            "plain_tokens_per_second": len(prompts) * new_tokens / t_plain,
+        },
+        "sweep_7x8": {
+            "rows": len(rows),
+            "batched_seconds": t_batched,
+            "loop_seconds": t_loop,
+            "batched_tokens": counted["batched"],
+            "loop_tokens": counted["loop"],
+        },
+    }
+    return [
+        ("steered vs unsteered HF generate, 32 prompts × 32 tokens (speed)", 0.95, t_plain / t_steer),
+        ("7 α × 8 prompt sweep: one batched call vs batch-1 loop (tok/s)", 10.0, tps_batched / tps_loop),
+    ]
+
+
 def bench_help(results: dict) -> list[tuple]:
     exe = str(Path(sys.executable).with_name("personactl"))
 
@@ -169,7 +257,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
         }
     }
-    rows = bench_help(results) + bench_extraction(results)
+    rows = bench_help(results) + bench_steering(results) + bench_extraction(results)
     print(f"\n{'benchmark':66} {'goal':>6} {'measured':>9}  met")
     for name, goal, value in rows:
         lower_is_better = "lower is better" in name

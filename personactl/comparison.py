@@ -53,16 +53,33 @@ def compare_vectors(vectors: list[tuple[VectorRef, PersonaVector]], agree: float
         cos = [float(c) for c in cosine(a[rows], b[rows])]
         best = max(range(len(rows)), key=lambda i: cos[i])
         worst = min(range(len(rows)), key=lambda i: cos[i])
-        pairs.append({
-            "a": ref_a.spec, "b": ref_b.spec, "cosine": cos,
-            "mean_cosine": sum(cos) / len(cos),
-            "max": {"layer": rows[best], "cosine": cos[best]},
-            "min": {"layer": rows[worst], "cosine": cos[worst]},
-            "agree_layers": [r for r, c in zip(rows, cos, strict=True) if c >= agree],
-            "diverge_layers": [r for r, c in zip(rows, cos, strict=True) if abs(c) < diverge],
-            "opposed_layers": [r for r, c in zip(rows, cos, strict=True) if c <= -agree],
-        })
-    return {"model": first.metadata.get("model"), "layers": rows, "norms": norms, "pairs": pairs,
-            "thresholds": {"agree": agree, "diverge": diverge},
-            "vectors": [{"spec": r.spec, "position": r.position, "aggregator": r.aggregator,
-                         "trait": v.metadata.get("trait"), "persona": v.metadata.get("persona")} for r, v in vectors]}
+        pairs.append(
+            {
+                "a": ref_a.spec,
+                "b": ref_b.spec,
+                "cosine": cos,
+                "mean_cosine": sum(cos) / len(cos),
+                "max": {"layer": rows[best], "cosine": cos[best]},
+                "min": {"layer": rows[worst], "cosine": cos[worst]},
+                "agree_layers": [r for r, c in zip(rows, cos, strict=True) if c >= agree],
+                "diverge_layers": [r for r, c in zip(rows, cos, strict=True) if abs(c) < diverge],
+                "opposed_layers": [r for r, c in zip(rows, cos, strict=True) if c <= -agree],
+            }
+        )
+    return {
+        "model": first.metadata.get("model"),
+        "layers": rows,
+        "norms": norms,
+        "pairs": pairs,
+        "thresholds": {"agree": agree, "diverge": diverge},
+        "vectors": [
+            {
+                "spec": r.spec,
+                "position": r.position,
+                "aggregator": r.aggregator,
+                "trait": v.metadata.get("trait"),
+                "persona": v.metadata.get("persona"),
+            }
+            for r, v in vectors
+        ],
+    }

@@ -63,14 +63,16 @@ class Steerer:
         else:
             if layers is None:
                 raise InputError("Steerer needs layers when given a single vector")
-            directions = {l: (vector[l] if vector.dim() == 2 else vector) for l in layers}
+            directions = {layer: (vector[layer] if vector.dim() == 2 else vector) for layer in layers}
         for layer, direction in directions.items():
             if not 1 <= layer <= len(self.blocks):
-                raise InputError(f"steering layer {layer} out of range 1..{len(self.blocks)}",
-                                 hint="layer l = output of decoder block l (0 is the embeddings)")
+                raise InputError(
+                    f"steering layer {layer} out of range 1..{len(self.blocks)}",
+                    hint="layer l = output of decoder block l (0 is the embeddings)",
+                )
             if direction.dim() != 1 or not torch.isfinite(direction).all():
                 raise InputError(f"the steering vector at layer {layer} is not a finite 1-D vector")
-        self.directions = {l: d.to(self.device, self.dtype) for l, d in sorted(directions.items())}
+        self.directions = {layer: d.to(self.device, self.dtype) for layer, d in sorted(directions.items())}
         self.coefficients: dict[int, torch.Tensor] = {}
         self.set_coefficients(coefficient)
         self._handles: list[Any] = []
@@ -178,11 +180,11 @@ def run_grid(
     """Generate every grid row in batches of `batch_size`: one batched call per chunk, each row
     steered at its own layer with its own coefficient (zero at every other hooked layer)."""
     used = sorted({r.layer for r in rows if r.layer is not None})
-    with Steerer(backend.model, {l: directions[l] for l in used}, coefficient=0.0, positions=positions) as steerer:
+    with Steerer(backend.model, {k: directions[k] for k in used}, coefficient=0.0, positions=positions) as steerer:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             steerer.set_coefficients(
-                {l: torch.tensor([r.coefficient if r.layer == l else 0.0 for r in chunk]) for l in used}
+                {k: torch.tensor([r.coefficient if r.layer == k else 0.0 for r in chunk]) for k in used}
             )
             outputs = backend.generate([prompts[r.prompt_index] for r in chunk], sampling, seed + start // batch_size)
             if on_chunk:

@@ -62,6 +62,12 @@ def steer_step(
     path = workspace.find_vector(vector_spec, lm.source.slug)
     vector = PersonaVector.load(path)
     vector.check_compatible(lm.describe())
+    warnings = []
+    if vector.metadata.get("model") != lm.source.spec:
+        warnings.append(
+            f"the vector was extracted from {vector.metadata.get('model')}, you are steering "
+            f"{lm.source.spec} (same shape, so it runs; is that intended?)"
+        )
     layers = check_in_range(layers or [default_layer(lm.num_layers)], lm.num_layers)
     if 0 in layers:
         raise InputError("layer 0 is the embeddings, not a steering target", hint="steer at layers 1..L")
@@ -71,17 +77,36 @@ def steer_step(
     on_start(len(rows))
     start = time.perf_counter()
     records = []
-    grid = run_grid(HFBackend(lm.model, lm.tokenizer), prompt_ids, rows, directions, sampling=sampling,
-                    seed=settings.seed, batch_size=settings.batch_size, positions=positions, on_chunk=on_chunk)
+    grid = run_grid(
+        HFBackend(lm.model, lm.tokenizer),
+        prompt_ids,
+        rows,
+        directions,
+        sampling=sampling,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        positions=positions,
+        on_chunk=on_chunk,
+    )
     for row, gen in grid:
         norm_value = float(directions[row.layer].float().norm()) if row.layer is not None else 0.0
-        records.append({
-            "prompt_index": row.prompt_index, "prompt": prompts[row.prompt_index], "system_prompt": system_prompt,
-            "baseline": row.baseline, "layer": row.layer, "coefficient": row.coefficient, "norm_mode": norm,
-            "vector_norm": norm_value, "effective_norm": abs(row.coefficient) * norm_value, "text": gen.text,
-            "n_prompt_tokens": len(prompt_ids[row.prompt_index]), "n_tokens": len(gen.token_ids),
-            "finish_reason": gen.finish_reason,
-        })
+        records.append(
+            {
+                "prompt_index": row.prompt_index,
+                "prompt": prompts[row.prompt_index],
+                "system_prompt": system_prompt,
+                "baseline": row.baseline,
+                "layer": row.layer,
+                "coefficient": row.coefficient,
+                "norm_mode": norm,
+                "vector_norm": norm_value,
+                "effective_norm": abs(row.coefficient) * norm_value,
+                "text": gen.text,
+                "n_prompt_tokens": len(prompt_ids[row.prompt_index]),
+                "n_tokens": len(gen.token_ids),
+                "finish_reason": gen.finish_reason,
+            }
+        )
     seconds = time.perf_counter() - start
     table = pl.DataFrame(records, schema=STEER_SCHEMA)
     label = vector.metadata.get("trait") or path.stem
@@ -91,11 +116,34 @@ def steer_step(
 
     with atomic_path(output) as tmp:
         table.write_parquet(tmp)
-    run_info = {"vector": str(path), "vector_trait": vector.metadata.get("trait"), "layers": layers,
-                "coefficients": coefficients, "position": position, "aggregator": aggregator,
-                "positions": positions, "norm": norm, "sampling": sampling.__dict__, "seed": settings.seed}
-    workspace.write_manifest(output, "steer", model=lm.describe(), settings=masked_dump(settings), run=run_info,
-                             counts={"rows": table.height, "prompts": len(prompts)},
-                             timings={"seconds": round(seconds, 2),
-                                      "tokens_per_second": round(int(table["n_tokens"].sum()) / max(seconds, 1e-9), 1)})
-    return table, {"artifact": str(output), **run_info, "rows": table.height, "seconds": round(seconds, 2)}
+    run_info = {
+        "vector": str(path),
+        "vector_trait": vector.metadata.get("trait"),
+        "layers": layers,
+        "coefficients": coefficients,
+        "position": position,
+        "aggregator": aggregator,
+        "positions": positions,
+        "norm": norm,
+        "sampling": sampling.__dict__,
+        "seed": settings.seed,
+    }
+    workspace.write_manifest(
+        output,
+        "steer",
+        model=lm.describe(),
+        settings=masked_dump(settings),
+        run=run_info,
+        counts={"rows": table.height, "prompts": len(prompts)},
+        timings={
+            "seconds": round(seconds, 2),
+            "tokens_per_second": round(int(table["n_tokens"].sum()) / max(seconds, 1e-9), 1),
+        },
+    )
+    return table, {
+        "artifact": str(output),
+        **run_info,
+        "rows": table.height,
+        "seconds": round(seconds, 2),
+        "warnings": warnings,
+    }

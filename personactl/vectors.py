@@ -114,8 +114,9 @@ class PersonaVector:
             )
         return self.get(position, aggregator)[layer]
 
-    def direction(self, layer: int, position: str = "response_avg", aggregator: str = "mean_diff",
-                  norm: str = "raw") -> torch.Tensor:
+    def direction(
+        self, layer: int, position: str = "response_avg", aggregator: str = "mean_diff", norm: str = "raw"
+    ) -> torch.Tensor:
         """The `[H]` steering direction at `layer`, scaled per `norm` (see `scale_direction`)."""
         vector = self.at(layer, position, aggregator)
         if not torch.isfinite(vector).all() or (norm != "raw" and float(vector.norm()) == 0):

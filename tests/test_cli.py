@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
@@ -218,3 +219,89 @@ def test_real_subprocess_exit_code_and_stderr(isolated_env):
     assert result.stdout == ""
     assert result.stderr.startswith("error: unknown trait 'no-such-trait'")
     assert len(result.stderr.strip().splitlines()) == 2  # the error line and the hint
+
+
+def extracted_workspace(tmp_path, model):
+    ws = tmp_path / "ws"
+    assert generate_small(ws, model).exit_code == 0
+    ok = invoke("extract", "--trait", "optimistic", "--model", model, "-w", ws, "--dtype", "float32", "--json")
+    assert ok.exit_code == 0, ok.output
+    return ws, json.loads(ok.stdout)["artifact"]
+
+
+def test_steer_and_compare_through_the_cli(isolated_env, tmp_path, tiny_factory):
+    model = str(tiny_factory("llama"))
+    ws, vector_path = extracted_workspace(tmp_path, model)
+    common = ["--model", model, "-w", ws, "--dtype", "float32", "--max-new-tokens", "5"]
+    result = invoke(
+        "steer",
+        "--vector",
+        "optimistic",
+        "--prompt",
+        "hello world",
+        "--prompt",
+        "why?",
+        "--layers",
+        "1-2",
+        "--coefficients=-2,0,2",
+        "--norm",
+        "stream",
+        "--json",
+        *common,
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 2 * (1 + 2 * 2)
+    assert sum(r["baseline"] for r in lines) == 2
+    stream = [r for r in lines if not r["baseline"]]
+    assert {(r["layer"], r["coefficient"]) for r in stream} == {(1, -2.0), (1, 2.0), (2, -2.0), (2, 2.0)}
+    assert all(r["norm_mode"] == "stream" for r in stream)
+    assert all(r["effective_norm"] == pytest.approx(2 * r["vector_norm"]) for r in stream)
+    table = invoke("steer", "--vector", vector_path, "--prompt", "hello world", "--layers", "2", *common)
+    assert table.exit_code == 0 and "baseline" in table.stdout
+    assert {a["kind"] for a in json.loads(invoke("ls", "-w", ws, "--json").stdout)["artifacts"]} >= {"steer"}
+
+    same = json.loads(
+        invoke("compare", "optimistic", "optimistic@response_avg/pca", "--model", model, "-w", ws, "--json").stdout
+    )
+    pair = same["pairs"][0]
+    assert same["layers"] == [0, 1, 2, 3] and len(pair["cosine"]) == 4
+    assert all(-1.0001 <= c <= 1.0001 for c in pair["cosine"])
+    self_cmp = json.loads(invoke("compare", "optimistic", vector_path, "--model", model, "-w", ws, "--json").stdout)
+    assert self_cmp["pairs"][0]["cosine"] == pytest.approx([1.0] * 4, abs=1e-5)
+    assert self_cmp["pairs"][0]["agree_layers"] == [0, 1, 2, 3]
+
+
+def test_steer_and_compare_bad_inputs(isolated_env, tmp_path, tiny_factory):
+    import torch
+
+    from personactl.vectors import PersonaVector
+
+    model, other = str(tiny_factory("llama")), str(tiny_factory("gpt2"))
+    ws, vector_path = extracted_workspace(tmp_path, model)
+    base = ["--model", model, "-w", ws, "--max-new-tokens", "3", "--prompt", "hi"]
+    expect_error(invoke("steer", "--vector", "optimistic", "--layers", "9", *base), "out of range")
+    expect_error(invoke("steer", "--vector", "optimistic", "--layers", "0", *base), "layer 0 is the embeddings")
+    expect_error(invoke("steer", "--vector", "optimistic", "--coefficients", "1,x", *base), "bad coefficient list")
+    expect_error(invoke("steer", "--vector", "optimistic", "--coefficients=1,inf", *base), "not finite")
+    expect_error(invoke("steer", "--vector", "optimistic", "--model", model, "-w", ws, "--prompt", " "), "empty prompt")
+    expect_error(invoke("steer", "--vector", "optimistic", "--model", model, "-w", ws), "no prompt given")
+    expect_error(invoke("steer", "--vector", "nosuchtrait", *base), "no vectors for 'nosuchtrait'")
+    expect_error(invoke("steer", "--vector", "optimistic", "--norm", "huge", *base), "--norm 'huge'")
+
+    wide = PersonaVector.load(vector_path)
+    wide.tensors = {k: torch.zeros(v.shape[0], 48) if v.dim() == 2 else v for k, v in wide.tensors.items()}
+    wide.metadata = {**wide.metadata, "hidden_size": 48, "model": "some/other-model"}
+    wide.save(tmp_path / "wide.safetensors")
+    expect_error(invoke("steer", "--vector", tmp_path / "wide.safetensors", *base), "does not fit")
+    expect_error(invoke("compare", vector_path, tmp_path / "wide.safetensors", "-w", ws), "of the same model")
+
+    nan = PersonaVector.load(vector_path)
+    nan.tensors["mean_diff.response_avg"][2] = float("nan")
+    nan.save(tmp_path / "nan.safetensors")
+    expect_error(invoke("steer", "--vector", tmp_path / "nan.safetensors", "--layers", "2", *base), "not finite")
+    same_shape = invoke(
+        "steer", "--vector", vector_path, "--model", other, "-w", ws, "--prompt", "hi", "--max-new-tokens", "2"
+    )
+    assert same_shape.exit_code == 0 and "warning: the vector was extracted from" in same_shape.output
+    expect_error(invoke("compare", vector_path, "-w", ws), "at least two vectors")

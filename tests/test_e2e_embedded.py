@@ -65,3 +65,56 @@ def test_gguf_file_loads_directly_and_matches_cached_checkpoint():
         b = cached.model(ids).logits[0, -1]
     assert a.argmax() == b.argmax()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999  # bf16 rounding of the weights only
+
+
+POSITIVE_WORDS = "happy wonderful great love joy glad delighted excited fantastic amazing beautiful".split()
+NEGATIVE_WORDS = "sad terrible awful hate miserable sorry angry depressed hopeless lonely bad".split()
+
+
+def test_steering_moves_mood_in_the_expected_direction():
+    """Measured without a judge: (1) the log-likelihood margin of a happy over a sad reply rises
+    monotonically with α; (2) greedy replies to neutral questions use more positive than negative
+    mood words at α=+1 than at α=-2 (a fixed lexicon)."""
+    from pathlib import Path
+
+    from personactl.activations import extract_vectors
+    from personactl.backends import Sampling
+    from personactl.backends.hf import HFBackend
+    from personactl.chat_format import chat_messages, encode_example, encode_prompt
+    from personactl.extraction import pairs_from_jsonl
+    from personactl.steering import Steerer
+
+    lm = load_model("smollm2-135m", log=lambda m: None)
+    pairs, _ = pairs_from_jsonl(Path(__file__).parent / "data" / "mood_pairs.jsonl", lm.tokenizer)
+    result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id,
+                             positions=["response_avg"], pca=False)
+    vector = result.mean_diff["response_avg"]
+
+    messages = chat_messages(None, "How do you feel right now?")
+    happy = encode_example(lm.tokenizer, messages, "I feel wonderful and happy today.")
+    sad = encode_example(lm.tokenizer, messages, "I feel terrible and sad today.")
+
+    def loglik(example):
+        ids = torch.tensor([example.input_ids])
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(lm.model(ids).logits[0, :-1].float(), -1)
+        return logprobs.gather(1, ids[0, 1:, None])[example.prompt_len - 1 :].sum().item()
+
+    margins = []
+    for alpha in (-2, -1, 0, 1, 2):
+        with Steerer(lm.model, vector, layers=[15], coefficient=alpha):
+            margins.append(loglik(happy) - loglik(sad))
+    assert margins == sorted(margins) and margins[-1] - margins[0] > 10, margins
+
+    questions = ["How was your day?", "What do you think about Mondays?", "Tell me about your family.",
+                 "How is the weather?", "What are your plans for tomorrow?", "How do you feel about your job?"]
+    prompts = [encode_prompt(lm.tokenizer, chat_messages(None, q)) for q in questions]
+    backend = HFBackend(lm.model, lm.tokenizer)
+
+    def mood_score(alpha):
+        with Steerer(lm.model, vector, layers=[15], coefficient=alpha):
+            text = " ".join(g.text.lower() for g in backend.generate(prompts, Sampling(40, 0.0), 0))
+        return sum(text.count(w) for w in POSITIVE_WORDS) - sum(text.count(w) for w in NEGATIVE_WORDS)
+
+    low, high = mood_score(-2), mood_score(1)
+    assert high > low + 3, (low, high)

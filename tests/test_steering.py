@@ -94,8 +94,10 @@ def layer_deltas(lm, prompt, positions, new_tokens=3):
         outputs = []
         probe = lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out)  # noqa: E731
         ids = torch.tensor([prompt])
-        with torch.no_grad(), Steerer(lm.model, direction(lm), layers=[2], coefficient=1.0 if steer else 0.0,
-                                      positions=positions):
+        with (
+            torch.no_grad(),
+            Steerer(lm.model, direction(lm), layers=[2], coefficient=1.0 if steer else 0.0, positions=positions),
+        ):
             hook = lm.layers[1].register_forward_hook(probe)  # after the steering hook: sees its result
             try:
                 out = lm.model(ids, use_cache=True)

@@ -12,9 +12,15 @@ from personactl.cli.common import emit_json, guarded, settings_from, stdout_cons
 
 @guarded
 def compare(
-    vectors: Annotated[list[str], typer.Argument(help="Vector files or trait names, each optionally @position[/aggregator].")],
-    position: Annotated[str, typer.Option("--position", help="Default position for vectors without @position.")] = "response_avg",
-    aggregator: Annotated[str, typer.Option("--aggregator", help="Default aggregator (mean_diff or pca).")] = "mean_diff",
+    vectors: Annotated[
+        list[str], typer.Argument(help="Vector files or trait names, each optionally @position[/aggregator].")
+    ],
+    position: Annotated[
+        str, typer.Option("--position", help="Default position for vectors without @position.")
+    ] = "response_avg",
+    aggregator: Annotated[
+        str, typer.Option("--aggregator", help="Default aggregator (mean_diff or pca).")
+    ] = "mean_diff",
     agree: Annotated[float, typer.Option("--agree", help="Cosine at or above which layers count as agreeing.")] = 0.5,
     diverge: Annotated[float, typer.Option("--diverge", help="|cosine| below which layers count as diverging.")] = 0.2,
     model: o.Model = None,
@@ -41,15 +47,26 @@ def compare(
     from rich.table import Table
 
     console = stdout_console()
-    table = Table("layer", *[f"‖{r.spec}‖" for r in refs], *[f"cos {p['a']} · {p['b']}" for p in result["pairs"]],
-                  title=f"compare ({result['model']})")
+    table = Table(
+        "layer",
+        *[f"‖{r.spec}‖" for r in refs],
+        *[f"cos {p['a']} · {p['b']}" for p in result["pairs"]],
+        title=f"compare ({result['model']})",
+    )
     for i, layer in enumerate(result["layers"]):
-        table.add_row(str(layer), *[f"{result['norms'][r.spec][i]:.3f}" for r in refs],
-                      *[f"{p['cosine'][i]:+.3f}" for p in result["pairs"]])
+        table.add_row(
+            str(layer),
+            *[f"{result['norms'][r.spec][i]:.3f}" for r in refs],
+            *[f"{p['cosine'][i]:+.3f}" for p in result["pairs"]],
+        )
     console.print(table)
     for p in result["pairs"]:
-        console.print(f"{p['a']} vs {p['b']}: mean cos {p['mean_cosine']:+.3f}, max {p['max']['cosine']:+.3f} at layer "
-                      f"{p['max']['layer']}, min {p['min']['cosine']:+.3f} at layer {p['min']['layer']}; "
-                      f"agree (≥{agree:g}) {format_ranges(p['agree_layers']) or 'none'}; "
-                      f"diverge (|cos|<{diverge:g}) {format_ranges(p['diverge_layers']) or 'none'}; "
-                      f"opposed {format_ranges(p['opposed_layers']) or 'none'}", soft_wrap=True, markup=False)
+        console.print(
+            f"{p['a']} vs {p['b']}: mean cos {p['mean_cosine']:+.3f}, max {p['max']['cosine']:+.3f} at layer "
+            f"{p['max']['layer']}, min {p['min']['cosine']:+.3f} at layer {p['min']['layer']}; "
+            f"agree (≥{agree:g}) {format_ranges(p['agree_layers']) or 'none'}; "
+            f"diverge (|cos|<{diverge:g}) {format_ranges(p['diverge_layers']) or 'none'}; "
+            f"opposed {format_ranges(p['opposed_layers']) or 'none'}",
+            soft_wrap=True,
+            markup=False,
+        )

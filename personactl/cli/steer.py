@@ -9,26 +9,60 @@ from typing import Annotated, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import LazyProgress, guarded, load_model_from, open_workspace, settings_from, stdout_console
+from personactl.cli.common import (
+    LazyProgress,
+    guarded,
+    load_model_from,
+    log,
+    open_workspace,
+    settings_from,
+    stdout_console,
+)
 
 
 @guarded
 def steer(
-    vector: Annotated[str, typer.Option("--vector", "-v", help="Vector file, or a trait name extracted in the workspace for --model.")],
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).", show_default=False)] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="One user message per line.", show_default=False)] = None,
+    vector: Annotated[
+        str, typer.Option("--vector", "-v", help="Vector file, or a trait name extracted in the workspace for --model.")
+    ],
+    prompt: Annotated[
+        Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).", show_default=False)
+    ] = None,
+    prompts_file: Annotated[
+        Optional[Path], typer.Option("--prompts-file", help="One user message per line.", show_default=False)
+    ] = None,
     layers: o.Layers = None,
-    coefficients: Annotated[str, typer.Option("--coefficients", "-c", help="Comma list of α, e.g. --coefficients=-2,-1,0,1,2.")] = "-1,0,1",
-    position: Annotated[str, typer.Option("--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg.")] = "response_avg",
+    coefficients: Annotated[
+        str, typer.Option("--coefficients", "-c", help="Comma list of α, e.g. --coefficients=-2,-1,0,1,2.")
+    ] = "-1,0,1",
+    position: Annotated[
+        str,
+        typer.Option(
+            "--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."
+        ),
+    ] = "response_avg",
     aggregator: Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")] = "mean_diff",
-    positions: Annotated[str, typer.Option("--positions", help="Where to add: all, prompt or response (see README).")] = "all",
-    norm: Annotated[str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")] = "raw",
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt for every message.", show_default=False)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="[default: 128]", show_default=False)] = None,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (the default, for comparability).")] = 0.0,
+    positions: Annotated[
+        str, typer.Option("--positions", help="Where to add: all, prompt or response (see README).")
+    ] = "all",
+    norm: Annotated[
+        str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
+    ] = "raw",
+    system: Annotated[
+        Optional[str], typer.Option("--system", help="System prompt for every message.", show_default=False)
+    ] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option("--max-new-tokens", min=1, help="[default: 128]", show_default=False)
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="0 = greedy (the default, for comparability).")
+    ] = 0.0,
     top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Rows per batched call [default: 32].", show_default=False)] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", min=1, help="Rows per batched call [default: 32].", show_default=False),
+    ] = None,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
@@ -46,8 +80,12 @@ def steer(
     from personactl.sweeps import steer_step
     from personactl.vectors import NORM_MODES
 
-    for value, allowed, flag in ((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator"),
-                                 (positions, POSITION_MODES, "--positions"), (norm, NORM_MODES, "--norm")):
+    for value, allowed, flag in (
+        (position, POSITIONS, "--position"),
+        (aggregator, AGGREGATORS, "--aggregator"),
+        (positions, POSITION_MODES, "--positions"),
+        (norm, NORM_MODES, "--norm"),
+    ):
         if value not in allowed:
             raise InputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
     alphas = parse_floats(coefficients)
@@ -60,22 +98,54 @@ def steer(
             raise InputError(f"cannot read {prompts_file}: {exc.strerror}") from None
     if not messages:
         raise InputError("no prompt given", hint="pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    settings = settings_from(config, workspace=workspace, model=model, max_new_tokens=max_new_tokens, top_p=top_p,
-                             seed=seed, batch_size=batch_size, dtype=dtype, device=device,
-                             trust_remote_code=trust_remote_code)
+    settings = settings_from(
+        config,
+        workspace=workspace,
+        model=model,
+        max_new_tokens=max_new_tokens,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
     ws = open_workspace(settings)
     lm = load_model_from(settings)
     sampling = Sampling(settings.max_new_tokens, temperature, settings.top_p)
     with LazyProgress("steer") as bar:
         table, summary = steer_step(
-            settings=settings, workspace=ws, lm=lm, vector_spec=vector, prompts=messages, system_prompt=system,
-            layers=layer_list, coefficients=alphas, position=position, aggregator=aggregator, positions=positions,
-            norm=norm, sampling=sampling, on_start=bar.start, on_chunk=bar.advance,
+            settings=settings,
+            workspace=ws,
+            lm=lm,
+            vector_spec=vector,
+            prompts=messages,
+            system_prompt=system,
+            layers=layer_list,
+            coefficients=alphas,
+            position=position,
+            aggregator=aggregator,
+            positions=positions,
+            norm=norm,
+            sampling=sampling,
+            on_start=bar.start,
+            on_chunk=bar.advance,
         )
+    for warning in summary["warnings"]:
+        log(f"warning: {warning}")
     if json:
         for row in table.iter_rows(named=True):
-            typer.echo(jsonlib.dumps({"vector": summary["vector"], "position": position, "aggregator": aggregator,
-                                      "positions": positions, **row}))
+            typer.echo(
+                jsonlib.dumps(
+                    {
+                        "vector": summary["vector"],
+                        "position": position,
+                        "aggregator": aggregator,
+                        "positions": positions,
+                        **row,
+                    }
+                )
+            )
         return
     _print_tables(table, summary)
 
@@ -85,16 +155,35 @@ def _print_tables(table, summary) -> None:
     from rich.table import Table
 
     console = stdout_console()
-    for (index,), group in table.group_by("prompt_index", maintain_order=True):
+    for _, group in table.group_by("prompt_index", maintain_order=True):
         prompt = group["prompt"][0]
-        t = Table("layer", "α", "‖α·v‖", "tokens", "response", title=f"[bold]{escape(prompt)}[/]", show_lines=True,
-                  title_justify="left")
+        t = Table(
+            "layer",
+            "α",
+            "‖α·v‖",
+            "tokens",
+            "response",
+            title=f"[bold]{escape(prompt)}[/]",
+            show_lines=True,
+            title_justify="left",
+        )
         for row in group.iter_rows(named=True):
             layer = "baseline" if row["baseline"] else str(row["layer"])
-            t.add_row(layer, f"{row['coefficient']:g}", f"{row['effective_norm']:.2f}", str(row["n_tokens"]),
-                      escape(row["text"].strip()), style="dim" if row["baseline"] else None)
+            t.add_row(
+                layer,
+                f"{row['coefficient']:g}",
+                f"{row['effective_norm']:.2f}",
+                str(row["n_tokens"]),
+                escape(row["text"].strip()),
+                style="dim" if row["baseline"] else None,
+            )
         console.print(t)
-    console.print(f"norm mode {summary['norm']}: ‖v‖ per layer "
-                  + ", ".join(f"{r['layer']}={r['vector_norm']:.2f}" for r in
-                              table.filter(~table["baseline"]).unique("layer", maintain_order=True).iter_rows(named=True))
-                  + f"  ·  saved {summary['artifact']}", soft_wrap=True)
+    console.print(
+        f"norm mode {summary['norm']}: ‖v‖ per layer "
+        + ", ".join(
+            f"{r['layer']}={r['vector_norm']:.2f}"
+            for r in table.filter(~table["baseline"]).unique("layer", maintain_order=True).iter_rows(named=True)
+        )
+        + f"  ·  saved {summary['artifact']}",
+        soft_wrap=True,
+    )
