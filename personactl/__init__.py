@@ -2,7 +2,7 @@
 
 The public API is imported lazily so that `import personactl` (and `personactl --help`) stays fast:
 
-    from personactl import load_model, extract_vectors, PersonaVector, load_trait
+    from personactl import load_model, extract_vectors, PersonaVector, Steerer, load_trait
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _LAZY = {
     "load_trait": "personactl.traits",
     "Trait": "personactl.traits",
     "Settings": "personactl.settings",
+    "Steerer": "personactl.steering",
 }
 
 __all__ = ["__version__", *_LAZY]

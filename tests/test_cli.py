@@ -305,3 +305,12 @@ def test_steer_and_compare_bad_inputs(isolated_env, tmp_path, tiny_factory):
     )
     assert same_shape.exit_code == 0 and "warning: the vector was extracted from" in same_shape.output
     expect_error(invoke("compare", vector_path, "-w", ws), "at least two vectors")
+
+
+def test_public_api_is_importable_lazily():
+    import personactl
+
+    for name in ("load_model", "extract_vectors", "PersonaVector", "PairExample", "Steerer", "load_trait", "Settings"):
+        assert getattr(personactl, name) is not None
+    with pytest.raises(AttributeError):
+        personactl.not_a_thing  # noqa: B018

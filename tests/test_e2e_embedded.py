@@ -86,8 +86,9 @@ def test_steering_moves_mood_in_the_expected_direction():
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     pairs, _ = pairs_from_jsonl(Path(__file__).parent / "data" / "mood_pairs.jsonl", lm.tokenizer)
-    result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id,
-                             positions=["response_avg"], pca=False)
+    result = extract_vectors(
+        lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, positions=["response_avg"], pca=False
+    )
     vector = result.mean_diff["response_avg"]
 
     messages = chat_messages(None, "How do you feel right now?")
@@ -106,8 +107,14 @@ def test_steering_moves_mood_in_the_expected_direction():
             margins.append(loglik(happy) - loglik(sad))
     assert margins == sorted(margins) and margins[-1] - margins[0] > 10, margins
 
-    questions = ["How was your day?", "What do you think about Mondays?", "Tell me about your family.",
-                 "How is the weather?", "What are your plans for tomorrow?", "How do you feel about your job?"]
+    questions = [
+        "How was your day?",
+        "What do you think about Mondays?",
+        "Tell me about your family.",
+        "How is the weather?",
+        "What are your plans for tomorrow?",
+        "How do you feel about your job?",
+    ]
     prompts = [encode_prompt(lm.tokenizer, chat_messages(None, q)) for q in questions]
     backend = HFBackend(lm.model, lm.tokenizer)
 
