@@ -58,10 +58,11 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 
 def _special_prefix(tokenizer: Any) -> list[int]:
     """Tokens the tokenizer puts before any text by default (usually BOS), else []."""
-    with_special = tokenizer("x")["input_ids"]
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    if len(with_special) > len(plain) and with_special[len(with_special) - len(plain) :] == plain:
-        return list(with_special[: len(with_special) - len(plain)])
+    with_special = list(tokenizer("x")["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(plain) + 1):  # also finds it when an EOS follows
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
     return []
 
 

@@ -43,10 +43,15 @@ def compare_vectors(vectors: list[tuple[VectorRef, PersonaVector]], agree: float
                 f"is for {first.metadata.get('model')} (hidden {first.hidden_size})",
                 hint="compare vectors of the same model",
             )
-    rows = sorted(set.intersection(*(set(v.rows) for _, v in vectors)))
-    if not rows:
-        raise VectorFileError("the vectors share no extracted layer")
     tensors = [(ref, vec.get(ref.position, ref.aggregator)) for ref, vec in vectors]
+    shared = sorted(set.intersection(*(set(v.rows) for _, v in vectors)))
+    # a row with no direction (NaN, or all zeros: e.g. prompt_end at the embeddings, where pos and
+    # neg end with the same token) has no meaningful cosine: leave it out and say so
+    usable = [r for r in shared if all(torch.isfinite(t[r]).all() and t[r].abs().sum() > 0 for _, t in tensors)]
+    skipped = sorted(set(shared) - set(usable))
+    rows = usable
+    if not rows:
+        raise VectorFileError("the vectors share no extracted layer with a direction")
     norms = {ref.spec: [float(x) for x in torch.linalg.vector_norm(t[rows], dim=-1)] for ref, t in tensors}
     pairs = []
     for (ref_a, a), (ref_b, b) in combinations(tensors, 2):
@@ -69,6 +74,7 @@ def compare_vectors(vectors: list[tuple[VectorRef, PersonaVector]], agree: float
     return {
         "model": first.metadata.get("model"),
         "layers": rows,
+        "skipped_layers": skipped,
         "norms": norms,
         "pairs": pairs,
         "thresholds": {"agree": agree, "diverge": diverge},

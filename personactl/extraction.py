@@ -32,9 +32,17 @@ def select_pairs(responses: pl.DataFrame, scores: pl.DataFrame | None = None) ->
 
 def pairs_from_responses(responses: pl.DataFrame, tokenizer: Any) -> list[PairExample]:
     """Re-encode each row exactly as it was generated: template prompt + the generated token ids."""
+    from personactl.errors import WorkspaceError
+
     by_pair: dict[str, dict[str, Any]] = {}
     for row in responses.iter_rows(named=True):
         example = encode_example(tokenizer, json.loads(row["messages"]), response_ids=list(row["response_token_ids"]))
+        if example.prompt_len != row["n_prompt_tokens"]:
+            raise WorkspaceError(
+                f"the prompt of {row['pair_id']} now encodes to {example.prompt_len} tokens, "
+                f"not the {row['n_prompt_tokens']} it was generated with: the tokenizer or chat template changed",
+                hint="regenerate the responses with this model: personactl generate --force",
+            )
         by_pair.setdefault(row["pair_id"], {})[row["polarity"]] = example
     return [PairExample(v["pos"], v["neg"]) for _, v in sorted(by_pair.items()) if {"pos", "neg"} <= set(v)]
 
@@ -42,7 +50,7 @@ def pairs_from_responses(responses: pl.DataFrame, tokenizer: Any) -> list[PairEx
 def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], bool]:
     """Pairs from a JSON-lines file: `{"positive": ..., "negative": ...}` and optionally `"prompt"`
     (and `"system"`). With a prompt, the texts are assistant replies in the chat template; without,
-    they are plain text. Returns the pairs and whether they have prompt tokens."""
+    they are plain text. Returns the pairs and whether they have prompts (a lone BOS is no prompt)."""
     pairs, chat = [], None
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -78,7 +86,7 @@ def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], boo
             pairs.append(PairExample(encode_raw(tokenizer, pos), encode_raw(tokenizer, neg)))
     if not pairs:
         raise InputError(f"{path} holds no pairs")
-    return pairs, bool(chat) or all(p.pos.prompt_len > 0 and p.neg.prompt_len > 0 for p in pairs)
+    return pairs, bool(chat)
 
 
 def build_vector(
@@ -142,13 +150,16 @@ def extract_step(
     pairs_file: Path | None,
     name: str | None,
     rows: list[int] | None,
-    positions: Sequence[str],
+    positions: Sequence[str] | None,
     aggregators: Sequence[str],
     force: bool,
     on_start: Callable[[int], None] = lambda n: None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[PersonaVector | None, dict[str, Any]]:
-    """`personactl extract`: from the trait's responses table or a pairs file to a vector file."""
+    """`personactl extract`: from the trait's responses table or a pairs file to a vector file.
+
+    `positions=None` means every position the data has: all four, or only the response positions
+    for plain-text pairs (which have no prompt)."""
     from personactl.errors import WorkspaceError
     from personactl.models import resolve_model
     from personactl.ranges import check_in_range
@@ -183,9 +194,10 @@ def extract_step(
     fingerprint = {
         **input_id,
         "model": settings.model,
+        "revision": settings.revision,
         "dtype": settings.dtype,
         "rows": rows,
-        "positions": list(positions),
+        "positions": list(positions) if positions is not None else "default",
         "aggregators": list(aggregators),
     }
     summary = {"artifact": str(output), "name": label, "model": settings.model}
@@ -203,6 +215,7 @@ def extract_step(
                 hint="regenerate with more questions or a larger --max-new-tokens",
             )
         pairs = pairs_from_responses(table, lm.tokenizer)
+        positions = list(positions or POSITIONS)
         provenance = {
             "trait": trait.name,
             "trait_sha256": trait.sha256,
@@ -213,6 +226,8 @@ def extract_step(
         }
     else:
         pairs, has_prompt = pairs_from_jsonl(Path(pairs_file), lm.tokenizer)
+        if positions is None:
+            positions = list(POSITIONS) if has_prompt else ["response_start", "response_avg"]
         if not has_prompt:
             dropped = [p for p in positions if p.startswith("prompt")]
             if dropped:

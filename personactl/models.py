@@ -177,9 +177,18 @@ def default_dtype(device: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
     import torch
+
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ModelError(f"unknown device {device!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} requested but CUDA is not available", hint="use --device cpu")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError(f"device {device!r} requested but MPS is not available", hint="use --device cpu")
+        return device
 
     if torch.cuda.is_available():
         return "cuda"

@@ -41,12 +41,15 @@ def principal_direction(scatter: torch.Tensor, reference: torch.Tensor) -> torch
 
     Uncentred, so the direction captures the consistent pos→neg shift weighted by how much pairs
     agree; unit norm, sign chosen to agree with `reference` (the mean difference). `[R,H,H] -> [R,H]`.
-    fp32 `eigh` (2.6× faster than fp64 on CPU; a fixed cost per layer, independent of the data size)."""
+    fp32 `eigh` (2.6× faster than fp64 on CPU; a fixed cost per layer, independent of the data size).
+    Rows where every difference is exactly zero have no direction: they come back as NaN."""
     _, eigvecs = torch.linalg.eigh(scatter.float())
     top = eigvecs[..., -1].double()  # eigh sorts eigenvalues ascending
     sign = torch.sign((top * reference.double()).sum(-1, keepdim=True))
     sign[sign == 0] = 1
-    return unit(top * sign).float()
+    out = unit(top * sign).float()
+    out[scatter.diagonal(dim1=-2, dim2=-1).sum(-1) == 0] = float("nan")
+    return out
 
 
 NORM_MODES = ("raw", "unit", "stream")

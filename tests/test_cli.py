@@ -182,7 +182,13 @@ def test_pairs_file_extraction(isolated_env, tmp_path, tiny_factory):
     plain.write_text(
         "\n".join(json.dumps({"positive": f"happy day {i}", "negative": f"sad day {i}"}) for i in range(4))
     )
-    expect_error(invoke("extract", "--pairs", plain, "--model", model, "-w", tmp_path / "ws"), "cannot be computed")
+    ok = invoke("extract", "--pairs", plain, "--model", model, "-w", tmp_path / "ws", "--json", "--dtype", "float32")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["positions"] == ["response_start", "response_avg"]  # no prompt: response only
+    expect_error(
+        invoke("extract", "--pairs", plain, "--model", model, "-w", tmp_path / "ws2", "--positions", "prompt_end"),
+        "cannot be computed",
+    )
     ok = invoke(
         "extract",
         "--pairs",
@@ -190,7 +196,7 @@ def test_pairs_file_extraction(isolated_env, tmp_path, tiny_factory):
         "--model",
         model,
         "-w",
-        tmp_path / "ws",
+        tmp_path / "ws3",
         "--positions",
         "response_avg,response_start",
         "--json",
@@ -208,6 +214,30 @@ def test_pairs_file_extraction(isolated_env, tmp_path, tiny_factory):
     expect_error(
         invoke("extract", "--pairs", broken, "--model", model, "-w", tmp_path / "ws"), "broken.jsonl:1: bad pair"
     )
+
+
+def test_error_text_is_printed_literally(isolated_env, tmp_path):
+    weird = tmp_path / "[run1]" / "[bold]bad.yaml"
+    weird.parent.mkdir()
+    weird.write_text("name: [")
+    result = invoke("traits", "show", weird)
+    expect_error(result, "[run1]/[bold]bad.yaml")
+
+
+def test_bad_device_is_a_clear_error(isolated_env, tmp_path, tiny_factory):
+    (tmp_path / "p.jsonl").write_text('{"positive": "a", "negative": "b"}\n')
+    result = invoke(
+        "extract",
+        "--pairs",
+        tmp_path / "p.jsonl",
+        "--model",
+        tiny_factory("llama"),
+        "--device",
+        "gpu",
+        "-w",
+        tmp_path / "ws",
+    )
+    expect_error(result, "unknown device 'gpu'")
 
 
 def test_real_subprocess_exit_code_and_stderr(isolated_env):
@@ -267,6 +297,12 @@ def test_steer_and_compare_through_the_cli(isolated_env, tmp_path, tiny_factory)
     pair = same["pairs"][0]
     assert same["layers"] == [0, 1, 2, 3] and len(pair["cosine"]) == 4
     assert all(-1.0001 <= c <= 1.0001 for c in pair["cosine"])
+    ends = json.loads(
+        invoke(
+            "compare", "optimistic@prompt_end/pca", "optimistic@prompt_end", "--model", model, "-w", ws, "--json"
+        ).stdout
+    )
+    assert ends["skipped_layers"] == [0] and ends["layers"] == [1, 2, 3]  # same last prompt token: no direction
     self_cmp = json.loads(invoke("compare", "optimistic", vector_path, "--model", model, "-w", ws, "--json").stdout)
     assert self_cmp["pairs"][0]["cosine"] == pytest.approx([1.0] * 4, abs=1e-5)
     assert self_cmp["pairs"][0]["agree_layers"] == [0, 1, 2, 3]

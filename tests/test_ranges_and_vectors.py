@@ -57,6 +57,26 @@ def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):
         PersonaVector.load(tmp_path / "missing.safetensors")
 
 
+def test_pca_of_identical_pairs_has_no_direction():
+    scatter = torch.zeros(2, 3, 3)
+    scatter[1] = torch.eye(3)
+    out = principal_direction(scatter, torch.ones(2, 3))
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+def test_artifacts_get_normal_permissions(tmp_path):
+    import os
+
+    from personactl.workspace import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_math_helpers():
     a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     b = torch.tensor([[2.0, 0.0], [-1.0, -1.0]])

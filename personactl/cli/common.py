@@ -35,18 +35,20 @@ def log(message: str) -> None:
 
 def report(exc: Exception) -> int:
     """Print an error as one line plus a hint to stderr; return the exit code."""
+    from rich.markup import escape
+
     from personactl.errors import PersonactlError
 
     console = stderr_console()
     if isinstance(exc, PersonactlError):
-        console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
-            console.print(f"[dim]hint:[/] {exc.hint}", soft_wrap=True)
+            console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         console.print("interrupted; finished work is kept, rerun the same command to resume")
         return 130
-    console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", soft_wrap=True, markup=False)
+    console.print(f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')}", soft_wrap=True)
     console.print("[dim]hint:[/] rerun with PERSONACTL_DEBUG=1 for a traceback, and please report it")
     return 1
 

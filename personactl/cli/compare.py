@@ -44,14 +44,15 @@ def compare(
     if json:
         emit_json(result)
         return
+    from rich.markup import escape
     from rich.table import Table
 
     console = stdout_console()
     table = Table(
         "layer",
-        *[f"‖{r.spec}‖" for r in refs],
-        *[f"cos {p['a']} · {p['b']}" for p in result["pairs"]],
-        title=f"compare ({result['model']})",
+        *[escape(f"‖{r.spec}‖") for r in refs],
+        *[escape(f"cos {p['a']} · {p['b']}") for p in result["pairs"]],
+        title=escape(f"compare ({result['model']})"),
     )
     for i, layer in enumerate(result["layers"]):
         table.add_row(
@@ -60,6 +61,8 @@ def compare(
             *[f"{p['cosine'][i]:+.3f}" for p in result["pairs"]],
         )
     console.print(table)
+    if result["skipped_layers"]:
+        console.print(f"left out (no direction in some vector): layers {format_ranges(result['skipped_layers'])}")
     for p in result["pairs"]:
         console.print(
             f"{p['a']} vs {p['b']}: mean cos {p['mean_cosine']:+.3f}, max {p['max']['cosine']:+.3f} at layer "

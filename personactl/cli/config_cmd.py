@@ -11,6 +11,7 @@ def config(
     workspace: o.Workspace = None, config: o.ConfigFile = None, model: o.Model = None, json: o.Json = False
 ) -> None:
     """Show the effective settings (CLI > env PERSONACTL_* > personactl.toml > defaults), secrets masked."""
+    from rich.markup import escape
     from rich.table import Table
 
     from personactl.settings import load_settings, masked_dump
@@ -22,5 +23,5 @@ def config(
         return
     table = Table("setting", "value", "source", title="personactl settings")
     for name, value in values.items():
-        table.add_row(name, "" if value is None else str(value), sources[name])
+        table.add_row(name, escape("" if value is None else str(value)), escape(sources[name]))
     stdout_console().print(table)

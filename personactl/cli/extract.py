@@ -19,7 +19,10 @@ from personactl.cli.common import (
     stdout_console,
 )
 
-POSITIONS_HELP = "Comma list of prompt_end, response_start, response_avg, prompt_avg [default: all]."
+POSITIONS_HELP = (
+    "Comma list of prompt_end, response_start, response_avg, prompt_avg "
+    "[default: all; response_start,response_avg for pairs without prompts]."
+)
 
 
 @guarded
@@ -38,6 +41,7 @@ def extract(
         typer.Option("--name", help="Artifact name for --pairs [default: file stem].", show_default=False),
     ] = None,
     model: o.Model = None,
+    revision: o.Revision = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
     layers: o.Layers = None,
@@ -53,7 +57,6 @@ def extract(
     json: o.Json = False,
 ) -> None:
     """Per-layer mean-difference and PCA vectors at exact token positions, saved as safetensors."""
-    from personactl.activations import POSITIONS
     from personactl.errors import InputError
     from personactl.extraction import extract_step
     from personactl.ranges import parse_ranges
@@ -62,10 +65,16 @@ def extract(
     if (trait is None) == (pairs is None):
         raise InputError("pass exactly one of --trait or --pairs")
     settings = settings_from(
-        config, workspace=workspace, model=model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        config,
+        workspace=workspace,
+        model=model,
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
     )
     rows = parse_ranges(layers) if layers else None
-    position_list = [p.strip() for p in positions.split(",") if p.strip()] if positions else list(POSITIONS)
+    position_list = [p.strip() for p in positions.split(",") if p.strip()] if positions else None
     aggregator_list = [a.strip() for a in aggregators.split(",") if a.strip()]
     trait_obj = load_trait(trait) if trait else None
     ws = open_workspace(settings)
@@ -105,6 +114,7 @@ def extract(
             }
         )
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(
@@ -112,7 +122,7 @@ def extract(
         f"‖mean_diff‖ ({show})",
         "stream norm",
         "relative",
-        title=f"vectors {summary['name']}  ·  {vector.metadata['n_pairs']} pairs  ·  {summary['artifact']}",
+        title=escape(f"vectors {summary['name']}  ·  {vector.metadata['n_pairs']} pairs  ·  {summary['artifact']}"),
     )
     for r in layer_rows:
         table.add_row(str(r["layer"]), f"{r['norm']:.3f}", f"{r['stream_norm']:.2f}", f"{r['relative']:.3f}")

@@ -22,6 +22,7 @@ from personactl.cli.common import (
 def generate(
     trait: o.TraitName,
     model: o.Model = None,
+    revision: o.Revision = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
     questions: Annotated[
@@ -64,6 +65,7 @@ def generate(
         config,
         workspace=workspace,
         model=model,
+        revision=revision,
         samples_per_question=samples,
         max_new_tokens=max_new_tokens,
         temperature=temperature,

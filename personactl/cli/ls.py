@@ -9,6 +9,7 @@ from personactl.cli.common import emit_json, guarded, settings_from, stdout_cons
 @guarded
 def ls(workspace: o.Workspace = None, config: o.ConfigFile = None, json: o.Json = False) -> None:
     """List the artifacts in the workspace with their kind, model, trait and counts."""
+    from rich.markup import escape
     from rich.table import Table
 
     from personactl.workspace import Workspace
@@ -29,15 +30,18 @@ def ls(workspace: o.Workspace = None, config: o.ConfigFile = None, json: o.Json 
     if json:
         emit_json({"workspace": str(settings.workspace), "artifacts": rows})
         return
-    table = Table("kind", "model", "trait", "counts", "created", "path", title=f"artifacts in {settings.workspace}")
+    table = Table(
+        "kind", "model", "trait", "counts", "created", "path", title=escape(f"artifacts in {settings.workspace}")
+    )
     for r in rows:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
-        table.add_row(
+        cells = [
             r["kind"] or "?",
             r["model"] or "",
             r["trait"] or "",
             counts,
             r["created"] or "",
             r["path"] + ("" if r["exists"] else " (missing)"),
-        )
-    stdout_console().print(table if rows else f"no artifacts in {settings.workspace}")
+        ]
+        table.add_row(*map(escape, cells))
+    stdout_console().print(table if rows else escape(f"no artifacts in {settings.workspace}"))

@@ -27,6 +27,10 @@ Model = Annotated[
     ),
 ]
 TraitName = Annotated[str, typer.Option("--trait", "-t", help="Trait name (traits/NAME.yaml) or path to a trait file.")]
+Revision = Annotated[
+    Optional[str],
+    typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub --model.", show_default=False),
+]
 Layers = Annotated[
     Optional[str],
     typer.Option(

@@ -17,6 +17,7 @@ app = typer.Typer(help="List, show and validate trait files.", no_args_is_help=T
 @guarded
 def list_traits(json: o.Json = False) -> None:
     """List the traits found in ./traits and the shipped traits."""
+    from rich.markup import escape
     from rich.table import Table
 
     from personactl.errors import TraitError
@@ -45,14 +46,14 @@ def list_traits(json: o.Json = False) -> None:
     table = Table("name", "pairs", "extract q", "eval q", "description", title="traits")
     for r in rows:
         if r["error"]:
-            table.add_row(r["name"], "", "", "", f"[red]invalid: {r['error']}[/]")
+            table.add_row(escape(r["name"]), "", "", "", f"[red]invalid: {escape(r['error'])}[/]")
         else:
             table.add_row(
-                r["name"],
+                escape(r["name"]),
                 str(r["instructions"]),
                 str(r["extraction"]),
                 str(r["evaluation"]),
-                r["description"].strip().split(". ")[0][:80],
+                escape(r["description"].strip().split(". ")[0][:80]),
             )
     stdout_console().print(table)
 
@@ -70,7 +71,9 @@ def show(name: Annotated[str, typer.Argument(help="Trait name or path.")], json:
     from rich.markup import escape
 
     console = stdout_console()
-    console.print(f"[bold]{trait.name}[/]  ({resolve_trait_path(name)})\n{escape(trait.description.strip())}\n")
+    console.print(
+        f"[bold]{trait.name}[/]  ({escape(str(resolve_trait_path(name)))})\n{escape(trait.description.strip())}\n"
+    )
     for i, pair in enumerate(trait.instructions):
         console.print(f"[green]pos {i}[/] {escape(pair.pos)}\n[red]neg {i}[/] {escape(pair.neg)}")
     console.print(f"\n[bold]extraction questions[/] ({len(trait.questions.extraction)})")
@@ -87,6 +90,8 @@ def show(name: Annotated[str, typer.Argument(help="Trait name or path.")], json:
 @guarded
 def validate(paths: Annotated[list[Path], typer.Argument(help="Trait files to check.")], json: o.Json = False) -> None:
     """Check trait files against the schema; exit 2 if any is invalid."""
+    from rich.markup import escape
+
     from personactl.errors import TraitError
     from personactl.traits import load_trait
 
@@ -102,6 +107,6 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="Trait files to ch
     else:
         for r in results:
             mark = "[green]ok[/]     " if r["valid"] else "[red]invalid[/]"
-            stdout_console().print(f"{mark} {r['path'] if r['valid'] else r['error']}")
+            stdout_console().print(f"{mark} {escape(r['path'] if r['valid'] else r['error'])}")
     if not all(r["valid"] for r in results):
         raise typer.Exit(2)
