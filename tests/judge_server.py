@@ -1,0 +1,113 @@
+"""A real OpenAI-compatible chat-completions server on loopback, for judge tests and benchmarks.
+
+It answers with `top_logprobs` built from markers in the prompt:
+`SCORE=NN` (numbers around NN), `[[REFUSE]]`, `[[WORDS]]` (no numbers), `[[429]]` (429 with
+Retry-After once, then fine), `[[500]]` (always 500), `[[SLOW]]` (answers after the client gave up),
+`[[TRUNC]]` (truncated JSON body). `delay` adds latency to every answer."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class JudgeServer:
+    def __init__(self, delay: float = 0.0, slow_seconds: float = 3.0):
+        self.delay = delay
+        self.slow_seconds = slow_seconds
+        self.requests: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                with server.lock:
+                    server.requests[prompt] += 1
+                    count = server.requests[prompt]
+                time.sleep(server.delay)
+                if "[[429]]" in prompt and count == 1:
+                    return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                if "[[500]]" in prompt:
+                    return self._send(500, {"error": {"message": "boom"}})
+                if "[[SLOW]]" in prompt:
+                    time.sleep(server.slow_seconds)
+                if "[[TRUNC]]" in prompt:
+                    raw = json.dumps(server.completion(prompt, body))[:40].encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                    return None
+                return self._send(200, server.completion(prompt, body))
+
+            def _send(self, status, payload, headers=None):
+                raw = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+    @staticmethod
+    def top_logprobs(prompt: str) -> list[tuple[str, float]]:
+        if "[[REFUSE]]" in prompt:
+            return [("REFUSAL", math.log(0.9)), ("50", math.log(0.05))]
+        if "[[WORDS]]" in prompt:
+            return [("Well", math.log(0.7)), ("The", math.log(0.2)), ("7", math.log(0.05))]
+        match = re.search(r"SCORE=(\d+)", prompt)
+        n = int(match.group(1)) if match else 50
+        return [(str(n), math.log(0.6)), (str(min(n + 10, 100)), math.log(0.3)), ("Hmm", math.log(0.1))]
+
+    def completion(self, prompt: str, body: dict) -> dict:
+        top = self.top_logprobs(prompt)
+        entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]
+        return {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length",
+                    "message": {"role": "assistant", "content": top[0][0]},
+                    "logprobs": {"content": [{**entries[0], "top_logprobs": entries[: body.get("top_logprobs", 20)]}]},
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+        }
+
+    def __enter__(self) -> JudgeServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
