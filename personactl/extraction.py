@@ -181,7 +181,13 @@ def extract_step(
                 f"{responses_path} was generated from a different version of trait {trait.name}",
                 hint="regenerate: personactl generate --force",
             )
-        input_id = {"responses": str(responses_path), "responses_fingerprint": manifest.get("fingerprint")}
+        scores_path = workspace.scores_path(source.slug, trait.name, "model")
+        scores_manifest = workspace.read_manifest(scores_path) if scores_path.is_file() else None
+        input_id = {
+            "responses": str(responses_path),
+            "responses_fingerprint": manifest.get("fingerprint"),
+            "scores_fingerprint": scores_manifest.get("fingerprint") if scores_manifest else None,
+        }
     else:
         if not Path(pairs_file).is_file():
             raise InputError(f"pairs file not found: {pairs_file}")
@@ -208,7 +214,14 @@ def extract_step(
     if rows is not None:
         check_in_range(rows, lm.num_layers)
     if trait is not None:
-        table = select_pairs(pl.read_parquet(responses_path))
+        scores = pl.read_parquet(scores_path) if scores_manifest else None
+        table = select_pairs(pl.read_parquet(responses_path), scores)
+        if scores is not None and table.height == 0:
+            raise InputError(
+                f"no pair passed the judge's filter ({scores['pair_id'].n_unique()} scored)",
+                hint="lower --trait-threshold/--coherence-threshold in score, generate more samples, "
+                "or use a stronger judge",
+            )
         if table.height == 0:
             raise InputError(
                 f"{responses_path} has no complete pairs with non-empty responses",
@@ -221,8 +234,14 @@ def extract_step(
             "trait_sha256": trait.sha256,
             "persona": "model",
             "source": "responses",
-            "judge": None,
-            "filter": "complete non-empty pairs (no judge yet)",
+            "judge": scores_manifest["settings"]["judge_model"] if scores_manifest else None,
+            "filter": (
+                f"judge filter: pos trait >= {scores_manifest['settings']['trait_threshold']:g}, neg trait < it, "
+                f"coherence >= {scores_manifest['settings']['coherence_threshold']:g}"
+                if scores_manifest
+                else "complete non-empty pairs (not scored)"
+            ),
+            "pairs_scored": scores["pair_id"].n_unique() if scores is not None else None,
         }
     else:
         pairs, has_prompt = pairs_from_jsonl(Path(pairs_file), lm.tokenizer)

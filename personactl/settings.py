@@ -60,6 +60,15 @@ class Settings(BaseSettings):
 
     extract_batch_tokens: int = Field(8192, ge=64, description="padded tokens per extraction batch")
 
+    judge_model: str = Field("gpt-4.1-mini", description="judge model name on the judge endpoint")
+    judge_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (default: OpenAI)")
+    judge_api_key: SecretStr | None = Field(None, description="judge API key (else OPENAI_API_KEY; never written)")
+    judge_concurrency: int = Field(50, ge=1, description="judge requests in flight")
+    judge_timeout: float = Field(60.0, gt=0, description="seconds per judge request attempt")
+    judge_max_retries: int = Field(4, ge=0, description="retries on 429/5xx/timeouts, with backoff")
+    trait_threshold: float = Field(50.0, ge=0, le=100, description="pos trait ≥ it and neg trait < it")
+    coherence_threshold: float = Field(50.0, ge=0, le=100, description="both sides' coherence ≥ it")
+
     @classmethod
     def settings_customise_sources(
         cls,

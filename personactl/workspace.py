@@ -100,6 +100,13 @@ class Workspace:
     def shards_dir(self, model_slug: str, trait: str, persona: str) -> Path:
         return self.trait_dir(model_slug, trait) / f"responses-{persona}.shards"
 
+    def scores_path(self, model_slug: str, trait: str, persona: str) -> Path:
+        return self.trait_dir(model_slug, trait) / f"scores-{persona}.parquet"
+
+    @property
+    def judge_cache_path(self) -> Path:
+        return self.root / "judge-cache.sqlite"
+
     def vectors_path(self, model_slug: str, trait: str, persona: str) -> Path:
         return self.trait_dir(model_slug, trait) / f"vectors-{persona}.safetensors"
 

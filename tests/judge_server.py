@@ -17,8 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class JudgeServer:
-    def __init__(self, delay: float = 0.0, slow_seconds: float = 3.0):
+    def __init__(self, delay: float = 0.0, slow_seconds: float = 3.0, scorer=None):
         self.delay = delay
+        self.scorer = scorer  # optional prompt -> top_logprobs override
         self.slow_seconds = slow_seconds
         self.requests: Counter[str] = Counter()
         self.lock = threading.Lock()
@@ -86,7 +87,7 @@ class JudgeServer:
         return [(str(n), math.log(0.6)), (str(min(n + 10, 100)), math.log(0.3)), ("Hmm", math.log(0.1))]
 
     def completion(self, prompt: str, body: dict) -> dict:
-        top = self.top_logprobs(prompt)
+        top = self.scorer(prompt) if self.scorer else self.top_logprobs(prompt)
         entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]
         return {
             "id": "chatcmpl-test",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from personactl.cli import compare, config_cmd, extract, generate, ls, steer, traits
+from personactl.cli import compare, config_cmd, extract, generate, ls, score, steer, traits
 
 app = typer.Typer(
     name="personactl",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 
 app.command("generate")(generate.generate)
+app.command("score")(score.score)
 app.command("extract")(extract.extract)
 app.command("steer")(steer.steer)
 app.command("compare")(compare.compare)

@@ -141,6 +141,10 @@ class LazyProgress:
         self.bar.start()
         self.task = self.bar.add_task(self.description, total=total, completed=completed, rate="")
 
+    def note(self, text: str, advance: int = 1) -> None:
+        """Advance with a free-form status (e.g. requests/s, cache hits, failures)."""
+        self.bar.update(self.task, advance=advance, rate=text)
+
     def advance(self, n: int, tokens: int = 0) -> None:
         self.tokens += tokens
         rate = ""
