@@ -235,6 +235,39 @@ def bench_steering(results: dict) -> list[tuple]:
     ]
 
 
+def bench_judge(results: dict) -> list[tuple]:
+    """Judge throughput against a loopback server that answers in 100 ms."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from judge_server import JudgeServer
+
+    from personactl.judge import RemoteJudge
+
+    with JudgeServer(delay=0.1) as server:
+        concurrent_prompts = [f"item {i} SCORE={i % 101}" for i in range(1000)]
+        sequential_prompts = [f"seq {i} SCORE={i % 101}" for i in range(100)]  # 1,000 would take 100 s
+        with tempfile.TemporaryDirectory():
+            fast = RemoteJudge("bench", base_url=server.base_url, api_key="k", concurrency=50)
+            start = time.perf_counter()
+            scored = fast.judge(concurrent_prompts)
+            t_fast = time.perf_counter() - start
+            slow = RemoteJudge("bench", base_url=server.base_url, api_key="k", concurrency=1)
+            start = time.perf_counter()
+            slow.judge(sequential_prompts)
+            t_slow = time.perf_counter() - start
+    assert all(j.score is not None for j in scored)
+    rps_fast, rps_slow = len(concurrent_prompts) / t_fast, len(sequential_prompts) / t_slow
+    results["judge"] = {
+        "concurrent_requests": 1000,
+        "concurrent_seconds": t_fast,
+        "sequential_requests": 100,
+        "sequential_seconds": t_slow,
+        "server_latency_seconds": 0.1,
+    }
+    return [("judge, 100 ms server: 50 in flight vs sequential (requests/s)", 40.0, rps_fast / rps_slow)]
+
+
 def bench_help(results: dict) -> list[tuple]:
     exe = str(Path(sys.executable).with_name("personactl"))
 
@@ -257,7 +290,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
         }
     }
-    rows = bench_help(results) + bench_steering(results) + bench_extraction(results)
+    rows = bench_help(results) + bench_judge(results) + bench_steering(results) + bench_extraction(results)
     print(f"\n{'benchmark':66} {'goal':>6} {'measured':>9}  met")
     for name, goal, value in rows:
         lower_is_better = "lower is better" in name
