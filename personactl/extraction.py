@@ -20,8 +20,7 @@ from personactl.vectors import LAYER_CONVENTION, PersonaVector
 def select_pairs(responses: pl.DataFrame, scores: pl.DataFrame | None = None) -> pl.DataFrame:
     """Rows of complete (pos, neg) pairs with non-empty responses on both sides.
 
-    `scores` is the seam for the judge's filter (`personactl score`): when given, only pairs it
-    marks as kept survive. Until then every complete pair is used."""
+    With `scores` (from `personactl score`), only the pairs its filter keeps survive."""
     ok = responses.filter(pl.col("n_response_tokens") > 0)
     if scores is not None:
         ok = ok.join(scores.filter(pl.col("keep")).select("pair_id").unique(), on="pair_id")
