@@ -159,7 +159,6 @@ def extract_step(
 
     `positions=None` means every position the data has: all four, or only the response positions
     for plain-text pairs (which have no prompt)."""
-    from personactl.errors import WorkspaceError
     from personactl.models import resolve_model
     from personactl.ranges import check_in_range
     from personactl.settings import masked_dump
@@ -168,18 +167,7 @@ def extract_step(
     label = trait.name if trait is not None else (name or Path(pairs_file).stem)
     output = workspace.vectors_path(source.slug, label, "model")
     if trait is not None:
-        responses_path = workspace.responses_path(source.slug, trait.name, "model")
-        manifest = workspace.read_manifest(responses_path)
-        if manifest is None or not responses_path.is_file():
-            raise WorkspaceError(
-                f"no responses for trait {trait.name} and model {settings.model} in {workspace.root}",
-                hint=f"run: personactl generate --trait {trait.name} --model {settings.model}",
-            )
-        if manifest["trait"]["sha256"] != trait.sha256:
-            raise WorkspaceError(
-                f"{responses_path} was generated from a different version of trait {trait.name}",
-                hint="regenerate: personactl generate --force",
-            )
+        responses_path, manifest = workspace.require_responses(source.slug, settings.model, trait)
         scores_path = workspace.scores_path(source.slug, trait.name, "model")
         scores_manifest = workspace.read_manifest(scores_path) if scores_path.is_file() else None
         input_id = {

@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from personactl.errors import ConfigError, WorkspaceError
+from personactl.errors import ConfigError
 from personactl.judge import COHERENCE_RUBRIC, JudgeCache, Judgement, RemoteJudge
 
 SCORES_SCHEMA = {
@@ -74,12 +74,7 @@ def score_step(
     from personactl.settings import masked_dump
 
     slug = resolve_model(settings.model).slug
-    responses_path = workspace.responses_path(slug, trait.name, "model")
-    if workspace.read_manifest(responses_path) is None or not responses_path.is_file():
-        raise WorkspaceError(
-            f"no responses for trait {trait.name} and model {settings.model} in {workspace.root}",
-            hint=f"run: personactl generate --trait {trait.name} --model {settings.model}",
-        )
+    responses_path, responses_manifest = workspace.require_responses(slug, settings.model, trait)
     responses = pl.read_parquet(responses_path)
     prompts = []
     for row in responses.iter_rows(named=True):
@@ -97,9 +92,9 @@ def score_step(
     summary: dict[str, Any] = {"artifact": str(output), "trait": trait.name, "judge_model": settings.judge_model}
     cache = JudgeCache(workspace.judge_cache_path)
     try:
-        cached = sum(cache.get(JudgeCache.key(settings.judge_model, p)) is not None for p in prompts)
+        to_send = [p for p in prompts if cache.get(JudgeCache.key(settings.judge_model, p)) is None]
+        cached = len(prompts) - len(to_send)
         if dry_run:
-            to_send = [p for p in prompts if cache.get(JudgeCache.key(settings.judge_model, p)) is None]
             return None, {
                 **summary,
                 "dry_run": True,

@@ -100,6 +100,23 @@ class Workspace:
     def shards_dir(self, model_slug: str, trait: str, persona: str) -> Path:
         return self.trait_dir(model_slug, trait) / f"responses-{persona}.shards"
 
+    def require_responses(self, model_slug: str, model: str, trait: Any) -> tuple[Path, dict[str, Any]]:
+        """The finished responses table of `trait` for a model, and its manifest; a clear error when
+        it is missing or was generated from another version of the trait."""
+        path = self.responses_path(model_slug, trait.name, "model")
+        manifest = self.read_manifest(path)
+        if manifest is None or not path.is_file():
+            raise WorkspaceError(
+                f"no responses for trait {trait.name} and model {model} in {self.root}",
+                hint=f"run: personactl generate --trait {trait.name} --model {model}",
+            )
+        if manifest["trait"]["sha256"] != trait.sha256:
+            raise WorkspaceError(
+                f"{path} was generated from a different version of trait {trait.name}",
+                hint="regenerate: personactl generate --force",
+            )
+        return path, manifest
+
     def scores_path(self, model_slug: str, trait: str, persona: str) -> Path:
         return self.trait_dir(model_slug, trait) / f"scores-{persona}.parquet"
 
