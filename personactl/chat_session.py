@@ -2,14 +2,15 @@
 
 No terminal code lives here (the UI is `cli/chat.py`), so the interactive chat, the piped line
 protocol and the tests drive one engine. Every turn re-encodes the whole conversation with the
-model's chat template and generates under a fresh `Steerer` holding that turn's settings, so
+model's chat template and generates with that turn's steering settings, so
 settings can change between turns and the transcript records exactly what each turn used. With
 the `prompt` and `response` position modes, "prompt" is the whole templated conversation so far.
 
-Generation goes through a one-method backend interface (`ChatBackend.stream`), so another engine
-(vLLM) can replace the Hugging Face one. `/compare` runs one generation per α through that same
-path, so its column at the current α is exactly the reply a turn gets (a batched run is not: on
-CPU, batch-2 decoding differs from batch-1 in the last bits, which flips near-tied greedy tokens).
+Generation goes through a one-method backend interface (`ChatBackend.stream`): Hugging Face
+`generate` or a vLLM engine stepped request by request, both streaming. `/compare` runs one
+generation per α through that same path, so its column at the current α is exactly the reply a
+turn gets (a batched run is not: on CPU, batch-2 decoding differs from batch-1 in the last bits,
+which flips near-tied greedy tokens). (On vLLM, steering is the engine's per-layer buffers.)
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ class TokenStream:
 class ChatBackend(Protocol):
     """What the chat needs from a generation engine."""
 
+    name: str
     stop_ids: list[int]
+    position_modes: tuple[str, ...]  # the steering position modes it supports
 
     def stream(
         self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
@@ -140,6 +143,7 @@ class HFChatBackend:
     other's steering."""
 
     name = "hf"
+    position_modes = POSITION_MODES
 
     def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock | None = None):
         self.model = model
@@ -209,6 +213,70 @@ class HFChatBackend:
             tokens.fail(exc)
 
 
+class VLLMChatBackend:
+    """A `VLLMBackend` engine streaming one reply at a time: the turn's steering is written into the
+    engine's buffers (they apply to every request, so generations never overlap), then the request
+    is stepped token by token. Only the `all` position mode exists on vLLM (see backends/vllm.py).
+
+    `lock` as for `HFChatBackend`; without one the chat's one-reply-at-a-time rule suffices."""
+
+    name = "vllm"
+    position_modes = ("all",)
+
+    def __init__(self, engine: Any, lock: threading.Lock | None = None):
+        self.engine = engine
+        self.stop_ids = list(engine.stop_ids)
+        self.lock = lock or threading.Lock()
+
+    def stream(
+        self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
+    ) -> TokenStream:
+        from personactl.backends.vllm import check_positions
+
+        if steering is not None:
+            check_positions(steering.positions)
+        tokens = TokenStream()
+        worker = threading.Thread(
+            target=self._run, args=(prompt, steering, sampling, seed, stop, tokens), name="personactl-chat", daemon=True
+        )
+        tokens.worker = worker
+        worker.start()
+        return tokens
+
+    def _run(
+        self,
+        prompt: list[int],
+        steering: Steering | None,
+        sampling: Sampling,
+        seed: int,
+        stop: threading.Event,
+        tokens: TokenStream,
+    ) -> None:
+        try:
+            deltas = self.engine.deltas(steering.directions, steering.alpha) if steering is not None else {}
+            with self.lock:
+                self.engine.set_steering(deltas)
+                generated = self.engine.stream(prompt, sampling, seed, tokens.push, stop)
+            tokens.finish(generated)
+        except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
+            tokens.fail(exc)
+
+
+def chat_backend(lm: Any, lock: threading.Lock | None = None) -> ChatBackend:
+    """The chat engine for a loaded model: a vLLM engine (`VLLMBackend`) or a Hugging Face model."""
+    if getattr(lm, "name", None) == "vllm":
+        return VLLMChatBackend(lm, lock)
+    return HFChatBackend(lm.model, lm.tokenizer, lock)
+
+
+def context_limit(lm: Any) -> int | None:
+    """The model's context length (max_position_embeddings), when its config states one."""
+    config = getattr(lm, "config", None) or lm.model.config  # VLLMBackend carries the text config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
 @dataclass(frozen=True)
 class LoadedVector:
     path: Path
@@ -246,6 +314,7 @@ class ChatTurn:
     finish_reason: str  # "stop" (end of turn), "length" (max_new_tokens) or "interrupted"
     seconds: float
     compare: list[dict[str, Any]] = field(default_factory=list)
+    readout: dict[str, Any] | None = None  # the live readout (`chat_readout`), when the chat has one
 
 
 class TurnStream:
@@ -322,6 +391,8 @@ class TurnStream:
             finish_reason=reason,
             seconds=round(time.perf_counter() - self._start, 3),
         )
+        if self._session.readout is not None:
+            turn.readout = self._session.readout.read(self._session, self._prompt, kept)
         self._session._record(turn)
         self.turn = turn
         return text[len(self._shown) :] if text.startswith(self._shown) else ""
@@ -368,12 +439,13 @@ class ChatSession:
         system: str | None = None,
         backend: ChatBackend | None = None,
         settings_record: Mapping[str, Any] | None = None,
+        readout: Any = None,
     ):
         if not (math.isfinite(max_alpha) and max_alpha > 0):
             raise InputError(f"--max-alpha must be a positive number, not {max_alpha:g}")
         self.lm = lm
         self.workspace = workspace
-        self.backend: ChatBackend = backend or HFChatBackend(lm.model, lm.tokenizer)
+        self.backend: ChatBackend = backend or chat_backend(lm)
         self.sampling = sampling
         self.seed = seed
         self.system = system
@@ -381,7 +453,8 @@ class ChatSession:
         self.position = position
         self.aggregator = aggregator
         self.settings_record = dict(settings_record or {})
-        self.positions = _check_choice(positions, POSITION_MODES, "positions")
+        self.readout = readout  # a `chat_readout.LiveReadout`: read after every turn
+        self.positions = self._check_positions(positions)
         self.norm = _check_choice(norm, NORM_MODES, "norm")
         self.vector = vector if isinstance(vector, LoadedVector) else load_vector(workspace, vector, lm)
         self.layers = self._check_layers(layers)
@@ -415,7 +488,17 @@ class ChatSession:
         return loaded.warning
 
     def set_positions(self, positions: str) -> None:
-        self.positions = _check_choice(positions, POSITION_MODES, "positions")
+        self.positions = self._check_positions(positions)
+
+    def _check_positions(self, positions: str) -> str:
+        positions = _check_choice(positions, POSITION_MODES, "positions")
+        supported = self.backend.position_modes
+        if positions not in supported:
+            raise InputError(
+                f"the {self.backend.name} backend steers at positions {', '.join(supported)} only, not {positions!r}",
+                hint="use the hf backend for prompt/response steering",
+            )
+        return positions
 
     def set_norm(self, norm: str) -> None:
         norm = _check_choice(norm, NORM_MODES, "norm")
@@ -467,10 +550,8 @@ class ChatSession:
 
     def _prompt(self, messages: list[dict[str, str]]) -> list[int]:
         prompt = encode_prompt(self.lm.tokenizer, messages)
-        config = self.lm.model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        limit = getattr(text_config, "max_position_embeddings", None)
-        if isinstance(limit, int) and len(prompt) + self.sampling.max_new_tokens > limit:
+        limit = context_limit(self.lm)
+        if limit is not None and len(prompt) + self.sampling.max_new_tokens > limit:
             raise InputError(
                 f"the conversation is {len(prompt)} tokens; with {self.sampling.max_new_tokens} new tokens it "
                 f"exceeds the model's context of {limit}",

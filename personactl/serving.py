@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from personactl.backends import Sampling
-from personactl.chat_session import ChatSession, HFChatBackend, LoadedVector, TurnStream, load_vector
+from personactl.chat_session import ChatSession, LoadedVector, TurnStream, chat_backend, load_vector
 from personactl.errors import InputError, PersonactlError
 from personactl.ranges import parse_ranges
 
@@ -106,7 +106,7 @@ class SteeredEngine:
         self.exposed = exposed
         self.created = int(time.time())
         self.lock = threading.Lock()
-        self.backend = HFChatBackend(lm.model, lm.tokenizer, lock=self.lock)
+        self.backend = chat_backend(lm, self.lock)
         self._vectors: dict[tuple[Path, int, int], LoadedVector] = {}
         self._cache_lock = threading.Lock()
         self._running: set[TurnStream] = set()

@@ -259,6 +259,103 @@ def test_bad_input_in_chat(make_session, lm, tmp_path, model_dir):
         long.send("hello world")
 
 
+# ---------------------------------------------------------------- the live readout
+
+
+def write_readout(path: Path, lm, rows=(1, 2), hidden: int | None = None) -> Path:
+    from personactl.readout import Readout
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = hidden or lm.hidden_size
+    tensors = {}
+    for row in rows:
+        tensors[f"vectors.{row}"] = torch.nn.functional.normalize(torch.randn(3, hidden, generator=gen), dim=-1)
+        tensors[f"center.{row}"] = torch.randn(hidden, generator=gen)
+    info = {**lm.describe(), "hidden_size": hidden, "concepts": ["calm", "angry", "joyful"], "rows": list(rows)}
+    Readout(tensors, info).save(path)
+    return path
+
+
+def naive_projection(lm, prompt, reply_ids, rows, directions, centres=None):
+    """One plain unsteered forward, each block's output captured by a hook removed right after (not
+    `output_hidden_states`, whose capture hooks transformers leaves on the shared model): per
+    position, the mean over rows of (h − c) · v."""
+    states = {}
+    handles = [
+        lm.layers[row - 1].register_forward_hook(lambda m, a, out, row=row: states.__setitem__(row, out[0]))
+        for row in rows
+    ]
+    try:
+        with torch.no_grad():
+            lm.model(torch.tensor([prompt + reply_ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    reads = {"prompt_end": lambda h: h[len(prompt) - 1], "response_avg": lambda h: h[len(prompt) :].mean(0)}
+    out = {}
+    for position, read in reads.items():
+        per_row = []
+        for i, row in enumerate(rows):
+            h = read(states[row].reshape(-1, lm.hidden_size)) - (centres[i] if centres is not None else 0)
+            per_row.append(directions[i] @ h)
+        out[position] = torch.stack(per_row).mean(0).tolist()
+    return out
+
+
+def test_live_readout_reads_the_turn_unsteered_as_a_naive_forward_does(make_session, lm, vector_path, tmp_path):
+    from personactl.chat_readout import LiveReadout, readout_line
+    from personactl.readout import Readout
+
+    path = write_readout(tmp_path / "concepts.safetensors", lm)
+    readout = Readout.load(path)
+    vector = PersonaVector.load(vector_path)
+    for spec in (str(path), "vector"):
+        session = make_session(layers=[1, 2], alpha=1.5, readout=LiveReadout.open(spec, lm))
+        steering = dict(vector={k: vector.direction(k) for k in (1, 2)}, coefficient=1.5, positions="all")
+        history = [{"role": "user", "content": "hello world"}]
+        reply_ids, _ = reference(lm, history, steering)
+        turn = session.reply("hello world")
+        assert no_hooks(lm)
+        prompt = encode_prompt(lm.tokenizer, history)
+        if spec == "vector":
+            labels = ["tinymood"]
+            directions = [torch.nn.functional.normalize(vector.direction(r), dim=0)[None] for r in (1, 2)]
+            expected = naive_projection(lm, prompt, reply_ids, [1, 2], directions)
+        else:
+            labels = readout.concepts
+            directions = [readout.vectors(r) for r in (1, 2)]
+            expected = naive_projection(lm, prompt, reply_ids, [1, 2], directions, [readout.center(r) for r in (1, 2)])
+        assert turn.readout["source"] == spec and turn.readout["layers"] == [1, 2]
+        for position in ("prompt_end", "response_avg"):
+            got = [turn.readout[position][label] for label in labels]
+            assert got == pytest.approx(expected[position], abs=2e-4), (spec, position)
+        assert readout_line(turn.readout).startswith(
+            "projection on tinymood @L1-2: reply" if spec == "vector" else "readout @L1-2: "
+        )
+
+
+def test_live_readout_refuses_another_shape_and_the_vllm_backend(lm, tmp_path, isolated_env, model_dir, vector_path):
+    from personactl.chat_readout import LiveReadout
+
+    with pytest.raises(VectorFileError, match="does not fit"):
+        LiveReadout.open(str(write_readout(tmp_path / "other.safetensors", lm, hidden=lm.hidden_size + 1)), lm)
+    with pytest.raises(VectorFileError, match="not found"):
+        LiveReadout.open(str(tmp_path / "missing.safetensors"), lm)
+    args = chat_args(model_dir, vector_path, "ws", "--readout", "vector", "--backend", "vllm", "--json")
+    result = runner.invoke(app, args, "hi\n")
+    assert result.exit_code == 2 and "backend has none" in result.output, result.output
+
+
+def test_line_mode_json_carries_the_readout(isolated_env, model_dir, vector_path, lm):
+    result = runner.invoke(
+        app, chat_args(model_dir, vector_path, "ws", "--readout", "vector", "--json"), "hello world\n"
+    )
+    assert result.exit_code == 0, result.output
+    (reply,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert reply["readout"]["source"] == "vector" and reply["readout"]["layers"] == [2]
+    assert set(reply["readout"]["response_avg"]) == {"tinymood"}
+
+
 # ---------------------------------------------------------------- line mode (stdin is not a terminal)
 
 
@@ -402,7 +499,7 @@ def saved_transcript(terminal: Terminal) -> dict:
 
 
 def test_terminal_slider_keys_steer_the_next_reply(isolated_env, model_dir, vector_path, lm, tmp_path):
-    args = [*chat_args(model_dir, vector_path, "ws", "--alpha", "0", "--alpha-step", "0.5")]
+    args = [*chat_args(model_dir, vector_path, "ws", "--alpha", "0", "--alpha-step", "0.5", "--readout", "vector")]
     term = Terminal(args, tmp_path)
     term.wait_alpha(0.0, 3.0)
     term.child.send("hello")
@@ -412,6 +509,7 @@ def test_terminal_slider_keys_steer_the_next_reply(isolated_env, model_dir, vect
     term.wait(lambda t: "you › hello world" in t, 30, "the edited line")
     term.send_message("")
     assert "α +1.00 · " in term.text  # the reply's status line
+    term.wait(lambda t: "projection on tinymood @L2: reply " in t, 30, "the readout line")
 
     term.child.send(Terminal.ALT_ZERO)
     term.wait_alpha(0.0, 3.0)
@@ -431,6 +529,7 @@ def test_terminal_slider_keys_steer_the_next_reply(isolated_env, model_dir, vect
 
     turns = doc["turns"]
     assert [(t["user"], t["steering"]["alpha"]) for t in turns] == [("hello world", 1.0), ("again", -0.5)]
+    assert all(t["readout"]["source"] == "vector" for t in turns)
     # the replies are exactly what the engine generates with those settings, and α mattered
     replay = ChatSession(lm, Workspace(tmp_path / "replay"), str(vector_path), layers=[2], alpha=1.0,
                          sampling=Sampling(NEW_TOKENS, 0.0))  # fmt: skip
@@ -503,3 +602,37 @@ def test_ctrl_c_stops_a_reply_on_the_embedded_model(isolated_env, mood_vector, t
     assert term.finish() == 0
     (turn,) = doc["turns"]
     assert turn["finish_reason"] == "interrupted" and 3 <= turn["n_tokens"] < 400
+
+
+@pytest.mark.slow
+def test_live_readout_tracks_alpha_on_the_embedded_model(isolated_env, mood_vector):
+    """Read unsteered, the replies steered at α = −2, 0, +2 project on the mood vector in that order
+    (measured: −7.9 < −5.0 < −0.3 and −13.8 < −2.9 < −0.3 at layer 15), while the prompt's end,
+    the same text every time, reads the same."""
+    import subprocess
+
+    lines = "".join(
+        f"/reset\n/alpha {a}\n{q}\n" for q in ("How was your day?", "Tell me about Mondays.") for a in (-2, 0, 2)
+    )
+    args = [
+        "chat",
+        "--vector",
+        mood_vector,
+        "-w",
+        "ws",
+        "--layers",
+        "15",
+        "--max-new-tokens",
+        "48",
+        "--readout",
+        "vector",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "personactl", *map(str, args), "--json"], input=lines, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    replies = [r["readout"] for r in map(json.loads, result.stdout.splitlines()) if "reply" in r]
+    for question in (replies[:3], replies[3:]):
+        reply = [r["response_avg"]["mood"] for r in question]
+        assert reply[0] < reply[1] < reply[2], reply
+        assert len({r["prompt_end"]["mood"] for r in question}) == 1

@@ -348,8 +348,9 @@ def test_exposed_server_reads_only_workspace_and_start_up_files(lm, workspace, v
 def test_cli_refuses_an_exposed_host_without_a_key(isolated_env, vector_path):
     result = CliRunner().invoke(app, ["serve", "--vector", str(vector_path), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "without an API key" in result.output
-    result = CliRunner().invoke(app, ["serve", "--vector", str(vector_path), "--backend", "vllm"])
-    assert result.exit_code == 2 and "hf backend only" in result.output
+    args = ["serve", "--vector", str(vector_path), "--backend", "vllm", "--positions", "response"]
+    result = CliRunner().invoke(app, args)  # refused before minutes of vLLM start-up
+    assert result.exit_code == 2 and "not supported by the vllm backend" in result.output
 
 
 def test_cli_serves_prints_its_url_and_stops_on_ctrl_c(isolated_env, model_dir, vector_path, lm):

@@ -14,7 +14,10 @@ test that needs an engine is skipped, with the reason, when vLLM cannot be impor
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -290,6 +293,158 @@ def test_generate_and_steer_steps_on_the_vllm_backend(engine, eager_engine, hf, 
     assert len(set(steered["text"])) == 3
 
 
+@pytest.fixture(scope="module")
+def mood_vector(engine, hf, tmp_path_factory) -> Path:
+    """The mood vector as a vector file made for the engine's model (only LAYER filled in)."""
+    from personactl.vectors import PersonaVector
+
+    rows = torch.full((engine.num_layers + 1, engine.hidden_size), float("nan"))
+    rows[LAYER] = hf["vector"]
+    info = {**engine.describe(), "rows": [LAYER], "positions": ["response_avg"], "aggregators": ["mean_diff"]}
+    path = tmp_path_factory.mktemp("vec") / "mood.safetensors"
+    PersonaVector({"mean_diff.response_avg": rows, "stream_norm": torch.ones(engine.num_layers + 1)}, info).save(path)
+    return path
+
+
+def chat_on(engine, vector, tmp_path, **kwargs):
+    from personactl.chat_session import ChatSession
+    from personactl.workspace import Workspace
+
+    options = {"layers": [LAYER], "alpha": -2.0, "max_alpha": 3.0, "sampling": GREEDY, **kwargs}
+    return ChatSession(engine, Workspace(tmp_path / "ws"), str(vector), **options)
+
+
+def generate_alone(engine, hf, prompt, alpha):
+    """The reference for one chat turn: a one-prompt `generate` under the same steering."""
+    context = engine.steering({LAYER: hf["vector"]}, alpha) if alpha else contextlib.nullcontext()
+    with context:
+        return engine.generate([prompt], GREEDY, 0)[0]
+
+
+def test_chat_on_vllm_streams_exactly_what_generate_gives(engine, hf, mood_vector, tmp_path):
+    """Each turn (history templated, steering in the engine's buffers, stepped token by token)
+    equals a one-prompt `generate` of the same conversation under the same steering."""
+    from personactl.chat_format import encode_prompt
+
+    session = chat_on(engine, mood_vector, tmp_path)
+    for message, alpha in (("How was your day?", -2.0), ("And tomorrow?", 0.0), ("Tell me more.", 1.0)):
+        session.set_alpha(alpha)
+        prompt = encode_prompt(engine.tokenizer, session.messages(message))
+        with session.send(message) as stream:
+            pieces = list(stream)
+        turn = stream.turn
+        expected = generate_alone(engine, hf, prompt, alpha)
+        got = (turn.reply, turn.n_tokens, turn.finish_reason)
+        assert got == (expected.text, len(expected.token_ids), expected.finish_reason), alpha
+        assert "".join(pieces) == turn.reply and len(pieces) > 1  # it streamed
+        assert turn.steering["alpha"] == alpha and turn.n_prompt_tokens == len(prompt)
+    rows = session.compare([-2.0, 1.0])
+    last = encode_prompt(engine.tokenizer, session.messages()[:-1])
+    assert [r["reply"] for r in rows] == [generate_alone(engine, hf, last, a).text for a in (-2.0, 1.0)]
+    assert rows[0]["reply"] != rows[1]["reply"]
+
+
+def test_chat_on_vllm_stops_mid_reply_and_goes_on(engine, hf, mood_vector, tmp_path):
+    from personactl.chat_format import encode_prompt
+
+    session = chat_on(engine, mood_vector, tmp_path, sampling=Sampling(64, 0.0))
+    with session.send("Describe the city you live in.") as stream:
+        next(stream)
+        stream.stop()
+        list(stream)
+    assert stream.turn.finish_reason == "interrupted" and 0 < stream.turn.n_tokens < 64
+    assert not engine.llm.llm_engine.has_unfinished_requests()  # the request was aborted, not left running
+    session.set_alpha(1.0)
+    prompt = encode_prompt(engine.tokenizer, session.messages("How is the weather?"))
+    turn = session.reply("How is the weather?")
+    with engine.steering({LAYER: hf["vector"]}, 1.0):
+        assert turn.reply == engine.generate([prompt], Sampling(64, 0.0), 0)[0].text
+
+
+def test_chat_on_vllm_refuses_prompt_and_response_positions(engine, mood_vector, tmp_path):
+    with pytest.raises(InputError, match="vllm backend steers at positions all only"):
+        chat_on(engine, mood_vector, tmp_path, positions="response")
+    session = chat_on(engine, mood_vector, tmp_path)
+    with pytest.raises(InputError, match="vllm backend steers at positions all only"):
+        session.set_positions("prompt")
+    assert session.positions == "all"
+
+
+def test_serve_on_vllm_keeps_concurrent_requests_with_mixed_alpha_apart(engine, hf, mood_vector, tmp_path):
+    """The OpenAI server on the vLLM engine: every reply, concurrent or streamed, equals the same
+    request alone, and that equals `generate` under its α."""
+    import openai
+
+    from personactl.chat_format import chat_messages, encode_prompt
+    from personactl.serving import ServeDefaults, SteeredEngine, SteeredHTTPServer
+    from personactl.workspace import Workspace
+
+    defaults = ServeDefaults(vector=str(mood_vector), layers=[LAYER], alpha=1.0, max_tokens=GREEDY.max_new_tokens)
+    server = SteeredHTTPServer(SteeredEngine(engine, Workspace(tmp_path / "ws"), defaults), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=300)
+    model = server.engine.model_id
+
+    def ask(question, alpha, stream=False):
+        messages = [{"role": "user", "content": question}]
+        if stream:
+            chunks = client.chat.completions.create(
+                model=model, messages=messages, stream=True, extra_body={"alpha": alpha}
+            )
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reply = client.chat.completions.create(model=model, messages=messages, extra_body={"alpha": alpha})
+        return reply.choices[0].message.content
+
+    try:
+        alphas = (-2.0, 0.0, 1.0)
+        questions = QUESTIONS[:2]
+        alone = {(q, a): ask(q, a) for q in questions for a in alphas}
+        for (q, a), text in alone.items():
+            prompt = encode_prompt(engine.tokenizer, chat_messages(None, q))
+            assert text == generate_alone(engine, hf, prompt, a).text, (q, a)
+        jobs = [(questions[i % 2], alphas[i % 3], i % 4 == 3) for i in range(12)]
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda job: ask(*job), jobs))
+        assert got == [alone[q, a] for q, a, _ in jobs]
+        error = None
+        try:
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], extra_body={"positions": "prompt"}
+            )
+        except openai.BadRequestError as exc:
+            error = exc
+        assert error is not None and "positions all only" in str(error)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_chat_command_on_vllm_in_line_mode(engine, hf, mood_vector, isolated_env):
+    """`personactl chat --backend vllm`, piped, as a user runs it: its engine (compiled, fp32, with
+    the steering buffers) replies exactly as the test's engine does; /positions prompt is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from personactl.chat_format import chat_messages, encode_prompt
+
+    args = ["chat", "--backend", "vllm", "--dtype", DTYPE, "--vector", mood_vector, "-w", "ws", "--layers", LAYER]
+    args += ["--alpha", "-2", "--max-new-tokens", GREEDY.max_new_tokens, "--json"]
+    lines = "How was your day?\n/positions prompt\n/reset\n/alpha 1\nHow was your day?\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "personactl", *map(str, args)], input=lines, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr[-2000:]  # every line ran; one was refused
+    first, refused, _, _, second = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "positions all only" in refused["error"]
+    prompt = encode_prompt(engine.tokenizer, chat_messages(None, "How was your day?"))
+    for reply, alpha in ((first, -2.0), (second, 1.0)):
+        assert reply["alpha"] == alpha and reply["n_prompt_tokens"] == len(prompt)
+        assert reply["reply"] == generate_alone(engine, hf, prompt, alpha).text
+
+
 # --- without an engine (these run whether or not vLLM is installed) --------------------------------
 
 
@@ -317,5 +472,9 @@ def test_steer_refuses_prompt_and_response_positions_on_vllm_before_starting_an_
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "not supported by the vllm backend" in result.output
+    for command in ("chat", "serve"):
+        args = [command, "--vector", "x", "--backend", "vllm", "--positions", "prompt"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "not supported by the vllm backend" in result.output, result.output
     result = CliRunner().invoke(app, ["generate", "--trait", "optimistic", "--backend", "tgi"])
     assert result.exit_code == 2 and "backend" in result.output

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import random
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +31,9 @@ from personactl.backends import Generation, Sampling
 from personactl.errors import InputError, ModelError
 
 DEFAULT_CPU_KV_CACHE_GIB = 2  # vLLM's CPU default (a fraction of host RAM) fails on small machines
+
+
+_stream_ids = itertools.count()
 
 
 def _quiet_vllm_env() -> None:
@@ -121,28 +126,64 @@ class VLLMBackend:
         """One batched call; row `i` samples with a seed derived from (`seed`, `i`)."""
         return self._generate(prompts, sampling, [_row_seed(seed, i) for i in range(len(prompts))])
 
-    def _generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int]) -> list[Generation]:
+    def _params(self, sampling: Sampling, seed: int, **extra: Any) -> Any:
         from vllm import SamplingParams
 
         greedy = sampling.temperature == 0
-        params = [
-            SamplingParams(
-                max_tokens=sampling.max_new_tokens,
-                temperature=0.0 if greedy else sampling.temperature,
-                top_p=1.0 if greedy else sampling.top_p,
-                top_k=0,
-                seed=None if greedy else seed,
-                stop_token_ids=self.stop_ids,
-                detokenize=False,  # decoded here with the HF tokenizer, exactly as the HF backend does
-            )
-            for seed in seeds
-        ]
-        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        return SamplingParams(
+            max_tokens=sampling.max_new_tokens,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0,
+            seed=None if greedy else seed,
+            stop_token_ids=self.stop_ids,
+            detokenize=False,  # decoded here with the HF tokenizer, exactly as the HF backend does
+            **extra,
+        )
+
+    def _request(self, prompt: Sequence[int]) -> dict[str, Any]:
+        request: dict[str, Any] = {"prompt_token_ids": list(prompt)}
         if self._salt is not None:
-            for request in requests:
-                request["cache_salt"] = self._salt
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+            request["cache_salt"] = self._salt
+        return request
+
+    def _generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int]) -> list[Generation]:
+        params = [self._params(sampling, seed) for seed in seeds]
+        outputs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
         return [self._finish(list(out.outputs[0].token_ids)) for out in outputs]
+
+    def stream(
+        self, prompt: Sequence[int], sampling: Sampling, seed: int, on_token: Any, stop: threading.Event
+    ) -> list[int]:
+        """Generate one reply under the current steering, calling `on_token(id)` as each token is
+        produced; `stop` aborts it. Returns every generated token (the end-of-turn one included).
+
+        Drives the engine step by step (what `LLM.generate` does inside), so no other call may use
+        the engine meanwhile: callers serialise (the chat has one reply at a time, serve a lock)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        params = self._params(sampling, _row_seed(seed, 0), output_kind=RequestOutputKind.DELTA)
+        request_id = f"personactl-stream-{next(_stream_ids)}"
+        # rendered as `LLM.generate` renders its prompts (vLLM 0.32 deprecates raw prompts here)
+        render = getattr(self.llm, "_preprocess_cmpl_one", lambda request: request)
+        engine.add_request(request_id, render(self._request(prompt)), params)
+        tokens: list[int] = []
+        try:
+            while engine.has_unfinished_requests():
+                if stop.is_set():
+                    engine.abort_request([request_id])
+                    break
+                for output in engine.step():
+                    if output.request_id != request_id:
+                        continue
+                    for token in output.outputs[0].token_ids:
+                        tokens.append(int(token))
+                        on_token(int(token))
+        except BaseException:
+            engine.abort_request([request_id])
+            raise
+        return tokens
 
     def _finish(self, tokens: list[int]) -> Generation:
         for i, token in enumerate(tokens):

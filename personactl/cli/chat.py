@@ -21,7 +21,7 @@ from typing import Annotated, Any, Optional, TextIO
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import guarded, load_model_from, log, open_workspace, report, settings_from, stdout_console
+from personactl.cli.common import guarded, load_engine, log, open_workspace, report, settings_from, stdout_console
 
 HELP = (
     ("/alpha A", "set α within ±max (Alt-←/→ move it, Alt-0 resets it)"),
@@ -83,6 +83,17 @@ def chat(
     dtype: o.Dtype = None,
     device: o.Device = None,
     trust_remote_code: o.TrustRemoteCode = None,
+    backend: o.Backend = None,
+    tensor_parallel_size: o.TensorParallelSize = None,
+    readout: Annotated[
+        Optional[str],
+        typer.Option(
+            "--readout",
+            help="After each reply, show a readout: a file from `readout train` (top concepts), or `vector` "
+            "(the projection on the steering vector).",
+            show_default=False,
+        ),
+    ] = None,
     json: Annotated[
         bool, typer.Option("--json", help="Line mode with JSON lines out: message, reply, alpha, layers, …")
     ] = False,
@@ -90,6 +101,7 @@ def chat(
     """Chat with the steered model: an α slider in the terminal, or one reply per input line."""
     from personactl.activations import AGGREGATORS, POSITIONS
     from personactl.backends import Sampling
+    from personactl.chat_readout import LiveReadout, require_hf
     from personactl.chat_session import ChatSession, check_alpha
     from personactl.errors import InputError
     from personactl.ranges import parse_ranges
@@ -114,11 +126,13 @@ def chat(
         dtype=dtype,
         device=device,
         trust_remote_code=trust_remote_code,
+        backend=backend,
+        tensor_parallel_size=tensor_parallel_size,
     )
     ws = open_workspace(settings)
-    if getattr(settings, "backend", "hf") != "hf":
-        log(f"note: chat streams through the hf backend; the {settings.backend} setting applies to steer")
-    lm = load_model_from(settings)
+    if readout:
+        require_hf(settings.backend)  # before minutes of engine start-up
+    lm = load_engine(settings, steering=True, positions=positions)
     session = ChatSession(
         lm,
         ws,
@@ -134,6 +148,7 @@ def chat(
         seed=settings.seed,
         system=system,
         settings_record=masked_dump(settings),
+        readout=LiveReadout.open(readout, lm) if readout else None,
     )
     if session.vector.warning:
         log(f"warning: {session.vector.warning}")
@@ -282,6 +297,7 @@ def turn_record(turn: Any) -> dict[str, Any]:
         "seconds": turn.seconds,
         "conversation": turn.conversation,
         "seed": turn.seed,
+        **({"readout": turn.readout} if turn.readout is not None else {}),
     }
 
 
@@ -331,6 +347,8 @@ def run_lines(session: Any, lines: TextIO, as_json: bool) -> int:
                 for piece in stream:
                     out(one_line(piece), end="")
                 out("")
+                if stream.turn.readout is not None:  # stdout keeps one line per reply
+                    _console(stderr=True).print(_readout_text(stream.turn.readout), style="dim")
         except PersonactlError as exc:
             failures += 1
             report(exc)
@@ -496,3 +514,13 @@ def _stream_reply(console: Any, stream: Any) -> None:
     note = {"stop": "", "length": " · cut at --max-new-tokens", "interrupted": " · stopped"}[turn.finish_reason]
     sys.stdout.write("\n")
     console.print(f"[dim]α {turn.steering['alpha']:+.2f} · {turn.n_tokens} tokens · {turn.seconds:.1f} s{note}[/]")
+    if turn.readout is not None:
+        console.print(_readout_text(turn.readout), style="dim #d7af5f")
+
+
+def _readout_text(record: dict[str, Any]) -> Any:
+    from rich.text import Text
+
+    from personactl.chat_readout import readout_line
+
+    return Text(readout_line(record))  # plain text: concept names are not rich markup

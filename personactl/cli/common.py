@@ -86,6 +86,18 @@ def open_workspace(settings):
     return workspace
 
 
+def load_engine(settings, *, steering: bool, positions: str = "all"):
+    """The generation engine the `backend` setting names: the Hugging Face model (`LoadedModel`), or
+    a vLLM engine (`VLLMBackend`, which carries the tokenizer and model facts itself). For vLLM,
+    `positions` is checked before minutes of engine start-up, and `steering` asks for the buffers."""
+    if settings.backend == "vllm":
+        from personactl.backends.vllm import check_positions, open_vllm_from
+
+        check_positions(positions)
+        return open_vllm_from(settings, steering=steering, log=log)
+    return load_model_from(settings)
+
+
 def load_model_from(settings):
     from personactl.models import load_model
 

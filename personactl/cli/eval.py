@@ -11,6 +11,7 @@ from personactl.cli.common import (
     LazyProgress,
     emit_json,
     guarded,
+    load_engine,
     load_model_from,
     log,
     open_workspace,
@@ -185,7 +186,7 @@ def eval_cmd(
     loaded: dict[str, Any] = {}
 
     def load():
-        loaded["lm"] = open_model(settings, spec.positions)
+        loaded["lm"] = load_engine(settings, steering=True, positions=spec.positions)
         return loaded["lm"]
 
     phases = Phases()
@@ -267,15 +268,6 @@ def build_spec(layers, coefficients, position, aggregator, norm, positions, ques
         max_alpha=max_alpha,
         plots=plots,
     )
-
-
-def open_model(settings: Any, positions: str):
-    if settings.backend == "vllm":
-        from personactl.backends.vllm import check_positions, open_vllm_from
-
-        check_positions(positions)
-        return open_vllm_from(settings, steering=True, log=log)
-    return load_model_from(settings)
 
 
 def _ci(mean: float | None, low: float | None, high: float | None) -> str:

@@ -11,21 +11,12 @@ from personactl.cli.common import (
     LazyProgress,
     emit_json,
     guarded,
-    load_model_from,
+    load_engine,
     log,
     open_workspace,
     settings_from,
 )
 from personactl.cli.persona_options import Persona, check_persona
-
-
-def load_backend(settings):
-    """The HF model, or a vLLM engine (which carries the tokenizer and model facts itself)."""
-    if settings.backend == "vllm":
-        from personactl.backends.vllm import open_vllm_from
-
-        return open_vllm_from(settings, steering=False, log=log)
-    return load_model_from(settings)
 
 
 @guarded
@@ -104,7 +95,7 @@ def generate(
             settings=settings,
             trait=trait_obj,
             workspace=ws,
-            load=lambda: load_backend(settings),
+            load=lambda: load_engine(settings, steering=False),
             max_questions=questions,
             force=force,
             on_start=on_start,

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import emit_json, guarded, log, open_workspace, settings_from, stdout_console
+from personactl.cli.common import emit_json, guarded, load_engine, log, open_workspace, settings_from, stdout_console
 from personactl.cli.eval import (
     Coefficients,
     CoherenceThreshold,
@@ -19,7 +19,6 @@ from personactl.cli.eval import (
     Samples,
     build_spec,
     judge_loader,
-    open_model,
     print_eval,
     print_proxy,
     weak_judge_warning,
@@ -90,7 +89,7 @@ def run(
 
     def load():
         if "lm" not in loaded:
-            loaded["lm"] = open_model(settings, spec.positions)
+            loaded["lm"] = load_engine(settings, steering=True, positions=spec.positions)
         return loaded["lm"]
 
     phases = Phases()

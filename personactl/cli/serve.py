@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import guarded, load_model_from, log, open_workspace, settings_from
+from personactl.cli.common import guarded, load_engine, log, open_workspace, settings_from
 
 API_KEY_ENV = "PERSONACTL_SERVE_API_KEY"
 
@@ -86,6 +86,7 @@ def serve(
     device: o.Device = None,
     trust_remote_code: o.TrustRemoteCode = None,
     backend: o.Backend = None,
+    tensor_parallel_size: o.TensorParallelSize = None,
     json: Annotated[
         bool, typer.Option("--json", help="Print one JSON line with the bound URL at start-up, for scripts.")
     ] = False,
@@ -104,8 +105,6 @@ def serve(
             f"refusing to serve on {host} without an API key",
             hint=f"pass --api-key (or set {API_KEY_ENV}), or --insecure if the network is trusted",
         )
-    if backend == "vllm":
-        raise InputError("serve runs on the hf backend only", hint="drop --backend vllm")
     for value, allowed, flag in ((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator")):
         if value not in allowed:
             raise InputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
@@ -124,11 +123,11 @@ def serve(
         dtype=dtype,
         device=device,
         trust_remote_code=trust_remote_code,
+        backend=backend,
+        tensor_parallel_size=tensor_parallel_size,
     )
     ws = open_workspace(settings)
-    if settings.backend != "hf":
-        log(f"note: serve generates with the hf backend; the {settings.backend} setting applies to steer")
-    lm = load_model_from(settings)
+    lm = load_engine(settings, steering=True, positions=positions)
     defaults = ServeDefaults(
         vector=vector,
         layers=layer_list or [default_layer(lm.num_layers)],

@@ -12,7 +12,7 @@ from personactl.cli import options as o
 from personactl.cli.common import (
     LazyProgress,
     guarded,
-    load_model_from,
+    load_engine,
     log,
     open_workspace,
     settings_from,
@@ -117,13 +117,7 @@ def steer(
         tensor_parallel_size=tensor_parallel_size,
     )
     ws = open_workspace(settings)
-    if settings.backend == "vllm":
-        from personactl.backends.vllm import check_positions, open_vllm_from
-
-        check_positions(positions)  # before minutes of engine start-up
-        lm = open_vllm_from(settings, steering=True, log=log)  # the engine carries tokenizer and model facts
-    else:
-        lm = load_model_from(settings)
+    lm = load_engine(settings, steering=True, positions=positions)
     sampling = Sampling(settings.max_new_tokens, temperature, settings.top_p)
     with LazyProgress("steer") as bar:
         table, summary = steer_step(
