@@ -125,6 +125,15 @@ class ChatBackend(Protocol):
         ...
 
 
+def _in_thread(run: Any, *args: Any) -> TokenStream:
+    """Start `run(*args, tokens)` in a worker thread; its tokens arrive on the returned stream."""
+    tokens = TokenStream()
+    worker = threading.Thread(target=run, args=(*args, tokens), name="personactl-chat", daemon=True)
+    tokens.worker = worker
+    worker.start()
+    return tokens
+
+
 class _StopOnEvent:
     """A stopping criterion (transformers calls it after every token) that reads a threading.Event."""
 
@@ -170,14 +179,7 @@ class HFChatBackend:
     def stream(
         self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
     ) -> TokenStream:
-        tokens = TokenStream()
-        config = self._config(sampling)
-        worker = threading.Thread(
-            target=self._run, args=(prompt, steering, config, seed, stop, tokens), name="personactl-chat", daemon=True
-        )
-        tokens.worker = worker
-        worker.start()
-        return tokens
+        return _in_thread(self._run, prompt, steering, self._config(sampling), seed, stop)
 
     def _run(
         self,
@@ -235,13 +237,7 @@ class VLLMChatBackend:
 
         if steering is not None:
             check_positions(steering.positions)
-        tokens = TokenStream()
-        worker = threading.Thread(
-            target=self._run, args=(prompt, steering, sampling, seed, stop, tokens), name="personactl-chat", daemon=True
-        )
-        tokens.worker = worker
-        worker.start()
-        return tokens
+        return _in_thread(self._run, prompt, steering, sampling, seed, stop)
 
     def _run(
         self,

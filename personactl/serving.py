@@ -2,8 +2,9 @@
 
 Each request becomes a one-turn `ChatSession` carrying that request's steering (persona, α, layers,
 positions, norm; the command line gives the defaults), so validation, chat templating, streaming
-and finish reasons are exactly the chat's. Generations run one at a time: the backend holds one
-lock from hooks-in to hooks-out, so a request's α never touches another request's tokens.
+and finish reasons are exactly the chat's, on either backend (`chat_session.chat_backend`).
+Generations run one at a time: the backend holds one lock from steering-in to steering-out (HF
+hooks, or the vLLM engine's steering buffers), so a request's α never touches another's tokens.
 (Batching requests with per-row coefficients would be faster, but on CPU a row of a batch differs
 from the same run alone in the last bits, so a greedy reply would depend on what else was in flight.)
 
