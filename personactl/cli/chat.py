@@ -21,7 +21,16 @@ from typing import Annotated, Any, Optional, TextIO
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import guarded, load_engine, log, open_workspace, report, settings_from, stdout_console
+from personactl.cli.common import (
+    check_choices,
+    guarded,
+    load_engine,
+    log,
+    open_workspace,
+    report,
+    settings_from,
+    stdout_console,
+)
 
 HELP = (
     ("/alpha A", "set α within ±max (Alt-←/→ move it, Alt-0 resets it)"),
@@ -48,19 +57,10 @@ def chat(
         float, typer.Option("--max-alpha", help="The slider runs from −max to +max; α outside it is refused.")
     ] = 3.0,
     alpha_step: Annotated[float, typer.Option("--alpha-step", help="How far one Alt-←/→ moves α.")] = 0.25,
-    position: Annotated[
-        str,
-        typer.Option(
-            "--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."
-        ),
-    ] = "response_avg",
-    aggregator: Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")] = "mean_diff",
-    positions: Annotated[
-        str, typer.Option("--positions", help="Where to add: all, prompt or response (see README).")
-    ] = "all",
-    norm: Annotated[
-        str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
-    ] = "raw",
+    position: o.VectorPosition = "response_avg",
+    aggregator: o.Aggregator = "mean_diff",
+    positions: o.SteerPositions = "all",
+    norm: o.Norm = "raw",
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt.", show_default=False)] = None,
     max_new_tokens: Annotated[
         Optional[int],
@@ -108,9 +108,7 @@ def chat(
     from personactl.settings import masked_dump
     from personactl.sweeps import default_layer
 
-    for value, allowed, flag in ((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator")):
-        if value not in allowed:
-            raise InputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    check_choices((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator"))
     if not max_alpha > 0 or not alpha_step > 0:
         raise InputError("--max-alpha and --alpha-step must be positive")
     check_alpha(alpha, max_alpha)

@@ -6,7 +6,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import typer
@@ -84,6 +84,15 @@ def open_workspace(settings):
     workspace = Workspace(settings.workspace)
     workspace.ensure_writable()
     return workspace
+
+
+def check_choices(*checks: tuple[str, Sequence[str], str]) -> None:
+    """A clear error for the first flag whose value is not one of its choices: (value, allowed, flag)."""
+    from personactl.errors import InputError
+
+    for value, allowed, flag in checks:
+        if value not in allowed:
+            raise InputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
 
 def load_engine(settings, *, steering: bool, positions: str = "all"):

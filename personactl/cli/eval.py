@@ -9,6 +9,7 @@ import typer
 from personactl.cli import options as o
 from personactl.cli.common import (
     LazyProgress,
+    check_choices,
     emit_json,
     guarded,
     load_engine,
@@ -114,7 +115,7 @@ def eval_cmd(
     position: Annotated[
         str, typer.Option("--position", help="Vector position(s), comma list: each is a variant of the grid.")
     ] = "response_avg",
-    aggregator: Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")] = "mean_diff",
+    aggregator: o.Aggregator = "mean_diff",
     norm: Annotated[str, typer.Option("--norm", help="Norm mode(s), comma list of raw, unit, stream.")] = "raw",
     positions: Annotated[str, typer.Option("--positions", help="Where to add: all, prompt or response.")] = "all",
     questions: Questions = None,
@@ -241,7 +242,6 @@ def build_spec(layers, coefficients, position, aggregator, norm, positions, ques
                adaptive, rounds, alpha_start, max_alpha, plots):  # fmt: skip
     """Parse and check the grid flags into an EvalSpec."""
     from personactl.activations import AGGREGATORS, POSITIONS
-    from personactl.errors import InputError
     from personactl.evaluation import EvalSpec, Variant
     from personactl.ranges import parse_floats, parse_ranges
     from personactl.steering import POSITION_MODES
@@ -251,9 +251,7 @@ def build_spec(layers, coefficients, position, aggregator, norm, positions, ques
     norm_list = [n.strip() for n in norm.split(",") if n.strip()]
     checks = [(p, POSITIONS, "--position") for p in position_list] + [(n, NORM_MODES, "--norm") for n in norm_list]
     checks += [(aggregator, AGGREGATORS, "--aggregator"), (positions, POSITION_MODES, "--positions")]
-    for value, allowed, flag in checks:
-        if value not in allowed:
-            raise InputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    check_choices(*checks)
     return EvalSpec(
         coefficients=tuple(parse_floats(coefficients)),
         layers=tuple(parse_ranges(layers)) if layers else None,

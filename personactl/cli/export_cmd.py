@@ -26,16 +26,9 @@ def export(
     ] = None,
     layers: o.Layers = None,
     scale: Annotated[float, typer.Option("--scale", help="Multiply the vectors by this.")] = 1.0,
-    norm: Annotated[
-        str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
-    ] = "raw",
-    position: Annotated[
-        str,
-        typer.Option(
-            "--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."
-        ),
-    ] = "response_avg",
-    aggregator: Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")] = "mean_diff",
+    norm: o.Norm = "raw",
+    position: o.VectorPosition = "response_avg",
+    aggregator: o.Aggregator = "mean_diff",
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,

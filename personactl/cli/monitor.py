@@ -55,7 +55,7 @@ def monitor(
     position: Annotated[
         str, typer.Option("--position", help="Which vector of the file to project on.")
     ] = "response_avg",
-    aggregator: Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")] = "mean_diff",
+    aggregator: o.Aggregator = "mean_diff",
     layers: o.Layers = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="Also project every token.")] = False,
     model: o.Model = None,

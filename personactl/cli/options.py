@@ -62,3 +62,12 @@ TensorParallelSize = Annotated[
         "--tensor-parallel-size", min=1, help="vllm backend: GPUs to shard the model over.", show_default=False
     ),
 ]
+VectorPosition = Annotated[
+    str,
+    typer.Option("--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."),
+]
+Aggregator = Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")]
+SteerPositions = Annotated[str, typer.Option("--positions", help="Where to add: all, prompt or response (see README).")]
+Norm = Annotated[
+    str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
+]

@@ -25,7 +25,7 @@ def train(
             "--output", "-o", help="(default: <workspace>/<model>/readouts/<dir name>.safetensors)", show_default=False
         ),
     ] = None,
-    aggregator: Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")] = "mean_diff",
+    aggregator: o.Aggregator = "mean_diff",
     layers: o.Layers = None,
     model: o.Model = None,
     workspace: o.Workspace = None,

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import guarded, load_engine, log, open_workspace, settings_from
+from personactl.cli.common import check_choices, guarded, load_engine, log, open_workspace, settings_from
 
 API_KEY_ENV = "PERSONACTL_SERVE_API_KEY"
 
@@ -28,19 +28,10 @@ def serve(
     max_alpha: Annotated[
         float, typer.Option("--max-alpha", help="Requests with |α| above it are refused with 400.")
     ] = 3.0,
-    position: Annotated[
-        str,
-        typer.Option(
-            "--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."
-        ),
-    ] = "response_avg",
-    aggregator: Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")] = "mean_diff",
-    positions: Annotated[
-        str, typer.Option("--positions", help="Where to add: all, prompt or response (see README).")
-    ] = "all",
-    norm: Annotated[
-        str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
-    ] = "raw",
+    position: o.VectorPosition = "response_avg",
+    aggregator: o.Aggregator = "mean_diff",
+    positions: o.SteerPositions = "all",
+    norm: o.Norm = "raw",
     max_new_tokens: Annotated[
         Optional[int],
         typer.Option(
@@ -105,9 +96,7 @@ def serve(
             f"refusing to serve on {host} without an API key",
             hint=f"pass --api-key (or set {API_KEY_ENV}), or --insecure if the network is trusted",
         )
-    for value, allowed, flag in ((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator")):
-        if value not in allowed:
-            raise InputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    check_choices((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator"))
     if not max_alpha > 0:
         raise InputError("--max-alpha must be positive")
     check_alpha(alpha, max_alpha)

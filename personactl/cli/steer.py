@@ -11,6 +11,7 @@ import typer
 from personactl.cli import options as o
 from personactl.cli.common import (
     LazyProgress,
+    check_choices,
     guarded,
     load_engine,
     log,
@@ -35,19 +36,10 @@ def steer(
     coefficients: Annotated[
         str, typer.Option("--coefficients", "-c", help="Comma list of α, e.g. --coefficients=-2,-1,0,1,2.")
     ] = "-1,0,1",
-    position: Annotated[
-        str,
-        typer.Option(
-            "--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."
-        ),
-    ] = "response_avg",
-    aggregator: Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")] = "mean_diff",
-    positions: Annotated[
-        str, typer.Option("--positions", help="Where to add: all, prompt or response (see README).")
-    ] = "all",
-    norm: Annotated[
-        str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
-    ] = "raw",
+    position: o.VectorPosition = "response_avg",
+    aggregator: o.Aggregator = "mean_diff",
+    positions: o.SteerPositions = "all",
+    norm: o.Norm = "raw",
     system: Annotated[
         Optional[str], typer.Option("--system", help="System prompt for every message.", show_default=False)
     ] = None,
@@ -83,14 +75,12 @@ def steer(
     from personactl.sweeps import steer_step
     from personactl.vectors import NORM_MODES
 
-    for value, allowed, flag in (
+    check_choices(
         (position, POSITIONS, "--position"),
         (aggregator, AGGREGATORS, "--aggregator"),
         (positions, POSITION_MODES, "--positions"),
         (norm, NORM_MODES, "--norm"),
-    ):
-        if value not in allowed:
-            raise InputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    )
     alphas = parse_floats(coefficients)
     layer_list = parse_ranges(layers) if layers else None
     messages = list(prompt or [])
