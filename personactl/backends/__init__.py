@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+
+def end_of_turn_ids(eos_token_id: int | list[int] | None, tokenizer: Any) -> list[int]:
+    """The tokens that end a reply: the generation config's eos id(s), plus the tokenizer's eos."""
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,11 @@ from typing import Any
 
 import torch
 
-from personactl.backends import Generation, Sampling
+from personactl.backends import Generation, Sampling, end_of_turn_ids
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    return end_of_turn_ids(model.generation_config.eos_token_id, tokenizer)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from personactl.backends import Generation, Sampling
+from personactl.backends import Generation, Sampling, end_of_turn_ids
 from personactl.errors import InputError, ModelError
 
 DEFAULT_CPU_KV_CACHE_GIB = 2  # vLLM's CPU default (a fraction of host RAM) fails on small machines
@@ -57,10 +57,7 @@ def _stop_ids(directory_or_id: str, config: Any, tokenizer: Any, **kwargs: Any) 
         ids = GenerationConfig.from_pretrained(directory_or_id, **kwargs).eos_token_id
     except OSError:  # no generation_config.json
         ids = getattr(config, "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    return end_of_turn_ids(ids, tokenizer)
 
 
 def salt_for(deltas: Mapping[int, torch.Tensor]) -> str | None:
