@@ -24,11 +24,18 @@ def median_seconds(fn, repeats=REPEATS, warmup: bool = True) -> float:
 def paired_median_seconds(fn_a, fn_b, repeats=REPEATS) -> tuple[float, float]:
     """Medians of `fn_a` and `fn_b` timed alternately after one warm-up each, so drift on a busy
     machine hits both alike."""
-    fn_a(), fn_b()
-    a, b = [], []
+    a, b = interleaved_median_seconds(fn_a, fn_b, repeats=repeats)
+    return a, b
+
+
+def interleaved_median_seconds(*fns, repeats=REPEATS) -> list[float]:
+    """Medians of each of `fns`, timed in turn (a, b, c, a, b, c, ...) after one warm-up each."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((fn_a, a), (fn_b, b)):
+        for fn, samples in zip(fns, times, strict=True):
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]

@@ -9,7 +9,7 @@ import torch
 from conftest import ARCHES
 
 from personactl.activations import POSITIONS, collate, extract_vectors
-from personactl.chat_format import PairExample, chat_messages, encode_example
+from personactl.chat_format import EncodedExample, PairExample, chat_messages, encode_example
 from personactl.models import load_model
 
 WORDS = "the quick brown fox jumps over a lazy dog while cheerful gloomy assistants answer every question".split()
@@ -156,3 +156,60 @@ def test_stream_norm_is_mean_response_token_norm(tiny_factory):
             norms.append(rows[:, ex.prompt_len :].norm(dim=-1))
     expected = torch.cat(norms, dim=1).mean(1)
     torch.testing.assert_close(result.stream_norm, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_single_token_positions_without_stream_norm_stop_at_the_read_token(tiny_factory, arch):
+    lm = load_model(str(tiny_factory(arch)), dtype="float32", device="cpu", log=lambda m: None)
+    pairs = make_pairs(lm.tokenizer, 7, seed=11)
+    pad = lm.tokenizer.pad_token_id
+    for positions in (["response_start"], ["prompt_end"], ["prompt_end", "response_start"]):
+        for side in ("right", "left"):
+            full = extract_vectors(lm.model, lm.layers, pairs, pad_id=pad, positions=positions, padding_side=side)
+            widths: list[int] = []
+            handle = lm.layers[0].register_forward_pre_hook(lambda m, args, seen=widths: seen.append(args[0].shape[1]))
+            try:
+                cut = extract_vectors(
+                    lm.model,
+                    lm.layers,
+                    pairs,
+                    pad_id=pad,
+                    positions=positions,
+                    padding_side=side,
+                    stream_norm=False,
+                    batch_tokens=120,
+                )
+            finally:
+                handle.remove()
+            extra = 1 if "response_start" in positions else 0
+            ran = [e.prompt_len + extra for p in pairs for e in (p.pos, p.neg)]
+            assert cut.n_tokens == sum(ran) < full.n_tokens
+            assert max(widths) == max(ran)  # nothing after the read token ran
+            assert torch.isnan(cut.stream_norm).all() and not torch.isnan(full.stream_norm).any()
+            for p in positions:
+                for kind in ("mean_diff", "pos_mean", "neg_mean", "pca"):
+                    torch.testing.assert_close(  # NaN: PCA of all-zero differences (same token at row 0)
+                        getattr(cut, kind)[p],
+                        getattr(full, kind)[p],
+                        atol=1e-5,
+                        rtol=1e-5,
+                        equal_nan=True,
+                        msg=f"{p} {side} {kind}",
+                    )
+
+
+def test_single_token_reduction_without_norms_is_the_same_values():
+    from personactl.activations import _reduce
+
+    torch.manual_seed(0)
+    lengths, prompt_lens = [5, 9, 7], [2, 4, 6]
+    examples = [EncodedExample(tuple(range(1, n + 1)), p) for n, p in zip(lengths, prompt_lens, strict=True)]
+    for side in ("right", "left"):
+        batch = collate(examples, pad_id=0, padding_side=side)
+        hidden = torch.randn(3, 9, 16).to(torch.bfloat16)
+        hidden[~batch.attention_mask] = float("nan")  # pads may hold anything
+        positions = ["response_start", "prompt_end"]
+        full, norm_sum = _reduce(hidden, batch, positions)
+        fast, none = _reduce(hidden, batch, positions, norms=False)
+        assert none is None and norm_sum is not None
+        assert fast.dtype == torch.float32 and torch.equal(fast, full)
