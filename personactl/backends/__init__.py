@@ -26,3 +26,12 @@ class Generation:
     token_ids: list[int]  # generated tokens, end-of-turn token excluded
     text: str
     finish_reason: str  # "stop" (end of turn) or "length"
+
+
+def finish_generation(tokens: list[int], stop_ids: list[int], tokenizer: Any) -> Generation:
+    """Generated tokens cut at the first end-of-turn token ("stop"), else kept whole ("length")."""
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            kept = tokens[:i]
+            return Generation(kept, tokenizer.decode(kept, skip_special_tokens=True), "stop")
+    return Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), "length")

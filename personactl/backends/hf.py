@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from personactl.backends import Generation, Sampling, end_of_turn_ids
+from personactl.backends import Generation, Sampling, end_of_turn_ids, finish_generation
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -74,8 +74,4 @@ class HFBackend:
         return [self._finish(row[width:].tolist()) for row in out.cpu()]
 
     def _finish(self, tokens: list[int]) -> Generation:
-        for i, token in enumerate(tokens):
-            if token in self.stop_ids:
-                kept = tokens[:i]
-                return Generation(kept, self.tokenizer.decode(kept, skip_special_tokens=True), "stop")
-        return Generation(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), "length")
+        return finish_generation(tokens, self.stop_ids, self.tokenizer)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from personactl.backends import Generation, Sampling, end_of_turn_ids
+from personactl.backends import Generation, Sampling, end_of_turn_ids, finish_generation
 from personactl.errors import InputError, ModelError
 
 DEFAULT_CPU_KV_CACHE_GIB = 2  # vLLM's CPU default (a fraction of host RAM) fails on small machines
@@ -183,11 +183,7 @@ class VLLMBackend:
         return tokens
 
     def _finish(self, tokens: list[int]) -> Generation:
-        for i, token in enumerate(tokens):
-            if token in self.stop_ids:
-                kept = tokens[:i]
-                return Generation(kept, self.tokenizer.decode(kept, skip_special_tokens=True), "stop")
-        return Generation(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), "length")
+        return finish_generation(tokens, self.stop_ids, self.tokenizer)
 
     # --- steering ------------------------------------------------------------------------------
     def deltas(
