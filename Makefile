@@ -54,7 +54,8 @@ bench/.peers/.installed:
 	$(BIN)/pip install -q --target bench/.peers scikit-learn
 	touch $@
 
-bench: venv bench/.peers/.installed
+# vLLM rows run when vLLM is installed (skip them: make VLLM_SPEC= bench, or BENCH_VLLM=0)
+bench: venv vllm bench/.peers/.installed
 	$(BIN)/python bench/run.py
 
 lint: venv

@@ -6,6 +6,7 @@ bench/results/latest.json. Each timing is the median of several runs after a war
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -257,7 +258,25 @@ def bench_help(results: dict) -> list[tuple]:
     return [("`personactl --help` wall time (s, lower is better)", 0.5, t)]
 
 
+def format_row(name: str, goal: float, value: float) -> tuple[str, bool]:
+    lower_is_better = "lower is better" in name
+    met = value <= goal if lower_is_better else value >= goal
+    goal_text = ("≤" if lower_is_better else "≥") + format(goal, "g")
+    return f"{name:66} {goal_text:>6} {value:9.2f}  {'yes' if met else 'NO'}", met
+
+
+def wants_vllm() -> bool:
+    """vLLM rows run when vLLM is installed (`make bench` installs it), unless BENCH_VLLM=0."""
+    setting = os.environ.get("BENCH_VLLM", "auto")
+    return setting == "1" or (setting == "auto" and importlib.util.find_spec("vllm") is not None)
+
+
+HEADER = f"{'benchmark':66} {'goal':>6} {'measured':>9}  met"
+
+
 def main() -> None:
+    """Run every section, printing each row as it lands and saving the JSON after each section,
+    so a run cut short still leaves its finished rows behind."""
     results: dict = {
         "machine": {
             "platform": platform.platform(),
@@ -266,26 +285,35 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-        }
+        },
+        "rows": [],
     }
     from peers import bench_memory, bench_steering_vectors
 
-    rows = bench_help(results) + bench_judge(results) + bench_steering(results) + bench_extraction(results)
-    rows += bench_steering_vectors(results, load_model, make_pairs) + bench_memory(results)
-    if os.environ.get("BENCH_VLLM") == "1":  # engine starts take minutes on CPU: opt in
+    sections = [
+        lambda: bench_help(results),
+        lambda: bench_judge(results),
+        lambda: bench_steering(results),
+        lambda: bench_extraction(results),
+        lambda: bench_steering_vectors(results, load_model, make_pairs),
+        lambda: bench_memory(results),
+    ]
+    if wants_vllm():
         from vllm_bench import bench_vllm
 
-        rows += bench_vllm(results)
-    print(f"\n{'benchmark':66} {'goal':>6} {'measured':>9}  met")
-    for name, goal, value in rows:
-        lower_is_better = "lower is better" in name
-        met = value <= goal if lower_is_better else value >= goal
-        goal_text = ("≤" if lower_is_better else "≥") + format(goal, "g")
-        print(f"{name:66} {goal_text:>6} {value:9.2f}  {'yes' if met else 'NO'}")
-        results.setdefault("rows", []).append({"name": name, "goal": goal, "value": value, "met": met})
+        sections.append(lambda: bench_vllm(results))
     out = Path(__file__).parent / "results" / "latest.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    lines = []
+    print(HEADER, flush=True)
+    for section in sections:
+        for name, goal, value in section():
+            line, met = format_row(name, goal, value)
+            lines.append(line)
+            print(line, flush=True)
+            results["rows"].append({"name": name, "goal": goal, "value": value, "met": met})
+        out.write_text(json.dumps(results, indent=2))
+    print("\n" + "\n".join([HEADER, *lines]))
     print(f"\nraw timings: {out}")
 
 
