@@ -128,7 +128,7 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str =
 TOKEN_POSITIONS = ("prompt_end", "response_start")  # one token each; the others average a span
 
 
-def _reduce(
+def reduce_positions(
     hidden: torch.Tensor, batch: Batch, positions: Sequence[str], norms: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-example vectors [P, B, H] in fp32 at each position, and the response token-norm sum
@@ -279,7 +279,7 @@ def extract_vectors(
     def on_row(row: int, hidden: torch.Tensor) -> None:
         batch: Batch = state["batch"]
         k = state["k"]
-        values, norms = _reduce(hidden, batch, positions, norms=stream_norm)  # [P, 2k, H]
+        values, norms = reduce_positions(hidden, batch, positions, norms=stream_norm)  # [P, 2k, H]
         r = row_index[row]
         sum_pos[:, r] += values[:, :k].sum(1)
         sum_neg[:, r] += values[:, k:].sum(1)

@@ -2,7 +2,7 @@
 
 For bootstrap CIs (per-pair differences), readout training (one vector per text) and monitoring
 (projections per text and per token). The same hooks, padding and position reductions as
-extraction (`residual_hooks`, `collate`, `_reduce`), so a reading here is exactly the quantity a
+extraction (`residual_hooks`, `collate`, `reduce_positions`), so a reading here is exactly the quantity a
 vector was averaged from. Memory is N × positions × rows × hidden fp32: callers keep N moderate.
 """
 
@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from personactl.activations import POSITIONS, _reduce, collate, residual_hooks, run_to_last_row
+from personactl.activations import (
+    POSITIONS,
+    collate,
+    reduce_positions,
+    release_free_heap,
+    residual_hooks,
+    run_to_last_row,
+)
 from personactl.chat_format import EncodedExample
 from personactl.errors import InputError
 
@@ -70,7 +77,7 @@ def read_examples(
 
     def on_row(row: int, hidden: torch.Tensor) -> None:
         batch, index = state["batch"], state["index"]
-        reduced, _ = _reduce(hidden, batch, positions)  # [P, B, H]
+        reduced, _ = reduce_positions(hidden, batch, positions, norms=False)  # [P, B, H]
         values[index, :, row_index[row]] = reduced.transpose(0, 1).cpu()
         if dirs is not None:
             per_token[row] = torch.einsum("bth,kh->btk", hidden.float(), dirs[row_index[row]]).cpu()
@@ -90,6 +97,8 @@ def read_examples(
                 stacked = torch.stack([per_token[r] for r in rows], dim=2)  # [B, T, R, K]
                 for b, i in enumerate(batch_indices):
                     tokens[i] = stacked[b, : len(examples[i].input_ids)]
+            if device.type == "cpu":
+                release_free_heap()
             if on_batch:
                 on_batch(len(batch_indices))
     return Readings(values, list(positions), rows, tokens if dirs is not None else None)  # type: ignore[arg-type]

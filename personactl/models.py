@@ -277,7 +277,8 @@ class LoadedModel:
         }
 
 
-def _fingerprint(source: ModelSource, model: Any, directory: Path | None) -> str:
+def model_fingerprint(source: ModelSource, model: Any, directory: Path | None) -> str:
+    """What identifies these weights in artifact metadata: the hub commit, or a digest of the files."""
     if source.kind == "hub":
         return getattr(model.config, "_commit_hash", None) or "unknown-revision"
     if source.kind == "builtin":
@@ -290,7 +291,8 @@ def _fingerprint(source: ModelSource, model: Any, directory: Path | None) -> str
     return "sha256:" + h.hexdigest()
 
 
-def _prepare_tokenizer(tokenizer: Any, notes: list[str]) -> None:
+def prepare_tokenizer(tokenizer: Any, notes: list[str]) -> None:
+    """Give the tokenizer what batching and chat need (a pad token, a chat template), noting each fix."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError("the tokenizer has neither a pad nor an eos token; cannot batch")
@@ -347,10 +349,11 @@ def load_model(
     model.to(device).eval()
     model.requires_grad_(False)
     notes: list[str] = []
-    _prepare_tokenizer(tokenizer, notes)
+    prepare_tokenizer(tokenizer, notes)
     for note in notes:
         log(f"note: {note}")
-    return LoadedModel(model, tokenizer, source, _fingerprint(source, model, directory), decoder_layers(model), notes)
+    fingerprint = model_fingerprint(source, model, directory)
+    return LoadedModel(model, tokenizer, source, fingerprint, decoder_layers(model), notes)
 
 
 def _load_error(spec: str, source: ModelSource, exc: Exception) -> ModelError:

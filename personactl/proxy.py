@@ -48,14 +48,14 @@ def projections(
     lm: Any, examples: Sequence[Any], layers: Sequence[int], position: str, directions: dict[int, torch.Tensor]
 ) -> dict[int, list[float]]:
     """Scalar projection of each example's activation at `position` onto each layer's unit direction."""
-    from personactl.activations import _reduce, collate, residual_hooks, run_to_last_row
+    from personactl.activations import collate, reduce_positions, release_free_heap, residual_hooks, run_to_last_row
     from personactl.vectors import project
 
     out: dict[int, list[float]] = {layer: [] for layer in layers}
     state: dict[str, Any] = {}
 
     def on_row(row: int, hidden: torch.Tensor) -> None:
-        values, _ = _reduce(hidden, state["batch"], [position])  # the extraction's own reduction
+        values, _ = reduce_positions(hidden, state["batch"], [position], norms=False)  # the extraction's own reduction
         out[row] += project(values[0], directions[row].to(values.device)).tolist()
 
     with torch.inference_mode(), residual_hooks(lm.layers, layers, on_row):
@@ -68,6 +68,8 @@ def projections(
                 attention_mask=batch.attention_mask.long(),
                 position_ids=batch.position_ids,
             )
+            if lm.device.type == "cpu":
+                release_free_heap()
     return out
 
 

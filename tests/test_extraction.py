@@ -199,7 +199,7 @@ def test_single_token_positions_without_stream_norm_stop_at_the_read_token(tiny_
 
 
 def test_single_token_reduction_without_norms_is_the_same_values():
-    from personactl.activations import _reduce
+    from personactl.activations import reduce_positions
 
     torch.manual_seed(0)
     lengths, prompt_lens = [5, 9, 7], [2, 4, 6]
@@ -209,7 +209,7 @@ def test_single_token_reduction_without_norms_is_the_same_values():
         hidden = torch.randn(3, 9, 16).to(torch.bfloat16)
         hidden[~batch.attention_mask] = float("nan")  # pads may hold anything
         positions = ["response_start", "prompt_end"]
-        full, norm_sum = _reduce(hidden, batch, positions)
-        fast, none = _reduce(hidden, batch, positions, norms=False)
+        full, norm_sum = reduce_positions(hidden, batch, positions)
+        fast, none = reduce_positions(hidden, batch, positions, norms=False)
         assert none is None and norm_sum is not None
         assert fast.dtype == torch.float32 and torch.equal(fast, full)

@@ -357,7 +357,7 @@ def open_vllm(
     `steering=True` asks the plugin for steering buffers before compilation. `enforce_eager=True`
     skips compilation and installs them through `apply_model` instead (the fallback when the
     plugin's entry point is not installed). `engine_kwargs` go to `vllm.LLM` as they are."""
-    from personactl.models import _fingerprint, _prepare_tokenizer, resolve_model
+    from personactl.models import model_fingerprint, prepare_tokenizer, resolve_model
     from personactl.settings import _default_cache_dir
     from personactl.vllm_plugin import FLAG
 
@@ -375,7 +375,7 @@ def open_vllm(
         raise ModelError(f"cannot load {spec!r} for vLLM: {str(exc).strip().splitlines()[0][:200]}") from None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     notes: list[str] = []
-    _prepare_tokenizer(tokenizer, notes)
+    prepare_tokenizer(tokenizer, notes)
 
     _quiet_vllm_env()
     try:
@@ -410,7 +410,7 @@ def open_vllm(
         tokenizer,
         source,
         text_config,
-        _fingerprint(source, SimpleNamespace(config=config), Path(location) if source.kind != "hub" else None),
+        model_fingerprint(source, SimpleNamespace(config=config), Path(location) if source.kind != "hub" else None),
         dtype,
         stop_ids=_stop_ids(location, config, tokenizer, **hub),
         steerable=steering,
