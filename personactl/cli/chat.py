@@ -62,20 +62,12 @@ def chat(
     positions: o.SteerPositions = "all",
     norm: o.Norm = "raw",
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt.", show_default=False)] = None,
-    max_new_tokens: Annotated[
-        Optional[int],
-        typer.Option(
-            "--max-new-tokens",
-            min=1,
-            help="Tokens per reply (default 128, or the max_new_tokens setting).",
-            show_default=False,
-        ),
-    ] = None,
+    max_new_tokens: o.MaxNewTokens = None,
     temperature: Annotated[
         float, typer.Option("--temperature", min=0.0, help="0 = greedy (the default: same input, same reply).")
     ] = 0.0,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", show_default=False)] = None,
+    top_p: o.TopP = None,
+    seed: o.Seed = None,
     model: o.Model = None,
     revision: o.Revision = None,
     workspace: o.Workspace = None,

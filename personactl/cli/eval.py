@@ -135,14 +135,12 @@ def eval_cmd(
     judge_base_url: JudgeBaseUrl = None,
     judge_mode: JudgeMode = None,
     coherence_threshold: CoherenceThreshold = None,
-    max_new_tokens: Annotated[
-        Optional[int], typer.Option("--max-new-tokens", min=1, help="(default: 128)", show_default=False)
-    ] = None,
+    max_new_tokens: o.MaxNewTokens = None,
     temperature: Annotated[
         Optional[float],
         typer.Option("--temperature", min=0.0, help="0 = greedy (default: 1.0, the setting).", show_default=False),
     ] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", show_default=False)] = None,
+    seed: o.Seed = None,
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", min=1, help="(default: 32)", show_default=False)
     ] = None,

@@ -36,19 +36,12 @@ def generate(
             "--samples", "-n", min=1, help="Responses per (instruction, question) (default: 1).", show_default=False
         ),
     ] = None,
-    max_new_tokens: Annotated[
-        Optional[int], typer.Option("--max-new-tokens", min=1, help="(default: 128)", show_default=False)
-    ] = None,
+    max_new_tokens: o.MaxNewTokens = None,
     temperature: Annotated[
         Optional[float], typer.Option("--temperature", min=0.0, help="0 = greedy (default: 1.0).", show_default=False)
     ] = None,
-    top_p: Annotated[
-        Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="(default: 1.0)", show_default=False)
-    ] = None,
-    seed: Annotated[
-        Optional[int],
-        typer.Option("--seed", help="Same seed and settings, same rows (default: 0).", show_default=False),
-    ] = None,
+    top_p: o.TopP = None,
+    seed: o.Seed = None,
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", min=1, help="(default: 32)", show_default=False)
     ] = None,

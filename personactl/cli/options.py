@@ -71,3 +71,22 @@ SteerPositions = Annotated[str, typer.Option("--positions", help="Where to add: 
 Norm = Annotated[
     str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
 ]
+MaxNewTokens = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-new-tokens",
+        min=1,
+        help="Tokens per response (default: 128, the max_new_tokens setting).",
+        show_default=False,
+    ),
+]
+TopP = Annotated[
+    Optional[float],
+    typer.Option(
+        "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass, above 0 (default: 1.0).", show_default=False
+    ),
+]
+Seed = Annotated[
+    Optional[int],
+    typer.Option("--seed", help="Sampling seed: same seed and settings, same output (default: 0).", show_default=False),
+]

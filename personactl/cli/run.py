@@ -53,9 +53,7 @@ def run(
     judge_base_url: JudgeBaseUrl = None,
     judge_mode: JudgeMode = None,
     coherence_threshold: CoherenceThreshold = None,
-    max_new_tokens: Annotated[
-        Optional[int], typer.Option("--max-new-tokens", min=1, help="(default: 128)", show_default=False)
-    ] = None,
+    max_new_tokens: o.MaxNewTokens = None,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,

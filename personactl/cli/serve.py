@@ -32,20 +32,12 @@ def serve(
     aggregator: o.Aggregator = "mean_diff",
     positions: o.SteerPositions = "all",
     norm: o.Norm = "raw",
-    max_new_tokens: Annotated[
-        Optional[int],
-        typer.Option(
-            "--max-new-tokens",
-            min=1,
-            help="Default max_tokens per reply (default: 128, or the max_new_tokens setting).",
-            show_default=False,
-        ),
-    ] = None,
+    max_new_tokens: o.MaxNewTokens = None,
     temperature: Annotated[
         float, typer.Option("--temperature", min=0.0, max=2.0, help="Default temperature; 0 = greedy.")
     ] = 0.0,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Default seed.", show_default=False)] = None,
+    top_p: o.TopP = None,
+    seed: o.Seed = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key or --insecure.")
     ] = "127.0.0.1",

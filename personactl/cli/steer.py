@@ -43,14 +43,12 @@ def steer(
     system: Annotated[
         Optional[str], typer.Option("--system", help="System prompt for every message.", show_default=False)
     ] = None,
-    max_new_tokens: Annotated[
-        Optional[int], typer.Option("--max-new-tokens", min=1, help="(default: 128)", show_default=False)
-    ] = None,
+    max_new_tokens: o.MaxNewTokens = None,
     temperature: Annotated[
         float, typer.Option("--temperature", min=0.0, help="0 = greedy (the default, for comparability).")
     ] = 0.0,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", show_default=False)] = None,
+    top_p: o.TopP = None,
+    seed: o.Seed = None,
     batch_size: Annotated[
         Optional[int],
         typer.Option("--batch-size", min=1, help="Rows per batched call (default: 32).", show_default=False),
