@@ -21,6 +21,7 @@ import torch
 
 from personactl.chat_format import EncodedExample, PairExample
 from personactl.errors import InputError
+from personactl.vectors import principal_direction, principal_direction_of_rows
 
 POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg")
 AGGREGATORS = ("mean_diff", "pca")
@@ -272,7 +273,14 @@ def extract_vectors(
     P, R = len(positions), len(rows)
     sum_pos = torch.zeros(P, R, hidden_size, dtype=torch.float32, device=device)
     sum_neg = torch.zeros_like(sum_pos)
-    scatter = torch.zeros(P, R, hidden_size, hidden_size, dtype=torch.float32, device=device) if pca else None
+    # PCA needs the scatter of pair differences: with fewer pairs than hidden units the differences
+    # themselves are smaller than their H×H scatter, and the eigh runs on the N×N side instead
+    n = len(pairs)
+    all_diffs = scatter = None
+    if pca and n < hidden_size:
+        all_diffs = torch.zeros(P, R, n, hidden_size, dtype=torch.float32, device=device)
+    elif pca:
+        scatter = torch.zeros(P, R, hidden_size, hidden_size, dtype=torch.float32, device=device)
     norm_sum = torch.zeros(R, dtype=torch.float64, device=device)
     state: dict[str, Any] = {}
 
@@ -285,16 +293,19 @@ def extract_vectors(
         sum_neg[:, r] += values[:, k:].sum(1)
         if norms is not None:
             norm_sum[r] += norms.double()
-        if scatter is not None:
-            diffs = values[:, :k] - values[:, k:]
-            scatter[:, r] += diffs.transpose(1, 2) @ diffs
+        if pca:
+            diffs = values[:, :k] - values[:, k:]  # [P, k, H]
+            if all_diffs is not None:
+                all_diffs[:, r, state["index"]] = diffs
+            else:
+                scatter[:, r] += diffs.transpose(1, 2) @ diffs
 
     n_tokens = n_response_tokens = 0
     with torch.inference_mode(), residual_hooks(layers, rows, on_row):
         for batch_indices in length_sorted_batches(pairs, batch_tokens):
             examples = [pairs[i].pos for i in batch_indices] + [pairs[i].neg for i in batch_indices]
             batch = collate(examples, pad_id, padding_side, device)
-            state.update(batch=batch, k=len(batch_indices))
+            state.update(batch=batch, k=len(batch_indices), index=torch.tensor(batch_indices, device=device))
             run_to_last_row(
                 model,
                 input_ids=batch.input_ids,
@@ -310,7 +321,6 @@ def extract_vectors(
             if on_batch:
                 on_batch(len(batch_indices))
 
-    n = len(pairs)
     full = lambda t: _scatter_rows(t.cpu(), rows, n_rows)  # noqa: E731
     result = ExtractionResult({}, {}, {}, {}, torch.full((n_rows,), float("nan")), rows, n, n_tokens)
     if stream_norm:
@@ -321,9 +331,9 @@ def extract_vectors(
         result.pos_mean[position] = full(pos_mean)
         result.neg_mean[position] = full(neg_mean)
         result.mean_diff[position] = full(diff)
-        if scatter is not None:
-            from personactl.vectors import principal_direction
-
+        if all_diffs is not None:
+            result.pca[position] = full(principal_direction_of_rows(all_diffs[p], diff))
+        elif scatter is not None:
             result.pca[position] = full(principal_direction(scatter[p].cpu(), diff.cpu()))
     return result
 

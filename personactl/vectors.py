@@ -44,11 +44,33 @@ def principal_direction(scatter: torch.Tensor, reference: torch.Tensor) -> torch
     fp32 `eigh` (2.6× faster than fp64 on CPU; a fixed cost per layer, independent of the data size).
     Rows where every difference is exactly zero have no direction: they come back as NaN."""
     _, eigvecs = torch.linalg.eigh(scatter.float())
-    top = eigvecs[..., -1].double()  # eigh sorts eigenvalues ascending
+    top = eigvecs[..., -1]  # eigh sorts eigenvalues ascending
+    return _oriented(top, reference, scatter.diagonal(dim1=-2, dim2=-1).sum(-1) == 0)
+
+
+def principal_direction_of_rows(diffs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`principal_direction` of the scatter of `diffs` `[R, N, H]`, without forming it when N < H.
+
+    The top eigenvector of DᵀD is Dᵀu/‖Dᵀu‖ for u the top eigenvector of the N×N Gram matrix DDᵀ,
+    so with fewer pairs than hidden units the eigh runs on the smaller side (for 64 pairs of a
+    576-wide model, 64² instead of 576²; for a 3584-wide model the H×H eigh costs seconds a layer).
+    The small eigh runs on the CPU, where every backend has one; the matmuls stay on `diffs`' device."""
+    d = diffs.float()
+    if d.shape[-2] >= d.shape[-1]:
+        return principal_direction((d.transpose(-1, -2) @ d).cpu(), reference.cpu())
+    gram = d @ d.transpose(-1, -2)  # [R, N, N]
+    _, eigvecs = torch.linalg.eigh(gram.cpu())
+    top = torch.einsum("rn,rnh->rh", eigvecs[..., -1].to(d.device), d).cpu()
+    return _oriented(top, reference.cpu(), gram.diagonal(dim1=-2, dim2=-1).sum(-1).cpu() == 0)
+
+
+def _oriented(top: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Unit `top` rows signed to agree with `reference`; rows flagged `empty` (no spread) are NaN."""
+    top = top.double()
     sign = torch.sign((top * reference.double()).sum(-1, keepdim=True))
     sign[sign == 0] = 1
     out = unit(top * sign).float()
-    out[scatter.diagonal(dim1=-2, dim2=-1).sum(-1) == 0] = float("nan")
+    out[empty] = float("nan")
     return out
 
 

@@ -127,9 +127,10 @@ def test_layer_subset_stops_early_and_matches_full(tiny_factory):
     assert len(lm.layers[0]._forward_pre_hooks) == 0 and all(len(layer._forward_hooks) == 0 for layer in lm.layers[:2])
 
 
-def test_pca_is_top_principal_direction_of_pair_differences(tiny_factory):
+@pytest.mark.parametrize("n_pairs", [12, 40])  # fewer pairs than hidden units (32): Gram route; more: scatter
+def test_pca_is_top_principal_direction_of_pair_differences(tiny_factory, n_pairs):
     lm = load_model(str(tiny_factory("llama")), dtype="float32", device="cpu", log=lambda m: None)
-    pairs = make_pairs(lm.tokenizer, 12, seed=5)
+    pairs = make_pairs(lm.tokenizer, n_pairs, seed=5)
     result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, positions=["response_avg"])
     diffs = []
     for pair in pairs:

@@ -5,7 +5,7 @@ import torch
 
 from personactl.errors import InputError, VectorFileError
 from personactl.ranges import check_in_range, format_ranges, parse_ranges
-from personactl.vectors import PersonaVector, cosine, principal_direction
+from personactl.vectors import PersonaVector, cosine, principal_direction, principal_direction_of_rows
 
 
 def test_parse_and_format_ranges():
@@ -62,6 +62,21 @@ def test_pca_of_identical_pairs_has_no_direction():
     scatter[1] = torch.eye(3)
     out = principal_direction(scatter, torch.ones(2, 3))
     assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+    diffs = torch.zeros(2, 2, 3)
+    diffs[1, 0, 0] = 1.0
+    out = principal_direction_of_rows(diffs, torch.ones(2, 3))  # 2 rows < 3 wide: Gram route
+    assert torch.isnan(out[0]).all() and torch.equal(out[1], torch.tensor([1.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_pca_from_rows_equals_pca_from_scatter(n):
+    diffs = torch.randn(3, n, 16, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    diffs[:, :, 0] += 2.0  # a shared shift, as in pair differences
+    reference = diffs.mean(1)
+    expected = principal_direction(diffs.transpose(1, 2) @ diffs, reference)
+    got = principal_direction_of_rows(diffs, reference)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert ((got.double() * reference).sum(-1) > 0).all()
 
 
 def test_artifacts_get_normal_permissions(tmp_path):
