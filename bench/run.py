@@ -13,7 +13,6 @@ import platform
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -214,7 +213,8 @@ def bench_steering(results: dict) -> list[tuple]:
 
 
 def bench_judge(results: dict) -> list[tuple]:
-    """Judge throughput against a loopback server that answers in 100 ms."""
+    """Judge throughput against a loopback server that answers in 100 ms. The warm-up run imports the
+    client and opens its connections; no cache, so every prompt is a request."""
     from personactl.judge import RemoteJudge
 
     # the server runs in its own process, as a real one would: its Python work must not share our GIL
@@ -225,17 +225,14 @@ def bench_judge(results: dict) -> list[tuple]:
         concurrent_prompts = [f"item {i} SCORE={i % 101}" for i in range(1000)]
         sequential_prompts = [f"seq {i} SCORE={i % 101}" for i in range(100)]  # 1,000 would take 100 s
         fast = RemoteJudge("bench", base_url=base_url, api_key="k", mode="single", concurrency=50)
-        start = time.perf_counter()
-        scored = fast.judge(concurrent_prompts)
-        t_fast = time.perf_counter() - start
         slow = RemoteJudge("bench", base_url=base_url, api_key="k", mode="single", concurrency=1)
-        start = time.perf_counter()
-        slow.judge(sequential_prompts)
-        t_slow = time.perf_counter() - start
+        scored = []
+        t_fast = median_seconds(lambda: scored.extend(fast.judge(concurrent_prompts)))  # warm-up run included
+        t_slow = median_seconds(lambda: slow.judge(sequential_prompts), repeats=1, warmup=False)  # client warm
     finally:
         server.kill()
         server.wait()
-    assert all(j.score is not None for j in scored)
+    assert scored and all(j.score is not None for j in scored)
     rps_fast, rps_slow = len(concurrent_prompts) / t_fast, len(sequential_prompts) / t_slow
     results["judge"] = {
         "concurrent_requests": 1000,
