@@ -14,36 +14,16 @@
   texts (what `personactl extract --positions response_start` runs, since the vector file's
   stream norms need every response token), about 1.3x faster than theirs (the LM head and their
   padding), and theirs given texts cut by hand after the read token, about as fast as ours
-  (1.05x timed, 1.2x in profiled CPU time). So the 3x is the saving of not running the tokens
+  (1.05-1.2x timed in two runs). So the 3x is the saving of not running the tokens
   after the read token, which their API leaves to the caller.
 - Extraction peak RSS for 1,000 vs 100 pairs, each in a fresh process (streamed sums: memory
-  must not grow with the number of pairs). The row is the ratio of whole-process peaks (model
-  weights included); the JSON also keeps the peak above the RSS before extraction (the
-  extraction's own memory: one batch's activations, the sums, and for PCA, on by default, the
-  fixed positions x rows x H x H fp32 scatter, 165 MB on SmolLM2-135M, which does not grow with
-  pairs) and the RSS after each batch, which shows whether memory climbs from batch to batch.
-  The pairs' token ids are built before the `before` reading (about 7 MB for 1,000 pairs);
-  extraction keeps no per-pair data (tracemalloc: 0.09 MB of Python objects left after a
-  300-pair run, 0.6 MB peak).
-  What made the earlier 1.60x: glibc heap retention. RSS after each batch climbed ~15-25 MiB a
-  batch (800 -> 1,440 MiB over the 36 batches of 1,000 pairs; 100 pairs have 4), bare forwards
-  over 30 different widths climbed the same way and a repeated width did not, and
-  `malloc_trim(0)` after each batch removed the climb. extract_vectors now trims after each CPU
-  batch (`activations.release_free_heap`); its cost, counted rather than timed: +0.9% minor page
-  faults over a 100-pair extraction and 1-3 ms per call. Also tried: widest batch first (flat
-  for 300 pairs, climbed again for 1,000), MALLOC_ARENA_MAX=2 (worse),
-  ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 (climb halved, extraction 2-3x slower).
-  What still grows is 1.5-2.7 MiB per new batch shape (oneDNN/ideep kernel caches among it:
-  disabling either halves it): running the same 30 shapes a second time adds nothing, so it is
-  bounded by the number of distinct batch shapes (about the spread of sequence lengths), not by
-  the number of pairs; here 36 shapes vs 4, about 70 MiB. The rest of the ratio is noise in the
-  peak inside a batch: glibc reuses heap blocks across a batch's layers differently each run
-  (300 pairs: per-batch peaks 888-968 MiB; with MALLOC_MMAP_THRESHOLD_=1048576 they are a flat
-  800-807 MiB, but at 5x the page faults, so extraction does not set it), and 1,000 pairs take
-  the highest of 36 such peaks where 100 take the highest of 4. Two runs of this benchmark after
-  the fix: 1.09 and 1.16 (whole-process peaks 1.06/1.16 GB and 1.11/1.29 GB; before the fix
-  0.93/1.51 GB, 1.61), so the ratio is good to about +-0.1; `retained_growth_kib` (RSS after the
-  last batch minus after the first) is the part that would grow with the pairs.
+  must not grow with the number of pairs). The kernel's high-water mark is reset after the model
+  loads, so the peak is the extraction's own (the load peak could be higher and hide it). The JSON
+  also keeps the RSS after each batch: `retained_growth_kib` (last minus first) is the part that
+  climbs from batch to batch. What grows and why, with what was tried (README "Benchmarks"): PCA
+  storage by design (the differences for 100 pairs, the fixed H×H scatter for 1,000), and glibc
+  heap fragmentation inside a batch, which rises with the number of batches run; between batches
+  `extract_vectors` trims the heap (`activations.release_free_heap`), which keeps RSS nearly flat.
 """
 
 from __future__ import annotations

@@ -246,7 +246,8 @@ def extract_vectors(
     tokens; `n_tokens` counts the tokens that ran.
 
     Memory does not grow with the number of pairs: per (position, row) we keep fp32 sums of the
-    positive and negative examples and, for PCA, the H×H scatter of the pair differences. On CPU
+    positive and negative examples and, for PCA, the pair differences while there are fewer pairs
+    than hidden units, else their H×H scatter (whichever is smaller). On CPU
     the C heap is trimmed after each batch (`release_free_heap`), or allocator fragmentation
     would make RSS climb with the number of batches all the same."""
     unknown = set(positions) - set(POSITIONS)

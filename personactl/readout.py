@@ -24,7 +24,7 @@ import torch
 
 from personactl import __version__
 from personactl.errors import InputError, VectorFileError
-from personactl.vectors import LAYER_CONVENTION, principal_direction, unit
+from personactl.vectors import LAYER_CONVENTION, principal_direction_of_rows, unit
 
 FORMAT = "personactl.readout/1"
 READOUT_PROMPT = "Describe yourself in a sentence or two."
@@ -69,8 +69,7 @@ def one_vs_rest(values: torch.Tensor, labels: list[int], n_concepts: int, aggreg
         diff = pos.mean(0) - neg.mean(0)  # [R, H]
         if aggregator == "pca":
             centred = pos - neg.mean(0)  # [n_c, R, H]
-            scatter = torch.einsum("nrh,nrg->rhg", centred, centred)
-            diff = principal_direction(scatter, diff).double()
+            diff = principal_direction_of_rows(centred.transpose(0, 1), diff).double()
         out.append(unit(diff))
     return torch.stack(out, dim=1).float()
 
