@@ -94,6 +94,12 @@ class Workspace:
     def trait_dir(self, model_slug: str, trait: str) -> Path:
         return self.root / slugify(model_slug) / slugify(trait)
 
+    def lock(self, model_slug: str, trait: str) -> contextlib.AbstractContextManager[None]:
+        """The trait directory's writer lock, held by a command for its whole run (see workspace_lock)."""
+        from personactl.workspace_lock import hold_directory_lock
+
+        return hold_directory_lock(self.trait_dir(model_slug, trait))
+
     def responses_path(self, model_slug: str, trait: str, persona: str) -> Path:
         return self.trait_dir(model_slug, trait) / f"responses-{persona}.parquet"
 

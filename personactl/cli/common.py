@@ -86,6 +86,13 @@ def open_workspace(settings):
     return workspace
 
 
+def trait_lock(workspace, settings, name: str):
+    """The writer lock of the model's directory for trait (or artifact) `name`: one process at a time."""
+    from personactl.models import resolve_model
+
+    return workspace.lock(resolve_model(settings.model).slug, name)
+
+
 def check_choices(*checks: tuple[str, Sequence[str], str]) -> None:
     """A clear error for the first flag whose value is not one of its choices: (value, allowed, flag)."""
     from personactl.errors import InputError

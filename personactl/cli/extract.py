@@ -17,6 +17,7 @@ from personactl.cli.common import (
     open_workspace,
     settings_from,
     stdout_console,
+    trait_lock,
 )
 from personactl.cli.persona_options import Persona, check_persona
 
@@ -95,7 +96,8 @@ def extract(
 
         if trait_obj is None:
             raise InputError("--i-thou needs --trait")
-        vector, summary = ithou_step(settings=settings, workspace=ws, trait=trait_obj)
+        with trait_lock(ws, settings, trait_obj.name):
+            vector, summary = ithou_step(settings=settings, workspace=ws, trait=trait_obj)
         if json:
             emit_json(
                 {**summary, "positions": vector.positions, "rows": vector.rows, "recipe": vector.metadata["recipe"]}
@@ -105,7 +107,8 @@ def extract(
                 f"wrote the I-Thou vector of {trait_obj.name} (model minus user persona) to {summary['artifact']}"
             )
         return
-    with LazyProgress("extract pairs") as bar:
+    label = trait_obj.name if trait_obj is not None else (name or Path(pairs).stem)
+    with trait_lock(ws, settings, label), LazyProgress("extract pairs") as bar:
         vector, summary = extract_step(
             settings=settings,
             workspace=ws,

@@ -15,6 +15,7 @@ from personactl.cli.common import (
     log,
     open_workspace,
     settings_from,
+    trait_lock,
 )
 from personactl.cli.persona_options import Persona, check_persona
 
@@ -77,7 +78,7 @@ def generate(
     )
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)
-    with LazyProgress(f"generate {trait_obj.name}") as bar:
+    with trait_lock(ws, settings, trait_obj.name), LazyProgress(f"generate {trait_obj.name}") as bar:
 
         def on_start(total: int, done: int) -> None:
             if done:

@@ -7,7 +7,16 @@ from typing import Annotated, Any, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import emit_json, guarded, load_engine, log, open_workspace, settings_from, stdout_console
+from personactl.cli.common import (
+    emit_json,
+    guarded,
+    load_engine,
+    log,
+    open_workspace,
+    settings_from,
+    stdout_console,
+    trait_lock,
+)
 from personactl.cli.eval import (
     Coefficients,
     CoherenceThreshold,
@@ -91,25 +100,26 @@ def run(
         return loaded["lm"]
 
     phases = Phases()
-    try:
-        result = run_pipeline(
-            settings=settings,
-            workspace=ws,
-            trait=trait_obj,
-            spec=spec,
-            load=load,
-            load_judge=judge_loader(settings, loaded),
-            max_questions=questions,
-            eval_questions=eval_questions,
-            proxy=proxy,
-            on_step=lambda name: log(f"— {name}"),
-            on_phase=phases.phase,
-            on_chunk=phases.advance,
-            on_judged=phases.judged,
-            on_judge=weak_judge_warning,
-        )
-    finally:
-        phases.close()
+    with trait_lock(ws, settings, trait_obj.name):
+        try:
+            result = run_pipeline(
+                settings=settings,
+                workspace=ws,
+                trait=trait_obj,
+                spec=spec,
+                load=load,
+                load_judge=judge_loader(settings, loaded),
+                max_questions=questions,
+                eval_questions=eval_questions,
+                proxy=proxy,
+                on_step=lambda name: log(f"— {name}"),
+                on_phase=phases.phase,
+                on_chunk=phases.advance,
+                on_judged=phases.judged,
+                on_judge=weak_judge_warning,
+            )
+        finally:
+            phases.close()
     for name, summary in result["steps"].items():
         if summary.get("skipped"):
             log(f"{name}: skipped, {summary['artifact']} is already complete")

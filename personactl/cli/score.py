@@ -16,6 +16,7 @@ from personactl.cli.common import (
     open_workspace,
     settings_from,
     stdout_console,
+    trait_lock,
 )
 from personactl.cli.persona_options import Persona, check_persona
 
@@ -102,7 +103,7 @@ def score(
     )
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)
-    with LazyProgress(f"score {trait_obj.name}") as bar:
+    with trait_lock(ws, settings, trait_obj.name), LazyProgress(f"score {trait_obj.name}") as bar:
         state = {"cached": 0, "failed": 0, "done": 0}
 
         def on_start(total: int, cached: int) -> None:
