@@ -52,3 +52,12 @@ class VectorFileError(PersonactlError):
     """A vector file that is missing, corrupt or incompatible."""
 
     default_hint = "re-extract it: personactl extract ... --force"
+
+
+class JudgeError(PersonactlError):
+    """A judge that cannot be reached, refuses the key, or answers with something that is not a completion."""
+
+    default_hint = (
+        "check --judge-base-url, the API key and --judge; answers already received are cached, "
+        "so rerunning the same command sends only what is missing"
+    )

@@ -14,6 +14,7 @@ from personactl import __version__
 from personactl.activations import AGGREGATORS, POSITIONS, extract_vectors
 from personactl.chat_format import PairExample, encode_example, encode_raw
 from personactl.errors import InputError
+from personactl.sinks import SINK_RULE, STREAM_NORM_RULE
 from personactl.vectors import LAYER_CONVENTION, PersonaVector
 
 
@@ -82,7 +83,14 @@ def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], boo
                 PairExample(encode_example(tokenizer, messages, pos), encode_example(tokenizer, messages, neg))
             )
         else:
-            pairs.append(PairExample(encode_raw(tokenizer, pos), encode_raw(tokenizer, neg)))
+            pair = PairExample(encode_raw(tokenizer, pos), encode_raw(tokenizer, neg))
+            if min(pair.pos.response_len, pair.neg.response_len) < 1:
+                raise InputError(
+                    f"{path}:{number}: a text is a single token, and the first token is the attention sink's "
+                    "context, so nothing is left to average",
+                    hint="use texts of two or more tokens, or add a \"prompt\" to each line",
+                )
+            pairs.append(pair)
     if not pairs:
         raise InputError(f"{path} holds no pairs")
     return pairs, bool(chat)
@@ -124,6 +132,7 @@ def build_vector(
     )
     n_tokens = result.n_tokens
     tensors = {"stream_norm": result.stream_norm}
+    diagnostics = result.diagnostics
     if "user_avg" in positions:
         user = extract_vectors(
             lm.model,
@@ -136,6 +145,7 @@ def build_vector(
             batch_tokens=batch_tokens,
         )
         n_tokens += user.n_tokens
+        diagnostics = merge_user_diagnostics(diagnostics, user.diagnostics, main_positions)
         for kind in ("mean_diff", "pos_mean", "neg_mean", *(["pca"] if "pca" in aggregators else [])):
             tensors[f"{kind}.user_avg"] = getattr(user, kind)["response_avg"]
     seconds = time.perf_counter() - start
@@ -153,13 +163,25 @@ def build_vector(
         "aggregators": list(aggregators),
         "n_pairs": result.n_pairs,
         "n_tokens": n_tokens,
-        "stream_norm": "mean L2 norm of the residual stream over response tokens, per row",
+        "stream_norm": STREAM_NORM_RULE,
+        "sinks": SINK_RULE,
+        "diagnostics": diagnostics,
         "personactl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **provenance,
     }
     timing = {"seconds": round(seconds, 3), "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1)}
     return PersonaVector(tensors, metadata), timing
+
+
+def merge_user_diagnostics(main: dict[str, Any], user: dict[str, Any], kept: Sequence[str]) -> dict[str, Any]:
+    """One diagnostics record for a user-persona file: the main pass's `kept` positions, and the
+    user pass's `response_avg` as `user_avg` (warnings are per position, prefixed by its name)."""
+    positions = {p: stats for p, stats in main["positions"].items() if p in kept}
+    positions["user_avg"] = user["positions"]["response_avg"]
+    warnings = [w for w in main["warnings"] if ":" not in w.split(" ")[0] or w.split(":")[0] in kept]
+    warnings += [w.replace("response_avg:", "user_avg:", 1) for w in user["warnings"] if w.startswith("response_avg:")]
+    return {**main, "positions": positions, "warnings": warnings}
 
 
 def extract_step(
@@ -195,7 +217,9 @@ def extract_step(
     if trait is not None:
         responses_path, manifest = workspace.require_responses(source.slug, settings.model, trait, persona)
         scores_path = workspace.scores_path(source.slug, trait.name, persona)
-        scores_manifest = workspace.read_manifest(scores_path) if scores_path.is_file() else None
+        scores_manifest = (
+            workspace.complete_manifest(scores_path, "personactl score") if scores_path.is_file() else None
+        )
         input_id = {
             "responses": str(responses_path),
             "responses_fingerprint": manifest.get("fingerprint"),

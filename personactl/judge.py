@@ -13,8 +13,10 @@ Two ways to read p(n) from a server (`mode`):
   p(end | d) and p(second digit | d), and "10" once more for "100". 3–6 requests per judgement.
 - `auto` probes the server once per run ("reply with 87") and picks one of the two.
 
-Deterministic outcomes are cached by (judge identity, full prompt) so re-runs cost nothing;
-transient failures are not cached, so a re-run retries them.
+Answers (a score, a refusal, too little mass on numbers) are cached by (judge identity, full
+prompt) so re-runs cost nothing. Failures (transport errors, 429/5xx, timeouts, a reply without
+logprobs, a body that is not a completion) are never cached, so a plain re-run retries them; a
+judge that answers nothing at all (down, wrong URL, key refused) stops the run with a JudgeError.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personactl.errors import ConfigError
+from personactl.errors import ConfigError, JudgeError
+from personactl.redaction import redact
 
 MIN_NUMBER_MASS = 0.25
+FAILED = "transient: "  # the reason of a judgement that is a failure, not an answer
+NO_LOGPROBS = FAILED + "no logprobs in the response"
+LEGACY_FAILURES = ("no logprobs in the response",)  # failures that older versions cached as answers
 TOP_LOGPROBS = 20
 JUDGE_MODES = ("auto", "single", "digits")
 PRUNE_BELOW = 0.01  # digit-tree branches rarer than this are not expanded (their mass counts as lost)
@@ -66,7 +72,8 @@ class Judgement:
 
     @property
     def transient(self) -> bool:
-        return (self.reason or "").startswith("transient")
+        """A failure (the judge gave no answer): never cached, retried by the next run."""
+        return (self.reason or "").startswith(FAILED.strip()) or self.reason in LEGACY_FAILURES
 
 
 def judgement_from_distribution(numbers: dict[int, float], refusal: bool, min_mass: float = MIN_NUMBER_MASS):
@@ -86,7 +93,7 @@ def _is_refusal(top: TopLogprobs) -> bool:
 def score_from_top_logprobs(top: TopLogprobs, min_mass: float = MIN_NUMBER_MASS) -> Judgement:
     """`single` mode: expected integer 0–100 under the first-token distribution (pure function)."""
     if not top:
-        return Judgement(None, "no logprobs in the response")
+        return Judgement(None, NO_LOGPROBS)
     numbers: dict[int, float] = {}
     for token, logprob in top:
         text = token.strip()
@@ -146,7 +153,7 @@ async def digit_tree(ask: Callable[[str], Any], min_mass: float = MIN_NUMBER_MAS
 
     root = await ask("")
     if not root:
-        return Judgement(None, "no logprobs in the response")
+        return Judgement(None, NO_LOGPROBS)
     if _is_refusal(root):
         return Judgement(None, "refusal")
     await expand("", 1.0, root)
@@ -157,21 +164,43 @@ class JudgeCache:
     """Persistent (judge identity, prompt) -> judgement store in one SQLite file."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path))
-        self.db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, score REAL, reason TEXT)")
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path))
+            self.db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, score REAL, reason TEXT)")
+        except (OSError, sqlite3.Error) as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: Exception) -> Exception:
+        from personactl.errors import WorkspaceError
+
+        return WorkspaceError(
+            f"judge cache {self.path} cannot be used: {exc}",
+            hint="free space or fix its permissions; or delete it (it only saves repeated requests)",
+        )
 
     @staticmethod
     def key(identity: str, prompt: str) -> str:
         return hashlib.sha256(f"{identity}\0{prompt}".encode()).hexdigest()
 
     def get(self, key: str) -> Judgement | None:
+        """The cached answer, or None (also for a failure an older version stored: it is asked again)."""
         row = self.db.execute("SELECT score, reason FROM judgements WHERE key = ?", (key,)).fetchone()
-        return None if row is None else Judgement(row[0], row[1], cached=True)
+        hit = None if row is None else Judgement(row[0], row[1], cached=True)
+        return None if hit is None or hit.transient else hit
 
     def put(self, key: str, judgement: Judgement) -> None:
-        self.db.execute("INSERT OR REPLACE INTO judgements VALUES (?, ?, ?)", (key, judgement.score, judgement.reason))
-        self.db.commit()
+        """Store an answer; a failure is not stored (the next run must ask again)."""
+        if judgement.transient:
+            return
+        try:
+            self.db.execute(
+                "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?)", (key, judgement.score, judgement.reason)
+            )
+            self.db.commit()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
 
     def close(self) -> None:
         self.db.close()
@@ -191,6 +220,13 @@ def split_cached(
             results[i] = hit
             on_done(hit)
     return results, todo
+
+
+def refusing_statuses() -> tuple[type[Exception], ...]:
+    """Answers that mean every request will fail alike: the key is refused, or the model or URL is wrong."""
+    import openai
+
+    return (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 
 
 def remote_identity(model: str, base_url: str | None, mode: str) -> str:
@@ -283,12 +319,22 @@ class RemoteJudge:
             if self.resolved_mode == "digits":
                 return await digit_tree(lambda prefill: self._top_logprobs(client, prompt, prefill))
             return score_from_top_logprobs(await self._top_logprobs(client, prompt))
-        except openai.APIStatusError as exc:
-            return Judgement(None, f"transient: HTTP {exc.status_code} after retries")
         except openai.APITimeoutError:
-            return Judgement(None, "transient: timeout after retries")
+            return Judgement(None, f"{FAILED}timeout after retries")
+        except (openai.APIConnectionError, *refusing_statuses()):
+            raise  # the judge is down or refuses the key: the caller decides whether to go on
+        except openai.APIStatusError as exc:
+            return Judgement(None, f"{FAILED}HTTP {exc.status_code} after retries")
         except (openai.APIError, ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
-            return Judgement(None, f"transient: {type(exc).__name__}: {str(exc)[:120]}")
+            return Judgement(None, f"{FAILED}{type(exc).__name__}: {self.quote(str(exc))}")
+
+    def quote(self, text: str, limit: int = 120) -> str:
+        """Text from the server, safe to print: credentials masked, one line, bounded."""
+        return " ".join(redact(text, [self.api_key]).split())[:limit]
+
+    def unreachable(self, exc: Exception) -> JudgeError:
+        where = f"{self.model} at {self.base_url or 'OpenAI'}"
+        return JudgeError(f"cannot use the judge {where}: {self.quote(str(exc), 200)}")
 
     async def _run(self, prompts: Sequence[str], on_done: Callable[[Judgement], None]) -> list[Judgement]:
         import openai
@@ -301,10 +347,20 @@ class RemoteJudge:
         )
         self._gate = asyncio.Semaphore(self.concurrency)
 
+        answered = 0
+
         async def one(i: int) -> None:
-            judgement = await self._ask(client, prompts[i])
+            nonlocal answered
+            try:
+                judgement = await self._ask(client, prompts[i])
+            except (openai.APIConnectionError, *refusing_statuses()) as exc:
+                if not answered:  # no answer yet: the judge is down or refuses us; asking more won't help
+                    raise self.unreachable(exc) from None
+                status = getattr(exc, "status_code", None)
+                judgement = Judgement(None, FAILED + (f"HTTP {status}" if status else "cannot connect after retries"))
+            answered += not judgement.transient
             results[i] = judgement
-            if self.cache and not judgement.transient:
+            if self.cache:
                 self.cache.put(JudgeCache.key(self.identity, prompts[i]), judgement)
             on_done(judgement)
 
@@ -312,11 +368,8 @@ class RemoteJudge:
             if self.resolved_mode is None:
                 try:
                     self.resolved_mode = await self.detect_mode(client)
-                except openai.APIError as exc:
-                    raise ConfigError(
-                        f"cannot reach the judge {self.model} at {self.base_url or 'OpenAI'}: {str(exc)[:160]}",
-                        hint="check --judge-base-url, the key and the model name",
-                    ) from None
+                except (openai.APIError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+                    raise self.unreachable(exc) from None
             await asyncio.gather(*(one(i) for i in todo))
         finally:
             await client.close()

@@ -2,19 +2,26 @@
 
 Filter (persona-vectors' rule, row-paired): keep a pair only when pos trait ≥ T, neg trait < T and
 both sides' coherence ≥ C (T = C = 50 by default). A missing score never passes.
+
+A judgement that failed (the judge gave no answer) leaves the scores file incomplete: it is saved,
+marked incomplete in its manifest, the command exits 2 saying how many failed and why, `extract`
+refuses it, and a plain rerun sends only the failed ones (answers come from the cache).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import polars as pl
 
-from personactl.errors import ConfigError
+from personactl.errors import ConfigError, InputError, JudgeError
 from personactl.judge import COHERENCE_RUBRIC, JudgeCache, Judgement, RemoteJudge
+from personactl.workspace import read_table
 
 SCORES_SCHEMA = {
     "pair_id": pl.String,
@@ -26,6 +33,16 @@ SCORES_SCHEMA = {
     "keep": pl.Boolean,  # the pair passes the filter (same value on both rows of a pair)
     "judge_model": pl.String,
 }
+
+
+def reason_counts(judgements: list[Judgement]) -> dict[str, int]:
+    """Why judgements have no score, counted (numbers in reasons are dropped so like counts with like)."""
+    counts = Counter(re.sub(r"[0-9.]+ probability", "too little probability", j.reason or "") for j in judgements)
+    return dict(counts.most_common())
+
+
+def describe_reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason.removeprefix('transient: ')} ×{n}" for reason, n in counts.items())
 
 
 def coherence_prompt(question: str, answer: str) -> str:
@@ -103,7 +120,12 @@ def score_step(
 
     slug = resolve_model(settings.model).slug
     responses_path, responses_manifest = workspace.require_responses(slug, settings.model, trait, persona)
-    responses = pl.read_parquet(responses_path)
+    responses = read_table(responses_path)
+    if responses.height == 0:
+        raise InputError(
+            f"{responses_path} has no responses to score",
+            hint=f"regenerate: personactl generate --trait {trait.name} --force",
+        )
     prompts = []
     for row in responses.iter_rows(named=True):
         if persona == "user":  # the trait is the user's (their message); the reply is checked for coherence
@@ -129,7 +151,7 @@ def score_step(
     summary: dict[str, Any] = {"artifact": str(output), "trait": trait.name, "judge_model": settings.judge_model}
     if not dry_run and not force and workspace.finished(output, fingerprint):
         if (workspace.read_manifest(output) or {}).get("filter") == filter_:
-            return pl.read_parquet(output), {**summary, "skipped": True}
+            return read_table(output), {**summary, "skipped": True}
         # new thresholds: the judgements come back from the cache and only the filter is redone
     cache = JudgeCache(workspace.judge_cache_path)
     try:
@@ -155,6 +177,12 @@ def score_step(
         seconds = time.perf_counter() - start
     finally:
         cache.close()
+    failures = [j for j in judgements if j.transient]
+    if failures and len(failures) == len(judgements):
+        raise JudgeError(
+            f"the judge {settings.judge_model} answered none of {len(judgements)} judgements "
+            f"({describe_reasons(reason_counts(failures))}); nothing was written"
+        )
     trait_j, coherence_j = judgements[0::2], judgements[1::2]
     scores = pl.DataFrame(
         {
@@ -182,6 +210,8 @@ def score_step(
         "missing_coherence": scores["coherence_score"].null_count(),
         "requests_sent": judge.requests_sent,
         "cache_hits": cached,
+        "failed": len(failures),
+        "no_score_reasons": reason_counts([j for j in judgements if j.score is None]),
     }
     judge_info = {"model": settings.judge_model, "identity": judge.identity}
     if not local:
@@ -195,8 +225,15 @@ def score_step(
         judge=judge_info,
         filter=filter_,
         counts=counts,
+        complete=not failures,
         timings={"seconds": round(seconds, 2)},
     )
+    if failures:
+        raise JudgeError(
+            f"{len(failures)} of {len(judgements)} judgements failed ({describe_reasons(reason_counts(failures))}); "
+            f"{output} is saved but incomplete",
+            hint="rerun the same command: it sends only the failed judgements (answers are cached)",
+        )
     return scores, {
         **summary,
         "skipped": False,

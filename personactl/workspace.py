@@ -25,10 +25,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personactl import __version__
 from personactl.errors import WorkspaceError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -57,6 +60,19 @@ def _umask() -> int:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_table(path: Path) -> pl.DataFrame:
+    """A parquet artifact; a clear error naming the file when it is truncated or not parquet."""
+    import polars as pl
+
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise WorkspaceError(
+            f"cannot read {path}: {detail}", hint="delete it and rerun the step that writes it (or rerun with --force)"
+        ) from None
 
 
 def slugify(text: str) -> str:
@@ -191,12 +207,20 @@ class Workspace:
         except (OSError, json.JSONDecodeError) as exc:
             raise WorkspaceError(f"corrupt manifest {path}: {exc}", hint="delete it or rerun with --force") from None
 
+    def complete_manifest(self, artifact: Path, rerun: str) -> dict[str, Any] | None:
+        """The manifest of an artifact another step reads, or an error when it is marked incomplete."""
+        manifest = self.read_manifest(artifact)
+        if manifest is not None and manifest.get("complete") is False:
+            raise WorkspaceError(f"{artifact} is incomplete (its step failed part way)", hint=f"rerun: {rerun}")
+        return manifest
+
     def finished(self, artifact: Path, fingerprint: dict[str, Any]) -> bool:
-        """True when `artifact` is complete and was made from the same inputs.
+        """True when `artifact` is complete and was made from the same inputs (a manifest that says
+        `complete: false`, e.g. scores with failed judgements, is work still to do).
 
         A complete artifact made from *different* inputs is an error, not a silent reuse."""
         manifest = self.read_manifest(artifact)
-        if manifest is None or not artifact.is_file():
+        if manifest is None or not artifact.is_file() or manifest.get("complete") is False:
             return False
         old = manifest.get("fingerprint")
         if old != json.loads(json.dumps(fingerprint, default=str)):

@@ -3,7 +3,9 @@
 It answers with `top_logprobs` built from markers in the prompt:
 `SCORE=NN` (numbers around NN), `[[REFUSE]]`, `[[WORDS]]` (no numbers), `[[429]]` (429 with
 Retry-After once, then fine), `[[500]]` (always 500), `[[SLOW]]` (answers after the client gave up),
-`[[TRUNC]]` (truncated JSON body). `delay` adds latency to every answer.
+`[[TRUNC]]` (truncated JSON body). `delay` adds latency to every answer. `fail(prompt)` may return
+an HTTP status to answer with instead (its error body echoes the request headers, as some servers
+do); a `scorer` that returns no entries gives a reply without logprobs.
 
 With `digits=True` it behaves like a judge whose tokenizer splits numbers into digits: the
 distribution over whole numbers (from the same markers; "the number NN" is NN for sure) is served
@@ -28,6 +30,7 @@ class JudgeServer:
         self.digits = digits
         self.prefill = prefill
         self.scorer = scorer  # optional prompt -> top_logprobs override
+        self.fail = None  # optional prompt -> HTTP status (or None to answer normally)
         self.slow_seconds = slow_seconds
         self.requests: Counter[str] = Counter()
         self.lock = threading.Lock()
@@ -51,6 +54,9 @@ class JudgeServer:
                     server.requests[prompt] += 1
                     count = server.requests[prompt]
                 time.sleep(server.delay)
+                if server.fail and (status := server.fail(prompt)):
+                    echoed = {k: v for k, v in self.headers.items()}
+                    return self._send(status, {"error": {"message": f"rejected; you sent {echoed}"}})
                 if "[[429]]" in prompt and count == 1:
                     return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
                 if "[[500]]" in prompt:
@@ -138,6 +144,8 @@ class JudgeServer:
         else:
             top = self.top_logprobs(prompt)
         entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]
+        first = [{**entries[0], "top_logprobs": entries[: body.get("top_logprobs", 20)]}] if top else []
+        logprobs = {"content": first} if top else None
         return {
             "id": "chatcmpl-test",
             "object": "chat.completion",
@@ -147,8 +155,8 @@ class JudgeServer:
                 {
                     "index": 0,
                     "finish_reason": "length",
-                    "message": {"role": "assistant", "content": top[0][0]},
-                    "logprobs": {"content": [{**entries[0], "top_logprobs": entries[: body.get("top_logprobs", 20)]}]},
+                    "message": {"role": "assistant", "content": top[0][0] if top else "87"},
+                    "logprobs": logprobs,
                 }
             ],
             "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},

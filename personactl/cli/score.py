@@ -112,7 +112,7 @@ def score(
 
         def on_done(judgement) -> None:
             state["done"] += 1
-            state["failed"] += judgement.score is None and (judgement.reason or "").startswith("transient")
+            state["failed"] += judgement.transient
             elapsed = bar.bar.tasks[bar.task].elapsed or 1e-9
             bar.note(
                 f"{state['done'] / elapsed:.0f} judgements/s · {state['cached']} cached · {state['failed']} failed"
@@ -155,6 +155,11 @@ def score(
         log(f"skipped: {summary['artifact']} is already complete; --force to rescore")
         summary["kept_pairs"] = scores.filter(scores["keep"])["pair_id"].n_unique()
         summary["pairs"] = scores["pair_id"].n_unique()
+    if summary.get("no_score_reasons"):
+        from personactl.scoring import describe_reasons
+
+        missing = sum(summary["no_score_reasons"].values())
+        log(f"{missing} judgements without a score: {describe_reasons(summary['no_score_reasons'])}")
     if json:
         emit_json(summary)
         return
