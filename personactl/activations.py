@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from personactl.chat_format import EncodedExample, PairExample
+from personactl.diagnostics import sample_slots, summarize, unit_rows, warnings_for
 from personactl.errors import InputError
+from personactl.sinks import median_span_norm, sink_mask, without_sinks
 from personactl.vectors import principal_direction, principal_direction_of_rows
 
 POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg")
@@ -92,6 +94,7 @@ class Batch:
     response_start: torch.Tensor  # [B] index of the first response token
     prompt_mask: torch.Tensor  # [B, T] bool
     response_mask: torch.Tensor  # [B, T] bool
+    first: torch.Tensor  # [B] column of each sequence's first real token (always a sink)
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str = "right", device: Any = "cpu") -> Batch:
@@ -123,6 +126,7 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str =
         to(start + prompt_len),
         to(prompt_mask),
         to(response_mask),
+        to(start),
     )
 
 
@@ -132,16 +136,20 @@ TOKEN_POSITIONS = ("prompt_end", "response_start")  # one token each; the others
 def reduce_positions(
     hidden: torch.Tensor, batch: Batch, positions: Sequence[str], norms: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-example vectors [P, B, H] in fp32 at each position, and the response token-norm sum
-    (None with `norms=False`). Single-token positions alone gather before upcasting, so no fp32
-    copy of the whole [B, T, H] batch is made; the values are the same (both index real tokens)."""
+    """Per-example vectors [P, B, H] in fp32 at each position, and each example's stream norm [B]
+    (the median norm of its response tokens; None with `norms=False`). Averaged spans and norms
+    leave out sink positions (`personactl.sinks`). Single-token positions alone gather before
+    upcasting, so no fp32 copy of the whole [B, T, H] batch is made; the values are the same
+    (both index real tokens)."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     if not norms and set(positions) <= set(TOKEN_POSITIONS):
         index = {"prompt_end": batch.prompt_end, "response_start": batch.response_start}
         return torch.stack([hidden[rows, index[p]].to(torch.float32) for p in positions]), None
     h32 = hidden.to(torch.float32, copy=True)  # a private copy: the model's own tensor is never touched
     h32.masked_fill_(~batch.attention_mask[..., None], 0.0)  # pad rows may hold anything, even NaN
-    norm_sum = (torch.linalg.vector_norm(h32, dim=-1) * batch.response_mask).sum() if norms else None
+    token_norms = torch.linalg.vector_norm(h32, dim=-1)
+    sinks = sink_mask(token_norms, batch.attention_mask, batch.first)
+    example_norms = median_span_norm(token_norms, batch.response_mask & ~sinks) if norms else None
     out = []
     for position in positions:
         if position == "prompt_end":
@@ -149,10 +157,10 @@ def reduce_positions(
         elif position == "response_start":
             out.append(h32[rows, batch.response_start])
         else:
-            span = batch.response_mask if position == "response_avg" else batch.prompt_mask
+            span = without_sinks(batch.response_mask if position == "response_avg" else batch.prompt_mask, sinks)
             weights = span.float() / span.sum(1, keepdim=True).clamp(min=1)
             out.append(torch.einsum("bt,bth->bh", weights, h32))
-    return torch.stack(out), norm_sum
+    return torch.stack(out), example_norms
 
 
 def cut_after_read_tokens(pairs: Sequence[PairExample], positions: Sequence[str]) -> list[PairExample]:
@@ -178,10 +186,11 @@ class ExtractionResult:
     pos_mean: dict[str, torch.Tensor]
     neg_mean: dict[str, torch.Tensor]
     pca: dict[str, torch.Tensor]
-    stream_norm: torch.Tensor  # [L+1] mean residual norm over response tokens (NaN: not computed)
+    stream_norm: torch.Tensor  # [L+1] typical response-token residual norm (`STREAM_NORM_RULE`; NaN: not computed)
     rows: list[int]
     n_pairs: int
     n_tokens: int
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # see personactl.diagnostics
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -237,17 +246,23 @@ def extract_vectors(
     padding_side: str = "right",
     on_batch: Callable[[int], None] | None = None,
     stream_norm: bool = True,
+    diagnostics: bool = True,
 ) -> ExtractionResult:
     """Mean-difference (and PCA) vectors at every requested row and position, in one streamed pass.
 
-    `stream_norm=False` skips the mean response-token norm (`result.stream_norm` is then NaN). With
+    `stream_norm=False` skips the response-token norms (`result.stream_norm` is then NaN). With
     it off and only single-token positions (prompt_end, response_start), each example runs only up
     to the last token read (`cut_after_read_tokens`): the same vectors from a fraction of the
     tokens; `n_tokens` counts the tokens that ran.
 
-    Memory does not grow with the number of pairs: per (position, row) we keep fp32 sums of the
-    positive and negative examples and, for PCA, the pair differences while there are fewer pairs
-    than hidden units, else their H×H scatter (whichever is smaller). On CPU
+    Means and stream norms leave out attention sinks (`personactl.sinks`); stream norms are medians,
+    so one outlier token cannot move them. `diagnostics` (`personactl.diagnostics`) come from the
+    same per-pair differences at almost no cost.
+
+    Memory does not grow with the number of pairs beyond one float per example and row: per
+    (position, row) we keep fp32 sums of the positive and negative examples, the sum of the pairs'
+    unit differences, and the pair differences themselves while there are fewer pairs than hidden
+    units (else an evenly spaced sample of H−1 of them, plus, for PCA, their H×H scatter). On CPU
     the C heap is trimmed after each batch (`release_free_heap`), or allocator fragmentation
     would make RSS climb with the number of batches all the same."""
     unknown = set(positions) - set(POSITIONS)
@@ -275,14 +290,19 @@ def extract_vectors(
     sum_pos = torch.zeros(P, R, hidden_size, dtype=torch.float32, device=device)
     sum_neg = torch.zeros_like(sum_pos)
     # PCA needs the scatter of pair differences: with fewer pairs than hidden units the differences
-    # themselves are smaller than their H×H scatter, and the eigh runs on the N×N side instead
+    # themselves are smaller than their H×H scatter, and the eigh runs on the N×N side instead.
+    # The diagnostics count anti-steerable pairs on the kept differences (all of them, or a sample).
     n = len(pairs)
-    all_diffs = scatter = None
-    if pca and n < hidden_size:
-        all_diffs = torch.zeros(P, R, n, hidden_size, dtype=torch.float32, device=device)
-    elif pca:
+    slots = sample_slots(n, hidden_size - 1).to(device)
+    n_kept = int((slots >= 0).sum())
+    kept_diffs = scatter = unit_sum = None
+    if diagnostics or (pca and n < hidden_size):
+        kept_diffs = torch.zeros(P, R, n_kept, hidden_size, dtype=torch.float32, device=device)
+    if pca and n >= hidden_size:
         scatter = torch.zeros(P, R, hidden_size, hidden_size, dtype=torch.float32, device=device)
-    norm_sum = torch.zeros(R, dtype=torch.float64, device=device)
+    if diagnostics:
+        unit_sum = torch.zeros(P, R, hidden_size, dtype=torch.float32, device=device)
+    example_norms = torch.full((R, 2 * n), float("nan"), dtype=torch.float32, device=device)
     state: dict[str, Any] = {}
 
     def on_row(row: int, hidden: torch.Tensor) -> None:
@@ -293,20 +313,33 @@ def extract_vectors(
         sum_pos[:, r] += values[:, :k].sum(1)
         sum_neg[:, r] += values[:, k:].sum(1)
         if norms is not None:
-            norm_sum[r] += norms.double()
-        if pca:
-            diffs = values[:, :k] - values[:, k:]  # [P, k, H]
-            if all_diffs is not None:
-                all_diffs[:, r, state["index"]] = diffs
-            else:
-                scatter[:, r] += diffs.transpose(1, 2) @ diffs
+            example_norms[r, state["sides"]] = norms
+        if kept_diffs is None and scatter is None:
+            return
+        diffs = values[:, :k] - values[:, k:]  # [P, k, H]
+        if unit_sum is not None:
+            unit_sum[:, r] += unit_rows(diffs).sum(1)
+        if kept_diffs is not None:
+            keep = state["keep"]
+            kept_diffs[:, r, state["slots"]] = diffs if keep is None else diffs[:, keep]
+        if scatter is not None:
+            scatter[:, r] += diffs.transpose(1, 2) @ diffs
 
-    n_tokens = n_response_tokens = 0
+    n_tokens = 0
     with torch.inference_mode(), residual_hooks(layers, rows, on_row):
         for batch_indices in length_sorted_batches(pairs, batch_tokens):
             examples = [pairs[i].pos for i in batch_indices] + [pairs[i].neg for i in batch_indices]
             batch = collate(examples, pad_id, padding_side, device)
-            state.update(batch=batch, k=len(batch_indices), index=torch.tensor(batch_indices, device=device))
+            index = torch.tensor(batch_indices, device=device)
+            batch_slots = slots[index]
+            keep = None if bool((batch_slots >= 0).all()) else batch_slots >= 0
+            state.update(
+                batch=batch,
+                k=len(batch_indices),
+                sides=torch.cat([index, index + n]),
+                slots=batch_slots if keep is None else batch_slots[keep],
+                keep=keep,
+            )
             run_to_last_row(
                 model,
                 input_ids=batch.input_ids,
@@ -314,7 +347,6 @@ def extract_vectors(
                 position_ids=batch.position_ids,
             )
             n_tokens += int(batch.attention_mask.sum())
-            n_response_tokens += int(batch.response_mask.sum())
             del batch
             state.clear()
             if device.type == "cpu":
@@ -325,17 +357,23 @@ def extract_vectors(
     full = lambda t: _scatter_rows(t.cpu(), rows, n_rows)  # noqa: E731
     result = ExtractionResult({}, {}, {}, {}, torch.full((n_rows,), float("nan")), rows, n, n_tokens)
     if stream_norm:
-        result.stream_norm[rows] = (norm_sum / max(n_response_tokens, 1)).float().cpu()
+        result.stream_norm[rows] = example_norms.nanmedian(dim=1).values.cpu()
+    per_position = {}
     for p, position in enumerate(positions):
         pos_mean, neg_mean = sum_pos[p] / n, sum_neg[p] / n
         diff = pos_mean - neg_mean
         result.pos_mean[position] = full(pos_mean)
         result.neg_mean[position] = full(neg_mean)
         result.mean_diff[position] = full(diff)
-        if all_diffs is not None:
-            result.pca[position] = full(principal_direction_of_rows(all_diffs[p], diff))
-        elif scatter is not None:
+        if pca and scatter is None:
+            result.pca[position] = full(principal_direction_of_rows(kept_diffs[p], diff))
+        elif pca:
             result.pca[position] = full(principal_direction(scatter[p].cpu(), diff.cpu()))
+        if diagnostics:
+            per_position[position] = summarize(diff, (pos_mean + neg_mean) / 2, unit_sum[p], kept_diffs[p], n)
+    if diagnostics:
+        result.diagnostics = {"rows": rows, "n_pairs": n, "anti_steerable_pairs": n_kept, "positions": per_position}
+        result.diagnostics["warnings"] = warnings_for(result.diagnostics, next(model.parameters()).dtype)
     return result
 
 

@@ -96,7 +96,13 @@ def encode_example(
 
 
 def encode_raw(tokenizer: Any, text: str, prompt: str | None = None) -> EncodedExample:
-    """A plain-text example (no chat template): optional prompt text, then the text as the 'response'."""
-    prompt_ids = encode_text(tokenizer, prompt) if prompt else _special_prefix(tokenizer)
+    """A plain-text example (no chat template): optional prompt text, then the text as the 'response'.
+
+    Without a prompt, the sequence's first token is context, never response: the attention sink
+    sits there (`personactl.sinks`). The tokenizer's BOS is prepended when it has one; otherwise
+    the text's own first token is the prompt, and the response starts at its second token."""
     body = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    prompt_ids = encode_text(tokenizer, prompt) if prompt else _special_prefix(tokenizer)
+    if not prompt_ids:
+        prompt_ids, body = body[:1], body[1:]
     return EncodedExample(tuple(prompt_ids) + tuple(body), len(prompt_ids))

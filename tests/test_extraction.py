@@ -45,18 +45,42 @@ def naive_rows(model, layers, example) -> list[torch.Tensor]:
     return rows + [captured["last"][0].float()]
 
 
+def naive_sinks(rows: torch.Tensor) -> torch.Tensor:
+    """[L+1, T] sink flags of one unpadded sequence, written out from the rule: token 0, and any
+    token whose norm at a row is over SINK_FACTOR times that row's median token norm."""
+    from personactl.sinks import SINK_FACTOR
+
+    norms = rows.norm(dim=-1)
+    flags = torch.zeros_like(norms, dtype=torch.bool)
+    for row in range(norms.shape[0]):
+        median = norms[row].median()
+        for t in range(norms.shape[1]):
+            flags[row, t] = t == 0 or bool(norms[row, t] > SINK_FACTOR * median)
+    return flags
+
+
+def naive_span_mean(rows: torch.Tensor, sinks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """[L+1, H]: per row, the mean over tokens start..stop-1 that are not sinks at that row."""
+    out = []
+    for row in range(rows.shape[0]):
+        keep = [t for t in range(start, stop) if not sinks[row, t]] or list(range(start, stop))
+        out.append(rows[row, keep].mean(0))
+    return torch.stack(out)
+
+
 def naive_reference(model, layers, pairs):
     """Per-position mean differences [L+1, H] computed one example at a time in fp32."""
     sums = {p: {"pos": 0, "neg": 0} for p in POSITIONS}
     for pair in pairs:
         for side, ex in (("pos", pair.pos), ("neg", pair.neg)):
             rows = torch.stack(naive_rows(model, layers, ex))  # [L+1, T, H]
-            P = ex.prompt_len
+            sinks = naive_sinks(rows)
+            P, T = ex.prompt_len, len(ex.input_ids)
             values = {
                 "prompt_end": rows[:, P - 1],
                 "response_start": rows[:, P],
-                "response_avg": rows[:, P:].mean(1),
-                "prompt_avg": rows[:, :P].mean(1),
+                "response_avg": naive_span_mean(rows, sinks, P, T),
+                "prompt_avg": naive_span_mean(rows, sinks, 0, P),
             }
             for p in POSITIONS:
                 sums[p][side] = sums[p][side] + values[p]
@@ -146,16 +170,18 @@ def test_pca_is_top_principal_direction_of_pair_differences(tiny_factory, n_pair
         assert torch.dot(got, result.mean_diff["response_avg"][row].double()) > 0  # sign follows mean diff
 
 
-def test_stream_norm_is_mean_response_token_norm(tiny_factory):
+def test_stream_norm_is_median_of_example_median_response_token_norms(tiny_factory):
     lm = load_model(str(tiny_factory("llama")), dtype="float32", device="cpu", log=lambda m: None)
     pairs = make_pairs(lm.tokenizer, 4, seed=9)
     result = extract_vectors(lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, positions=["prompt_end"])
-    norms = []
-    for pair in pairs:
-        for ex in (pair.pos, pair.neg):
-            rows = torch.stack(naive_rows(lm.model, lm.layers, ex))
-            norms.append(rows[:, ex.prompt_len :].norm(dim=-1))
-    expected = torch.cat(norms, dim=1).mean(1)
+    medians = []
+    for ex in [e for pair in pairs for e in (pair.pos, pair.neg)]:
+        rows = torch.stack(naive_rows(lm.model, lm.layers, ex))
+        sinks = naive_sinks(rows)
+        norms = rows.norm(dim=-1)
+        per_row = [norms[r, ex.prompt_len :][~sinks[r, ex.prompt_len :]].median() for r in range(rows.shape[0])]
+        medians.append(torch.stack(per_row))
+    expected = torch.stack(medians, dim=1).median(dim=1).values
     torch.testing.assert_close(result.stream_norm, expected, atol=1e-4, rtol=1e-5)
 
 
