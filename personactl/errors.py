@@ -5,6 +5,9 @@ The CLI maps them to output in one place (`cli/app.py`); everything else just ra
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class PersonactlError(Exception):
     """An expected failure the user can fix; printed as one line plus a hint."""
@@ -60,4 +63,28 @@ class JudgeError(PersonactlError):
     default_hint = (
         "check --judge-base-url, the API key and --judge; answers already received are cached, "
         "so rerunning the same command sends only what is missing"
+    )
+
+
+def os_failure(exc: BaseException) -> str | None:
+    """The operating-system failure behind `exc`, if any: an OSError, or a Rust library's error that
+    wraps one (polars and safetensors say "... (os error 28)" in their own exception types)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    match = re.search(r"os error (\d+)", str(exc))
+    return os.strerror(int(match.group(1))) if match else None
+
+
+def as_project_error(exc: BaseException) -> PersonactlError | None:
+    """The last net under the CLI: failures of the machine or of a file (I/O, encoding) that no
+    step translated itself, as one-line project errors. None for anything else (a real bug)."""
+    if isinstance(exc, UnicodeError):
+        return InputError(f"a file is not UTF-8 text: {exc}", hint="save the file as UTF-8 and rerun")
+    reason = os_failure(exc)
+    if reason is None:
+        return None
+    where = getattr(exc, "filename", None)
+    return WorkspaceError(
+        f"{where}: {reason}" if where else f"input/output failed: {reason}",
+        hint="free space or fix the file's permissions, then rerun the same command: finished work is kept",
     )

@@ -37,9 +37,10 @@ def report(exc: Exception) -> int:
     """Print an error as one line plus a hint to stderr; return the exit code."""
     from rich.markup import escape
 
-    from personactl.errors import PersonactlError
+    from personactl.errors import PersonactlError, as_project_error
 
     console = stderr_console()
+    exc = as_project_error(exc) or exc
     if isinstance(exc, PersonactlError):
         console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
