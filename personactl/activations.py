@@ -130,6 +130,12 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str =
     )
 
 
+def token_sinks(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """`[B, T]` sink flags of one row's hidden states (`personactl.sinks`), pads never flagged."""
+    norms = torch.linalg.vector_norm(hidden.float(), dim=-1).masked_fill(~batch.attention_mask, 0.0)
+    return sink_mask(norms, batch.attention_mask, batch.first)
+
+
 TOKEN_POSITIONS = ("prompt_end", "response_start")  # one token each; the others average a span
 
 

@@ -21,6 +21,7 @@ from personactl.activations import (
     release_free_heap,
     residual_hooks,
     run_to_last_row,
+    token_sinks,
 )
 from personactl.chat_format import EncodedExample
 from personactl.errors import InputError
@@ -59,7 +60,8 @@ def read_examples(
     on_batch: Callable[[int], None] | None = None,
 ) -> Readings:
     """Activations of every example at `positions` and `rows`; with `directions` `[R, K, H]` (unit
-    vectors, one set per row), also every token's projection onto them (pads excluded)."""
+    vectors, one set per row), also every token's projection onto them (pads excluded; NaN at a
+    row where the token is an attention sink, `personactl.sinks`)."""
     unknown = set(positions) - set(POSITIONS)
     if unknown:
         raise InputError(f"unknown position(s) {sorted(unknown)}", hint=f"choose from {', '.join(POSITIONS)}")
@@ -80,7 +82,9 @@ def read_examples(
         reduced, _ = reduce_positions(hidden, batch, positions, norms=False)  # [P, B, H]
         values[index, :, row_index[row]] = reduced.transpose(0, 1).cpu()
         if dirs is not None:
-            per_token[row] = torch.einsum("bth,kh->btk", hidden.float(), dirs[row_index[row]]).cpu()
+            projections = torch.einsum("bth,kh->btk", hidden.float(), dirs[row_index[row]])
+            projections[token_sinks(hidden, batch)] = float("nan")
+            per_token[row] = projections.cpu()
 
     with torch.inference_mode(), residual_hooks(layers, rows, on_row):
         for batch_indices in length_batches(examples, batch_tokens):

@@ -4,7 +4,8 @@ A probe is a set of unit directions per row (`[K, H]`: one for a persona vector,
 for a readout) and an optional centre per row (a readout's training mean). The projection of an
 activation `h` is `(h − centre) · v`. Positions read: `prompt_end` (the last prompt token: what
 the model "intends" before it answers, which persona-vectors found predicts the trait of the
-reply) and `response_avg` (the reply, absent for a prompt alone), plus every token on request.
+reply) and `response_avg` (the reply, absent for a prompt alone), plus every token on request:
+a token that is an attention sink at a row (`personactl.sinks`) has no projection there (None).
 """
 
 from __future__ import annotations
@@ -161,7 +162,12 @@ def monitor_step(
         if tokens:
             ids = examples[i].input_ids
             item["tokens"] = [
-                {"token": tok.decode([t]), "response": j >= examples[i].prompt_len, "projection": p.tolist()}
+                {
+                    "token": tok.decode([t]),
+                    "response": j >= examples[i].prompt_len,
+                    "sink": bool(torch.isnan(p).any()),
+                    "projection": [[nan_to_none(float(x)) for x in row] for row in p],
+                }
                 for j, (t, p) in enumerate(zip(ids, result["tokens"][i], strict=True))
             ]
     doc: dict[str, Any] = {**source, "model": settings.model, "labels": probe.labels, "layers": probe.rows}

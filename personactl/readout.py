@@ -24,6 +24,7 @@ import torch
 
 from personactl import __version__
 from personactl.errors import InputError, VectorFileError
+from personactl.sinks import SINK_RULE
 from personactl.vectors import LAYER_CONVENTION, principal_direction_of_rows, unit
 
 FORMAT = "personactl.readout/1"
@@ -164,6 +165,7 @@ def train_readout(
         "n_texts": {name: len(concepts[name]) for name in names},
         "n_neutral": len(neutral),
         "scoring": "(h - center) . v, v unit norm, per row",
+        "sinks": SINK_RULE,
         "source": source,
         "personactl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -35,7 +35,8 @@ def test_projections_equal_naive_reference(tiny_factory):
         hidden = torch.stack(naive_rows(lm.model, lm.layers, ex))[rows]  # [R, T, H]
         centred = hidden - centre[:, None]
         per_token = torch.einsum("rth,rkh->trk", centred, directions)
-        torch.testing.assert_close(got["tokens"][i], per_token, atol=1e-4, rtol=1e-4)
+        per_token[0] = float("nan")  # the first token is the attention sink: no projection
+        torch.testing.assert_close(got["tokens"][i], per_token, atol=1e-4, rtol=1e-4, equal_nan=True)
         P = ex.prompt_len
         torch.testing.assert_close(got["prompt_end"][i], per_token[P - 1], atol=1e-4, rtol=1e-4)
         if ex.response_len:
@@ -131,6 +132,8 @@ def test_readout_and_monitor_cli(isolated_env, tmp_path, tiny_factory):
     assert doc["labels"] == readout.concepts and len(item["prompt_end"]) == 4 and len(item["prompt_end"][0]) == 4
     assert item["response_avg"][0] == [None] * 4  # a message alone has no reply
     np.testing.assert_allclose(item["tokens"][-1]["projection"], item["prompt_end"], atol=1e-5)
+    assert item["tokens"][0]["sink"] and item["tokens"][0]["projection"][0] == [None] * 4
+    assert not any(t["sink"] for t in item["tokens"][1:])
 
 
 @pytest.mark.parametrize("bad", [["--text", "hi"], []])
