@@ -71,6 +71,11 @@ def ithou_vector(model_vec: PersonaVector, user_vec: PersonaVector, model_path: 
         "command": f"personactl extract --trait {model_vec.metadata.get('trait')} --i-thou",
         "sources": {"model": source(model_vec, model_path), "user": source(user_vec, user_path)},
         "stream_norm": "the model-persona file's stream norms",
+        **(
+            {"sinks": model_vec.metadata["sinks"]}
+            if "sinks" in model_vec.metadata and "sinks" in user_vec.metadata
+            else {}
+        ),
         "personactl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -8,6 +8,8 @@ are JSON strings; `layer_convention` spells out what row `l` means.
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,18 @@ LAYER_CONVENTION = (
     "row l = residual stream after decoder block l (1-based), row 0 = embeddings; rows 0..L-1 equal "
     "HF hidden_states[l], row L is before the final norm; steering at layer l adds to the output of block l"
 )
+PRE_SINK_NOTE = (
+    "{path} predates sink-safe extraction: its means and stream norms may include the attention sink "
+    "(one massive token), so --norm stream may steer far too hard; it still loads and steers: "
+    "re-extract it (personactl extract ... --force) for vectors you can trust"
+)
+_noted_paths: set[str] = set()
+
+
+def _note_once(message: str, key: str) -> None:
+    if key not in _noted_paths:
+        _noted_paths.add(key)
+        print(f"note: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- pure math
@@ -166,6 +180,11 @@ class PersonaVector:
                 hint="extract vectors for this model, or pass --model with the vector's model",
             )
 
+    @property
+    def predates_sinks(self) -> bool:
+        """Made from activations (it has stream norms) before sinks were left out of every mean."""
+        return "stream_norm" in self.tensors and "sinks" not in self.metadata
+
     def norms(self, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
         return torch.linalg.vector_norm(self.get(position, aggregator), dim=-1)
 
@@ -180,7 +199,8 @@ class PersonaVector:
             save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
-    def load(cls, path: Path | str) -> PersonaVector:
+    def load(cls, path: Path | str, note: Callable[[str, str], None] = _note_once) -> PersonaVector:
+        """Read a vector file; one that `predates_sinks` loads as it is, with a note (once per path)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -199,4 +219,10 @@ class PersonaVector:
         if metadata.get("format") != FORMAT:
             raise VectorFileError(f"{path} is not a personactl vector file (format={metadata.get('format')!r})")
         metadata.pop("format")
-        return cls(tensors, metadata)
+        from personactl.vector_checks import validate_against_metadata
+
+        validate_against_metadata(tensors, metadata, path)
+        vector = cls(tensors, metadata)
+        if vector.predates_sinks:
+            note(PRE_SINK_NOTE.format(path=path), str(path.resolve()))
+        return vector

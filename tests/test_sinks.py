@@ -145,3 +145,29 @@ def test_single_token_plain_texts_are_a_one_line_error(tiny, tmp_path):
     write_pairs(tmp_path / "short.jsonl", [("the quick fox", "a lazy dog"), ("x", "the lazy dog")])
     with pytest.raises(InputError, match=r"short.jsonl:2: a text is a single token"):
         pairs_from_jsonl(tmp_path / "short.jsonl", tiny.tokenizer)
+
+
+def test_a_vector_file_from_before_the_sink_rule_still_loads_and_steers_with_a_note(tiny, tmp_path, capsys):
+    from personactl.extraction import build_vector
+    from personactl.steering import Steerer
+    from personactl.vectors import PersonaVector
+
+    pairs = make_pairs(tiny.tokenizer, 3)
+    vector, _ = build_vector(tiny, pairs, rows=None, batch_tokens=4096, provenance={"source": "responses"})
+    assert "sinks" in vector.metadata and vector.metadata["diagnostics"]["n_pairs"] == 3
+    vector.save(tmp_path / "new.safetensors")
+    PersonaVector.load(tmp_path / "new.safetensors")
+    assert "note:" not in capsys.readouterr().err
+    del vector.metadata["sinks"], vector.metadata["diagnostics"]
+    vector.save(tmp_path / "old.safetensors")
+    old = PersonaVector.load(tmp_path / "old.safetensors")
+    PersonaVector.load(tmp_path / "old.safetensors")
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "predates sink-safe extraction" in err  # once per path
+    direction = old.direction(2, norm="stream")
+    ids = torch.tensor([pairs[0].pos.input_ids])
+    with torch.inference_mode():
+        plain = tiny.model(ids).logits
+        with Steerer(tiny.model, direction, layers=[2], coefficient=1.0, decoder_layers=tiny.layers):
+            steered = tiny.model(ids).logits
+    assert not torch.equal(plain, steered)
