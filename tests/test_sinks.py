@@ -171,3 +171,81 @@ def test_a_vector_file_from_before_the_sink_rule_still_loads_and_steers_with_a_n
         with Steerer(tiny.model, direction, layers=[2], coefficient=1.0, decoder_layers=tiny.layers):
             steered = tiny.model(ids).logits
     assert not torch.equal(plain, steered)
+
+
+def test_extract_json_and_show_carry_diagnostics_and_single_token_texts_exit_2(isolated_env, tmp_path, tiny_factory):
+    from typer.testing import CliRunner
+
+    from personactl.cli.app import app
+
+    runner = CliRunner()
+    model, ws = str(tiny_factory("llama")), tmp_path / "ws"
+    write_pairs(tmp_path / "plain.jsonl", TEXTS)
+    args = ["extract", "--pairs", str(tmp_path / "plain.jsonl"), "--model", model, "-w", str(ws), "--dtype", "float32"]
+    ok = runner.invoke(app, [*args, "--json"], catch_exceptions=False)
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(ok.stdout)
+    diagnostics = doc["diagnostics"]
+    assert set(diagnostics["positions"]) == {"response_start", "response_avg"} and diagnostics["n_pairs"] == 4
+    assert any("only 4 pairs" in w for w in diagnostics["warnings"]) and "warning: only 4 pairs" in ok.stderr
+    for layer in doc["layers"]:
+        assert -1 <= layer["consistency"] <= 1 and 0 <= layer["anti_steerable"] <= 1
+        assert 0 < layer["top_dim_share"] <= 1 and isinstance(layer["top_dim"], int)
+    shown = runner.invoke(app, ["show", doc["artifact"]], catch_exceptions=False)
+    assert shown.exit_code == 0 and "diagnostics (response_avg" in shown.stdout and "only 4 pairs" in shown.stdout
+    write_pairs(tmp_path / "short.jsonl", [("the quick fox", "a lazy dog"), ("x", "the lazy dog")])
+    bad = runner.invoke(app, [*args[:2], str(tmp_path / "short.jsonl"), *args[3:]], catch_exceptions=False)
+    assert bad.exit_code == 2 and "short.jsonl:2: a text is a single token" in bad.output
+    assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) <= 2  # the line and its hint
+
+
+@pytest.mark.parametrize("n_pairs", [12, 40])  # fewer pairs than hidden units (32): all kept; more: a sample
+def test_diagnostics_equal_a_naive_per_pair_computation(tiny, n_pairs):
+    from test_extraction import naive_sinks, naive_span_mean
+
+    from personactl.diagnostics import sample_slots
+
+    pairs = make_pairs(tiny.tokenizer, n_pairs, seed=7)
+    result = extract_vectors(
+        tiny.model, tiny.layers, pairs, pad_id=tiny.tokenizer.pad_token_id, positions=["response_avg"], pca=False
+    )
+    diffs = []
+    for pair in pairs:
+        means = []
+        for ex in (pair.pos, pair.neg):
+            rows = torch.stack(naive_rows(tiny.model, tiny.layers, ex)).double()
+            means.append(naive_span_mean(rows, naive_sinks(rows), ex.prompt_len, len(ex.input_ids)))
+        diffs.append(means[0] - means[1])
+    d = torch.stack(diffs, 1)  # [L+1, N, H]
+    m = d.mean(1)
+    cos = torch.nn.functional.cosine_similarity(d, m[:, None], dim=-1).mean(1)
+    kept = (sample_slots(n_pairs, 31) >= 0).nonzero().squeeze(1)
+    assert len(kept) == min(n_pairs, 31)
+    anti = ((d[:, kept] * m[:, None]).sum(-1) < 0).double().mean(1)
+    share = m.abs().max(-1).values / m.norm(dim=-1)
+    stats = result.diagnostics["positions"]["response_avg"]
+    assert result.diagnostics["anti_steerable_pairs"] == len(kept)
+    torch.testing.assert_close(torch.tensor(stats["consistency"], dtype=torch.double), cos, atol=2e-4, rtol=0)
+    assert stats["anti_steerable"] == [round(float(x), 4) for x in anti]
+    torch.testing.assert_close(torch.tensor(stats["top_dim_share"], dtype=torch.double), share, atol=2e-4, rtol=0)
+    assert stats["top_dim"] == m.abs().argmax(-1).tolist()
+    assert 0 < float(anti.max()) and float(cos.min()) < 0.9  # random model: the checks above are not vacuous
+
+
+def test_warnings_name_dominant_dimensions_small_n_and_dtype_resolution():
+    from personactl.diagnostics import warnings_for
+
+    stats = {
+        "consistency": [0.9, 0.9, 0.9],
+        "anti_steerable": [0.0, 0.0, 0.0],
+        "top_dim": [7, 507, 507],
+        "top_dim_share": [0.2, 0.97, 0.8],
+        "relative_size": [0.003, 0.2, 0.2],
+    }
+    diagnostics = {"rows": [1, 2, 3], "n_pairs": 8, "positions": {"prompt_end": stats}}
+    bf16 = warnings_for(diagnostics, torch.bfloat16)
+    assert any("only 8 pairs" in w for w in bf16)
+    assert any(w.startswith("prompt_end: dimension 507") and "layers 2-3" in w for w in bf16)
+    assert any("layers 1 " in w and "--dtype float32" in w for w in bf16)
+    fp32 = warnings_for({**diagnostics, "n_pairs": 200}, torch.float32)
+    assert len(fp32) == 1 and "dimension 507" in fp32[0]  # fp32 resolves 0.3 % easily; 200 pairs are enough

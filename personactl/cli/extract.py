@@ -130,10 +130,20 @@ def extract(
     show = show_position if show_position in vector.positions else vector.positions[0]
     norms = vector.norms(show, "mean_diff")
     stream = vector.tensors["stream_norm"]
+    diagnostics = vector.metadata.get("diagnostics")
+    per_layer = diagnostics_by_layer(diagnostics, show)
     layer_rows = [
-        {"layer": r, "norm": float(norms[r]), "stream_norm": float(stream[r]), "relative": float(norms[r] / stream[r])}
+        {
+            "layer": r,
+            "norm": float(norms[r]),
+            "stream_norm": float(stream[r]),
+            "relative": float(norms[r] / stream[r]),
+            **per_layer.get(r, {}),
+        }
         for r in vector.rows
     ]
+    for warning in (diagnostics or {}).get("warnings", []):
+        log(f"warning: {warning}")
     if json:
         emit_json(
             {
@@ -143,6 +153,7 @@ def extract(
                 "n_pairs": vector.metadata["n_pairs"],
                 "norms_position": show,
                 "layers": layer_rows,
+                "diagnostics": diagnostics,
             }
         )
         return
@@ -154,8 +165,36 @@ def extract(
         f"‖mean_diff‖ ({show})",
         "stream norm",
         "relative",
+        *DIAGNOSTIC_COLUMNS.values(),
         title=escape(f"vectors {summary['name']}  ·  {vector.metadata['n_pairs']} pairs  ·  {summary['artifact']}"),
     )
     for r in layer_rows:
-        table.add_row(str(r["layer"]), f"{r['norm']:.3f}", f"{r['stream_norm']:.2f}", f"{r['relative']:.3f}")
+        table.add_row(
+            str(r["layer"]),
+            f"{r['norm']:.3f}",
+            f"{r['stream_norm']:.2f}",
+            f"{r['relative']:.3f}",
+            *diagnostic_cells(r),
+        )
     stdout_console().print(table)
+
+
+DIAGNOSTIC_COLUMNS = {
+    "consistency": "consistency",
+    "anti_steerable": "anti-steerable",
+    "top_dim_share": "top dim share",
+}
+
+
+def diagnostics_by_layer(diagnostics: dict | None, position: str) -> dict[int, dict]:
+    """`{layer: {consistency, anti_steerable, top_dim, top_dim_share, relative_size}}` at `position`
+    (empty for files extracted before diagnostics existed)."""
+    stats = (diagnostics or {}).get("positions", {}).get(position)
+    if not stats:
+        return {}
+    return {row: {key: values[i] for key, values in stats.items()} for i, row in enumerate(diagnostics["rows"])}
+
+
+def diagnostic_cells(row: dict) -> list[str]:
+    cell = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    return [cell(row.get(key)) for key in DIAGNOSTIC_COLUMNS]

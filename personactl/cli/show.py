@@ -24,6 +24,7 @@ SUMMARY_KEYS = (
     "n_tokens",
     "judge",
     "filter",
+    "sinks",
     "personactl_version",
     "created",
 )
@@ -71,6 +72,22 @@ def show(
             str(row["layer"]), _cell(row["stream_norm"], ".2f"), *[_cell(row[d], ".4f") for d in report["directions"]]
         )
     console.print(table)
+    from personactl.cli.extract import DIAGNOSTIC_COLUMNS, diagnostic_cells, diagnostics_by_layer
+
+    diagnostics = meta.get("diagnostics")
+    if diagnostics:
+        position = (
+            "response_avg" if "response_avg" in diagnostics["positions"] else next(iter(diagnostics["positions"]))
+        )
+        per_layer = diagnostics_by_layer(diagnostics, position)
+        table = Table("layer", *DIAGNOSTIC_COLUMNS.values(), "top dim", title=f"diagnostics ({position}, mean_diff)")
+        for layer, row in per_layer.items():
+            table.add_row(str(layer), *diagnostic_cells(row), _cell(row.get("top_dim"), "d"))
+        console.print(table)
+        for warning in diagnostics.get("warnings", []):
+            console.print(f"  [yellow]warning:[/] {escape(warning)}")
+    elif meta.get("source") in ("responses", "pairs_file"):
+        console.print("  diagnostics: none (extracted before personactl wrote them)")
 
 
 def _cell(value: float | None, spec: str) -> str:
