@@ -52,10 +52,9 @@ def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], boo
     (and `"system"`). With a prompt, the texts are assistant replies in the chat template; without,
     they are plain text. Returns the pairs and whether they have prompts (a lone BOS is no prompt)."""
     pairs, chat = [], None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"cannot read pairs file {path}: {exc.strerror}") from None
+    from personactl.text_input import read_user_text
+
+    lines = read_user_text(path, "pairs file").splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -64,6 +63,8 @@ def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], boo
             pos, neg = item["positive"], item["negative"]
             if not (isinstance(pos, str) and isinstance(neg, str) and pos and neg):
                 raise ValueError("positive and negative must be non-empty strings")
+            if not all(isinstance(item.get(k, ""), (str, type(None))) for k in ("prompt", "system")):
+                raise ValueError("prompt and system must be strings")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InputError(
                 f"{path}:{number}: bad pair ({exc})",
@@ -255,8 +256,10 @@ def extract_step(
     if rows is not None:
         check_in_range(rows, lm.num_layers)
     if trait is not None:
-        scores = pl.read_parquet(scores_path) if scores_manifest else None
-        table = select_pairs(pl.read_parquet(responses_path), scores)
+        from personactl.workspace import read_table
+
+        scores = read_table(scores_path) if scores_manifest else None
+        table = select_pairs(read_table(responses_path), scores)
         if scores is not None and table.height == 0:
             raise InputError(
                 f"no pair passed the judge's filter ({scores['pair_id'].n_unique()} scored)",

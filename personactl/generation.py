@@ -82,6 +82,20 @@ def plan_batches(rows: list[PlannedRow], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def check_context(rows: list[PlannedRow], max_new_tokens: int, context: int | None) -> None:
+    """Refuse a plan whose longest prompt plus reply exceeds the model's context (`context` tokens):
+    past it, positions are extrapolated and the replies are garbage that would still be scored."""
+    if context is None or not rows:
+        return
+    longest = max(rows, key=lambda r: len(r.prompt_ids))
+    if len(longest.prompt_ids) + max_new_tokens > context:
+        raise InputError(
+            f"question {longest.question_index} with its system prompt is {len(longest.prompt_ids)} tokens; "
+            f"with --max-new-tokens {max_new_tokens} that exceeds the model's context of {context} tokens",
+            hint="shorten the question or the instructions, or lower --max-new-tokens",
+        )
+
+
 def fingerprint_of(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -137,6 +151,7 @@ def run_generation(
     force: bool,
     planned: list[PlannedRow] | None = None,
     persona: str = "model",
+    context: int | None = None,
     on_start: Callable[[int, int], None] = lambda total, done: None,
     on_batch: Callable[[int, int], None] = lambda rows, tokens: None,
 ) -> pl.DataFrame:
@@ -144,6 +159,7 @@ def run_generation(
     rows = planned if planned is not None else plan_rows(trait, tokenizer, samples_per_question, max_questions)
     if not rows:
         raise InputError(f"trait {trait.name} yields no rows to generate")
+    check_context(rows, sampling.max_new_tokens, context)
     batches = plan_batches(rows, batch_size)
     shards.open(force)
     done = shards.done()
@@ -242,6 +258,7 @@ def generate_step(
         return {**summary, "skipped": True, "rows": table.height}
 
     from personactl.backends.hf import HFBackend
+    from personactl.chat_session import context_limit
 
     lm = load()  # the vllm backend is its own model handle (tokenizer, describe()), with no HF weights
     backend = lm if settings.backend == "vllm" else HFBackend(lm.model, lm.tokenizer)
@@ -268,6 +285,7 @@ def generate_step(
         shards=shards,
         output=output,
         force=force,
+        context=context_limit(lm),
         on_start=on_start,
         on_batch=on_batch,
     )

@@ -344,7 +344,8 @@ def load_model(
         AutoConfig.from_pretrained(location, **kwargs)  # fails fast on remote code, before any weights
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except Exception as exc:  # noqa: BLE001 - only the model's own files run here: truncated weights raise
+        # SafetensorError, a cut GGUF struct.error/EOFError/IndexError; each is the model's fault, not ours
         raise _load_error(spec, source, exc) from None
     model.to(device).eval()
     model.requires_grad_(False)
@@ -369,4 +370,7 @@ def _load_error(spec: str, source: ModelSource, exc: Exception) -> ModelError:
             hint="check the id and your network (or HF_HUB_OFFLINE); pass a local directory, "
             f"a .gguf file or a built-in name ({', '.join(BUILTINS)})",
         )
-    return ModelError(f"cannot load {spec!r}: {first[:200]}", hint="is this a causal language model?")
+    return ModelError(
+        f"cannot load {spec!r}: {first[:200]}",
+        hint="is this a complete causal language model? (a truncated or partly copied file fails here)",
+    )

@@ -25,6 +25,7 @@ import torch
 from personactl import __version__
 from personactl.errors import InputError, VectorFileError
 from personactl.sinks import SINK_RULE
+from personactl.text_input import read_user_text
 from personactl.vectors import LAYER_CONVENTION, principal_direction_of_rows, unit
 
 FORMAT = "personactl.readout/1"
@@ -39,7 +40,7 @@ def read_concept_dir(directory: Path) -> tuple[dict[str, list[str]], list[str]]:
         raise InputError(f"concept directory not found: {directory}")
     concepts, neutral = {}, []
     for path in sorted(directory.glob("*.txt")):
-        texts = [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+        texts = [block.strip() for block in read_user_text(path, "texts file").split("\n\n") if block.strip()]
         if path.name.startswith("_"):
             neutral.extend(texts)
         elif texts:

@@ -165,7 +165,7 @@ class SteeredEngine:
             position=_get(body, "position", str, d.position),
             aggregator=_get(body, "aggregator", str, d.aggregator),
             sampling=Sampling(max_tokens, float(temperature), float(top_p)),
-            seed=_get(body, "seed", int, d.seed),
+            seed=_seed(body, d.seed),
             backend=self.backend,
         )
 
@@ -319,6 +319,16 @@ def _get(body: Mapping[str, Any], name: str, kinds: Any, default: Any) -> Any:
         kind = {str: "a string", int: "an integer"}.get(kinds, "a number")
         raise APIError(400, f"{name} must be {kind}", param=name)
     return value
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take a 64-bit seed
+
+
+def _seed(body: Mapping[str, Any], default: int) -> int:
+    seed = _get(body, "seed", int, default)
+    if not 0 <= seed <= MAX_SEED:
+        raise APIError(400, f"seed must be between 0 and {MAX_SEED}", param="seed")
+    return seed
 
 
 def _layers(value: Any, default: list[int]) -> list[int]:

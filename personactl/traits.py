@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from personactl.errors import TraitError
+from personactl.text_input import read_user_text
 
 NonEmpty = Field(min_length=1)
 
@@ -24,6 +25,18 @@ class InstructionPair(_Strict):
     pos: str = NonEmpty
     neg: str = NonEmpty
 
+    @field_validator("pos", "neg")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("is only whitespace")
+        return text
+
+
+def question_key(question: str) -> str:
+    """What makes two questions the same to a model: case, spacing and trailing blanks do not count."""
+    return " ".join(question.split()).casefold()
+
 
 class Questions(_Strict):
     """User prompts; `extraction` builds vectors, `evaluation` is held out for judging steering."""
@@ -36,11 +49,15 @@ class Questions(_Strict):
         for name, items in (("extraction", self.extraction), ("evaluation", self.evaluation)):
             if any(not q.strip() for q in items):
                 raise ValueError(f"{name} contains an empty question")
-            if len(set(items)) != len(items):
-                raise ValueError(f"{name} contains duplicate questions")
-        shared = set(self.extraction) & set(self.evaluation)
+            if len({question_key(q) for q in items}) != len(items):
+                raise ValueError(f"{name} contains duplicate questions (ignoring case and spacing)")
+        held_out = {question_key(q) for q in self.evaluation}
+        shared = sorted(q for q in self.extraction if question_key(q) in held_out)
         if shared:
-            raise ValueError(f"extraction and evaluation share {len(shared)} question(s), e.g. {min(shared)!r}")
+            raise ValueError(
+                f"extraction and evaluation share {len(shared)} question(s) (ignoring case and spacing), "
+                f"e.g. {shared[0]!r}"
+            )
         return self
 
 
@@ -130,7 +147,7 @@ def load_trait(name_or_path: str | Path) -> Trait:
     """Load and validate a trait by name (see `search_dirs`) or by path."""
     path = resolve_trait_path(str(name_or_path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_user_text(path, "trait file", TraitError))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

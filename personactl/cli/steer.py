@@ -83,10 +83,9 @@ def steer(
     layer_list = parse_ranges(layers) if layers else None
     messages = list(prompt or [])
     if prompts_file is not None:
-        try:
-            messages += [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as exc:
-            raise InputError(f"cannot read {prompts_file}: {exc.strerror}") from None
+        from personactl.text_input import read_user_text
+
+        messages += [line for line in read_user_text(prompts_file, "prompts file").splitlines() if line.strip()]
     if not messages:
         raise InputError("no prompt given", hint="pass --prompt TEXT (repeatable) or --prompts-file FILE")
     settings = settings_from(

@@ -16,6 +16,7 @@ import torch
 from personactl.errors import InputError
 from personactl.interop.foreign import ForeignVector, IndexKind
 from personactl.interop.torch_files import load_weights_only, single_vector
+from personactl.text_input import read_user_text
 
 
 def _load_tensor(path: Path) -> Any:
@@ -43,7 +44,7 @@ def _load_tensor(path: Path) -> Any:
 
 def read_json_pair(path: Path, *, layer_index: IndexKind | None) -> ForeignVector:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(read_user_text(path, "vector record"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path} is not a readable JSON file: {exc}") from None
     if not isinstance(record, dict):
