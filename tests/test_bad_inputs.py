@@ -125,3 +125,26 @@ def test_serve_refuses_a_seed_torch_cannot_take():
     with pytest.raises(APIError, match="seed must be between"):
         _seed({"seed": 10**23}, 0)
     assert _seed({"seed": 7}, 0) == 7
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_generating():
+    from personactl.errors import InputError
+    from personactl.generation import PlannedRow, check_context
+
+    rows = [PlannedRow("i0-q0-s0", "pos", 0, 0, 0, "q", "s", tuple(range(12_031)))]
+    with pytest.raises(InputError, match="12031 tokens.*context of 8192 tokens"):
+        check_context(rows, 64, 8192)
+    check_context(rows, 64, 16_384)  # fits: no error
+
+
+def test_a_truncated_model_file_is_a_model_error(tmp_path, tiny_llama):
+    from personactl.errors import ModelError
+    from personactl.models import load_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError, match=f"cannot load {re.escape(repr(str(broken)))}") as refused:
+        load_model(str(broken), dtype="float32", device="cpu")
+    assert "truncated" in refused.value.hint
