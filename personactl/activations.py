@@ -95,6 +95,7 @@ class Batch:
     prompt_mask: torch.Tensor  # [B, T] bool
     response_mask: torch.Tensor  # [B, T] bool
     first: torch.Tensor  # [B] column of each sequence's first real token (always a sink)
+    sinks_so_far: torch.Tensor | None = None  # [B, T] sinks found at the rows read so far this pass
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str = "right", device: Any = "cpu") -> Batch:
@@ -130,10 +131,20 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str =
     )
 
 
+def row_sinks(token_norms: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """`[B, T]` sinks at this row: the rule's own flags plus every sink of the rows read before it
+    in this forward pass (rows arrive in order; a massive activation persists once it appears)."""
+    sinks = sink_mask(token_norms, batch.attention_mask, batch.first)
+    if batch.sinks_so_far is not None:
+        sinks |= batch.sinks_so_far
+    batch.sinks_so_far = sinks
+    return sinks
+
+
 def token_sinks(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """`[B, T]` sink flags of one row's hidden states (`personactl.sinks`), pads never flagged."""
     norms = torch.linalg.vector_norm(hidden.float(), dim=-1).masked_fill(~batch.attention_mask, 0.0)
-    return sink_mask(norms, batch.attention_mask, batch.first)
+    return row_sinks(norms, batch)
 
 
 TOKEN_POSITIONS = ("prompt_end", "response_start")  # one token each; the others average a span
@@ -154,7 +165,7 @@ def reduce_positions(
     h32 = hidden.to(torch.float32, copy=True)  # a private copy: the model's own tensor is never touched
     h32.masked_fill_(~batch.attention_mask[..., None], 0.0)  # pad rows may hold anything, even NaN
     token_norms = torch.linalg.vector_norm(h32, dim=-1)
-    sinks = sink_mask(token_norms, batch.attention_mask, batch.first)
+    sinks = row_sinks(token_norms, batch)
     example_norms = median_span_norm(token_norms, batch.response_mask & ~sinks) if norms else None
     out = []
     for position in positions:

@@ -47,7 +47,8 @@ def naive_rows(model, layers, example) -> list[torch.Tensor]:
 
 def naive_sinks(rows: torch.Tensor) -> torch.Tensor:
     """[L+1, T] sink flags of one unpadded sequence, written out from the rule: token 0, and any
-    token whose norm at a row is over SINK_FACTOR times that row's median token norm."""
+    token whose norm at a row is over SINK_FACTOR times that row's median token norm, from that
+    row on (every row is read here)."""
     from personactl.sinks import SINK_FACTOR
 
     norms = rows.norm(dim=-1)
@@ -55,7 +56,8 @@ def naive_sinks(rows: torch.Tensor) -> torch.Tensor:
     for row in range(norms.shape[0]):
         median = norms[row].median()
         for t in range(norms.shape[1]):
-            flags[row, t] = t == 0 or bool(norms[row, t] > SINK_FACTOR * median)
+            earlier = row > 0 and bool(flags[row - 1, t])
+            flags[row, t] = t == 0 or earlier or bool(norms[row, t] > SINK_FACTOR * median)
     return flags
 
 
