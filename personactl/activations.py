@@ -26,6 +26,9 @@ from personactl.sinks import median_span_norm, sink_mask, without_sinks
 from personactl.vectors import principal_direction, principal_direction_of_rows
 
 POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg")
+# the answer after a thinking section (`<think>…</think>`); the response itself when there is none
+THINKING_POSITIONS = ("answer_start", "answer_avg")
+ALL_POSITIONS = POSITIONS + THINKING_POSITIONS
 AGGREGATORS = ("mean_diff", "pca")
 
 
@@ -95,6 +98,8 @@ class Batch:
     prompt_mask: torch.Tensor  # [B, T] bool
     response_mask: torch.Tensor  # [B, T] bool
     first: torch.Tensor  # [B] column of each sequence's first real token (always a sink)
+    answer_start: torch.Tensor  # [B] index of the first answer token (after any thinking section)
+    answer_mask: torch.Tensor  # [B, T] bool
     sinks_so_far: torch.Tensor | None = None  # [B, T] sinks found at the rows read so far this pass
 
 
@@ -112,11 +117,13 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str =
         starts.append(start)
     start = torch.tensor(starts)
     prompt_len = torch.tensor([e.prompt_len for e in examples])
+    answer_begin = torch.tensor([e.answer_begin for e in examples])
     lengths = torch.tensor([len(e.input_ids) for e in examples])
     cols = torch.arange(width)[None, :]
     rel = cols - start[:, None]  # position of each column within its own sequence
     prompt_mask = (rel >= 0) & (rel < prompt_len[:, None])
     response_mask = (rel >= prompt_len[:, None]) & (rel < lengths[:, None])
+    answer_mask = (rel >= answer_begin[:, None]) & (rel < lengths[:, None])
     position_ids = rel.clamp(min=0)
     to = lambda t: t.to(device)  # noqa: E731
     return Batch(
@@ -128,6 +135,8 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str =
         to(prompt_mask),
         to(response_mask),
         to(start),
+        to(start + answer_begin),
+        to(answer_mask),
     )
 
 
@@ -147,7 +156,7 @@ def token_sinks(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     return row_sinks(norms, batch)
 
 
-TOKEN_POSITIONS = ("prompt_end", "response_start")  # one token each; the others average a span
+TOKEN_POSITIONS = ("prompt_end", "response_start")  # one token each, right after the prompt; cut-able
 
 
 def reduce_positions(
@@ -159,8 +168,8 @@ def reduce_positions(
     upcasting, so no fp32 copy of the whole [B, T, H] batch is made; the values are the same
     (both index real tokens)."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
+    index = {"prompt_end": batch.prompt_end, "response_start": batch.response_start, "answer_start": batch.answer_start}
     if not norms and set(positions) <= set(TOKEN_POSITIONS):
-        index = {"prompt_end": batch.prompt_end, "response_start": batch.response_start}
         return torch.stack([hidden[rows, index[p]].to(torch.float32) for p in positions]), None
     h32 = hidden.to(torch.float32, copy=True)  # a private copy: the model's own tensor is never touched
     h32.masked_fill_(~batch.attention_mask[..., None], 0.0)  # pad rows may hold anything, even NaN
@@ -168,13 +177,12 @@ def reduce_positions(
     sinks = row_sinks(token_norms, batch)
     example_norms = median_span_norm(token_norms, batch.response_mask & ~sinks) if norms else None
     out = []
+    spans = {"response_avg": batch.response_mask, "prompt_avg": batch.prompt_mask, "answer_avg": batch.answer_mask}
     for position in positions:
-        if position == "prompt_end":
-            out.append(h32[rows, batch.prompt_end])
-        elif position == "response_start":
-            out.append(h32[rows, batch.response_start])
+        if position in index:
+            out.append(h32[rows, index[position]])
         else:
-            span = without_sinks(batch.response_mask if position == "response_avg" else batch.prompt_mask, sinks)
+            span = without_sinks(spans[position], sinks)
             weights = span.float() / span.sum(1, keepdim=True).clamp(min=1)
             out.append(torch.einsum("bt,bth->bh", weights, h32))
     return torch.stack(out), example_norms
@@ -282,9 +290,9 @@ def extract_vectors(
     units (else an evenly spaced sample of H−1 of them, plus, for PCA, their H×H scatter). On CPU
     the C heap is trimmed after each batch (`release_free_heap`), or allocator fragmentation
     would make RSS climb with the number of batches all the same."""
-    unknown = set(positions) - set(POSITIONS)
+    unknown = set(positions) - set(ALL_POSITIONS)
     if unknown:
-        raise InputError(f"unknown position(s) {sorted(unknown)}", hint=f"choose from {', '.join(POSITIONS)}")
+        raise InputError(f"unknown position(s) {sorted(unknown)}", hint=f"choose from {', '.join(ALL_POSITIONS)}")
     if not pairs:
         raise InputError("no pairs to extract from", hint="generate responses first, or check the filter")
     n_rows = len(layers) + 1
@@ -297,6 +305,11 @@ def extract_vectors(
                 raise InputError("an example has an empty response", hint="drop empty responses first")
             if ex.prompt_len < 1 and {"prompt_end", "prompt_avg"} & set(positions):
                 raise InputError("an example has no prompt tokens; use response positions only")
+            if ex.answer_len < 1 and set(THINKING_POSITIONS) & set(positions):
+                raise InputError(
+                    "an example has no answer after its thinking section",
+                    hint="generate with more --max-new-tokens, or with thinking off (PERSONACTL_THINKING=off)",
+                )
 
     if not stream_norm and set(positions) <= set(TOKEN_POSITIONS):
         pairs = cut_after_read_tokens(pairs, positions)

@@ -3,6 +3,11 @@
 A training example is the prompt (system + user + assistant header, from the model's own chat
 template) followed by the response tokens. Spans are token counts, never string offsets: tokens
 `[0, prompt_len)` are the prompt and `[prompt_len, len(input_ids))` the response.
+
+Thinking models (Qwen3 and its kin) write a `<think>…</think>` section before the answer. The
+template's switch (`enable_thinking`) is honoured when asked (`render_prompt(..., thinking=)`, or a
+tokenizer marked with `set_thinking`), and every example knows where its answer starts after the
+thinking tokens (`answer_start`), so extraction can read the answer alone.
 """
 
 from __future__ import annotations
@@ -12,15 +17,26 @@ from typing import Any
 
 from personactl.errors import ModelError
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
 
 @dataclass(frozen=True)
 class EncodedExample:
     input_ids: tuple[int, ...]
     prompt_len: int
+    answer_start: int | None = None  # first answer token after a thinking section; None: the response start
 
     @property
     def response_len(self) -> int:
         return len(self.input_ids) - self.prompt_len
+
+    @property
+    def answer_begin(self) -> int:
+        return self.prompt_len if self.answer_start is None else self.answer_start
+
+    @property
+    def answer_len(self) -> int:
+        return len(self.input_ids) - self.answer_begin
 
 
 @dataclass(frozen=True)
@@ -40,19 +56,29 @@ def chat_messages(system: str | None, user: str) -> list[dict[str, str]]:
     return [*messages, {"role": "user", "content": user}]
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def set_thinking(tokenizer: Any, thinking: bool | None) -> None:
+    """Make every prompt this tokenizer renders turn thinking on or off (None: the template's default)."""
+    tokenizer.personactl_thinking = thinking
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], thinking: bool | None = None) -> str:
     """The prompt text up to and including the assistant header.
 
-    Templates that reject a system role (e.g. Gemma's) get the system text folded into the first
-    user turn, which is what those models' own docs recommend."""
+    `thinking` (else the tokenizer's `set_thinking` choice) is passed to the template as
+    `enable_thinking`; templates without the switch ignore it. Templates that reject a system role
+    (e.g. Gemma's) get the system text folded into the first user turn, which is what those
+    models' own docs recommend."""
+    if thinking is None:
+        thinking = getattr(tokenizer, "personactl_thinking", None)
+    extra = {} if thinking is None else {"enable_thinking": thinking}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # jinja raises its own TemplateError subclasses
         if messages and messages[0]["role"] == "system" and len(messages) > 1:
             folded = [
                 {"role": messages[1]["role"], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
             ]
-            return render_prompt(tokenizer, folded + messages[2:])
+            return render_prompt(tokenizer, folded + messages[2:], thinking)
         raise ModelError(f"the chat template failed: {exc}") from None
 
 
@@ -92,7 +118,35 @@ def encode_example(
     prompt = encode_prompt(tokenizer, messages)
     if response_ids is None:
         response_ids = list(tokenizer(response or "", add_special_tokens=False)["input_ids"])
-    return EncodedExample(tuple(prompt) + tuple(response_ids), len(prompt))
+    ids = tuple(prompt) + tuple(response_ids)
+    return EncodedExample(ids, len(prompt), answer_start(tokenizer, ids, len(prompt)))
+
+
+def think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of `<think>` and `</think>` when the vocabulary has them as single tokens."""
+    ids = []
+    for token in (THINK_OPEN, THINK_CLOSE):
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found is None or found == tokenizer.unk_token_id:
+            return None
+        ids.append(found)
+    return ids[0], ids[1]
+
+
+def answer_start(tokenizer: Any, ids: tuple[int, ...], prompt_len: int) -> int | None:
+    """Index of the first answer token after a thinking section inside the response (whitespace
+    after `</think>` skipped); the sequence's end when the thinking never closed; None when the
+    response has no thinking section (the answer is the whole response)."""
+    think = think_token_ids(tokenizer)
+    response = ids[prompt_len:]
+    if think is None or think[0] not in response and think[1] not in response:
+        return None
+    if think[1] not in response:
+        return len(ids)  # cut off while still thinking: no answer
+    start = prompt_len + len(response) - response[::-1].index(think[1])
+    while start < len(ids) and not tokenizer.decode([ids[start]]).strip():
+        start += 1
+    return start
 
 
 def encode_raw(tokenizer: Any, text: str, prompt: str | None = None) -> EncodedExample:

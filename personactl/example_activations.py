@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from personactl.activations import (
+    ALL_POSITIONS,
     POSITIONS,
     collate,
     reduce_positions,
@@ -62,9 +63,9 @@ def read_examples(
     """Activations of every example at `positions` and `rows`; with `directions` `[R, K, H]` (unit
     vectors, one set per row), also every token's projection onto them (pads excluded; NaN at a
     row where the token is an attention sink, `personactl.sinks`)."""
-    unknown = set(positions) - set(POSITIONS)
+    unknown = set(positions) - set(ALL_POSITIONS)
     if unknown:
-        raise InputError(f"unknown position(s) {sorted(unknown)}", hint=f"choose from {', '.join(POSITIONS)}")
+        raise InputError(f"unknown position(s) {sorted(unknown)}", hint=f"choose from {', '.join(ALL_POSITIONS)}")
     if not examples:
         raise InputError("no texts to read")
     rows = sorted(set(rows))

@@ -253,6 +253,9 @@ def extract_step(
         return PersonaVector.load(output), {**summary, "skipped": True}
 
     lm = load()
+    from personactl.generation import apply_thinking
+
+    apply_thinking(lm.tokenizer, getattr(settings, "thinking", "auto"))  # prompts re-encode as they were generated
     if rows is not None:
         check_in_range(rows, lm.num_layers)
     if trait is not None:

@@ -214,6 +214,13 @@ def run_generation(
     return table
 
 
+def apply_thinking(tokenizer: Any, thinking: str) -> None:
+    """The `thinking` setting on a tokenizer's prompts: `auto` leaves the chat template's default."""
+    from personactl.chat_format import set_thinking
+
+    set_thinking(tokenizer, {"on": True, "off": False}.get(thinking))
+
+
 def generate_step(
     *,
     settings: Any,
@@ -248,6 +255,8 @@ def generate_step(
         "samples_per_question": settings.samples_per_question,
         "max_questions": max_questions,
     }
+    if settings.thinking != "auto":  # absent when unset, so earlier responses stay complete
+        fingerprint["thinking"] = settings.thinking
     if persona == "user":  # the user turns are the kept model-persona answers: those inputs count too
         from personactl.user_persona import user_persona_inputs
 
@@ -261,6 +270,7 @@ def generate_step(
     from personactl.chat_session import context_limit
 
     lm = load()  # the vllm backend is its own model handle (tokenizer, describe()), with no HF weights
+    apply_thinking(lm.tokenizer, settings.thinking)
     backend = lm if settings.backend == "vllm" else HFBackend(lm.model, lm.tokenizer)
     sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     shards = ShardStore(workspace.shards_dir(source.slug, trait.name, persona), fingerprint_of(fingerprint))

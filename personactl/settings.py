@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     samples_per_question: int = Field(1, ge=1, description="responses per (instruction, question)")
     seed: int = Field(0, description="sampling seed; same seed, same rows")
+    thinking: Literal["auto", "on", "off"] = Field(
+        "auto", description="thinking models (Qwen3 enable_thinking): on, off, or the chat template's default"
+    )
 
     extract_batch_tokens: int = Field(8192, ge=64, description="padded tokens per extraction batch")
 

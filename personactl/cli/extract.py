@@ -23,7 +23,8 @@ from personactl.cli.persona_options import Persona, check_persona
 
 POSITIONS_HELP = (
     "Comma list of prompt_end, response_start, response_avg, prompt_avg "
-    "(default: all; response_start,response_avg for pairs without prompts)."
+    "(default: all; response_start,response_avg for pairs without prompts); answer_start, answer_avg "
+    "read the answer after a thinking model's <think> section."
 )
 
 
