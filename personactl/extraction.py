@@ -89,7 +89,7 @@ def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], boo
                 raise InputError(
                     f"{path}:{number}: a text is a single token, and the first token is the attention sink's "
                     "context, so nothing is left to average",
-                    hint="use texts of two or more tokens, or add a \"prompt\" to each line",
+                    hint='use texts of two or more tokens, or add a "prompt" to each line',
                 )
             pairs.append(pair)
     if not pairs:
