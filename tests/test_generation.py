@@ -98,7 +98,8 @@ def test_rows_are_paired_and_described(lm, tmp_path, isolated_env):
 
 
 def test_kill_9_mid_run_then_resume(tiny_factory, tmp_path, isolated_env):
-    """A real SIGKILL of the CLI while it writes shards; the rerun completes every row exactly once."""
+    """A real SIGKILL of the CLI while it writes shards; the rerun completes every row exactly once.
+    30 rows at batch size 1 are 30 shards: the kill lands after 3 and the rerun has 27 left."""
     model = str(tiny_factory("llama"))
     args = [
         sys.executable,
@@ -111,6 +112,8 @@ def test_kill_9_mid_run_then_resume(tiny_factory, tmp_path, isolated_env):
         model,
         "--workspace",
         str(tmp_path / "ws"),
+        "--questions",
+        "3",
         "--batch-size",
         "1",
         "--max-new-tokens",
@@ -138,5 +141,5 @@ def test_kill_9_mid_run_then_resume(tiny_factory, tmp_path, isolated_env):
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stderr
     table = pl.read_parquet(next((tmp_path / "ws").rglob("responses-model.parquet")))
-    assert table.height == 5 * 20 * 2 == table.select(pl.struct("pair_id", "polarity").n_unique()).item()
+    assert table.height == 5 * 3 * 2 == table.select(pl.struct("pair_id", "polarity").n_unique()).item()
     assert not shard_dir.exists() and done_before >= 3
