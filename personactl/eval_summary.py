@@ -9,7 +9,12 @@ Definitions (C = the coherence threshold; a cell is one (condition, vector varia
 - The *best layer* is the one with the largest slope (ties: the lower layer).
 - The *breaking point* of a layer is the smallest α > 0 whose cell is broken (None: not within the
   αs tried); `breaking_alpha_negative` is the α < 0 closest to 0 that is broken.
-- The *recommended α* at a layer is the largest coherent α > 0 below its breaking point.
+- A cell's *kl_neutral* is the mean over its responses of their direction's KL(steered ‖ unsteered)
+  per token on the shipped neutral texts (`personactl.capability_cost`); a random cell averages its
+  K directions. It is *over budget* when kl_neutral > the KL budget (`--max-kl`).
+- The *KL limit* of a layer is the smallest α > 0 whose cell is over budget (None: none is).
+- The *recommended α* at a layer is the largest coherent α > 0 below both its breaking point and
+  its KL limit. A cell without kl_neutral (an eval saved before it existed) is not held to the budget.
 """
 
 from __future__ import annotations
@@ -18,7 +23,20 @@ from typing import Any
 
 import polars as pl
 
+from personactl.errors import InputError
 from personactl.stats import CI_METHOD, mean_ci, slope
+
+# nats per token. Measured on the embedded SmolLM2 (bf16, the chat mood vector, layers 8-22, α ±0.25..8):
+# every α whose greedy replies stayed fluent and on topic cost ≤ 0.65, every α that broke them
+# (off topic, letter soup, repetition) ≥ 1.35; 1.0 sits between. See README, "KL budget".
+DEFAULT_MAX_KL = 1.0
+
+
+def check_max_kl(max_kl: float) -> float:
+    if not max_kl > 0:
+        raise InputError(f"--max-kl must be > 0 (got {max_kl:g})", hint="a KL budget in nats per token, e.g. 1")
+    return float(max_kl)
+
 
 CELL_KEYS = ["condition", "position", "aggregator", "norm_mode", "layer", "coefficient"]
 CONDITION_ORDER = {"unsteered": 0, "prompted": 1, "steered": 2, "random": 3}
@@ -31,6 +49,7 @@ def cells_table(samples: pl.DataFrame, threshold: float) -> pl.DataFrame:
         trait = mean_ci(group["trait_score"].to_list())
         coherence = mean_ci(group["coherence_score"].to_list())
         mean_c = coherence.mean
+        kl = group["kl_neutral"].drop_nulls() if "kl_neutral" in group.columns else pl.Series([], dtype=pl.Float64)
         records.append(
             {
                 **dict(zip(CELL_KEYS, key, strict=True)),
@@ -38,6 +57,7 @@ def cells_table(samples: pl.DataFrame, threshold: float) -> pl.DataFrame:
                 **trait.as_dict("trait"),
                 **coherence.as_dict("coherence"),
                 "coherent": None if mean_c is None else mean_c >= threshold,
+                "kl_neutral": float(kl.mean()) if kl.len() else None,
             }
         )
     table = pl.DataFrame(records, infer_schema_length=None)
@@ -56,8 +76,12 @@ def _cell(cells: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     return None
 
 
-def layer_analysis(cells: pl.DataFrame, threshold: float) -> list[dict[str, Any]]:
-    """Slope, breaking points and recommended α per (vector variant, layer); see the module doc."""
+def _over_budget(cell: dict[str, Any], max_kl: float) -> bool:
+    return cell.get("kl_neutral") is not None and cell["kl_neutral"] > max_kl
+
+
+def layer_analysis(cells: pl.DataFrame, threshold: float, max_kl: float = DEFAULT_MAX_KL) -> list[dict[str, Any]]:
+    """Slope, breaking points, KL limit and recommended α per (vector variant, layer); see the module doc."""
     rows = cells.to_dicts()
     unsteered = _cell(rows, condition="unsteered")
     out = []
@@ -76,10 +100,13 @@ def layer_analysis(cells: pl.DataFrame, threshold: float) -> list[dict[str, Any]
             broken_pos = [r["coefficient"] for r in mine if r["coefficient"] > 0 and r["coherent"] is False]
             broken_neg = [r["coefficient"] for r in mine if r["coefficient"] < 0 and r["coherent"] is False]
             breaking = min(broken_pos) if broken_pos else None
+            over = [r["coefficient"] for r in mine if r["coefficient"] > 0 and _over_budget(r, max_kl)]
+            kl_limit = min(over) if over else None
+            ceiling = min((a for a in (breaking, kl_limit) if a is not None), default=None)
             good = [
                 r["coefficient"]
                 for r in mine
-                if r["coefficient"] > 0 and r["coherent"] and (breaking is None or r["coefficient"] < breaking)
+                if r["coefficient"] > 0 and r["coherent"] and (ceiling is None or r["coefficient"] < ceiling)
             ]
             recommended = max(good) if good else None
             at = _cell(mine, coefficient=recommended) if recommended is not None else None
@@ -98,7 +125,9 @@ def layer_analysis(cells: pl.DataFrame, threshold: float) -> list[dict[str, Any]
                     "alphas_in_fit": sorted(p[0] for p in points),
                     "breaking_alpha": breaking,
                     "breaking_alpha_negative": max(broken_neg) if broken_neg else None,
+                    "kl_limit_alpha": kl_limit,
                     "recommended_alpha": recommended,
+                    "kl_at_recommended": at["kl_neutral"] if at else None,
                     "trait_at_recommended": trait_at,
                     "coherence_at_recommended": at["coherence_mean"] if at else None,
                     "random_trait_at_recommended": random_at,
@@ -116,11 +145,13 @@ def best_layer(analysis: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(candidates, key=lambda a: (a["slope"], -a["layer"]))
 
 
-def summarize(samples: pl.DataFrame, threshold: float) -> tuple[pl.DataFrame, dict[str, Any]]:
+def summarize(
+    samples: pl.DataFrame, threshold: float, max_kl: float = DEFAULT_MAX_KL
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Cells table plus the JSON summary: per-layer analysis, best layer, baselines, and how the
     prompting baseline compares with the best steered cell (AxBench: prompting often wins)."""
     cells = cells_table(samples, threshold)
-    analysis = layer_analysis(cells, threshold)
+    analysis = layer_analysis(cells, threshold, max_kl)
     best = best_layer(analysis)
     rows = cells.to_dicts()
     unsteered = _cell(rows, condition="unsteered")
@@ -149,13 +180,17 @@ def summarize(samples: pl.DataFrame, threshold: float) -> tuple[pl.DataFrame, di
         }
     return cells, {
         "coherence_threshold": threshold,
+        "max_kl": max_kl,
         "ci_method": CI_METHOD,
         "definitions": {
             "slope": "least-squares slope of mean trait on α over coherent αs (mean coherence ≥ threshold) "
             "plus the unsteered α=0",
             "best_layer": "largest slope (ties: lower layer)",
             "breaking_alpha": "smallest α > 0 with mean coherence < threshold",
-            "recommended_alpha": "largest coherent α > 0 below the breaking point",
+            "kl_neutral": "mean per-token KL(steered ‖ unsteered) in nats, teacher-forced on personactl's "
+            "neutral texts",
+            "kl_limit_alpha": "smallest α > 0 with kl_neutral > max_kl",
+            "recommended_alpha": "largest coherent α > 0 below the breaking point and the KL limit",
         },
         "layers": analysis,
         "best": best,

@@ -17,6 +17,13 @@ vector, each random seed) run as separate grids, since a grid has one direction 
 stays ≥ C: start at `alpha_start`, double while coherent (up to `max_alpha`), then bisect between
 the last coherent and the first broken α, `rounds` probes in all. All layers probe together in
 each round. It assumes coherence falls with α; the full grid shows when it does not.
+
+Every steered and random row also gets `kl_neutral` (see `personactl.capability_cost`): the KL of
+its direction at its (layer, α) on the shipped neutral texts, computed after generation with one
+batched forward per few cells; unsteered rows get 0, prompted rows none. On the vLLM backend the
+engine does not hand out full next-token distributions (only the top logprobs), so the KL is
+computed by the same checkpoint loaded in Hugging Face transformers at the engine's dtype, after
+the engine is closed (its accelerator memory is needed for that copy).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,6 +62,7 @@ SAMPLES_SCHEMA = {
     "trait_reason": pl.String,
     "coherence_score": pl.Float64,
     "coherence_reason": pl.String,
+    "kl_neutral": pl.Float64,  # KL(steered ‖ unsteered) per token on the neutral texts (prompted: null)
 }
 
 
@@ -251,6 +259,7 @@ def to_records(plan: Plan, rows, judgements, norms: Callable[[Tag, int], float],
                 "trait_reason": trait_j.reason,
                 "coherence_score": coherence_j.score,
                 "coherence_reason": coherence_j.reason,
+                "kl_neutral": 0.0 if tag.condition == "unsteered" else None,  # steered/random: `with_kl_neutral`
             }
         )
     return records
@@ -358,6 +367,60 @@ def run_eval(
     return pl.DataFrame(records, schema=SAMPLES_SCHEMA)
 
 
+KLMeasure = Callable[[Mapping[int, torch.Tensor], Sequence[tuple[int, float]]], list[float]]
+
+
+def with_kl_neutral(
+    samples: pl.DataFrame, measure: KLMeasure, directions: dict[Variant, dict[int, torch.Tensor]]
+) -> pl.DataFrame:
+    """Fill `kl_neutral` on steered and random rows: one `measure` call per direction set (a
+    variant's trait vector, or one random seed of it) over the distinct (layer, α) cells it has."""
+    keys = ["condition", "position", "aggregator", "norm_mode", "random_seed"]
+    steered = samples.filter(pl.col("condition").is_in(["steered", "random"]))
+    found: list[dict[str, Any]] = []
+    for key, group in steered.group_by(keys, maintain_order=True):
+        condition, position, aggregator, norm, seed = key
+        vectors = directions[Variant(position, aggregator, norm)]
+        cells = sorted(set(zip(group["layer"].to_list(), group["coefficient"].to_list(), strict=True)))
+        layers = {layer for layer, _ in cells}
+        if condition == "random":
+            dirs = {layer: random_direction(vectors[layer], seed, layer) for layer in layers}
+        else:
+            dirs = {layer: vectors[layer] for layer in layers}
+        values = measure(dirs, cells)
+        found += [
+            dict(zip(keys, key, strict=True), layer=layer, coefficient=alpha, _kl=value)
+            for (layer, alpha), value in zip(cells, values, strict=True)
+        ]
+    if not found:
+        return samples
+    table = pl.DataFrame(found, schema={**{k: SAMPLES_SCHEMA[k] for k in keys}, "layer": pl.Int32,
+                                         "coefficient": pl.Float64, "_kl": pl.Float64})  # fmt: skip
+    joined = samples.join(table, on=[*keys, "layer", "coefficient"], how="left", nulls_equal=True)
+    return joined.with_columns(pl.coalesce("_kl", "kl_neutral").alias("kl_neutral")).drop("_kl")
+
+
+def kl_model(settings: Any, lm: Any) -> Any:
+    """The Hugging Face model that computes kl_neutral: the engine's own on the HF backend; on vLLM
+    (no full distributions) the same checkpoint at the engine's dtype, loaded once the engine is
+    closed (generation and judging are done) so both never hold accelerator memory at once."""
+    if getattr(settings, "backend", "hf") != "vllm":
+        return lm
+    from personactl.models import load_model
+
+    lm.close()
+    return load_model(
+        settings.model,
+        dtype=str(lm.dtype).removeprefix("torch."),
+        device=settings.device,
+        revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+        cache_dir=settings.cache_dir,
+        token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+        log=lambda message: None,
+    )
+
+
 def file_sha256(path: Any) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -376,16 +439,19 @@ def eval_step(
     load_judge: Callable[[str], Any] | None = None,
     vector_spec: str | None = None,
     sampling: Any = None,
+    max_kl: float | None = None,
     force: bool = False,
     on_phase: Callable[[str, int | None], None] = lambda what, total: None,
     on_chunk: Callable[[int, int], None] | None = None,
     on_judged: Callable[[Any], None] = lambda j: None,
     on_judge: Callable[[Any], None] = lambda judge: None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Skip when an eval with the same inputs exists (a new coherence threshold only redoes the
-    summary and plots from the saved samples); else generate, judge, summarise, save."""
+    """Skip when an eval with the same inputs exists (a new coherence threshold or KL budget only
+    redoes the summary and plots from the saved samples); else generate, judge, measure
+    kl_neutral, summarise, save. `max_kl` None: `eval_summary.DEFAULT_MAX_KL`."""
     from personactl.backends import Sampling
-    from personactl.eval_summary import summarize
+    from personactl.capability_cost import NeutralKL, neutral_texts, texts_sha256
+    from personactl.eval_summary import DEFAULT_MAX_KL, check_max_kl, summarize
     from personactl.generation import fingerprint_of
     from personactl.judge import JudgeCache
     from personactl.models import resolve_model
@@ -394,6 +460,7 @@ def eval_step(
     from personactl.settings import masked_dump
     from personactl.vectors import PersonaVector
 
+    max_kl = check_max_kl(DEFAULT_MAX_KL if max_kl is None else max_kl)
     sampling = sampling or Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     slug = resolve_model(settings.model).slug
     vector_path = workspace.find_vector(vector_spec or trait.name, slug)
@@ -415,6 +482,7 @@ def eval_step(
         "judge_model": settings.judge_model,
         "judge_base_url": None if local else settings.judge_base_url,
         "judge_mode": "local" if local else settings.judge_mode,
+        "kl_neutral_texts_sha256": texts_sha256(neutral_texts()),
     }
     key = fingerprint_of(fingerprint)
     output = workspace.eval_path(slug, trait.name, key)
@@ -422,9 +490,10 @@ def eval_step(
     if not force and workspace.finished(output, fingerprint):
         samples = pl.read_parquet(output)
         manifest = workspace.read_manifest(output)
-        if manifest.get("summary", {}).get("coherence_threshold") == threshold:
-            return samples, {**base, "skipped": True, **manifest["summary"], "files": manifest["files"]}
-        cells, summary = summarize(samples, threshold)  # only the threshold changed: no generation
+        saved = manifest.get("summary", {})
+        if (saved.get("coherence_threshold"), saved.get("max_kl")) == (threshold, max_kl):
+            return samples, {**base, "skipped": True, **saved, "files": manifest["files"]}
+        cells, summary = summarize(samples, threshold, max_kl)  # only the limits changed: no generation
         files = _write_outputs(output, samples, cells, summary, spec, trait.name, write_samples=False)
         kept = {k: v for k, v in manifest.items() if k not in ("kind", "artifact", "created", "versions")}
         workspace.write_manifest(output, "eval", **{**kept, "summary": summary, "files": files})
@@ -465,8 +534,15 @@ def eval_step(
         )
     finally:
         cache.close()
+    generated = time.perf_counter()
+    on_phase("eval: kl_neutral on the neutral texts", None)
+    kl_lm = kl_model(settings, lm)
+    samples = with_kl_neutral(
+        samples, NeutralKL(kl_lm.model, kl_lm.tokenizer, rows_per_forward=settings.batch_size), directions
+    )
+    kl_seconds = time.perf_counter() - generated
     seconds = time.perf_counter() - start
-    cells, summary = summarize(samples, threshold)
+    cells, summary = summarize(samples, threshold, max_kl)
     files = _write_outputs(output, samples, cells, summary, spec, trait.name)
     judge_info = {"model": settings.judge_model, "identity": judge.identity}
     workspace.write_manifest(
@@ -480,7 +556,7 @@ def eval_step(
         judge=judge_info,
         layers=layers,
         counts={"responses": samples.height, "questions": len(plan.questions), "samples": spec.samples},
-        timings={"seconds": round(seconds, 2)},
+        timings={"seconds": round(seconds, 2), "kl_neutral_seconds": round(kl_seconds, 2)},
         summary=summary,
         files=files,
     )
@@ -515,7 +591,11 @@ def _write_outputs(output, samples, cells, summary, spec, title, write_samples: 
             suffix = "" if len(spec.variants) == 1 else f"-{v.label}"
             name = f"{title} · {v.label}"
             files["plots"].append(
-                str(plot_curves(mine, threshold, output.with_name(f"{stem}.curves{suffix}.png"), name))
+                str(
+                    plot_curves(
+                        mine, threshold, output.with_name(f"{stem}.curves{suffix}.png"), name, summary.get("max_kl")
+                    )
+                )
             )
             files["plots"].append(
                 str(plot_heatmap(mine, threshold, output.with_name(f"{stem}.heatmap{suffix}.png"), name))

@@ -49,16 +49,37 @@ def _hline(ax: Any, cell: dict[str, Any] | None, metric: str, label: str, color:
         ax.axhspan(cell[f"{metric}_low"], cell[f"{metric}_high"], color=color, alpha=0.08)
 
 
-def plot_curves(cells: pl.DataFrame, threshold: float, path: Path, title: str) -> Path:
-    """Trait and coherence vs α, one row per layer: steered and random-vector curves with 95% CI
-    bands; the unsteered and prompting baselines as horizontal lines with bands."""
+def _kl_panel(ax: Any, rows: list[dict[str, Any]], layer: int, max_kl: float | None) -> None:
+    """kl_neutral vs α for the steered and random-vector cells of one layer, the budget as a line."""
+    for condition, color, style in (("steered", "tab:blue", "-"), ("random", "tab:gray", "--")):
+        mine = [
+            (r["coefficient"], r.get("kl_neutral")) for r in rows if (r["condition"], r["layer"]) == (condition, layer)
+        ]
+        points = sorted([(0.0, 0.0)] + [(a, kl) for a, kl in mine if kl is not None and a != 0])  # α = 0: no cost
+        if len(points) > 1:
+            ax.plot(*zip(*points, strict=True), marker="o", color=color, linestyle=style)
+    if max_kl is not None:
+        ax.axhline(max_kl, color="tab:red", linewidth=0.8, label=f"KL budget {max_kl:g}")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"kl_neutral, nats/token (layer {layer})", fontsize=8)
+
+
+def plot_curves(cells: pl.DataFrame, threshold: float, path: Path, title: str, max_kl: float | None = None) -> Path:
+    """Trait, coherence and kl_neutral vs α, one row per layer: steered and random-vector curves
+    (trait and coherence with 95% CI bands); the unsteered and prompting baselines as horizontal
+    lines with bands; the coherence threshold and the KL budget as red lines."""
     rows = cells.to_dicts()
     unsteered = next((r for r in rows if r["condition"] == "unsteered"), None)
     prompted = next((r for r in rows if r["condition"] == "prompted"), None)
     layers = sorted({r["layer"] for r in rows if r["condition"] == "steered"})
-    fig = _figure(10, 2.6 * max(1, len(layers)) + 0.6)
-    axes = fig.subplots(max(1, len(layers)), 2, squeeze=False, sharex=True)
+    fig = _figure(14, 2.6 * max(1, len(layers)) + 0.6)
+    axes = fig.subplots(max(1, len(layers)), 3, squeeze=False, sharex=True)
     for i, layer in enumerate(layers):
+        _kl_panel(axes[i][2], rows, layer, max_kl)
+        if i == len(layers) - 1:
+            axes[i][2].set_xlabel("α")
+        if i == 0 and max_kl is not None:
+            axes[i][2].legend(fontsize=7, loc="best")
         for j, metric in enumerate(("trait", "coherence")):
             ax = axes[i][j]
             for condition, color, style in (("steered", "tab:blue", "-"), ("random", "tab:gray", "--")):

@@ -56,6 +56,14 @@ Questions = Annotated[
     ),
 ]
 Samples = Annotated[int, typer.Option("--samples", min=1, help="Responses per question and cell.")]
+MaxKL = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-kl",
+        help="KL budget: the recommended α keeps kl_neutral (nats/token on neutral texts) at or below it (default: 1).",
+        show_default=False,
+    ),
+]
 RandomSeeds = Annotated[
     int, typer.Option("--random-seeds", min=0, help="Random directions per random-vector cell (0: no random baseline).")
 ]
@@ -135,6 +143,7 @@ def eval_cmd(
     judge_base_url: JudgeBaseUrl = None,
     judge_mode: JudgeMode = None,
     coherence_threshold: CoherenceThreshold = None,
+    max_kl: MaxKL = None,
     max_new_tokens: o.MaxNewTokens = None,
     temperature: Annotated[
         Optional[float],
@@ -175,6 +184,10 @@ def eval_cmd(
         judge_mode=judge_mode,
         coherence_threshold=coherence_threshold,
     )
+    if max_kl is not None:
+        from personactl.eval_summary import check_max_kl
+
+        check_max_kl(max_kl)
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)
     sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
@@ -220,6 +233,7 @@ def eval_cmd(
                 load_judge=judge_loader(settings, loaded),
                 vector_spec=vector,
                 sampling=sampling,
+                max_kl=max_kl,
                 force=force,
                 on_phase=phases.phase,
                 on_chunk=phases.advance,
@@ -291,9 +305,13 @@ def print_eval(summary: dict[str, Any]) -> None:
         "α",
         "trait (95% CI)",
         "coherence (95% CI)",
+        "KL",
         "n",
         "no score (trait/coh.)",
-        title=escape(f"eval {summary['trait']} · coherence threshold {summary['coherence_threshold']:g}"),
+        title=escape(
+            f"eval {summary['trait']} · coherence threshold {summary['coherence_threshold']:g}"
+            + (f" · KL budget {summary['max_kl']:g}" if summary.get("max_kl") is not None else "")
+        ),
     )
     for c in cells.iter_rows(named=True):
         variant = "" if c["position"] is None else f"{c['position']}/{c['aggregator']}/{c['norm_mode']}"
@@ -304,19 +322,25 @@ def print_eval(summary: dict[str, Any]) -> None:
             f"{c['coefficient']:g}",
             _ci(c["trait_mean"], c["trait_low"], c["trait_high"]),
             _ci(c["coherence_mean"], c["coherence_low"], c["coherence_high"]),
+            _num(c.get("kl_neutral"), "{:.3f}"),
             str(c["n"]),
             f"{c['trait_missing']}/{c['coherence_missing']}",
             style="dim" if c["condition"] in ("random", "unsteered") else None,
         )
     console.print(table)
-    layers = Table("vector", "layer", "slope (trait/α)", "breaking α", "recommended α", "trait there", "random there")
+    layers = Table(
+        "vector", "layer", "slope (trait/α)", "breaking α", "KL limit α", "recommended α", "KL there", "trait there",
+        "random there",
+    )  # fmt: skip
     for a in summary["layers"]:
         layers.add_row(
             escape(f"{a['position']}/{a['aggregator']}/{a['norm_mode']}"),
             str(a["layer"]),
             _num(a["slope"], "{:+.2f}"),
             _num(a["breaking_alpha"]),
+            _num(a.get("kl_limit_alpha")),
             _num(a["recommended_alpha"]),
+            _num(a.get("kl_at_recommended"), "{:.3f}"),
             _num(a["trait_at_recommended"], "{:.1f}"),
             _num(a["random_trait_at_recommended"], "{:.1f}"),
         )
@@ -343,6 +367,15 @@ def recommendation_lines(summary: dict[str, Any]) -> list[str]:
                 else "; coherence did not break within the αs tried"
             )
         )
+        if best.get("kl_limit_alpha") is not None:
+            lines.append(
+                f"KL budget {summary['max_kl']:g} nats/token on neutral texts: exceeded from α {best['kl_limit_alpha']:g}"
+                + (
+                    f"; kl_neutral {best['kl_at_recommended']:.3f} at α {alpha:g}"
+                    if best.get("kl_at_recommended") is not None
+                    else ""
+                )
+            )
         if best["steered_minus_random"] is not None:
             lines.append(
                 f"steered vs a random vector of the same norm there: {best['trait_at_recommended']:.1f} vs "
