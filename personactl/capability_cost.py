@@ -15,13 +15,17 @@ How it is computed:
   hooked layers). Every forward has the same shape (rows × the longest text), and the unsteered
   reference is a forward of that same shape, so a row's logits depend only on its own text and α:
   α = 0 gives exactly 0, whatever the batch around it.
+- Blocks below the steering layer compute nothing new: the reference forward keeps every block's
+  output, and a steered forward whose lowest steered layer is `l` takes blocks 1..l from there
+  (same shape, same values), so a cell at a middle layer costs about half a forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -72,11 +76,23 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> NeutralBatch:
     return NeutralBatch(input_ids, mask)
 
 
-def kl_per_text(steered_logits: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ over real positions of KL(p_steered ‖ p_unsteered) per text, in float32: [N]."""
+def kl_sum(steered_logits: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of KL(p_steered ‖ p_unsteered), in float32, from [P, V] logits and log-probs."""
     logp = torch.log_softmax(steered_logits.float(), dim=-1)
-    per_position = (logp.exp() * (logp - reference_logprobs)).sum(-1)  # [N, T]
-    return (per_position * mask).sum(-1)
+    return (logp.exp() * (logp - reference_logprobs)).sum()
+
+
+@contextlib.contextmanager
+def reused_blocks(blocks: Sequence[Any], outputs: Sequence[Any]) -> Iterator[None]:
+    """Blocks 0..len(outputs)-1 return their saved outputs instead of computing (their hooks still
+    run); their own `forward` is back on exit."""
+    try:
+        for block, output in zip(blocks, outputs, strict=False):
+            block.forward = lambda *args, _saved=output, **kwargs: _saved
+        yield
+    finally:
+        for block in blocks[: len(outputs)]:
+            block.__dict__.pop("forward", None)
 
 
 def _row_coefficients(cells: Sequence[tuple[int, float]], layer: int, n_texts: int) -> torch.Tensor:
@@ -100,6 +116,7 @@ class NeutralKL:
         self.cells_per_forward = max(1, rows_per_forward // self.batch.n_texts)
         self.device = next(model.parameters()).device
         self._reference: torch.Tensor | None = None
+        self._block_outputs: list[Any] = []
 
     @property
     def n_tokens(self) -> int:
@@ -114,10 +131,23 @@ class NeutralKL:
             return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     def reference(self) -> torch.Tensor:
-        """Unsteered log-probabilities of the texts, [N, T, V] float32 (first copy of the batch)."""
+        """Unsteered log-probabilities at the real positions of the texts, [P, V] float32; keeps
+        every block's output of that forward for `__call__` to reuse."""
         if self._reference is None:
+            outputs: list[Any] = [None] * len(self.blocks)
+
+            def keep(index: int):
+                return lambda _module, _args, output: outputs.__setitem__(index, output)
+
+            handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(self.blocks)]
+            try:
+                logits = self._forward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._block_outputs = outputs
             n = self.batch.n_texts
-            self._reference = torch.log_softmax(self._forward()[:n].float(), dim=-1)
+            self._reference = torch.log_softmax(logits[:n][self.batch.mask.to(self.device)].float(), dim=-1)
         return self._reference
 
     def __call__(self, directions: Mapping[int, torch.Tensor], cells: Sequence[tuple[int, float]]) -> list[float]:
@@ -130,16 +160,17 @@ class NeutralKL:
         n, k = self.batch.n_texts, self.cells_per_forward
         mask = self.batch.mask.to(self.device)
         layers = sorted({layer for layer, _ in cells})
-        out: list[float] = []
+        order = sorted(range(len(cells)), key=lambda i: cells[i][0])  # a forward's cells share low layers
+        out: dict[int, float] = {}
         with Steerer(
             self.model, {layer: directions[layer] for layer in layers}, coefficient=0.0, decoder_layers=self.blocks
         ) as steerer:
-            for start in range(0, len(cells), k):
-                chunk = list(cells[start : start + k])
-                per_row = chunk + [(layers[0], 0.0)] * (k - len(chunk))  # α = 0 rows keep the shape fixed
+            for start in range(0, len(order), k):
+                chunk = [cells[i] for i in order[start : start + k]]
+                per_row = chunk + [(chunk[0][0], 0.0)] * (k - len(chunk))  # α = 0 rows keep the shape fixed
                 steerer.set_coefficients({layer: _row_coefficients(per_row, layer, n) for layer in layers})
-                logits = self._forward()
-                for c in range(len(chunk)):
-                    total = kl_per_text(logits[c * n : (c + 1) * n], reference, mask).sum()
-                    out.append(float(total) / self.n_tokens)
-        return out
+                with reused_blocks(self.blocks, self._block_outputs[: chunk[0][0]]):
+                    logits = self._forward()
+                for c, index in enumerate(order[start : start + k]):
+                    out[index] = float(kl_sum(logits[c * n : (c + 1) * n][mask], reference)) / self.n_tokens
+        return [out[i] for i in range(len(cells))]
