@@ -157,8 +157,8 @@ def test_eval_cells_carry_kl_neutral_of_the_right_direction(isolated_env, tmp_pa
         )
         assert server.total_requests == requests  # a new budget only redoes the summary
     summary = json.loads(first.stdout)
-    cells = pl.read_parquet(summary["files"]["cells"])
-    kl = {(r["condition"], r["layer"], r["coefficient"]): r["kl_neutral"] for r in cells.to_dicts()}
+    assert summary["cells"] == pl.read_parquet(summary["files"]["cells"]).to_dicts()
+    kl = {(r["condition"], r["layer"], r["coefficient"]): r["kl_neutral"] for r in summary["cells"]}
     assert kl[("unsteered", None, 0.0)] == 0.0 and kl[("prompted", None, 0.0)] is None
 
     lm = load_model(common[3], dtype="float32", device="cpu", log=lambda m: None)

@@ -245,9 +245,16 @@ def eval_cmd(
     if summary.get("skipped"):
         log(f"skipped: {summary['artifact']} is already complete; --force to rerun")
     if json:
-        emit_json(summary)
+        emit_json(summary if proxy else with_cells(summary))
         return
     print_proxy(summary) if proxy else print_eval(summary)
+
+
+def with_cells(summary: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document carries every cell (means, CIs, coherent, kl_neutral), not only its file."""
+    import polars as pl
+
+    return {**summary, "cells": pl.read_parquet(summary["files"]["cells"]).to_dicts()}
 
 
 def build_spec(layers, coefficients, position, aggregator, norm, positions, questions, samples, random_seeds,
