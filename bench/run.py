@@ -244,6 +244,59 @@ def bench_judge(results: dict) -> list[tuple]:
     return [("judge, 100 ms server: 50 in flight vs sequential (requests/s)", 40.0, rps_fast / rps_slow)]
 
 
+def bench_kl_neutral(results: dict) -> list[tuple]:
+    """What kl_neutral adds to an eval: the KL of every cell (steered and both random seeds) against
+    the time of the eval grid it scores (generation, eval's default 20 questions × 128 sampled
+    tokens, and judging by a loopback judge that answers in 100 ms) at eval's default αs. Both grow
+    with the number of cells; only the one unsteered reference forward does not, so a larger grid
+    has a slightly smaller ratio than this 2 layer × 4 α one."""
+    from personactl.backends import Sampling
+    from personactl.capability_cost import NeutralKL
+    from personactl.evaluation import EvalSpec, Variant, grid_runner, make_plan, run_eval, with_kl_neutral
+    from personactl.judge import RemoteJudge
+    from personactl.settings import Settings
+
+    lm = load_model("smollm2-135m", log=lambda m: None)
+    trait = load_trait("optimistic")
+    plan = make_plan(trait, lm.tokenizer, None, 1)
+    layers, spec = [10, 15], EvalSpec(random_seeds=2)
+    vector = torch.randn(lm.num_layers + 1, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    directions = {Variant(): {layer: vector[layer] / vector[layer].norm() * 4.0 for layer in layers}}
+    settings = Settings()
+    script = Path(__file__).resolve().parent.parent / "tests" / "judge_server.py"
+    server = subprocess.Popen([sys.executable, str(script), "--delay", "0.1"], stdout=subprocess.PIPE, text=True)
+    kept = {}
+    try:
+        judge = RemoteJudge("bench", base_url=server.stdout.readline().strip(), api_key="k", mode="single")
+
+        def eval_grid():
+            kept["samples"] = run_eval(
+                runner=grid_runner(settings, lm), judge=judge, trait=trait, plan=plan, spec=spec, layers=layers,
+                directions=directions, threshold=50, sampling=Sampling(settings.max_new_tokens, 1.0, 1.0),
+                seed=0, batch_size=settings.batch_size,
+            )  # fmt: skip
+
+        t_grid = median_seconds(eval_grid, repeats=1, warmup=False)
+    finally:
+        server.kill()
+        server.wait()
+    samples = kept["samples"]
+
+    def kl_neutral():  # a fresh measure each time: the unsteered reference forward is part of the cost
+        with_kl_neutral(samples, NeutralKL(lm.model, lm.tokenizer, rows_per_forward=settings.batch_size), directions)
+
+    t_kl = median_seconds(kl_neutral)
+    results["kl_neutral"] = {
+        "cells": len(layers) * len(spec.coefficients),
+        "directions_per_cell": 1 + spec.random_seeds,
+        "responses": samples.height,
+        "generated_tokens": int(samples["n_tokens"].sum()),
+        "eval_grid_seconds": t_grid,
+        "kl_neutral_seconds": t_kl,
+    }
+    return [("kl_neutral / eval grid time, 2 layers × 4 α (lower is better)", 0.10, t_kl / t_grid)]
+
+
 def bench_help(results: dict) -> list[tuple]:
     exe = str(Path(sys.executable).with_name("personactl"))
 
@@ -292,6 +345,7 @@ def main() -> None:
         lambda: bench_judge(results),
         lambda: bench_steering(results),
         lambda: bench_extraction(results),
+        lambda: bench_kl_neutral(results),
         lambda: bench_steering_vectors(results, load_model, make_pairs),
         lambda: bench_memory(results),
     ]
