@@ -85,14 +85,19 @@ def kl_sum(steered_logits: torch.Tensor, reference_logprobs: torch.Tensor) -> to
 @contextlib.contextmanager
 def reused_blocks(blocks: Sequence[Any], outputs: Sequence[Any]) -> Iterator[None]:
     """Blocks 0..len(outputs)-1 return their saved outputs instead of computing (their hooks still
-    run); their own `forward` is back on exit."""
+    run); on exit each has the `forward` it had (a wrapper set on the instance, e.g. by accelerate, too)."""
+    chosen = list(blocks[: len(outputs)])
+    previous = [block.__dict__.get("forward") for block in chosen]
     try:
-        for block, output in zip(blocks, outputs, strict=False):
+        for block, output in zip(chosen, outputs, strict=True):
             block.forward = lambda *args, _saved=output, **kwargs: _saved
         yield
     finally:
-        for block in blocks[: len(outputs)]:
-            block.__dict__.pop("forward", None)
+        for block, before in zip(chosen, previous, strict=True):
+            if before is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = before
 
 
 def _row_coefficients(cells: Sequence[tuple[int, float]], layer: int, n_texts: int) -> torch.Tensor:

@@ -65,6 +65,9 @@ def test_kl_is_exactly_zero_at_alpha_zero_and_grows_with_abs_alpha(tiny):
     # the same cells one per forward give the same numbers (each forward has the same shape)
     single = NeutralKL(tiny.model, tiny.tokenizer, rows_per_forward=1)
     assert single(v, [(2, a) for a in alphas]) == pytest.approx(list(values.values()), rel=1e-5, abs=0)
+    # and the model is left as it was: no hook, no block forward replaced
+    assert all("forward" not in b.__dict__ and not b._forward_hooks for b in tiny.layers)
+    assert not tiny.model._forward_pre_hooks
 
 
 def naive_kl(lm, layer: int, vector: torch.Tensor, alpha: float, reverse: bool = False) -> float:
