@@ -23,6 +23,7 @@ from personactl.cli import (
     steer,
     traits,
 )
+from personactl.cli.help_format import use_tidy_help
 
 app = typer.Typer(
     name="personactl",
@@ -50,6 +51,7 @@ app.command("config")(config_cmd.config)
 app.command("ls")(ls.ls)
 app.command("monitor")(monitor.monitor)
 app.add_typer(readout.app, name="readout")
+use_tidy_help(app)
 
 
 @app.callback(invoke_without_command=True)

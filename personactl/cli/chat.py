@@ -51,7 +51,7 @@ def chat(
     vector: Annotated[
         str, typer.Option("--vector", "-v", help="Vector file, or a trait name extracted in the workspace for --model.")
     ],
-    layers: o.Layers = None,
+    layers: o.MiddleLayer = None,
     alpha: Annotated[float, typer.Option("--alpha", "-a", help="Starting α (the steering strength).")] = 1.0,
     max_alpha: Annotated[
         float, typer.Option("--max-alpha", help="The slider runs from −max to +max; α outside it is refused.")

@@ -118,7 +118,7 @@ def eval_cmd(
             "--vector", "-v", help="Vector file to evaluate (default: the trait's vectors).", show_default=False
         ),
     ] = None,
-    layers: o.Layers = None,
+    layers: o.EvalLayers = None,
     coefficients: Coefficients = "0.5,1,2,4",
     position: Annotated[
         str, typer.Option("--position", help="Vector position(s), comma list: each is a variant of the grid.")
@@ -134,7 +134,13 @@ def eval_cmd(
     ] = False,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Adaptive: probes per layer.")] = 5,
     alpha_start: Annotated[float, typer.Option("--alpha-start", help="Adaptive: first α probed.")] = 1.0,
-    max_alpha: Annotated[float, typer.Option("--max-alpha", help="Adaptive: doubling stops here.")] = 16.0,
+    max_alpha: Annotated[
+        float,
+        typer.Option(
+            "--alpha-cap",
+            help="Adaptive: the largest α the search probes (doubling stops here).",
+        ),
+    ] = 16.0,
     proxy: Annotated[
         bool, typer.Option("--proxy", help="No judge: Cohen's d of held-out pos vs neg projections per layer.")
     ] = False,
@@ -150,9 +156,7 @@ def eval_cmd(
         typer.Option("--temperature", min=0.0, help="0 = greedy (default: 1.0, the setting).", show_default=False),
     ] = None,
     seed: o.Seed = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", min=1, help="(default: 32)", show_default=False)
-    ] = None,
+    batch_size: o.BatchSize = None,
     model: o.Model = None,
     revision: o.Revision = None,
     workspace: o.Workspace = None,

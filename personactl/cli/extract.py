@@ -47,7 +47,7 @@ def extract(
     revision: o.Revision = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
-    layers: o.Layers = None,
+    layers: o.AllLayers = None,
     positions: Annotated[Optional[str], typer.Option("--positions", help=POSITIONS_HELP, show_default=False)] = None,
     aggregators: Annotated[str, typer.Option("--aggregators", help="mean_diff and/or pca.")] = "mean_diff,pca",
     show_position: Annotated[

@@ -43,9 +43,7 @@ def generate(
     ] = None,
     top_p: o.TopP = None,
     seed: o.Seed = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", min=1, help="(default: 32)", show_default=False)
-    ] = None,
+    batch_size: o.BatchSize = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
     trust_remote_code: o.TrustRemoteCode = None,

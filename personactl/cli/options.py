@@ -31,15 +31,25 @@ Revision = Annotated[
     Optional[str],
     typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub --model.", show_default=False),
 ]
-Layers = Annotated[
-    Optional[str],
-    typer.Option(
-        "--layers",
-        "-l",
-        help="Layer rows, e.g. 10,12,14-16 (0 = embeddings, l = output of block l).",
-        show_default=False,
-    ),
-]
+
+
+def layers_option(default: str):
+    """`--layers` with the command's own default spelled out (the rows differ by command)."""
+    return Annotated[
+        Optional[str],
+        typer.Option(
+            "--layers",
+            "-l",
+            help=f"Layer rows, e.g. 10,12,14-16 (0 = embeddings, l = output of block l) (default: {default}).",
+            show_default=False,
+        ),
+    ]
+
+
+Layers = layers_option("every row the file has")
+AllLayers = layers_option("all rows, 0..L")
+MiddleLayer = layers_option("the middle row, L/2")
+EvalLayers = layers_option("about five rows over the middle half")
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout for scripts.")]
 Force = Annotated[bool, typer.Option("--force", help="Recompute even if the artifact exists.")]
 Dtype = Annotated[
@@ -84,6 +94,15 @@ TopP = Annotated[
     Optional[float],
     typer.Option(
         "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass, above 0 (default: 1.0).", show_default=False
+    ),
+]
+BatchSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch-size",
+        min=1,
+        help="Prompts per batched generate call; lower it if memory runs out (default: 32).",
+        show_default=False,
     ),
 ]
 Seed = Annotated[

@@ -22,11 +22,11 @@ def train(
     output: Annotated[
         Optional[Path],
         typer.Option(
-            "--output", "-o", help="(default: <workspace>/<model>/readouts/<dir name>.safetensors)", show_default=False
+            "--output", "-o", help="Readout file to write (default: <workspace>/<model>/readouts/<dir name>.safetensors).", show_default=False
         ),
     ] = None,
     aggregator: o.Aggregator = "mean_diff",
-    layers: o.Layers = None,
+    layers: o.AllLayers = None,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,

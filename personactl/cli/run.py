@@ -50,7 +50,7 @@ def run(
         ),
     ] = None,
     samples: Samples = 1,
-    layers: o.Layers = None,
+    layers: o.EvalLayers = None,
     coefficients: Coefficients = "0.5,1,2,4",
     random_seeds: RandomSeeds = 2,
     adaptive: Annotated[

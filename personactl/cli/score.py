@@ -65,13 +65,22 @@ def score(
     trait_threshold: Annotated[
         Optional[float],
         typer.Option(
-            "--trait-threshold", min=0, max=100, help="(default: the trait file's, else 50)", show_default=False
+            "--trait-threshold",
+            min=0,
+            max=100,
+            help="Trait score a positive response needs; a negative one must stay below it "
+            "(default: the trait file's, else 50).",
+            show_default=False,
         ),
     ] = None,
     coherence_threshold: Annotated[
         Optional[float],
         typer.Option(
-            "--coherence-threshold", min=0, max=100, help="(default: the trait file's, else 50)", show_default=False
+            "--coherence-threshold",
+            min=0,
+            max=100,
+            help="Coherence a response needs to be kept (default: the trait file's, else 50).",
+            show_default=False,
         ),
     ] = None,
     dry_run: Annotated[

@@ -23,7 +23,7 @@ def serve(
             "--vector", "-v", help="Default persona: a vector file, or a trait extracted in the workspace for --model."
         ),
     ],
-    layers: o.Layers = None,
+    layers: o.MiddleLayer = None,
     alpha: Annotated[float, typer.Option("--alpha", "-a", help="Default α for requests that give none.")] = 1.0,
     max_alpha: Annotated[
         float, typer.Option("--max-alpha", help="Requests with |α| above it are refused with 400.")

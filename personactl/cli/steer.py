@@ -32,7 +32,7 @@ def steer(
     prompts_file: Annotated[
         Optional[Path], typer.Option("--prompts-file", help="One user message per line.", show_default=False)
     ] = None,
-    layers: o.Layers = None,
+    layers: o.MiddleLayer = None,
     coefficients: Annotated[
         str, typer.Option("--coefficients", "-c", help="Comma list of α, e.g. --coefficients=-2,-1,0,1,2.")
     ] = "-1,0,1",
