@@ -206,9 +206,26 @@ class Workspace:
         if not found.is_file():
             raise VectorFileError(
                 f"no vectors for {spec!r} and model {model_slug} in {self.root}",
-                hint=f"run: personactl extract --trait {spec} (or pass a .safetensors path)",
+                hint=self._where_else(spec, model_slug, persona)
+                or f"run: personactl extract --trait {spec} (or pass a .safetensors path)",
             )
         return found
+
+    def _where_else(self, spec: str, model_slug: str, persona: str) -> str | None:
+        """A hint naming where this trait's vectors do exist: another workspace in the current
+        directory (e.g. the one `make demo` wrote), or another model in this workspace."""
+        name = f"vectors-{persona}.safetensors"
+        trait = slugify(spec)
+        here = self.root.resolve()
+        for path in sorted(Path.cwd().glob(f"*/{slugify(model_slug)}/{trait}/{name}")):
+            other = path.parents[2]
+            if other.resolve() != here:
+                shown = os.path.relpath(other)
+                return f"{spec} is extracted in {shown}: add --workspace {shown} (or set PERSONACTL_WORKSPACE={shown})"
+        models = sorted(p.parents[1].name for p in self.root.glob(f"*/{trait}/{name}"))
+        if models:
+            return f"{spec} is extracted in this workspace for another model ({models[0]}): pass that model with --model"
+        return None
 
     def steer_run_path(self, model_slug: str, label: str) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
