@@ -350,3 +350,31 @@ def test_public_api_is_importable_lazily():
         assert getattr(personactl, name) is not None
     with pytest.raises(AttributeError):
         personactl.not_a_thing  # noqa: B018
+
+
+def test_global_config_applies_to_the_command_and_not_to_the_next_call(isolated_env, tmp_path):
+    toml = tmp_path / "mine.toml"
+    toml.write_text("seed = 7\nmax_new_tokens = 9\n")
+    doc = json.loads(invoke("--config", toml, "config", "--json").stdout)
+    assert doc["seed"] == {"value": 7, "source": str(toml)} and doc["max_new_tokens"]["value"] == 9
+    own = tmp_path / "own.toml"
+    own.write_text("seed = 3\n")
+    assert json.loads(invoke("--config", toml, "config", "--json", "--config", own).stdout)["seed"]["value"] == 3
+    assert json.loads(invoke("config", "--json").stdout)["seed"]["source"] == "default"
+    expect_error(invoke("--config", tmp_path / "missing.toml", "show", "x"), "config file not found")
+
+
+def test_missing_vector_names_the_workspace_that_has_it(isolated_env):
+    demo = isolated_env / "demo-workspace" / "smollm2-135m" / "optimistic"
+    demo.mkdir(parents=True)
+    (demo / "vectors-model.safetensors").write_bytes(b"")
+    result = invoke("show", "optimistic")
+    expect_error(result, "no vectors for 'optimistic'")
+    assert "--workspace demo-workspace" in result.output
+    other = isolated_env / "personactl-workspace" / "other-model" / "optimistic"
+    other.mkdir(parents=True)
+    (other / "vectors-model.safetensors").write_bytes(b"")
+    result = invoke("show", "optimistic", "-w", "demo-workspace", "--model", "tiny/llama")
+    expect_error(result, "no vectors for 'optimistic'")
+    assert "another model (smollm2-135m)" in result.output
+    assert "--workspace personactl-workspace" not in invoke("show", "nothing").output

@@ -23,7 +23,9 @@ from personactl.cli import (
     steer,
     traits,
 )
+from personactl.cli.common import set_global_config
 from personactl.cli.help_format import use_tidy_help
+from personactl.cli.options import ConfigFile
 
 app = typer.Typer(
     name="personactl",
@@ -57,7 +59,9 @@ use_tidy_help(app)
 @app.callback(invoke_without_command=True)
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+    config: ConfigFile = None,
 ) -> None:
+    set_global_config(config)  # every invocation sets it, so nothing carries over between calls
     if version:
         from personactl import __version__
 

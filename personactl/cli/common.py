@@ -71,11 +71,24 @@ def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_global_config: list = [None]
+
+
+def set_global_config(path) -> None:
+    """Remember `personactl --config FILE` (given before the command) for every settings load."""
+    _global_config[0] = path
+
+
+def config_file(config=None):
+    """The command's own --config, else the global one, else None (the workspace's toml)."""
+    return config if config is not None else _global_config[0]
+
+
 def settings_from(config=None, **cli: Any):
     """Effective settings (CLI > env > toml > defaults) from a command's flags."""
     from personactl.settings import load_settings
 
-    settings, _ = load_settings(cli, config)
+    settings, _ = load_settings(cli, config_file(config))
     return settings
 
 

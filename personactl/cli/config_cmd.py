@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from personactl.cli import options as o
-from personactl.cli.common import emit_json, guarded, stdout_console
+from personactl.cli.common import config_file, emit_json, guarded, stdout_console
 
 
 @guarded
@@ -16,7 +16,7 @@ def config(
 
     from personactl.settings import load_settings, masked_dump
 
-    settings, sources = load_settings({"workspace": workspace, "model": model}, config)
+    settings, sources = load_settings({"workspace": workspace, "model": model}, config_file(config))
     values = masked_dump(settings)
     if json:
         emit_json({name: {"value": values[name], "source": sources[name]} for name in values})
