@@ -224,7 +224,7 @@ class Workspace:
                 return f"{spec} is extracted in {shown}: add --workspace {shown} (or set PERSONACTL_WORKSPACE={shown})"
         models = sorted(p.parents[1].name for p in self.root.glob(f"*/{trait}/{name}"))
         if models:
-            return f"{spec} is extracted in this workspace for another model ({models[0]}): pass that model with --model"
+            return f"{spec} is extracted in this workspace for another model ({models[0]}): pass it with --model"
         return None
 
     def steer_run_path(self, model_slug: str, label: str) -> Path:

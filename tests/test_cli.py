@@ -376,5 +376,5 @@ def test_missing_vector_names_the_workspace_that_has_it(isolated_env):
     (other / "vectors-model.safetensors").write_bytes(b"")
     result = invoke("show", "optimistic", "-w", "demo-workspace", "--model", "tiny/llama")
     expect_error(result, "no vectors for 'optimistic'")
-    assert "another model (smollm2-135m)" in result.output
+    assert "another model (smollm2-135m): pass it with --model" in result.output
     assert "--workspace personactl-workspace" not in invoke("show", "nothing").output
