@@ -145,6 +145,28 @@ def best_layer(analysis: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(candidates, key=lambda a: (a["slope"], -a["layer"]))
 
 
+def diagnose(unsteered: dict[str, Any] | None, best: dict[str, Any] | None, threshold: float) -> dict[str, Any]:
+    """Why no α is recommended, in words: an unsteered model below the coherence threshold fails
+    every cell whatever α is, so blaming the αs would send the user the wrong way."""
+    base = None if unsteered is None else unsteered["coherence_mean"]
+    if base is not None and base < threshold:
+        return {
+            "kind": "baseline_below_threshold",
+            "message": f"the unsteered model's own coherence is {base:.1f}, below the threshold {threshold:g}, "
+            "so every cell fails it whatever α is: the judge finds this model incoherent unsteered",
+            "hint": f"lower --coherence-threshold (e.g. {max(0.0, base - 10):.0f}), or use a stronger judge",
+        }
+    if best is None or best["recommended_alpha"] is None:
+        return {
+            "kind": "alphas_too_large",
+            "message": "no layer has two coherent αs to fit a slope"
+            if best is None
+            else f"no α > 0 stayed coherent at layer {best['layer']}",
+            "hint": "try smaller αs (or --adaptive)",
+        }
+    return {"kind": None, "message": None, "hint": None}
+
+
 def summarize(
     samples: pl.DataFrame, threshold: float, max_kl: float = DEFAULT_MAX_KL
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -180,6 +202,7 @@ def summarize(
         }
     return cells, {
         "coherence_threshold": threshold,
+        "diagnosis": diagnose(unsteered, best, threshold),
         "max_kl": max_kl,
         "ci_method": CI_METHOD,
         "definitions": {

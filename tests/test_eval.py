@@ -34,6 +34,7 @@ def test_t_quantile_matches_tables(df, expected):
 
 def test_t_quantile_matches_scipy():
     from scipy import stats  # a dev dependency: the reference implementation
+
     for df in (1, 2, 3, 7, 50, 300):
         for p in (0.9, 0.975, 0.995):
             assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-8)
@@ -321,3 +322,37 @@ def test_compare_writes_a_cosine_heatmap(isolated_env, tmp_path, tiny_factory):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert_png(out)
+
+
+def test_a_baseline_below_the_threshold_is_diagnosed_not_blamed_on_the_alphas():
+    from personactl.cli.eval import recommendation_lines
+
+    incoherent = known_samples().with_columns(
+        pl.when(pl.col("condition") == "unsteered")
+        .then(39.1)
+        .otherwise(pl.col("coherence_score"))
+        .alias("coherence_score")
+    )
+    _, summary = summarize(incoherent, threshold=95)
+    assert summary["diagnosis"]["kind"] == "baseline_below_threshold"
+    summary.update(artifact="a", files={"cells": "c", "plots": []})
+    text = "\n".join(recommendation_lines(summary))
+    assert "unsteered model's own coherence is 39.1, below the threshold 95" in text
+    assert "--coherence-threshold" in text and "smaller αs" not in text
+    _, fine = summarize(known_samples(), threshold=50)
+    assert fine["diagnosis"]["kind"] is None
+    _, strict = summarize(known_samples(), threshold=91)  # baseline 90 < 91 as well
+    assert strict["diagnosis"]["kind"] == "baseline_below_threshold"
+    _, steep = summarize(
+        known_samples()
+        .filter(pl.col("coefficient").abs() < 4)
+        .with_columns(
+            pl.when(pl.col("condition") == "steered")
+            .then(10.0)
+            .otherwise(pl.col("coherence_score"))
+            .alias("coherence_score")
+        ),
+        threshold=50,
+    )
+    assert steep["diagnosis"]["kind"] == "alphas_too_large"
+    assert "smaller αs" in steep["diagnosis"]["hint"]

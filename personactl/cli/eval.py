@@ -362,11 +362,16 @@ def print_eval(summary: dict[str, Any]) -> None:
 
 def recommendation_lines(summary: dict[str, Any]) -> list[str]:
     """The answer in words: best layer and α, the breaking point, and prompting vs steering."""
+    from personactl.eval_summary import diagnose
+
     best = summary.get("best")
     lines = []
-    if best is None:
-        lines.append("no layer has two coherent αs to fit a slope: try smaller αs (or --adaptive)")
-    else:
+    diagnosis = summary.get("diagnosis") or diagnose(
+        summary["baselines"]["unsteered"], best, summary["coherence_threshold"]
+    )  # results saved before the diagnosis existed
+    if diagnosis.get("kind"):
+        lines.append(f"{diagnosis['message']}: {diagnosis['hint']}")
+    if best is not None:
         vector = f"{best['position']}/{best['aggregator']}/{best['norm_mode']}"
         alpha = best["recommended_alpha"]
         lines.append(

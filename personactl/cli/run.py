@@ -134,7 +134,9 @@ def run(
     elif rec["kind"] == "proxy":
         console.print(f"proxy recommendation: layer {rec['layer']} (no α without a judge)", markup=False)
     elif rec["alpha"] is None:
-        console.print(f"best layer {rec['layer']}, but no α > 0 stayed coherent: try smaller αs", markup=False)
+        diagnosis = result["steps"]["eval"].get("diagnosis") or {}
+        why = f"{diagnosis['message']}: {diagnosis['hint']}" if diagnosis.get("kind") else "try smaller αs"
+        console.print(f"best layer {rec['layer']}, but no α > 0 stayed coherent: {why}", markup=False)
     else:
         console.print(
             f"recommended: personactl steer --vector {trait_obj.name} --layers {rec['layer']} "
