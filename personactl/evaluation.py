@@ -506,7 +506,7 @@ def eval_step(
     if 0 in layers:
         raise InputError("layer 0 is the embeddings, not a steering target", hint="evaluate layers 1..L")
     if spec.adaptive and not (0 < spec.alpha_start <= spec.max_alpha):
-        raise InputError("--adaptive needs 0 < --alpha-start ≤ --max-alpha")
+        raise InputError("--adaptive needs 0 < --alpha-start ≤ --alpha-cap")
     directions = {
         v: {layer: vector.direction(layer, v.position, v.aggregator, v.norm) for layer in layers} for v in spec.variants
     }

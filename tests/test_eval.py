@@ -205,6 +205,10 @@ def prepare(tmp_path, tiny_factory):
     return common
 
 
+def samples_height(summary):
+    return pl.read_parquet(summary["files"]["samples"]).height
+
+
 def assert_png(path):
     from PIL import Image
 
@@ -240,9 +244,18 @@ def test_eval_command_grid_baselines_plots_and_skip(isolated_env, tmp_path, tiny
             "2",
             "--json",
         ]
+        dry = runner.invoke(app, [*args, "--dry-run"], catch_exceptions=False)
+        assert dry.exit_code == 0 and server.total_requests == 0, dry.output
+        estimate = json.loads(dry.stdout)
+        # 2 baselines + 2 layers × 3 αs ≠ 0 × (steered + random), each 3 questions × 2 samples
+        assert (estimate["generations"], estimate["judgements"]) == (6 * 2 + 2 * 3 * 2 * 6, 2 * 84)
+        assert estimate["max_new_tokens_total"] == 84 * 5 and estimate["tokens_per_second"] > 0
+        worded = runner.invoke(app, [a for a in args if a != "--json"] + ["--dry-run"]).stdout
+        assert "would generate 84 responses" in worded and "tok/s measured here" in worded
         first = runner.invoke(app, args, catch_exceptions=False)
         assert first.exit_code == 0, first.output
         summary = json.loads(first.stdout)
+        assert samples_height(summary) == estimate["generations"]
         requests = server.total_requests
         again = runner.invoke(app, args, catch_exceptions=False)
         assert again.exit_code == 0 and json.loads(again.stdout)["skipped"] is True

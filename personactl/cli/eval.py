@@ -165,6 +165,10 @@ def eval_cmd(
     device: o.Device = None,
     backend: o.Backend = None,
     force: o.Force = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Only say how many generations and judgements it needs, and how long."),
+    ] = False,
     json: o.Json = False,
 ) -> None:
     """Which layer and α: judged steering on held-out questions vs unsteered, random-vector and prompting baselines."""
@@ -199,6 +203,9 @@ def eval_cmd(
         layers, coefficients, position, aggregator, norm, positions, questions, samples, random_seeds,
         adaptive, rounds, alpha_start, max_alpha, plots,
     )  # fmt: skip
+    if dry_run and not proxy:
+        report_estimate(settings, ws, trait_obj, spec, vector, json)
+        return
     loaded: dict[str, Any] = {}
 
     def load():
@@ -252,6 +259,28 @@ def eval_cmd(
         emit_json(summary if proxy else with_cells(summary))
         return
     print_proxy(summary) if proxy else print_eval(summary)
+
+
+def report_estimate(settings, ws, trait_obj, spec, vector_spec, json: bool) -> None:
+    """`eval --dry-run`: counts from the trait and the vector file's layer count, time from speed
+    measured earlier in this workspace. No model is loaded."""
+    from personactl.eval_estimate import describe_estimate, estimate_eval, measured_tokens_per_second
+    from personactl.models import resolve_model
+    from personactl.vectors import PersonaVector
+
+    slug = resolve_model(settings.model).slug
+    vector = PersonaVector.load(ws.find_vector(vector_spec or trait_obj.name, slug))
+    estimate = estimate_eval(
+        trait=trait_obj,
+        spec=spec,
+        num_layers=vector.num_layers,
+        max_new_tokens=settings.max_new_tokens,
+        tokens_per_second=measured_tokens_per_second(ws, slug),
+    )
+    if json:
+        emit_json(estimate)
+    else:
+        typer.echo(describe_estimate(estimate, settings.judge_model))
 
 
 def with_cells(summary: dict[str, Any]) -> dict[str, Any]:
