@@ -375,7 +375,9 @@ def test_line_mode_json(isolated_env, model_dir, vector_path, lm):
     assert (first["alpha"], second["alpha"], first["layers"], first["finish_reason"]) == (0.0, 2.0, [2], "length")
     assert second["n_prompt_tokens"] > first["n_prompt_tokens"]  # the history grew
     assert second["reply"] != first["reply"]
-    assert out[2] == {"command": "/nope", "error": "unknown command /nope", "hint": "/help lists the commands"}
+    nope = {"command": "/nope", "ok": False, "error": "unknown command /nope", "hint": "/help lists the commands"}
+    assert out[2] == nope
+    assert [o["ok"] for o in out] == [True, True, False, True, True, True, True]
     assert slash["message"] == "/hello world" and slash["conversation"] == 1
     saved = json.loads(Path(out[6]["path"]).read_text())
     assert [t["steering"]["alpha"] for t in saved["turns"]] == [0.0, 2.0, 2.0]

@@ -332,7 +332,7 @@ def run_lines(session: Any, lines: TextIO, as_json: bool) -> int:
             if as_json:
                 for _ in stream:
                     pass
-                out(jsonlib.dumps(turn_record(stream.turn), ensure_ascii=False))
+                out(jsonlib.dumps({**turn_record(stream.turn), "ok": True}, ensure_ascii=False))
             else:
                 for piece in stream:
                     out(one_line(piece), end="")
@@ -343,7 +343,8 @@ def run_lines(session: Any, lines: TextIO, as_json: bool) -> int:
             failures += 1
             report(exc)
             if as_json:
-                out(jsonlib.dumps({kind: text, "error": exc.message, "hint": exc.hint}, ensure_ascii=False))
+                failed = {kind: text, "ok": False, "error": exc.message, "hint": exc.hint}
+                out(jsonlib.dumps(failed, ensure_ascii=False))
             elif kind == "message":
                 out("")
     return failures
