@@ -46,6 +46,9 @@ demo: venv
 	$(BIN)/personactl extract --trait optimistic --workspace $(DEMO_WS)
 	$(BIN)/personactl steer --vector optimistic --workspace $(DEMO_WS) --layers 12,18 --coefficients=-2,-1,0,1,2 \
 		--max-new-tokens 40 --prompt "My exam went badly." --prompt "What do you think about Mondays?"
+	@echo "demo done: everything is in $(DEMO_WS)/. Next (README, Quickstart):"
+	@echo "  $(BIN)/personactl chat --vector optimistic --workspace $(DEMO_WS) --layers 15"
+	@echo "  $(BIN)/personactl eval --trait optimistic --workspace $(DEMO_WS) --dry-run"
 
 # steering-vectors (a peer, benchmarked against) pins transformers<5: it goes, with scikit-learn
 # which it imports, into bench/.peers with --no-deps, outside the venv.
