@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = Field(None, description="token for gated hub models (never written)")
     backend: Literal["hf", "vllm"] = Field("hf", description="generation engine: hf (transformers) or vllm")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs to shard the model over")
+    vllm_eager: bool = Field(
+        False, description="vllm backend: skip compilation (starts in seconds, not minutes, on a CPU; slower decoding)"
+    )
 
     batch_size: int = Field(32, ge=1, description="generation batch size")
     max_new_tokens: int = Field(128, ge=1, description="tokens generated per response")

@@ -7,10 +7,11 @@ at near-ties: HF bf16 agrees with vLLM bf16 on 31-44% of prompts over 32 tokens,
 batched also agrees with HF bf16 one-prompt-at-a-time on only 25%, and with HF fp32 on 38%. A bf16
 comparison cannot tell a bug from rounding; fp32 can. `bench/vllm_bench.py` reports the bf16 rates.
 
-Engines are expensive on 2 CPU cores (a compiled start is ~2 min, an eager one ~30 s), so there
-are two, module-scoped: a compiled one with the plugin's steering buffers (the default path) and
-an eager one that starts without them and gets them through `apply_model` (the fallback). Every
-test that needs an engine is skipped, with the reason, when vLLM cannot be imported."""
+Engines are expensive on 2 CPU cores (a compiled start is ~100 s, an eager one ~50 s), so there are
+two: a module-scoped compiled one with the plugin's steering buffers (the default path), and the
+eager one that `personactl chat --backend vllm` starts without the plugin, which gets its hooks
+through `apply_model` (the fallback). Every test that needs an engine is skipped, with the reason,
+when vLLM cannot be imported."""
 
 from __future__ import annotations
 
@@ -95,16 +96,6 @@ def engine(hf):
     backend.close()
 
 
-@pytest.fixture(scope="module")
-def eager_engine(hf):
-    """Eager and stock: no steering until `enable_steering` adds the hooks through apply_model."""
-    from personactl.backends.vllm import open_vllm
-
-    backend = open_vllm("smollm2-135m", dtype=DTYPE, steering=False, enforce_eager=True)
-    yield backend
-    backend.close()
-
-
 def agreement(ours: list[list[int]], reference: list[list[int]]) -> tuple[float, float]:
     """(share of prompts with identical tokens, mean share of leading tokens that agree)."""
     same = sum(a == b for a, b in zip(ours, reference, strict=True)) / len(reference)
@@ -137,21 +128,11 @@ def test_steered_greedy_agrees_with_hf(engine, hf, alpha):
     assert changed < 0.5  # steering really moved most replies, so the agreement above means something
 
 
-def test_alpha_zero_equals_unsteered_token_for_token(engine, eager_engine, hf):
-    """Eager: a stock engine's output, then hooks added (the fallback path) at α=0: identical;
-    then steered: agrees with HF. Compiled: α=0 equals the engine's own unsteered state. (A
+def test_alpha_zero_equals_unsteered_token_for_token(engine, hf):
+    """Compiled: α=0 equals the engine's own unsteered state, and leaving the context unsteers. (A
     compiled engine *without* the buffers is a different inductor graph, whose GEMM and fusion
-    choices round differently; it agrees only as bf16/fp32 kernels do, see the bench.)"""
-    stock = tokens(eager_engine.generate(hf["prompts"], GREEDY, 0))
-    eager_engine.enable_steering()
-    with eager_engine.steering({LAYER: hf["vector"], 3: hf["vector"]}, 0.0):
-        assert tokens(eager_engine.generate(hf["prompts"], GREEDY, 0)) == stock
-    with eager_engine.steering({LAYER: hf["vector"]}, ALPHAS[0]):
-        same, _ = agreement(tokens(eager_engine.generate(hf["prompts"], GREEDY, 0)), hf["outputs"][ALPHAS[0]])
-    print(f"\nsteered α={ALPHAS[0]:g} vLLM (eager, hooks via apply_model) vs HF, {DTYPE}: {same:.0%} identical")
-    assert same >= AGREEMENT
-    assert tokens(eager_engine.generate(hf["prompts"], GREEDY, 0)) == stock  # leaving the context unsteers
-
+    choices round differently; it agrees only as bf16/fp32 kernels do, see the bench.) The eager
+    fallback (hooks added through apply_model) is `test_chat_command_on_vllm_in_line_mode`."""
     unsteered = tokens(engine.generate(hf["prompts"], GREEDY, 0))
     with engine.steering({LAYER: hf["vector"], 3: hf["vector"]}, 0.0):
         assert tokens(engine.generate(hf["prompts"], GREEDY, 0)) == unsteered
@@ -243,7 +224,7 @@ def test_bad_steering_requests_are_refused(engine, hf):
             pass
 
 
-def test_generate_and_steer_steps_on_the_vllm_backend(engine, eager_engine, hf, isolated_env, tmp_path):
+def test_generate_and_steer_steps_on_the_vllm_backend(engine, hf, isolated_env, tmp_path):
     """The workspace steps with the engine in place of the HF model: same schemas, backend recorded."""
     import polars as pl
 
@@ -260,7 +241,7 @@ def test_generate_and_steer_steps_on_the_vllm_backend(engine, eager_engine, hf, 
         settings=settings,
         trait=load_trait("optimistic"),
         workspace=ws,
-        load=lambda: eager_engine,
+        load=lambda: engine,
         max_questions=1,
         force=False,
     )
@@ -422,27 +403,35 @@ def test_serve_on_vllm_keeps_concurrent_requests_with_mixed_alpha_apart(engine, 
 
 
 def test_chat_command_on_vllm_in_line_mode(engine, hf, mood_vector, isolated_env):
-    """`personactl chat --backend vllm`, piped, as a user runs it: its engine (compiled, fp32, with
-    the steering buffers) replies exactly as the test's engine does; /positions prompt is refused."""
+    """`personactl chat --backend vllm`, piped, as a user runs it, on the fallback path: eager (the
+    `vllm_eager` setting) and without personactl's vLLM plugin (`VLLM_PLUGINS=""`, as when personactl
+    runs from a source tree that was never pip-installed), so the steering hooks arrive through
+    `apply_model`. Its replies at α = -2, 1 and 0 equal HF's in float32 token for token (the HF
+    references of the first question); /positions prompt is refused. One engine start serves both
+    the CLI and the fallback path (each costs about a minute on 2 cores)."""
     import json
+    import os
     import subprocess
     import sys
 
-    from personactl.chat_format import chat_messages, encode_prompt
-
     args = ["chat", "--backend", "vllm", "--dtype", DTYPE, "--vector", mood_vector, "-w", "ws", "--layers", LAYER]
     args += ["--alpha", "-2", "--max-new-tokens", GREEDY.max_new_tokens, "--json"]
-    lines = "How was your day?\n/positions prompt\n/reset\n/alpha 1\nHow was your day?\n"
+    question = QUESTIONS[0]
+    lines = f"{question}\n/positions prompt\n/reset\n/alpha 1\n{question}\n/reset\n/alpha 0\n{question}\n"
     result = subprocess.run(
-        [sys.executable, "-m", "personactl", *map(str, args)], input=lines, capture_output=True, text=True
+        [sys.executable, "-m", "personactl", *map(str, args)],
+        input=lines,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PERSONACTL_VLLM_EAGER": "1", "VLLM_PLUGINS": ""},
     )
     assert result.returncode == 2, result.stderr[-2000:]  # every line ran; one was refused
-    first, refused, _, _, second = [json.loads(line) for line in result.stdout.splitlines()]
-    assert "positions all only" in refused["error"]
-    prompt = encode_prompt(engine.tokenizer, chat_messages(None, "How was your day?"))
-    for reply, alpha in ((first, -2.0), (second, 1.0)):
-        assert reply["alpha"] == alpha and reply["n_prompt_tokens"] == len(prompt)
-        assert reply["reply"] == generate_alone(engine, hf, prompt, alpha).text
+    replies = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "positions all only" in replies[1]["error"]
+    tokenizer = hf["lm"].tokenizer
+    for reply, alpha in ((replies[0], -2.0), (replies[4], 1.0), (replies[7], 0.0)):
+        assert reply["alpha"] == alpha and reply["n_prompt_tokens"] == len(hf["prompts"][0])
+        assert reply["reply"] == tokenizer.decode(hf["outputs"][alpha][0], skip_special_tokens=True), alpha
 
 
 # --- without an engine (these run whether or not vLLM is installed) --------------------------------

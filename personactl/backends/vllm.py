@@ -320,7 +320,7 @@ def _model_location(source: Any, cache_dir: Path, log: Any) -> str:
 
 
 def open_vllm_from(settings: Any, *, steering: bool, log: Any = lambda message: None) -> VLLMBackend:
-    """`open_vllm` with the model, dtype, revision, seed and parallelism of a `Settings` object."""
+    """`open_vllm` with the model, dtype, revision, seed, parallelism and eagerness of a `Settings` object."""
     if settings.device not in ("auto", "cpu") and not settings.device.startswith("cuda"):
         raise InputError(f"--device {settings.device} is not available with the vllm backend", hint="use --backend hf")
     return open_vllm(
@@ -332,6 +332,7 @@ def open_vllm_from(settings: Any, *, steering: bool, log: Any = lambda message: 
         token=settings.hf_token.get_secret_value() if settings.hf_token else None,
         tensor_parallel_size=settings.tensor_parallel_size,
         steering=steering,
+        enforce_eager=settings.vllm_eager,
         seed=settings.seed,
         log=log,
     )
