@@ -636,5 +636,6 @@ def test_live_readout_tracks_alpha_on_the_embedded_model(isolated_env, mood_vect
     replies = [r["readout"] for r in map(json.loads, result.stdout.splitlines()) if "reply" in r]
     for question in (replies[:3], replies[3:]):
         reply = [r["response_avg"]["mood"] for r in question]
+        print(f"SPREAD live readout α=-2,0,2: {[round(r, 2) for r in reply]}")
         assert reply[0] < reply[1] < reply[2], reply
         assert len({r["prompt_end"]["mood"] for r in question}) == 1

@@ -59,7 +59,7 @@ def test_ithou_and_monitor_on_embedded_model(isolated_env, tmp_path):
     effect = {(r["position"], r["layer"]): r for r in mon["effect"]}
     for position in ("prompt_end", "response_avg"):
         r = effect[(position, 15)]
-        print(f"monitor {position} L15: pos {r['mean_pos']:+.2f} neg {r['mean_neg']:+.2f} d={r['cohens_d']:+.2f}")
+        print(f"SPREAD monitor {position} L15 pos {r['mean_pos']:+.2f} neg {r['mean_neg']:+.2f} d={r['cohens_d']:+.2f}")
     # pos replies project higher than neg ones (measured: d = +3.27 on 5 pairs). The prompt_end
     # projection was not separated here (d = +0.07 at layer 15 on 5 pairs): printed, not asserted
     assert effect[("response_avg", 15)]["cohens_d"] > 1.0
@@ -87,5 +87,5 @@ def test_readout_held_out_accuracy_on_embedded_model():
     scores = readout.scores(readings.values[:, 0])  # [N, R, C]
     truth = torch.tensor([readout.concepts.index(name) for name, _ in held_out])
     accuracy = {row: float((scores[:, i].argmax(-1) == truth).float().mean()) for i, row in enumerate(rows)}
-    print(f"readout held-out accuracy ({len(held_out)} texts, {len(concepts)} concepts): {accuracy}")
+    print(f"SPREAD readout held-out accuracy ({len(held_out)} texts, {len(concepts)} concepts): {accuracy}")
     assert max(accuracy.values()) >= 0.75

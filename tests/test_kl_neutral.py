@@ -205,4 +205,5 @@ def test_the_default_budget_separates_fluent_from_broken_alphas_on_the_embedded_
     )
     vector = result.mean_diff["response_avg"][15]
     fluent, broken = NeutralKL(lm.model, lm.tokenizer)({15: vector}, [(15, 2.0), (15, 4.0)])
+    print(f"SPREAD kl_neutral α=2: {fluent:.3f}, α=4: {broken:.3f}")
     assert 0.25 < fluent < DEFAULT_MAX_KL < 2.0 < broken

@@ -29,9 +29,11 @@ def test_plain_and_chat_paths_agree_and_plain_vectors_are_not_one_dimension(tmp_
             lm.model, lm.layers, pairs, pad_id=lm.tokenizer.pad_token_id, positions=["response_avg"], pca=False
         )
     ratio = results["plain"].stream_norm / results["chat"].stream_norm  # the sink made it up to 16x
+    print(f"SPREAD stream norm plain/chat: {float(ratio.min()):.3f}..{float(ratio.max()):.3f}")
     assert float(ratio.max()) < 1.5 and float(ratio.min()) > 1 / 1.5, ratio.tolist()
     for name in ("plain", "happy_sad"):
         norms = results[name].mean_diff["response_avg"].norm(dim=-1)
         assert float(norms[15] / norms[10]) < 3, (name, norms.tolist())  # the sink made row 15 one dimension
         share = results[name].diagnostics["positions"]["response_avg"]["top_dim_share"]
+        print(f"SPREAD {name}: row15/row10 {float(norms[15] / norms[10]):.2f}, top share 12-28 {max(share[12:29]):.2f}")
         assert max(share[12:29]) < 0.5, share  # no dimension dominates where the sink lives
