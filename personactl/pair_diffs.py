@@ -21,6 +21,7 @@ from personactl.errors import VectorFileError
 from personactl.example_activations import read_examples
 
 FORMAT = "personactl.pair_diffs/1"
+KEEP_PAIRS = "remake it: personactl extract ... --keep-pairs --force"
 
 
 def pair_differences(
@@ -91,14 +92,23 @@ def load_pair_diffs(path: Path, position: str) -> tuple[torch.Tensor, dict[str, 
     """`[n_pairs, n_rows, H]` at `position`, and the metadata (`rows`, `pair_ids`, …)."""
     from safetensors import safe_open
 
+    from personactl.tagged_file import decoded_metadata, reading
+
     if not Path(path).is_file():
         raise VectorFileError(
             f"no per-pair differences at {path}",
             hint="extract with --keep-pairs to get confidence intervals and split-half reliability",
         )
-    with safe_open(str(path), framework="pt") as f:
-        metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    with reading(path, hint=KEEP_PAIRS), safe_open(str(path), framework="pt") as f:
+        metadata = decoded_metadata(f.metadata())
         key = f"diff.{position}"
         if metadata.get("format") != FORMAT or key not in f.keys():
-            raise VectorFileError(f"{path} has no per-pair differences at {position}")
-        return f.get_tensor(key), metadata
+            raise VectorFileError(f"{path} has no per-pair differences at {position}", hint=KEEP_PAIRS)
+        diffs = f.get_tensor(key)
+    rows = metadata.get("rows")
+    if diffs.ndim != 3 or not isinstance(rows, list) or diffs.shape[1] != len(rows):
+        raise VectorFileError(
+            f"{path}: {key} has shape {list(diffs.shape)}, not [pairs, {len(rows or [])} rows, hidden]",
+            hint=KEEP_PAIRS,
+        )
+    return diffs, metadata

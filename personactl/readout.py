@@ -31,6 +31,7 @@ from personactl.vectors import LAYER_CONVENTION, principal_direction_of_rows, un
 FORMAT = "personactl.readout/1"
 READOUT_PROMPT = "Describe yourself in a sentence or two."
 AGGREGATORS = ("mean_diff", "pca")
+RETRAIN = "retrain it: personactl readout train DIR -o FILE"
 
 
 def read_concept_dir(directory: Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -112,15 +113,42 @@ class Readout:
 
     @classmethod
     def load(cls, path: Path) -> Readout:
+        """Read a readout file; a corrupt one, or one whose tensors disagree with its metadata, is a
+        VectorFileError naming it."""
         from safetensors import safe_open
+
+        from personactl.tagged_file import decoded_metadata, reading
 
         if not Path(path).is_file():
             raise VectorFileError(f"readout file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            if metadata.pop("format", None) != FORMAT:
-                raise VectorFileError(f"{path} is not a personactl readout file")
-            return cls({k: f.get_tensor(k) for k in f.keys()}, metadata)
+        with reading(path, hint=RETRAIN):
+            with safe_open(str(path), framework="pt") as f:
+                metadata = decoded_metadata(f.metadata())
+                if metadata.pop("format", None) != FORMAT:
+                    raise VectorFileError(f"{path} is not a personactl readout file", hint=RETRAIN)
+                readout = cls({k: f.get_tensor(k) for k in f.keys()}, metadata)
+        readout.check_shapes(path)
+        return readout
+
+    def check_shapes(self, path: Path) -> None:
+        """Every listed row has `vectors.<row>` [concepts, H] and `center.<row>` [H], one H for all."""
+        try:
+            concepts, rows = self.concepts, [int(r) for r in self.rows]
+        except (KeyError, TypeError, ValueError):
+            raise VectorFileError(f"{path}: readout metadata lacks concepts or rows", hint=RETRAIN) from None
+        hidden = {t.shape[-1] for t in self.tensors.values() if t.ndim}
+        for row in rows:
+            vectors, center = self.tensors.get(f"vectors.{row}"), self.tensors.get(f"center.{row}")
+            if (
+                vectors is None
+                or center is None
+                or len(hidden) != 1
+                or tuple(vectors.shape) != (len(concepts), *hidden)
+                or tuple(center.shape) != tuple(hidden)
+            ):
+                raise VectorFileError(
+                    f"{path}: the tensors at row {row} do not match its {len(concepts)} concepts", hint=RETRAIN
+                )
 
 
 def train_readout(

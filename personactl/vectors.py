@@ -206,16 +206,12 @@ class PersonaVector:
         path = Path(path)
         if not path.is_file():
             raise VectorFileError(f"vector file not found: {path}")
-        try:
+        from personactl.tagged_file import decoded_metadata, reading
+
+        with reading(path, hint="re-extract it (personactl extract --force)"):
             with safe_open(str(path), framework="pt") as f:
-                raw = f.metadata() or {}
+                metadata = decoded_metadata(f.metadata())
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = {k: json.loads(v) for k, v in raw.items()}
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise VectorFileError(
-                f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}",
-                hint="re-extract it (personactl extract --force)",
-            ) from None
         if metadata.get("format") != FORMAT:
             raise VectorFileError(f"{path} is not a personactl vector file (format={metadata.get('format')!r})")
         metadata.pop("format")
