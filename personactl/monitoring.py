@@ -101,6 +101,7 @@ def monitor_step(
     vector: str | None,
     readout: Any | None,
     texts: list[str],
+    replies: list[str] | None = None,
     conversation: list[dict[str, str]] | None,
     responses: Any | None,
     persona: str,
@@ -124,6 +125,11 @@ def monitor_step(
         raise InputError("pass exactly one of --vector or --readout")
     if sum([bool(texts), conversation is not None, responses is not None]) != 1:
         raise InputError("pass texts (--text), a --conversation file or --responses TRAIT")
+    if replies and len(replies) != len(texts):
+        raise InputError(
+            f"{len(replies)} --reply for {len(texts)} --text",
+            hint="give one --reply per --text, in the same order (each is the assistant's answer to it)",
+        )
     slug = resolve_model(settings.model).slug
     if vector is not None:
         path = workspace.find_vector(vector, slug)
@@ -140,6 +146,9 @@ def monitor_step(
     if texts:
         items = [{"text": t} for t in texts]
         examples = [encode_example(tok, chat_messages(None, t), response_ids=[]) for t in texts]
+        if replies:
+            items = [{"text": t, "reply": r} for t, r in zip(texts, replies, strict=True)]
+            examples = [encode_example(tok, chat_messages(None, t), r) for t, r in zip(texts, replies, strict=True)]
     elif conversation is not None:
         if conversation and conversation[-1]["role"] == "assistant":
             examples = [encode_example(tok, conversation[:-1], conversation[-1]["content"])]

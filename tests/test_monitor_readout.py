@@ -140,3 +140,42 @@ def test_readout_and_monitor_cli(isolated_env, tmp_path, tiny_factory):
 def test_monitor_needs_exactly_one_probe_and_input(isolated_env, tmp_path, tiny_factory, bad):
     result = runner.invoke(app, ["monitor", *bad, "--model", str(tiny_factory("llama")), "-w", str(tmp_path / "ws")])
     assert result.exit_code == 2
+
+
+def test_monitor_reads_a_reply_and_shows_tokens_to_a_person(isolated_env, tmp_path, tiny_factory):
+    from pathlib import Path
+
+    model, ws = str(tiny_factory("llama")), tmp_path / "ws"
+    out = tmp_path / "r.safetensors"
+    args = ["--model", model, "-w", str(ws), "--dtype", "float32"]
+    data = str(Path(__file__).parent / "data" / "readout")
+    assert runner.invoke(app, ["readout", "train", data, *args, "-o", str(out)]).exit_code == 0
+    ask = ["monitor", "--readout", str(out), "--text", "I am so happy", "--reply", "Great, me too!", *args]
+    doc = json.loads(runner.invoke(app, [*ask, "--tokens", "--json"], catch_exceptions=False).stdout)
+    item = doc["items"][0]
+    assert item["reply"] == "Great, me too!" and None not in item["response_avg"][0]
+    reply_tokens = [t for t in item["tokens"] if t["response"]]
+    assert "".join(t["token"] for t in reply_tokens) == "Great, me too!"
+    np.testing.assert_allclose(  # response_avg is the mean of the reply tokens
+        np.mean([t["projection"] for t in reply_tokens], axis=0), item["response_avg"], atol=1e-4
+    )
+
+    human = runner.invoke(app, [*ask, "--tokens", "--layers", "2"], env={"COLUMNS": "200"}, catch_exceptions=False)
+    assert human.exit_code == 0, human.output
+    assert "item 0" not in human.stdout and "“I am so happy” → reply “Great, me too!”" in human.stdout
+    assert "per token: “I am so happy”" in human.stdout
+    rows = [
+        [c.strip() for c in line.strip("│ ").split("│")]
+        for line in human.stdout.splitlines()
+        if line.startswith("│") and ("│ prompt │" in line or "│ reply  │" in line)
+    ]
+    assert len(rows) == len(item["tokens"])
+    layer = doc["layers"].index(2)
+    for (index, _, part, *cells), token in zip(rows, item["tokens"], strict=True):
+        assert part == ("reply" if token["response"] else "prompt")
+        expected = ["sink" if v is None else f"{v:+.3f}" for v in token["projection"][layer]]
+        assert cells == expected, (index, cells, expected)
+
+    two_replies = ["--text", "a", "--reply", "b", "--reply", "c"]
+    refused = runner.invoke(app, ["monitor", "--readout", str(out), *two_replies, *args])
+    assert refused.exit_code == 2 and "2 --reply for 1 --text" in refused.output

@@ -31,6 +31,15 @@ def monitor(
     text: Annotated[
         Optional[list[str]], typer.Option("--text", help="A user message to read (repeatable).", show_default=False)
     ] = None,
+    reply: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--reply",
+            help="The assistant's reply to the --text of the same place (repeatable, one per --text): "
+            "read as response_avg.",
+            show_default=False,
+        ),
+    ] = None,
     conversation: Annotated[
         Optional[Path],
         typer.Option(
@@ -57,7 +66,14 @@ def monitor(
     ] = "response_avg",
     aggregator: o.Aggregator = "mean_diff",
     layers: o.Layers = None,
-    tokens: Annotated[bool, typer.Option("--tokens", help="Also project every token.")] = False,
+    tokens: Annotated[
+        bool,
+        typer.Option(
+            "--tokens",
+            help="Also project every token: a table per input, coloured by sign "
+            "(every layer when it fits, else the middle one: narrow with --layers).",
+        ),
+    ] = False,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
@@ -69,7 +85,7 @@ def monitor(
     import json as jsonlib
 
     from personactl.errors import InputError
-    from personactl.monitoring import MONITOR_POSITIONS, monitor_step
+    from personactl.monitoring import monitor_step
     from personactl.ranges import parse_ranges
     from personactl.traits import load_trait
 
@@ -90,6 +106,7 @@ def monitor(
         vector=vector,
         readout=readout,
         texts=list(text or []),
+        replies=list(reply or []),
         conversation=messages,
         responses=load_trait(responses) if responses else None,
         persona=check_persona(persona),
@@ -107,33 +124,16 @@ def monitor(
     if json:
         emit_json(doc)
         return
-    from rich.markup import escape
-    from rich.table import Table
+    from personactl.cli import monitor_render as render
 
     console = stdout_console()
     if "effect" in doc:
-        table_out = Table(
-            "layer", "position", "label", "mean pos", "mean neg", "Cohen's d", title="pos vs neg projections"
-        )
-        fmt = lambda v: "—" if v is None else f"{v:+.3f}"  # noqa: E731
-        for r in doc["effect"]:
-            table_out.add_row(
-                str(r["layer"]),
-                r["position"],
-                escape(r["label"]),
-                fmt(r["mean_pos"]),
-                fmt(r["mean_neg"]),
-                fmt(r["cohens_d"]),
-            )
-        console.print(table_out)
+        console.print(render.effect_table(doc))
         return
-    for i, item in enumerate(doc["items"]):
-        table_out = Table(
-            "layer",
-            *[escape(f"{label} @ {pos}") for pos in MONITOR_POSITIONS for label in doc["labels"]],
-            title=f"item {i}",
-        )
-        for r, layer in enumerate(doc["layers"]):
-            cells = [item[pos][r][k] for pos in MONITOR_POSITIONS for k in range(len(doc["labels"]))]
-            table_out.add_row(str(layer), *["—" if c is None else f"{c:+.3f}" for c in cells])
-        console.print(table_out)
+    token_layers = render.token_layers(doc["layers"], len(doc["labels"])) if tokens else []
+    if tokens and token_layers != doc["layers"]:
+        log(f"per-token values at layer {token_layers[0]} (pick layers with --layers; --json has every layer)")
+    for item in doc["items"]:
+        console.print(render.layers_table(doc, item))
+        if tokens:
+            console.print(render.token_table(doc, item, token_layers))
