@@ -221,6 +221,27 @@ def apply_thinking(tokenizer: Any, thinking: str) -> None:
     set_thinking(tokenizer, {"on": True, "off": False}.get(thinking))
 
 
+def responses_fingerprint(settings: Any, trait: Trait, max_questions: int | None) -> dict[str, Any]:
+    """The inputs a model-persona responses table is made from: equal ones mean it is finished."""
+    fingerprint = {
+        "trait_sha256": trait.sha256,
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+        "backend": settings.backend,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_new_tokens": settings.max_new_tokens,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "samples_per_question": settings.samples_per_question,
+        "max_questions": max_questions,
+    }
+    if settings.thinking != "auto":  # absent when unset, so earlier responses stay complete
+        fingerprint["thinking"] = settings.thinking
+    return fingerprint
+
+
 def generate_step(
     *,
     settings: Any,
@@ -241,22 +262,7 @@ def generate_step(
 
     source = resolve_model(settings.model)
     output = workspace.responses_path(source.slug, trait.name, persona)
-    fingerprint = {
-        "trait_sha256": trait.sha256,
-        "model": settings.model,
-        "revision": settings.revision,
-        "dtype": settings.dtype,
-        "backend": settings.backend,
-        "temperature": settings.temperature,
-        "top_p": settings.top_p,
-        "max_new_tokens": settings.max_new_tokens,
-        "seed": settings.seed,
-        "batch_size": settings.batch_size,
-        "samples_per_question": settings.samples_per_question,
-        "max_questions": max_questions,
-    }
-    if settings.thinking != "auto":  # absent when unset, so earlier responses stay complete
-        fingerprint["thinking"] = settings.thinking
+    fingerprint = responses_fingerprint(settings, trait, max_questions)
     if persona == "user":  # the user turns are the kept model-persona answers: those inputs count too
         from personactl.user_persona import user_persona_inputs
 

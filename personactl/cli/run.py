@@ -68,6 +68,12 @@ def run(
     config: o.ConfigFile = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Only say, per step, how many generations and judgements it needs, and how long."
+        ),
+    ] = False,
     json: o.Json = False,
 ) -> None:
     """generate → score → extract → eval for one trait; finished steps are skipped."""
@@ -92,6 +98,17 @@ def run(
         layers, coefficients, "response_avg", "mean_diff", "raw", "all", eval_questions, samples, random_seeds,
         adaptive, 5, 1.0, 16.0, plots,
     )  # fmt: skip
+    if dry_run:
+        from personactl.run_estimate import describe_run_estimate, estimate_run
+
+        estimate = estimate_run(
+            settings=settings, workspace=ws, trait=trait_obj, spec=spec, max_questions=questions, proxy=proxy
+        )
+        if json:
+            emit_json(estimate)
+        else:
+            typer.echo(describe_run_estimate(estimate, settings.judge_model))
+        return
     loaded: dict[str, Any] = {}
 
     def load():
