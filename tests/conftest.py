@@ -150,3 +150,14 @@ def isolated_env(monkeypatch, tmp_path):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# Files that take minutes run first: under `make test`'s two workers (pytest-xdist, one file per
+# worker at a time) the vLLM file's engine compile then runs beside the many short files instead of
+# alone at the end. Serially the order changes nothing: every test sets up its own state.
+LONG_FILES = ("test_vllm.py", "test_e2e_embedded.py", "test_chat.py", "test_eval_embedded.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))

@@ -110,6 +110,7 @@ def tokens(generations) -> list[list[int]]:
     return [g.token_ids for g in generations]
 
 
+@pytest.mark.slow
 def test_unsteered_greedy_agrees_with_hf(engine, hf):
     ours = tokens(engine.generate(hf["prompts"], GREEDY, 0))
     same, prefix = agreement(ours, hf["outputs"][0.0])
@@ -117,6 +118,7 @@ def test_unsteered_greedy_agrees_with_hf(engine, hf):
     assert same >= AGREEMENT, (same, prefix)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_steered_greedy_agrees_with_hf(engine, hf, alpha):
     with engine.steering({LAYER: hf["vector"]}, alpha):
@@ -128,6 +130,7 @@ def test_steered_greedy_agrees_with_hf(engine, hf, alpha):
     assert changed < 0.5  # steering really moved most replies, so the agreement above means something
 
 
+@pytest.mark.slow
 def test_alpha_zero_equals_unsteered_token_for_token(engine, hf):
     """Compiled: α=0 equals the engine's own unsteered state, and leaving the context unsteers. (A
     compiled engine *without* the buffers is a different inductor graph, whose GEMM and fusion
@@ -149,6 +152,7 @@ def long_prompts(hf) -> list[list[int]]:
     return [encode_prompt(hf["lm"].tokenizer, chat_messages(system, q)) for q in QUESTIONS[:4]]
 
 
+@pytest.mark.slow
 def test_prefix_cache_never_serves_unsteered_prompt_states_to_a_steered_request(engine, hf):
     llm = engine.llm
     cache = llm.llm_engine.vllm_config.cache_config
@@ -180,6 +184,7 @@ def _greedy_params(engine):
     return SamplingParams(max_tokens=GREEDY.max_new_tokens, temperature=0.0, stop_token_ids=engine.stop_ids)
 
 
+@pytest.mark.slow
 def test_grid_runs_one_batch_per_configuration_in_row_order(engine, hf):
     from personactl.steering import plan_grid
 
@@ -203,6 +208,7 @@ def test_grid_runs_one_batch_per_configuration_in_row_order(engine, hf):
     assert len({tuple(g.token_ids) for _, g in grid}) > len(prompts)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_per_seed(engine, hf):
     sampling = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.95)
     prompts = [hf["prompts"][0]] * 4
@@ -212,6 +218,7 @@ def test_sampling_is_reproducible_per_seed(engine, hf):
     assert first != tokens(engine.generate(prompts, sampling, 8))
 
 
+@pytest.mark.slow
 def test_bad_steering_requests_are_refused(engine, hf):
     with pytest.raises(InputError, match="not supported by the vllm backend"):
         with engine.steering({LAYER: hf["vector"]}, 1.0, positions="response"):
@@ -224,6 +231,7 @@ def test_bad_steering_requests_are_refused(engine, hf):
             pass
 
 
+@pytest.mark.slow
 def test_generate_and_steer_steps_on_the_vllm_backend(engine, hf, isolated_env, tmp_path):
     """The workspace steps with the engine in place of the HF model: same schemas, backend recorded."""
     import polars as pl
@@ -302,6 +310,7 @@ def generate_alone(engine, hf, prompt, alpha):
         return engine.generate([prompt], GREEDY, 0)[0]
 
 
+@pytest.mark.slow
 def test_chat_on_vllm_streams_exactly_what_generate_gives(engine, hf, mood_vector, tmp_path):
     """Each turn (history templated, steering in the engine's buffers, stepped token by token)
     equals a one-prompt `generate` of the same conversation under the same steering."""
@@ -325,6 +334,7 @@ def test_chat_on_vllm_streams_exactly_what_generate_gives(engine, hf, mood_vecto
     assert rows[0]["reply"] != rows[1]["reply"]
 
 
+@pytest.mark.slow
 def test_chat_on_vllm_stops_mid_reply_and_goes_on(engine, hf, mood_vector, tmp_path):
     from personactl.chat_format import encode_prompt
 
@@ -342,6 +352,7 @@ def test_chat_on_vllm_stops_mid_reply_and_goes_on(engine, hf, mood_vector, tmp_p
         assert turn.reply == engine.generate([prompt], Sampling(64, 0.0), 0)[0].text
 
 
+@pytest.mark.slow
 def test_chat_on_vllm_refuses_prompt_and_response_positions(engine, mood_vector, tmp_path):
     with pytest.raises(InputError, match="vllm backend steers at positions all only"):
         chat_on(engine, mood_vector, tmp_path, positions="response")
@@ -351,6 +362,7 @@ def test_chat_on_vllm_refuses_prompt_and_response_positions(engine, mood_vector,
     assert session.positions == "all"
 
 
+@pytest.mark.slow
 def test_serve_on_vllm_keeps_concurrent_requests_with_mixed_alpha_apart(engine, hf, mood_vector, tmp_path):
     """The OpenAI server on the vLLM engine: every reply, concurrent or streamed, equals the same
     request alone, and that equals `generate` under its α."""
@@ -402,6 +414,7 @@ def test_serve_on_vllm_keeps_concurrent_requests_with_mixed_alpha_apart(engine, 
         thread.join()
 
 
+@pytest.mark.slow
 def test_chat_command_on_vllm_in_line_mode(engine, hf, mood_vector, isolated_env):
     """`personactl chat --backend vllm`, piped, as a user runs it, on the fallback path: eager (the
     `vllm_eager` setting) and without personactl's vLLM plugin (`VLLM_PLUGINS=""`, as when personactl
