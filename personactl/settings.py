@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     backend: Literal["hf", "vllm"] = Field("hf", description="generation engine: hf (transformers) or vllm")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs to shard the model over")
     vllm_eager: bool = Field(
-        False, description="vllm backend: skip compilation (starts in seconds, not minutes, on a CPU; slower decoding)"
+        False, description="vllm backend: skip compilation (starts in about half the time on a CPU; decodes slower)"
     )
 
     batch_size: int = Field(32, ge=1, description="generation batch size")
