@@ -118,8 +118,8 @@ def bench_extraction(results: dict) -> list[tuple]:
     }
     return [
         (
-            "extract (4 positions, mean_diff+pca) vs bare forward (tokens/s)",
-            0.9,
+            "extract (4 positions, mean_diff+pca, diagnostics) vs bare forward (tokens/s)",
+            0.98,
             tps["personactl_extract"] / tps["bare_forward"],
         ),
         (

@@ -608,9 +608,14 @@ def test_ctrl_c_stops_a_reply_on_the_embedded_model(isolated_env, mood_vector, t
 
 @pytest.mark.slow
 def test_live_readout_tracks_alpha_on_the_embedded_model(isolated_env, mood_vector):
-    """Read unsteered, the replies steered at α = −2, 0, +2 project on the mood vector in that order
-    (measured: −7.9 < −5.0 < −0.3 and −13.8 < −2.9 < −0.3 at layer 15), while the prompt's end,
-    the same text every time, reads the same."""
+    """Read unsteered, the replies steered at α = −2, 0, +2 project on the mood vector in that order,
+    summed over two questions, while the prompt's end, the same text every time, reads the same.
+
+    Measured at layer 15 (per question α = −2, 0, +2): default kernels −5.6, −5.1, +3.8 and −13.9,
+    −3.0, −0.4; AVX2 −8.0, −5.0, +0.3 and −13.8, −3.0, +0.6. One question's −2-vs-0 gap (0.5) is
+    inside the kernels' spread (up to 2.4 on one reply), so neither question alone is asserted; the
+    sums (−19.5, −8.1, +3.4 and −21.9, −8.0, +0.9) step by at least 8.9, against a spread of at most
+    2.5: a margin of 4 holds on any of these kernels and fails for a zero or random vector."""
     import subprocess
 
     lines = "".join(
@@ -634,8 +639,10 @@ def test_live_readout_tracks_alpha_on_the_embedded_model(isolated_env, mood_vect
     )
     assert result.returncode == 0, result.stderr
     replies = [r["readout"] for r in map(json.loads, result.stdout.splitlines()) if "reply" in r]
+    sums = [0.0, 0.0, 0.0]
     for question in (replies[:3], replies[3:]):
         reply = [r["response_avg"]["mood"] for r in question]
         print(f"SPREAD live readout α=-2,0,2: {[round(r, 2) for r in reply]}")
-        assert reply[0] < reply[1] < reply[2], reply
+        sums = [total + value for total, value in zip(sums, reply, strict=True)]
         assert len({r["prompt_end"]["mood"] for r in question}) == 1
+    assert sums[0] + 4 < sums[1] and sums[1] + 4 < sums[2], sums
