@@ -14,15 +14,20 @@ from personactl.cli.app import app
 runner = CliRunner()
 
 
+def small_run_args(model: str, ws, judge_url: str) -> list[str]:
+    """A whole `run` on a tiny model in seconds: 2 questions, 5 tokens, 2 layers × 2 α, one random seed."""
+    return [
+        "run", "--trait", "optimistic", "--model", model, "-w", str(ws), "--dtype", "float32",
+        "--questions", "2", "--eval-questions", "2", "--max-new-tokens", "5", "--layers", "1,2",
+        "--coefficients", "1,2", "--random-seeds", "1", "--coherence-threshold", "0",
+        "--judge-base-url", judge_url, "--judge", "fake-judge", "--json",
+    ]  # fmt: skip
+
+
 def test_run_end_to_end_then_skips_everything(isolated_env, tmp_path, tiny_factory):
     ws, model = tmp_path / "ws", str(tiny_factory("llama"))
     with JudgeServer(scorer=hash_scorer) as server:
-        args = [
-            "run", "--trait", "optimistic", "--model", model, "-w", str(ws), "--dtype", "float32",
-            "--questions", "2", "--eval-questions", "2", "--max-new-tokens", "5", "--layers", "1,2",
-            "--coefficients", "1,2", "--random-seeds", "1", "--coherence-threshold", "0",
-            "--judge-base-url", server.base_url, "--judge", "fake-judge", "--json",
-        ]  # fmt: skip
+        args = small_run_args(model, ws, server.base_url)
         first = runner.invoke(app, args, catch_exceptions=False)
         assert first.exit_code == 0, first.output
         requests = server.total_requests

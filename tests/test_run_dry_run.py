@@ -8,6 +8,7 @@ import json
 import polars as pl
 from judge_server import JudgeServer
 from test_eval import hash_scorer, samples_height
+from test_run import small_run_args
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
@@ -22,12 +23,7 @@ def refuse_to_load(*args, **kwargs):
 def test_run_dry_run_counts_what_the_run_does(isolated_env, tmp_path, tiny_factory, monkeypatch):
     ws, model = tmp_path / "ws", str(tiny_factory("llama"))
     with JudgeServer(scorer=hash_scorer) as server:
-        args = [
-            "run", "--trait", "optimistic", "--model", model, "-w", str(ws), "--dtype", "float32",
-            "--questions", "2", "--eval-questions", "2", "--max-new-tokens", "5", "--layers", "1,2",
-            "--coefficients", "1,2", "--random-seeds", "1", "--coherence-threshold", "0",
-            "--judge-base-url", server.base_url, "--judge", "fake-judge", "--json",
-        ]  # fmt: skip
+        args = small_run_args(model, ws, server.base_url)
         with monkeypatch.context() as patched:
             patched.setattr("personactl.cli.run.load_engine", refuse_to_load)
             dry = runner.invoke(app, [*args, "--dry-run"], catch_exceptions=False)
