@@ -74,6 +74,7 @@ bench: venv vllm bench/.peers/.installed
 
 lint: venv
 	$(BIN)/ruff check personactl tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(DEMO_WS) .pytest_cache

@@ -48,7 +48,7 @@ def bench_steering_vectors(results: dict, load_model, make_pairs) -> list[tuple]
     import torch
     from timing import interleaved_median_seconds
 
-    from personactl.activations import extract_vectors
+    from personactl.model.activations import extract_vectors
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     pairs = make_pairs(lm.tokenizer, 64)
@@ -126,8 +126,8 @@ MEMORY_SCRIPT = """
 import sys, json
 sys.path.insert(0, {bench!r})
 from run import make_pairs
-from personactl.activations import extract_vectors
-from personactl.models import load_model
+from personactl.model.activations import extract_vectors
+from personactl.model.loading import load_model
 lm = load_model("smollm2-135m", log=lambda m: None)
 pairs = make_pairs(lm.tokenizer, {n})
 def status_kib(field):

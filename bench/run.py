@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from timing import REPEATS, interleaved_median_seconds, median_seconds, paired_median_seconds
 
-from personactl.activations import collate, extract_vectors, length_sorted_batches
-from personactl.chat_format import PairExample, chat_messages, encode_example
-from personactl.models import load_model
-from personactl.traits import load_trait
+from personactl.model.activations import collate, extract_vectors, length_sorted_batches
+from personactl.model.chat_format import PairExample, chat_messages, encode_example
+from personactl.model.loading import load_model
+from personactl.store.traits import load_trait
 
 N_PAIRS = int(os.environ.get("BENCH_PAIRS", "64"))
 SENTENCES = [
@@ -139,8 +139,8 @@ def bench_extraction(results: dict) -> list[tuple]:
 def bench_steering(results: dict) -> list[tuple]:
     from personactl.backends import Sampling
     from personactl.backends.hf import HFBackend, contiguous_lm_head_input
-    from personactl.chat_format import encode_prompt
-    from personactl.steering import Steerer, plan_grid, run_grid
+    from personactl.model.chat_format import encode_prompt
+    from personactl.model.steering import Steerer, plan_grid, run_grid
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     trait = load_trait("optimistic")
@@ -216,7 +216,7 @@ def bench_steering(results: dict) -> list[tuple]:
 def bench_judge(results: dict) -> list[tuple]:
     """Judge throughput against a loopback server that answers in 100 ms. The warm-up run imports the
     client and opens its connections; no cache, so every prompt is a request."""
-    from personactl.judge import RemoteJudge
+    from personactl.judging.remote import RemoteJudge
 
     # the server runs in its own process, as a real one would: its Python work must not share our GIL
     script = Path(__file__).resolve().parent.parent / "tests" / "judge_server.py"
@@ -252,10 +252,10 @@ def bench_kl_neutral(results: dict) -> list[tuple]:
     with the number of cells; only the one unsteered reference forward does not, so a larger grid
     has a slightly smaller ratio than this 2 layer × 4 α one."""
     from personactl.backends import Sampling
-    from personactl.capability_cost import NeutralKL
-    from personactl.evaluation import EvalSpec, Variant, grid_runner, make_plan, run_eval, with_kl_neutral
-    from personactl.judge import RemoteJudge
+    from personactl.judging.remote import RemoteJudge
+    from personactl.model.capability_cost import NeutralKL
     from personactl.settings import Settings
+    from personactl.steps.evaluate import EvalSpec, Variant, grid_runner, make_plan, run_eval, with_kl_neutral
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     trait = load_trait("optimistic")

@@ -28,8 +28,8 @@ AGREE_PROMPTS, AGREE_TOKENS = 16, 32
 
 
 def bench_prompts(tokenizer, n: int) -> list[list[int]]:
-    from personactl.chat_format import chat_messages, encode_prompt
-    from personactl.traits import load_trait
+    from personactl.model.chat_format import chat_messages, encode_prompt
+    from personactl.store.traits import load_trait
 
     questions = []
     for name in ("optimistic", "evil", "humorous"):
@@ -78,7 +78,7 @@ def bench_vllm(results: dict) -> list[tuple]:
     import torch
 
     from personactl.backends.hf import HFBackend, contiguous_lm_head_input
-    from personactl.models import load_model
+    from personactl.model.loading import load_model
 
     lm = load_model("smollm2-135m", log=lambda m: None)  # bf16
     prompts = bench_prompts(lm.tokenizer, N_PROMPTS)

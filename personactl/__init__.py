@@ -10,15 +10,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "personactl.models",
-    "LoadedModel": "personactl.models",
-    "extract_vectors": "personactl.activations",
-    "PairExample": "personactl.chat_format",
-    "PersonaVector": "personactl.vectors",
-    "load_trait": "personactl.traits",
-    "Trait": "personactl.traits",
+    "load_model": "personactl.model.loading",
+    "LoadedModel": "personactl.model.loading",
+    "extract_vectors": "personactl.model.activations",
+    "PairExample": "personactl.model.chat_format",
+    "PersonaVector": "personactl.store.vectors",
+    "load_trait": "personactl.store.traits",
+    "Trait": "personactl.store.traits",
     "Settings": "personactl.settings",
-    "Steerer": "personactl.steering",
+    "Steerer": "personactl.model.steering",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -46,7 +46,7 @@ def test_latin1_trait_and_pairs_files_name_the_file(isolated_env, tmp_path, tiny
 def load_edited_trait(tmp_path, edit):
     import yaml
 
-    from personactl.traits import load_trait
+    from personactl.store.traits import load_trait
 
     data = yaml.safe_load(SHIPPED.read_text(encoding="utf-8"))
     edit(data)
@@ -88,7 +88,7 @@ def rewrite(path, change):
 
 
 def test_vector_files_that_disagree_with_their_metadata_or_overflow_are_refused(isolated_env, tmp_path, tiny_llama):
-    from personactl.vectors import PersonaVector
+    from personactl.store.vectors import PersonaVector
 
     original = vector_file(tmp_path, tiny_llama)
     cases = {
@@ -120,7 +120,7 @@ def test_truncated_responses_table_and_judge_probe_nonsense(isolated_env, tmp_pa
 
 
 def test_serve_refuses_a_seed_torch_cannot_take():
-    from personactl.serving import APIError, _seed
+    from personactl.chat.server import APIError, _seed
 
     with pytest.raises(APIError, match="seed must be between"):
         _seed({"seed": 10**23}, 0)
@@ -129,7 +129,7 @@ def test_serve_refuses_a_seed_torch_cannot_take():
 
 def test_a_prompt_longer_than_the_context_is_refused_before_generating():
     from personactl.errors import InputError
-    from personactl.generation import PlannedRow, check_context
+    from personactl.steps.generate import PlannedRow, check_context
 
     rows = [PlannedRow("i0-q0-s0", "pos", 0, 0, 0, "q", "s", tuple(range(12_031)))]
     with pytest.raises(InputError, match="12031 tokens.*context of 8192 tokens"):
@@ -139,7 +139,7 @@ def test_a_prompt_longer_than_the_context_is_refused_before_generating():
 
 def test_a_truncated_model_file_is_a_model_error(tmp_path, tiny_llama):
     from personactl.errors import ModelError
-    from personactl.models import load_model
+    from personactl.model.loading import load_model
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)

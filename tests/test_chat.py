@@ -19,15 +19,15 @@ from typer.testing import CliRunner
 
 from personactl.backends import Sampling
 from personactl.backends.hf import stop_token_ids
-from personactl.chat_format import encode_prompt
-from personactl.chat_session import ChatSession, HFChatBackend
+from personactl.chat.session import ChatSession, HFChatBackend
 from personactl.cli.app import app
 from personactl.cli.chat import one_line, run_command, slider
 from personactl.errors import InputError, VectorFileError
-from personactl.models import load_model
-from personactl.steering import POSITION_MODES, Steerer
-from personactl.vectors import PersonaVector
-from personactl.workspace import Workspace
+from personactl.model.chat_format import encode_prompt
+from personactl.model.loading import load_model
+from personactl.model.steering import POSITION_MODES, Steerer
+from personactl.store.vectors import PersonaVector
+from personactl.store.workspace import Workspace
 
 runner = CliRunner()
 NEW_TOKENS = 10
@@ -263,7 +263,7 @@ def test_bad_input_in_chat(make_session, lm, tmp_path, model_dir):
 
 
 def write_readout(path: Path, lm, rows=(1, 2), hidden: int | None = None) -> Path:
-    from personactl.readout import Readout
+    from personactl.steps.readout import Readout
 
     gen = torch.Generator().manual_seed(3)
     hidden = hidden or lm.hidden_size
@@ -303,8 +303,8 @@ def naive_projection(lm, prompt, reply_ids, rows, directions, centres=None):
 
 
 def test_live_readout_reads_the_turn_unsteered_as_a_naive_forward_does(make_session, lm, vector_path, tmp_path):
-    from personactl.chat_readout import LiveReadout, readout_line
-    from personactl.readout import Readout
+    from personactl.chat.readout import LiveReadout, readout_line
+    from personactl.steps.readout import Readout
 
     path = write_readout(tmp_path / "concepts.safetensors", lm)
     readout = Readout.load(path)
@@ -335,7 +335,7 @@ def test_live_readout_reads_the_turn_unsteered_as_a_naive_forward_does(make_sess
 
 
 def test_live_readout_refuses_another_shape_and_the_vllm_backend(lm, tmp_path, isolated_env, model_dir, vector_path):
-    from personactl.chat_readout import LiveReadout
+    from personactl.chat.readout import LiveReadout
 
     with pytest.raises(VectorFileError, match="does not fit"):
         LiveReadout.open(str(write_readout(tmp_path / "other.safetensors", lm, hidden=lm.hidden_size + 1)), lm)

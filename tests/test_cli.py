@@ -311,7 +311,7 @@ def test_steer_and_compare_through_the_cli(isolated_env, tmp_path, tiny_factory)
 def test_steer_and_compare_bad_inputs(isolated_env, tmp_path, tiny_factory):
     import torch
 
-    from personactl.vectors import PersonaVector
+    from personactl.store.vectors import PersonaVector
 
     model, other = str(tiny_factory("llama")), str(tiny_factory("gpt2"))
     ws, vector_path = extracted_workspace(tmp_path, model)

@@ -45,7 +45,7 @@ CORRUPTIONS = [truncated, garbage, non_json_metadata]
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
 def test_corrupt_readout_file_in_monitor(isolated_env, tmp_path, tiny_factory, corrupt):
-    from personactl.readout import Readout
+    from personactl.steps.readout import Readout
 
     path = tmp_path / "r.safetensors"
     tensors = {f"vectors.{r}": torch.eye(2, 32) for r in (1, 2)} | {f"center.{r}": torch.zeros(32) for r in (1, 2)}
@@ -56,7 +56,7 @@ def test_corrupt_readout_file_in_monitor(isolated_env, tmp_path, tiny_factory, c
 
 
 def test_readout_whose_tensors_disagree_with_its_concepts(isolated_env, tmp_path, tiny_factory):
-    from personactl.readout import Readout
+    from personactl.steps.readout import Readout
 
     path = tmp_path / "r.safetensors"
     Readout({"vectors.1": torch.eye(3, 32), "center.1": torch.zeros(32)}, {"concepts": ["a", "b"], "rows": [1]}).save(
@@ -103,7 +103,7 @@ def test_corrupt_pair_diffs_in_compare(isolated_env, kept_pairs, corrupt):
 
 
 def test_pair_diffs_with_the_wrong_rows(isolated_env, kept_pairs):
-    from personactl.pair_diffs import load_pair_diffs, save_pair_diffs
+    from personactl.steps.pair_diffs import load_pair_diffs, save_pair_diffs
 
     model, ws, sidecar = kept_pairs
     intact = sidecar.read_bytes()

@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
-from personactl.models import builtin_gguf_path, load_model
-from personactl.vectors import PersonaVector
+from personactl.model.loading import builtin_gguf_path, load_model
+from personactl.store.vectors import PersonaVector
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -82,12 +82,12 @@ def test_steering_moves_mood_in_the_expected_direction():
     mood words at α=+1 than at α=-2 (a fixed lexicon)."""
     from pathlib import Path
 
-    from personactl.activations import extract_vectors
     from personactl.backends import Sampling
     from personactl.backends.hf import HFBackend
-    from personactl.chat_format import chat_messages, encode_example, encode_prompt
-    from personactl.extraction import pairs_from_jsonl
-    from personactl.steering import Steerer
+    from personactl.model.activations import extract_vectors
+    from personactl.model.chat_format import chat_messages, encode_example, encode_prompt
+    from personactl.model.steering import Steerer
+    from personactl.steps.extract import pairs_from_jsonl
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     pairs, _ = pairs_from_jsonl(Path(__file__).parent / "data" / "mood_pairs.jsonl", lm.tokenizer)
@@ -192,10 +192,10 @@ def test_local_judge_kv_cache_reuse_equals_full_forwards():
     each); the same digit tree read from a full forward per prefix gives the same score."""
     import asyncio
 
-    from personactl import local_judge
-    from personactl.chat_format import chat_messages, encode_prompt, encode_text
-    from personactl.judge import digit_tree
-    from personactl.traits import load_trait
+    from personactl.judging import local as local_judge
+    from personactl.judging.remote import digit_tree
+    from personactl.model.chat_format import chat_messages, encode_prompt, encode_text
+    from personactl.store.traits import load_trait
 
     lm = load_model("smollm2-135m", dtype="float32", device="cpu", log=lambda m: None)
     judge = local_judge.LocalJudge(lm)

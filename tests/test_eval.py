@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from personactl.backends import Generation, Sampling
 from personactl.cli.app import app
-from personactl.eval_summary import summarize
-from personactl.evaluation import SAMPLES_SCHEMA, EvalSpec, Plan, Search, Variant, run_eval
-from personactl.stats import cohens_d, mean_ci, slope, t_quantile
+from personactl.core.eval_summary import summarize
+from personactl.core.stats import cohens_d, mean_ci, slope, t_quantile
+from personactl.steps.evaluate import SAMPLES_SCHEMA, EvalSpec, Plan, Search, Variant, run_eval
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -145,8 +145,8 @@ def coherence_scorer(limits):
 def test_adaptive_search_finds_the_largest_coherent_alpha():
     import torch
 
-    from personactl.judge import RemoteJudge
-    from personactl.traits import load_trait
+    from personactl.judging.remote import RemoteJudge
+    from personactl.store.traits import load_trait
 
     trait = load_trait("optimistic")
     plan = Plan(["q0", "q1"], 1, ["sys", "sys"], [[1], [1], [1], [1]])

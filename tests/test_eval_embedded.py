@@ -28,9 +28,9 @@ def test_eval_with_the_local_judge_offline(isolated_env, tmp_path):
     fails for a zero or random vector in place of the extracted one: the steered cells' kl_neutral
     is the extracted vector's own (0.548-0.549 at α=2 across those kernels, ~3 at α=4), and the KL
     budget of 1 nat, not coherence (threshold 0), sets the recommended α to 2."""
-    from personactl.capability_cost import NeutralKL
-    from personactl.models import load_model
-    from personactl.vectors import PersonaVector
+    from personactl.model.capability_cost import NeutralKL
+    from personactl.model.loading import load_model
+    from personactl.store.vectors import PersonaVector
 
     ws = str(tmp_path / "ws")
     pairs = Path(__file__).parent / "data" / "mood_pairs.jsonl"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import ARCHES
 
-from personactl.activations import POSITIONS, collate, extract_vectors
-from personactl.chat_format import EncodedExample, PairExample, chat_messages, encode_example
-from personactl.models import load_model
+from personactl.model.activations import POSITIONS, collate, extract_vectors
+from personactl.model.chat_format import EncodedExample, PairExample, chat_messages, encode_example
+from personactl.model.loading import load_model
 
 WORDS = "the quick brown fox jumps over a lazy dog while cheerful gloomy assistants answer every question".split()
 
@@ -49,7 +49,7 @@ def naive_sinks(rows: torch.Tensor) -> torch.Tensor:
     """[L+1, T] sink flags of one unpadded sequence, written out from the rule: token 0, and any
     token whose norm at a row is over SINK_FACTOR times that row's median token norm, from that
     row on (every row is read here)."""
-    from personactl.sinks import SINK_FACTOR
+    from personactl.core.sinks import SINK_FACTOR
 
     norms = rows.norm(dim=-1)
     flags = torch.zeros_like(norms, dtype=torch.bool)
@@ -228,7 +228,7 @@ def test_single_token_positions_without_stream_norm_stop_at_the_read_token(tiny_
 
 
 def test_single_token_reduction_without_norms_is_the_same_values():
-    from personactl.activations import reduce_positions
+    from personactl.model.activations import reduce_positions
 
     torch.manual_seed(0)
     lengths, prompt_lens = [5, 9, 7], [2, 4, 6]

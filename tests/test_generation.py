@@ -13,9 +13,9 @@ import pytest
 
 from personactl.backends import Sampling
 from personactl.backends.hf import HFBackend
-from personactl.generation import ShardStore, run_generation
-from personactl.models import load_model
-from personactl.traits import load_trait
+from personactl.model.loading import load_model
+from personactl.steps.generate import ShardStore, run_generation
+from personactl.store.traits import load_trait
 
 SAMPLING = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.95)
 

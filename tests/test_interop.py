@@ -13,7 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
-from personactl.vectors import LAYER_CONVENTION, PersonaVector, unit
+from personactl.core.directions import unit
+from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
 
 DATA = Path(__file__).parent / "data" / "interop"
 runner = CliRunner()
@@ -31,7 +32,7 @@ def expect_error(result, needle):
 
 @pytest.fixture(scope="module")
 def lm(tiny_llama):
-    from personactl.models import load_model
+    from personactl.model.loading import load_model
 
     return load_model(str(tiny_llama), dtype="float32", device="cpu", log=lambda m: None)
 
@@ -71,7 +72,7 @@ def make_vector(lm, seed: int = 0) -> PersonaVector:
 @pytest.fixture
 def ws(lm, tmp_path, isolated_env):
     """A workspace holding the extracted-looking vector `happy` for the tiny model."""
-    from personactl.workspace import Workspace
+    from personactl.store.workspace import Workspace
 
     root = tmp_path / "ws"
     vector = make_vector(lm)
@@ -209,7 +210,7 @@ def test_gguf_that_is_not_a_control_vector_is_refused(lm, ws, tmp_path):
     writer.close()
     expect_error(invoke("import", path, *common(lm, root)), "GGUF file for 'llama', not a control vector")
     wide = tmp_path / "wide.gguf"
-    from personactl.interop.gguf_cv import write_control_vector
+    from personactl.store.interop.gguf_cv import write_control_vector
 
     write_control_vector(wide, {1: torch.ones(48)}, "x", {})
     expect_error(invoke("import", wide, *common(lm, root)), "48 dimensions but")
@@ -253,7 +254,7 @@ def test_pickled_steering_vector_object_imports_without_the_package(lm, ws):
 def test_block_index_and_row_steer_the_same_stream(lm, ws):
     """steering-vectors adds layer_activations[k] to the output of decoder block k (a forward hook, as
     llama.cpp adds direction.k): that is exactly personactl steering row k+1."""
-    from personactl.steering import Steerer
+    from personactl.model.steering import Steerer
 
     _, vector = ws
     ids = torch.tensor([[5, 17, 42, 9, 3]])

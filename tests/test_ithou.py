@@ -13,8 +13,8 @@ from judge_server import JudgeServer
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
-from personactl.user_persona import NEUTRAL_SYSTEM, user_message_span
-from personactl.vectors import PersonaVector
+from personactl.steps.user_persona import NEUTRAL_SYSTEM, user_message_span
+from personactl.store.vectors import PersonaVector
 
 runner = CliRunner()
 
@@ -87,7 +87,7 @@ def test_ithou_end_to_end(ithou_workspace):
     assert model_vec.metadata["n_pairs"] == 9
 
     # the sidecars average to the vectors, at every position
-    from personactl.pair_diffs import load_pair_diffs
+    from personactl.steps.pair_diffs import load_pair_diffs
 
     for vec, name in ((model_vec, "model"), (user_vec, "user")):
         for position in vec.positions:
@@ -128,8 +128,8 @@ def test_ithou_end_to_end(ithou_workspace):
 
 
 def test_user_message_span_is_exact(tiny_factory):
-    from personactl.chat_format import chat_messages, encode_prompt
-    from personactl.models import load_model
+    from personactl.model.chat_format import chat_messages, encode_prompt
+    from personactl.model.loading import load_model
 
     for kind in ("chatml", "bos", "bos_template"):
         lm = load_model(str(tiny_factory("llama", kind)), dtype="float32", device="cpu", log=lambda m: None)

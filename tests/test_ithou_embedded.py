@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
-from personactl.vectors import PersonaVector
+from personactl.store.vectors import PersonaVector
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -66,9 +66,9 @@ def test_ithou_and_monitor_on_embedded_model(isolated_env, tmp_path):
 
 
 def test_readout_held_out_accuracy_on_embedded_model():
-    from personactl.example_activations import read_examples
-    from personactl.models import load_model
-    from personactl.readout import read_concept_dir, text_example, train_readout
+    from personactl.model.example_activations import read_examples
+    from personactl.model.loading import load_model
+    from personactl.steps.readout import read_concept_dir, text_example, train_readout
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     concepts, neutral = read_concept_dir(DATA)

@@ -10,7 +10,7 @@ import pytest
 from judge_server import JudgeServer
 
 from personactl.errors import ConfigError
-from personactl.judge import JudgeCache, RemoteJudge, score_from_top_logprobs
+from personactl.judging.remote import JudgeCache, RemoteJudge, score_from_top_logprobs
 
 
 def test_score_is_probability_weighted_mean_of_number_tokens():

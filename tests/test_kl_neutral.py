@@ -14,12 +14,12 @@ from judge_server import JudgeServer
 from test_eval import _sample, assert_png, hash_scorer, known_samples, prepare
 from typer.testing import CliRunner
 
-from personactl.capability_cost import NeutralKL, encode_texts, neutral_texts
 from personactl.cli.app import app
-from personactl.eval_summary import DEFAULT_MAX_KL, summarize
-from personactl.evaluation import SAMPLES_SCHEMA, random_direction
-from personactl.models import load_model
-from personactl.steering import Steerer
+from personactl.core.eval_summary import DEFAULT_MAX_KL, summarize
+from personactl.model.capability_cost import NeutralKL, encode_texts, neutral_texts
+from personactl.model.loading import load_model
+from personactl.model.steering import Steerer
+from personactl.steps.evaluate import SAMPLES_SCHEMA, random_direction
 
 runner = CliRunner()
 
@@ -152,7 +152,7 @@ def test_a_non_positive_kl_budget_is_one_line_and_exit_2(isolated_env, tmp_path,
 
 
 def test_eval_cells_carry_kl_neutral_of_the_right_direction(isolated_env, tmp_path, tiny_factory):
-    from personactl.vectors import PersonaVector
+    from personactl.store.vectors import PersonaVector
 
     common = prepare(tmp_path, tiny_factory)
     args = ["eval", *common, "--layers", "1,2", "--coefficients=-1,0,1,2", "--questions", "2", "--temperature", "0"]
@@ -195,8 +195,8 @@ def test_the_default_budget_separates_fluent_from_broken_alphas_on_the_embedded_
     the margins are far outside the spread of bf16 CPU kernels."""
     from pathlib import Path
 
-    from personactl.activations import extract_vectors
-    from personactl.extraction import pairs_from_jsonl
+    from personactl.model.activations import extract_vectors
+    from personactl.steps.extract import pairs_from_jsonl
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     pairs, _ = pairs_from_jsonl(Path(__file__).parent / "data" / "mood_pairs.jsonl", lm.tokenizer)

@@ -5,9 +5,9 @@ import json
 import pytest
 from conftest import ARCHES
 
-from personactl.chat_format import chat_messages, encode_example, encode_prompt, render_prompt
 from personactl.errors import ModelError
-from personactl.models import load_model, resolve_model
+from personactl.model.chat_format import chat_messages, encode_example, encode_prompt, render_prompt
+from personactl.model.loading import load_model, resolve_model
 
 quiet = dict(dtype="float32", device="cpu", log=lambda m: None)
 

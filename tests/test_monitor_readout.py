@@ -11,11 +11,11 @@ from test_extraction import make_pairs, naive_rows
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
-from personactl.models import load_model
-from personactl.monitoring import Probe, cohens_d, project
-from personactl.readout import one_vs_rest
-from personactl.reliability import bootstrap_cosine, split_half
-from personactl.vectors import unit
+from personactl.core.directions import unit
+from personactl.core.reliability import bootstrap_cosine, split_half
+from personactl.model.loading import load_model
+from personactl.steps.monitor import Probe, cohens_d, project
+from personactl.steps.readout import one_vs_rest
 
 runner = CliRunner()
 
@@ -106,7 +106,7 @@ def test_one_vs_rest_and_cohens_d_reference():
 def test_readout_and_monitor_cli(isolated_env, tmp_path, tiny_factory):
     from pathlib import Path
 
-    from personactl.readout import Readout
+    from personactl.steps.readout import Readout
 
     model, ws = str(tiny_factory("llama")), tmp_path / "ws"
     data = Path(__file__).parent / "data" / "readout"

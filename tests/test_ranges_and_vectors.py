@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from personactl.core.directions import cosine, principal_direction, principal_direction_of_rows
+from personactl.core.ranges import check_in_range, format_ranges, parse_ranges
 from personactl.errors import InputError, VectorFileError
-from personactl.ranges import check_in_range, format_ranges, parse_ranges
-from personactl.vectors import PersonaVector, cosine, principal_direction, principal_direction_of_rows
+from personactl.store.vectors import PersonaVector
 
 
 def test_parse_and_format_ranges():
@@ -82,7 +83,7 @@ def test_pca_from_rows_equals_pca_from_scatter(n):
 def test_artifacts_get_normal_permissions(tmp_path):
     import os
 
-    from personactl.workspace import atomic_write_text
+    from personactl.store.workspace import atomic_write_text
 
     old = os.umask(0o022)
     try:

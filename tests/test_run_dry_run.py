@@ -56,7 +56,7 @@ def test_run_dry_run_counts_what_the_run_does(isolated_env, tmp_path, tiny_facto
 
 
 def test_run_dry_run_reads_the_layer_count_from_the_model_config(isolated_env, tmp_path, tiny_factory):
-    from personactl.evaluation import default_layers
+    from personactl.steps.evaluate import default_layers
 
     model = tiny_factory("llama")
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]

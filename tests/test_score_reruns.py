@@ -137,7 +137,7 @@ def test_an_empty_responses_table_is_refused(workspace):
 
 
 def test_redaction_masks_credential_shapes_it_was_not_told_about():
-    from personactl.redaction import redact
+    from personactl.core.redaction import redact
 
     quoted = "headers {'authorization': 'Bearer abcdefgh12345678'} key=sk-proj-zzzzzzzzzzzz hf_abcdefghijklmnop"
     masked = redact(quoted)

@@ -23,13 +23,13 @@ import torch
 from typer.testing import CliRunner
 
 from personactl.backends.hf import stop_token_ids
-from personactl.chat_format import encode_prompt
+from personactl.chat.server import APIError, ServeDefaults, SteeredEngine, SteeredHTTPServer, is_loopback
 from personactl.cli.app import app
-from personactl.models import load_model
-from personactl.serving import APIError, ServeDefaults, SteeredEngine, SteeredHTTPServer, is_loopback
-from personactl.steering import Steerer
-from personactl.vectors import PersonaVector
-from personactl.workspace import Workspace
+from personactl.model.chat_format import encode_prompt
+from personactl.model.loading import load_model
+from personactl.model.steering import Steerer
+from personactl.store.vectors import PersonaVector
+from personactl.store.workspace import Workspace
 
 NEW_TOKENS = 12
 PROMPTS = ["hello world", "what do you think about the weather today?", "tell me about your plans"]

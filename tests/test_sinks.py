@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_extraction import POSITIONS, make_pairs, naive_rows
 
-from personactl.activations import extract_vectors
-from personactl.chat_format import encode_raw
 from personactl.errors import InputError
-from personactl.extraction import pairs_from_jsonl
-from personactl.models import load_model
+from personactl.model.activations import extract_vectors
+from personactl.model.chat_format import encode_raw
+from personactl.model.loading import load_model
+from personactl.steps.extract import pairs_from_jsonl
 
 TEXTS = [
     ("the quick brown fox jumps", "a lazy dog while gloomy"),
@@ -148,9 +148,9 @@ def test_single_token_plain_texts_are_a_one_line_error(tiny, tmp_path):
 
 
 def test_a_vector_file_from_before_the_sink_rule_still_loads_and_steers_with_a_note(tiny, tmp_path, capsys):
-    from personactl.extraction import build_vector
-    from personactl.steering import Steerer
-    from personactl.vectors import PersonaVector
+    from personactl.model.steering import Steerer
+    from personactl.steps.extract import build_vector
+    from personactl.store.vectors import PersonaVector
 
     pairs = make_pairs(tiny.tokenizer, 3)
     vector, _ = build_vector(tiny, pairs, rows=None, batch_tokens=4096, provenance={"source": "responses"})
@@ -203,7 +203,7 @@ def test_extract_json_and_show_carry_diagnostics_and_single_token_texts_exit_2(i
 def test_diagnostics_equal_a_naive_per_pair_computation(tiny, n_pairs):
     from test_extraction import naive_sinks, naive_span_mean
 
-    from personactl.diagnostics import sample_slots
+    from personactl.core.diagnostics import sample_slots
 
     pairs = make_pairs(tiny.tokenizer, n_pairs, seed=7)
     result = extract_vectors(
@@ -233,7 +233,7 @@ def test_diagnostics_equal_a_naive_per_pair_computation(tiny, n_pairs):
 
 
 def test_warnings_name_dominant_dimensions_small_n_and_dtype_resolution():
-    from personactl.diagnostics import warnings_for
+    from personactl.core.diagnostics import warnings_for
 
     stats = {
         "consistency": [0.9, 0.9, 0.9],

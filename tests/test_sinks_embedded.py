@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from personactl.activations import extract_vectors
-from personactl.extraction import pairs_from_jsonl
-from personactl.models import load_model
+from personactl.model.activations import extract_vectors
+from personactl.model.loading import load_model
+from personactl.steps.extract import pairs_from_jsonl
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).parent / "data"

@@ -7,8 +7,9 @@ import torch
 from conftest import CHATML, build_tokenizer, tiny_config
 from test_extraction import naive_rows
 
-from personactl.activations import extract_vectors
-from personactl.chat_format import (
+from personactl.errors import InputError
+from personactl.model.activations import extract_vectors
+from personactl.model.chat_format import (
     PairExample,
     chat_messages,
     encode_example,
@@ -16,9 +17,8 @@ from personactl.chat_format import (
     render_prompt,
     set_thinking,
 )
-from personactl.errors import InputError
-from personactl.generation import apply_thinking
-from personactl.models import load_model
+from personactl.model.loading import load_model
+from personactl.steps.generate import apply_thinking
 
 # Qwen3's switch: with enable_thinking false the template writes an empty, closed thinking block
 QWEN3_LIKE = CHATML.replace(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from personactl.errors import TraitError
-from personactl.traits import list_trait_files, load_trait, shipped_traits_dir
+from personactl.store.traits import list_trait_files, load_trait, shipped_traits_dir
 
 SHIPPED = ["evil", "formal", "hallucinating", "humorous", "optimistic", "sycophantic"]
 
@@ -82,8 +82,8 @@ def test_local_traits_dir_shadows_shipped(isolated_env):
 
 
 def test_thresholds_come_from_the_trait_file_unless_overridden(tmp_path):
-    from personactl.scoring import effective_thresholds
     from personactl.settings import Settings
+    from personactl.steps.score import effective_thresholds
 
     plain = tmp_path / "brave.yaml"
     plain.write_text(GOOD)

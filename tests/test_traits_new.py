@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
-from personactl.traits import Trait, load_trait
+from personactl.store.traits import Trait, load_trait
 
 runner = CliRunner()
 
@@ -177,7 +177,7 @@ def test_unreachable_endpoint_and_bad_name(env):
 
 
 def test_yaml_layout_matches_the_shipped_traits():
-    from personactl.trait_drafting import trait_yaml
+    from personactl.steps.draft_trait import trait_yaml
 
     trait = Trait.model_validate(draft())
     loaded = yaml.safe_load(trait_yaml(trait, ["a header\nwith a newline"]))

@@ -61,12 +61,12 @@ def vllm_unavailable() -> str | None:
 def hf():
     """HF model, prompts, the mood vector and every HF reference output, computed before any
     engine starts (an engine's processes share the 2 cores)."""
-    from personactl.activations import extract_vectors
     from personactl.backends.hf import HFBackend
-    from personactl.chat_format import chat_messages, encode_prompt
-    from personactl.extraction import pairs_from_jsonl
-    from personactl.models import load_model
-    from personactl.steering import Steerer
+    from personactl.model.activations import extract_vectors
+    from personactl.model.chat_format import chat_messages, encode_prompt
+    from personactl.model.loading import load_model
+    from personactl.model.steering import Steerer
+    from personactl.steps.extract import pairs_from_jsonl
 
     reason = vllm_unavailable()
     if reason:
@@ -146,7 +146,7 @@ def test_alpha_zero_equals_unsteered_token_for_token(engine, hf):
 
 def long_prompts(hf) -> list[list[int]]:
     """Prompts several KV blocks long, so that prefix caching has whole blocks to reuse."""
-    from personactl.chat_format import chat_messages, encode_prompt
+    from personactl.model.chat_format import chat_messages, encode_prompt
 
     system = "You are a helpful assistant. " * 80
     return [encode_prompt(hf["lm"].tokenizer, chat_messages(system, q)) for q in QUESTIONS[:4]]
@@ -186,7 +186,7 @@ def _greedy_params(engine):
 
 @pytest.mark.slow
 def test_grid_runs_one_batch_per_configuration_in_row_order(engine, hf):
-    from personactl.steering import plan_grid
+    from personactl.model.steering import plan_grid
 
     prompts = hf["prompts"][:3]
     directions = {LAYER: hf["vector"], 10: hf["vector"]}
@@ -236,12 +236,12 @@ def test_generate_and_steer_steps_on_the_vllm_backend(engine, hf, isolated_env, 
     """The workspace steps with the engine in place of the HF model: same schemas, backend recorded."""
     import polars as pl
 
-    from personactl.generation import RESPONSE_SCHEMA, generate_step
     from personactl.settings import load_settings
-    from personactl.sweeps import STEER_SCHEMA, steer_step
-    from personactl.traits import load_trait
-    from personactl.vectors import PersonaVector
-    from personactl.workspace import Workspace
+    from personactl.steps.generate import RESPONSE_SCHEMA, generate_step
+    from personactl.steps.steer import STEER_SCHEMA, steer_step
+    from personactl.store.traits import load_trait
+    from personactl.store.vectors import PersonaVector
+    from personactl.store.workspace import Workspace
 
     settings, _ = load_settings({"workspace": tmp_path / "ws", "backend": "vllm", "max_new_tokens": 8})
     ws = Workspace(settings.workspace)
@@ -285,7 +285,7 @@ def test_generate_and_steer_steps_on_the_vllm_backend(engine, hf, isolated_env, 
 @pytest.fixture(scope="module")
 def mood_vector(engine, hf, tmp_path_factory) -> Path:
     """The mood vector as a vector file made for the engine's model (only LAYER filled in)."""
-    from personactl.vectors import PersonaVector
+    from personactl.store.vectors import PersonaVector
 
     rows = torch.full((engine.num_layers + 1, engine.hidden_size), float("nan"))
     rows[LAYER] = hf["vector"]
@@ -296,8 +296,8 @@ def mood_vector(engine, hf, tmp_path_factory) -> Path:
 
 
 def chat_on(engine, vector, tmp_path, **kwargs):
-    from personactl.chat_session import ChatSession
-    from personactl.workspace import Workspace
+    from personactl.chat.session import ChatSession
+    from personactl.store.workspace import Workspace
 
     options = {"layers": [LAYER], "alpha": -2.0, "max_alpha": 3.0, "sampling": GREEDY, **kwargs}
     return ChatSession(engine, Workspace(tmp_path / "ws"), str(vector), **options)
@@ -314,7 +314,7 @@ def generate_alone(engine, hf, prompt, alpha):
 def test_chat_on_vllm_streams_exactly_what_generate_gives(engine, hf, mood_vector, tmp_path):
     """Each turn (history templated, steering in the engine's buffers, stepped token by token)
     equals a one-prompt `generate` of the same conversation under the same steering."""
-    from personactl.chat_format import encode_prompt
+    from personactl.model.chat_format import encode_prompt
 
     session = chat_on(engine, mood_vector, tmp_path)
     for message, alpha in (("How was your day?", -2.0), ("And tomorrow?", 0.0), ("Tell me more.", 1.0)):
@@ -336,7 +336,7 @@ def test_chat_on_vllm_streams_exactly_what_generate_gives(engine, hf, mood_vecto
 
 @pytest.mark.slow
 def test_chat_on_vllm_stops_mid_reply_and_goes_on(engine, hf, mood_vector, tmp_path):
-    from personactl.chat_format import encode_prompt
+    from personactl.model.chat_format import encode_prompt
 
     session = chat_on(engine, mood_vector, tmp_path, sampling=Sampling(64, 0.0))
     with session.send("Describe the city you live in.") as stream:
@@ -368,9 +368,9 @@ def test_serve_on_vllm_keeps_concurrent_requests_with_mixed_alpha_apart(engine, 
     request alone, and that equals `generate` under its α."""
     import openai
 
-    from personactl.chat_format import chat_messages, encode_prompt
-    from personactl.serving import ServeDefaults, SteeredEngine, SteeredHTTPServer
-    from personactl.workspace import Workspace
+    from personactl.chat.server import ServeDefaults, SteeredEngine, SteeredHTTPServer
+    from personactl.model.chat_format import chat_messages, encode_prompt
+    from personactl.store.workspace import Workspace
 
     defaults = ServeDefaults(vector=str(mood_vector), layers=[LAYER], alpha=1.0, max_tokens=GREEDY.max_new_tokens)
     server = SteeredHTTPServer(SteeredEngine(engine, Workspace(tmp_path / "ws"), defaults), "127.0.0.1", 0)

@@ -18,8 +18,8 @@ HOLDER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from personactl.workspace import Workspace
-    from personactl.workspace_lock import hold_directory_lock
+    from personactl.store.workspace import Workspace
+    from personactl.store.workspace_lock import hold_directory_lock
 
     with hold_directory_lock(Path(sys.argv[1]), command="personactl generate --trait optimistic (holder)"):
         print("held", flush=True)
@@ -37,8 +37,8 @@ def generate(ws, model, questions: int) -> subprocess.CompletedProcess:
 
 
 def test_second_writer_exits_2_naming_the_holder_and_a_killed_holder_is_taken_over(isolated_env, tmp_path, tiny_llama):
-    from personactl.models import resolve_model
-    from personactl.workspace import Workspace
+    from personactl.model.loading import resolve_model
+    from personactl.store.workspace import Workspace
 
     ws, model = tmp_path / "ws", str(tiny_llama)
     trait_dir = Workspace(ws).trait_dir(resolve_model(model).slug, "optimistic")
@@ -77,7 +77,7 @@ def test_second_writer_exits_2_naming_the_holder_and_a_killed_holder_is_taken_ov
 
 def test_the_lock_is_reentrant_within_one_process(tmp_path):
     """`run` holds the lock for all its steps; a nested hold in the same process must not block."""
-    from personactl.workspace_lock import HOLDER_NAME, hold_directory_lock
+    from personactl.store.workspace_lock import HOLDER_NAME, hold_directory_lock
 
     with hold_directory_lock(tmp_path, command="outer"):
         with hold_directory_lock(tmp_path, command="inner"):

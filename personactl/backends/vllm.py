@@ -1,6 +1,6 @@
 """vLLM generation and steering behind the same interface as the HF backend.
 
-Steering uses the buffers that `personactl.vllm_plugin` puts on every decoder layer before vLLM
+Steering uses the buffers that `personactl.backends.vllm_plugin` puts on every decoder layer before vLLM
 compiles the model: a steering configuration (layer → α·v) is written into them in place through
 `llm.apply_model`, so it acts in compiled mode, and it applies to every request until changed.
 A sweep therefore runs one large batch per (layer, α). Prefix caching stays on: every steering
@@ -76,7 +76,7 @@ class VLLMBackend:
     """A vLLM engine plus the facts commands need about its model (as `LoadedModel` gives for HF).
 
     `generate` has the HF backend's signature and output; `steering(...)` is a context manager
-    like `Steerer`; `run_grid` is `personactl.steering.run_grid` for this engine. Create it with
+    like `Steerer`; `run_grid` is `personactl.model.steering.run_grid` for this engine. Create it with
     `open_vllm`; `close()` (or `with`) shuts the engine's processes down."""
 
     name = "vllm"
@@ -209,7 +209,7 @@ class VLLMBackend:
     def enable_steering(self) -> None:
         """Check that the steering buffers are there; on an eager engine, add them if they are not
         (hooks added after loading act only without compilation: the fallback without the plugin)."""
-        from personactl.vllm_plugin import install, installed_layers
+        from personactl.backends.vllm_plugin import install, installed_layers
 
         if self.enforce_eager:
             self.llm.apply_model(install)  # a no-op where the plugin already installed them
@@ -223,7 +223,7 @@ class VLLMBackend:
 
     def set_steering(self, deltas: Mapping[int, torch.Tensor]) -> None:
         """Make the engine add `deltas[l]` at layer `l` for every following request (empty: none)."""
-        from personactl.vllm_plugin import set_steering
+        from personactl.backends.vllm_plugin import set_steering
 
         if not self.steerable:
             raise InputError("this vLLM engine was opened without steering", hint="open_vllm(..., steering=True)")
@@ -262,7 +262,7 @@ class VLLMBackend:
         positions: str = "all",
         on_chunk: Any = None,
     ) -> Iterator[tuple[Any, Generation]]:
-        """Every grid row (`personactl.steering.GridRow`), one batched call per (layer, α); rows come
+        """Every grid row (`personactl.model.steering.GridRow`), one batched call per (layer, α); rows come
         back in order. Row `i` samples with a seed derived from (`seed`, `i`), so results do not
         depend on the grouping. `batch_size` is unused: vLLM schedules its own batches."""
         check_positions(positions)
@@ -307,7 +307,7 @@ def check_positions(positions: str) -> None:
 
 
 def _model_location(source: Any, cache_dir: Path, log: Any) -> str:
-    from personactl.models import ensure_builtin
+    from personactl.model.loading import ensure_builtin
 
     if source.kind == "builtin":
         return str(ensure_builtin(source.spec, cache_dir, log))
@@ -358,9 +358,9 @@ def open_vllm(
     `steering=True` asks the plugin for steering buffers before compilation. `enforce_eager=True`
     skips compilation and installs them through `apply_model` instead (the fallback when the
     plugin's entry point is not installed). `engine_kwargs` go to `vllm.LLM` as they are."""
-    from personactl.models import model_fingerprint, prepare_tokenizer, resolve_model
+    from personactl.backends.vllm_plugin import FLAG
+    from personactl.model.loading import model_fingerprint, prepare_tokenizer, resolve_model
     from personactl.settings import _default_cache_dir
-    from personactl.vllm_plugin import FLAG
 
     source = resolve_model(spec)
     location = _model_location(source, Path(cache_dir) if cache_dir else _default_cache_dir(), log)

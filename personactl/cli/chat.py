@@ -1,6 +1,6 @@
 """`personactl chat`: a multi-turn chat with the steered model, in a terminal or over a pipe.
 
-The engine is `personactl.chat_session`; this module reads lines and keys and renders. On a
+The engine is `personactl.chat.session`; this module reads lines and keys and renders. On a
 terminal, prompt_toolkit reads the input line with the α slider in its bottom toolbar (Alt-←/→
 move it, Alt-0 resets it; plain arrows keep moving the cursor), replies stream as they are
 generated, Ctrl-C stops a reply and Ctrl-D leaves. Otherwise each input line is one message and
@@ -91,14 +91,14 @@ def chat(
     ] = False,
 ) -> None:
     """Chat with the steered model: an α slider in the terminal, or one reply per input line."""
-    from personactl.activations import AGGREGATORS, POSITIONS
     from personactl.backends import Sampling
-    from personactl.chat_readout import LiveReadout, require_hf
-    from personactl.chat_session import ChatSession, check_alpha
+    from personactl.chat.readout import LiveReadout, require_hf
+    from personactl.chat.session import ChatSession, check_alpha
+    from personactl.core.ranges import parse_ranges
     from personactl.errors import InputError
-    from personactl.ranges import parse_ranges
+    from personactl.model.activations import AGGREGATORS, POSITIONS
     from personactl.settings import masked_dump
-    from personactl.sweeps import default_layer
+    from personactl.steps.steer import default_layer
 
     check_choices((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator"))
     if not max_alpha > 0 or not alpha_step > 0:
@@ -207,7 +207,7 @@ def _alpha(session: Any, arg: str, stop: threading.Event) -> Outcome:
 
 
 def _layer(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    from personactl.ranges import format_ranges, parse_ranges
+    from personactl.core.ranges import format_ranges, parse_ranges
 
     session.set_layers(parse_ranges(_need(arg, "/layer L")))
     return Outcome(f"layers {format_ranges(session.layers)}", data={"layers": session.layers})
@@ -408,7 +408,7 @@ def slider(alpha: float, max_alpha: float, width: int = 25) -> str:
 
 
 def toolbar(session: Any, step: float) -> list[tuple[str, str]]:
-    from personactl.ranges import format_ranges
+    from personactl.core.ranges import format_ranges
 
     top = f"{session.max_alpha:g}"
     return [
@@ -512,6 +512,6 @@ def _stream_reply(console: Any, stream: Any) -> None:
 def _readout_text(record: dict[str, Any]) -> Any:
     from rich.text import Text
 
-    from personactl.chat_readout import readout_line
+    from personactl.chat.readout import readout_line
 
     return Text(readout_line(record))  # plain text: concept names are not rich markup

@@ -93,7 +93,7 @@ def settings_from(config=None, **cli: Any):
 
 
 def open_workspace(settings):
-    from personactl.workspace import Workspace
+    from personactl.store.workspace import Workspace
 
     workspace = Workspace(settings.workspace)
     workspace.ensure_writable()
@@ -102,7 +102,7 @@ def open_workspace(settings):
 
 def trait_lock(workspace, settings, name: str):
     """The writer lock of the model's directory for trait (or artifact) `name`: one process at a time."""
-    from personactl.models import resolve_model
+    from personactl.model.loading import resolve_model
 
     return workspace.lock(resolve_model(settings.model).slug, name)
 
@@ -129,7 +129,7 @@ def load_engine(settings, *, steering: bool, positions: str = "all"):
 
 
 def load_model_from(settings):
-    from personactl.models import load_model
+    from personactl.model.loading import load_model
 
     console = stderr_console()
     with console.status(f"loading {settings.model} …"):

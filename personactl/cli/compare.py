@@ -45,11 +45,11 @@ def compare(
     json: o.Json = False,
 ) -> None:
     """Cosine per layer, norms, and the layers where vectors agree, diverge or oppose."""
-    from personactl.comparison import VectorRef, compare_vectors
-    from personactl.models import resolve_model
-    from personactl.ranges import format_ranges
-    from personactl.vectors import PersonaVector
-    from personactl.workspace import Workspace
+    from personactl.core.ranges import format_ranges
+    from personactl.model.loading import resolve_model
+    from personactl.steps.compare import VectorRef, compare_vectors
+    from personactl.store.vectors import PersonaVector
+    from personactl.store.workspace import Workspace
 
     settings = settings_from(config, workspace=workspace, model=model)
     ws = Workspace(settings.workspace)
@@ -59,9 +59,9 @@ def compare(
     loaded = [(ref, PersonaVector.load(path)) for ref, path in zip(refs, paths, strict=True)]
     result = compare_vectors(loaded, agree, diverge)
     if bootstrap:
+        from personactl.core.reliability import compare_uncertainty
         from personactl.errors import InputError
-        from personactl.pair_diffs import load_pair_diffs
-        from personactl.reliability import compare_uncertainty
+        from personactl.steps.pair_diffs import load_pair_diffs
 
         if any(ref.aggregator != "mean_diff" for ref in refs):
             raise InputError("--bootstrap applies to mean_diff vectors only")
@@ -71,7 +71,7 @@ def compare(
             diffs[ref.spec] = (tensor, meta["rows"])
         result = compare_uncertainty(result, diffs, n_boot=bootstrap, n_splits=splits, level=level, seed=seed)
     if plot is not None:
-        from personactl.plots import plot_cosines
+        from personactl.steps.plots import plot_cosines
 
         result["plot"] = str(plot_cosines(result, plot))
     if json:

@@ -173,7 +173,7 @@ def eval_cmd(
 ) -> None:
     """Which layer and α: judged steering on held-out questions vs unsteered, random-vector and prompting baselines."""
     from personactl.backends import Sampling
-    from personactl.traits import load_trait
+    from personactl.store.traits import load_trait
 
     settings = settings_from(
         config,
@@ -193,7 +193,7 @@ def eval_cmd(
         coherence_threshold=coherence_threshold,
     )
     if max_kl is not None:
-        from personactl.eval_summary import check_max_kl
+        from personactl.core.eval_summary import check_max_kl
 
         check_max_kl(max_kl)
     trait_obj = load_trait(trait)
@@ -215,7 +215,7 @@ def eval_cmd(
     phases = Phases()
     try:
         if proxy:
-            from personactl.proxy import proxy_step
+            from personactl.steps.proxy import proxy_step
 
             _, summary = proxy_step(
                 settings=settings,
@@ -233,7 +233,7 @@ def eval_cmd(
                 on_phase=phases.phase,
             )
         else:
-            from personactl.evaluation import eval_step
+            from personactl.steps.evaluate import eval_step
 
             _, summary = eval_step(
                 settings=settings,
@@ -264,9 +264,9 @@ def eval_cmd(
 def report_estimate(settings, ws, trait_obj, spec, vector_spec, json: bool) -> None:
     """`eval --dry-run`: counts from the trait and the vector file's layer count, time from speed
     measured earlier in this workspace. No model is loaded."""
-    from personactl.eval_estimate import describe_estimate, estimate_eval, measured_tokens_per_second
-    from personactl.models import resolve_model
-    from personactl.vectors import PersonaVector
+    from personactl.model.loading import resolve_model
+    from personactl.steps.eval_estimate import describe_estimate, estimate_eval, measured_tokens_per_second
+    from personactl.store.vectors import PersonaVector
 
     slug = resolve_model(settings.model).slug
     vector = PersonaVector.load(ws.find_vector(vector_spec or trait_obj.name, slug))
@@ -293,11 +293,11 @@ def with_cells(summary: dict[str, Any]) -> dict[str, Any]:
 def build_spec(layers, coefficients, position, aggregator, norm, positions, questions, samples, random_seeds,
                adaptive, rounds, alpha_start, max_alpha, plots):  # fmt: skip
     """Parse and check the grid flags into an EvalSpec."""
-    from personactl.activations import AGGREGATORS, POSITIONS
-    from personactl.evaluation import EvalSpec, Variant
-    from personactl.ranges import parse_floats, parse_ranges
-    from personactl.steering import POSITION_MODES
-    from personactl.vectors import NORM_MODES
+    from personactl.core.directions import NORM_MODES
+    from personactl.core.ranges import parse_floats, parse_ranges
+    from personactl.model.activations import AGGREGATORS, POSITIONS
+    from personactl.model.steering import POSITION_MODES
+    from personactl.steps.evaluate import EvalSpec, Variant
 
     position_list = [p.strip() for p in position.split(",") if p.strip()]
     norm_list = [n.strip() for n in norm.split(",") if n.strip()]
@@ -391,7 +391,7 @@ def print_eval(summary: dict[str, Any]) -> None:
 
 def recommendation_lines(summary: dict[str, Any]) -> list[str]:
     """The answer in words: best layer and α, the breaking point, and prompting vs steering."""
-    from personactl.eval_summary import diagnose
+    from personactl.core.eval_summary import diagnose
 
     best = summary.get("best")
     lines = []

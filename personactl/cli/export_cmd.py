@@ -35,11 +35,11 @@ def export(
     json: o.Json = False,
 ) -> None:
     """Write a vector for another tool; row l becomes direction.{l-1} in GGUF (see README)."""
-    from personactl.interop.exporting import export_vector, resolve_format, select_rows
-    from personactl.models import resolve_model
-    from personactl.ranges import parse_ranges
-    from personactl.vectors import PersonaVector
-    from personactl.workspace import Workspace
+    from personactl.core.ranges import parse_ranges
+    from personactl.model.loading import resolve_model
+    from personactl.store.interop.exporting import export_vector, resolve_format, select_rows
+    from personactl.store.vectors import PersonaVector
+    from personactl.store.workspace import Workspace
 
     settings = settings_from(config, workspace=workspace, model=model)
     fmt = resolve_format(fmt, output)

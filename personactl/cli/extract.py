@@ -71,10 +71,10 @@ def extract(
     json: o.Json = False,
 ) -> None:
     """Per-layer mean-difference and PCA vectors at exact token positions, saved as safetensors."""
+    from personactl.core.ranges import parse_ranges
     from personactl.errors import InputError
-    from personactl.extraction import extract_step
-    from personactl.ranges import parse_ranges
-    from personactl.traits import load_trait
+    from personactl.steps.extract import extract_step
+    from personactl.store.traits import load_trait
 
     if (trait is None) == (pairs is None):
         raise InputError("pass exactly one of --trait or --pairs")
@@ -93,7 +93,7 @@ def extract(
     trait_obj = load_trait(trait) if trait else None
     ws = open_workspace(settings)
     if i_thou:
-        from personactl.ithou import ithou_step
+        from personactl.steps.ithou import ithou_step
 
         if trait_obj is None:
             raise InputError("--i-thou needs --trait")

@@ -54,8 +54,8 @@ def generate(
     json: o.Json = False,
 ) -> None:
     """Generate pos/neg responses for every (instruction pair × question × sample); resumable."""
-    from personactl.generation import generate_step
-    from personactl.traits import load_trait
+    from personactl.steps.generate import generate_step
+    from personactl.store.traits import load_trait
 
     settings = settings_from(
         config,

@@ -64,10 +64,10 @@ def import_vector(
     json: o.Json = False,
 ) -> None:
     """Import another tool's steering vectors as a personactl vector file (steer, compare, show)."""
+    from personactl.core.ranges import format_ranges
     from personactl.errors import InputError
-    from personactl.interop.foreign import INDEX_KINDS
-    from personactl.interop.importing import import_step
-    from personactl.ranges import format_ranges
+    from personactl.steps.import_vector import import_step
+    from personactl.store.interop.foreign import INDEX_KINDS
 
     if layer_index is not None and layer_index not in INDEX_KINDS:
         raise InputError(f"--layer-index {layer_index!r} is not one of {', '.join(INDEX_KINDS)}")

@@ -12,7 +12,7 @@ def ls(workspace: o.Workspace = None, config: o.ConfigFile = None, json: o.Json 
     from rich.markup import escape
     from rich.table import Table
 
-    from personactl.workspace import Workspace
+    from personactl.store.workspace import Workspace
 
     settings = settings_from(config, workspace=workspace)
     rows = [

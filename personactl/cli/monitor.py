@@ -84,10 +84,10 @@ def monitor(
     """Project activations at prompt_end and response_avg (and per token) onto vectors, per layer."""
     import json as jsonlib
 
+    from personactl.core.ranges import parse_ranges
     from personactl.errors import InputError
-    from personactl.monitoring import monitor_step
-    from personactl.ranges import parse_ranges
-    from personactl.traits import load_trait
+    from personactl.steps.monitor import monitor_step
+    from personactl.store.traits import load_trait
 
     settings = settings_from(config, workspace=workspace, model=model, dtype=dtype, device=device)
     ws = open_workspace(settings)
@@ -116,7 +116,7 @@ def monitor(
         tokens=tokens,
     )
     if output is not None:
-        from personactl.workspace import atomic_path
+        from personactl.store.workspace import atomic_path
 
         with atomic_path(output) as tmp:
             table.write_parquet(tmp)

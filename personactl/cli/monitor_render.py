@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from personactl.monitoring import MONITOR_POSITIONS
+from personactl.steps.monitor import MONITOR_POSITIONS
 
 MAX_TOKEN_COLUMNS = 6  # label × layer columns in a token table before it shows only the middle layer
 TITLE_CHARS = 60

@@ -22,7 +22,10 @@ def train(
     output: Annotated[
         Optional[Path],
         typer.Option(
-            "--output", "-o", help="Readout file to write (default: <workspace>/<model>/readouts/<dir name>.safetensors).", show_default=False
+            "--output",
+            "-o",
+            help="Readout file to write (default: <workspace>/<model>/readouts/<dir name>.safetensors).",
+            show_default=False,
         ),
     ] = None,
     aggregator: o.Aggregator = "mean_diff",
@@ -35,9 +38,9 @@ def train(
     json: o.Json = False,
 ) -> None:
     """Train one unit vector per concept and layer, one-vs-rest, on the assistant turn (response_avg)."""
-    from personactl.models import resolve_model
-    from personactl.ranges import check_in_range, parse_ranges
-    from personactl.readout import read_concept_dir, train_readout
+    from personactl.core.ranges import check_in_range, parse_ranges
+    from personactl.model.loading import resolve_model
+    from personactl.steps.readout import read_concept_dir, train_readout
 
     settings = settings_from(config, workspace=workspace, model=model, dtype=dtype, device=device)
     concepts, neutral = read_concept_dir(directory)

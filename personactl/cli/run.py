@@ -77,8 +77,8 @@ def run(
     json: o.Json = False,
 ) -> None:
     """generate → score → extract → eval for one trait; finished steps are skipped."""
-    from personactl.pipeline import run_pipeline
-    from personactl.traits import load_trait
+    from personactl.steps.run import run_pipeline
+    from personactl.store.traits import load_trait
 
     settings = settings_from(
         config,
@@ -99,7 +99,7 @@ def run(
         adaptive, 5, 1.0, 16.0, plots,
     )  # fmt: skip
     if dry_run:
-        from personactl.run_estimate import describe_run_estimate, estimate_run
+        from personactl.steps.run_estimate import describe_run_estimate, estimate_run
 
         estimate = estimate_run(
             settings=settings, workspace=ws, trait=trait_obj, spec=spec, max_questions=questions, proxy=proxy

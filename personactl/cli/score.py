@@ -94,8 +94,8 @@ def score(
     json: o.Json = False,
 ) -> None:
     """Score every response (trait rubric + coherence) with an LLM judge; keep pairs that contrast."""
-    from personactl.scoring import score_step
-    from personactl.traits import load_trait
+    from personactl.steps.score import score_step
+    from personactl.store.traits import load_trait
 
     settings = settings_from(
         config,
@@ -165,7 +165,7 @@ def score(
         summary["kept_pairs"] = scores.filter(scores["keep"])["pair_id"].n_unique()
         summary["pairs"] = scores["pair_id"].n_unique()
     if summary.get("no_score_reasons"):
-        from personactl.scoring import describe_reasons
+        from personactl.steps.score import describe_reasons
 
         missing = sum(summary["no_score_reasons"].values())
         log(f"{missing} judgements without a score: {describe_reasons(summary['no_score_reasons'])}")

@@ -1,4 +1,4 @@
-"""`personactl serve`: an OpenAI-compatible HTTP server for the steered model (engine: `serving.py`)."""
+"""`personactl serve`: an OpenAI-compatible HTTP server for the steered model (engine: `chat/server.py`)."""
 
 from __future__ import annotations
 
@@ -75,12 +75,12 @@ def serve(
     ] = False,
 ) -> None:
     """Serve the steered model over an OpenAI-compatible API; each request may pick persona, α and layers."""
-    from personactl.activations import AGGREGATORS, POSITIONS
-    from personactl.chat_session import check_alpha
+    from personactl.chat.server import ServeDefaults, SteeredEngine, SteeredHTTPServer, is_loopback
+    from personactl.chat.session import check_alpha
+    from personactl.core.ranges import parse_ranges
     from personactl.errors import InputError
-    from personactl.ranges import parse_ranges
-    from personactl.serving import ServeDefaults, SteeredEngine, SteeredHTTPServer, is_loopback
-    from personactl.sweeps import default_layer
+    from personactl.model.activations import AGGREGATORS, POSITIONS
+    from personactl.steps.steer import default_layer
 
     exposed = not is_loopback(host)
     if exposed and not api_key and not insecure:

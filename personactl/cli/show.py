@@ -39,11 +39,11 @@ def show(
     json: o.Json = False,
 ) -> None:
     """Metadata, tensor shapes and per-layer norms of a vector file."""
-    from personactl.models import resolve_model
-    from personactl.ranges import format_ranges
-    from personactl.vector_report import describe_vector
-    from personactl.vectors import PersonaVector
-    from personactl.workspace import Workspace
+    from personactl.core.ranges import format_ranges
+    from personactl.model.loading import resolve_model
+    from personactl.store.vector_report import describe_vector
+    from personactl.store.vectors import PersonaVector
+    from personactl.store.workspace import Workspace
 
     settings = settings_from(config, workspace=workspace, model=model)
     path = Workspace(settings.workspace).find_vector(vector, resolve_model(settings.model).slug)

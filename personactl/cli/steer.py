@@ -65,13 +65,13 @@ def steer(
     json: Annotated[bool, typer.Option("--json", help="JSON lines, one per generation, to stdout.")] = False,
 ) -> None:
     """Generate with α·v added at each chosen layer; the whole grid runs as batched generation."""
-    from personactl.activations import AGGREGATORS, POSITIONS
     from personactl.backends import Sampling
+    from personactl.core.directions import NORM_MODES
+    from personactl.core.ranges import parse_floats, parse_ranges
     from personactl.errors import InputError
-    from personactl.ranges import parse_floats, parse_ranges
-    from personactl.steering import POSITION_MODES
-    from personactl.sweeps import steer_step
-    from personactl.vectors import NORM_MODES
+    from personactl.model.activations import AGGREGATORS, POSITIONS
+    from personactl.model.steering import POSITION_MODES
+    from personactl.steps.steer import steer_step
 
     check_choices(
         (position, POSITIONS, "--position"),
@@ -83,7 +83,7 @@ def steer(
     layer_list = parse_ranges(layers) if layers else None
     messages = list(prompt or [])
     if prompts_file is not None:
-        from personactl.text_input import read_user_text
+        from personactl.store.text_input import read_user_text
 
         messages += [line for line in read_user_text(prompts_file, "prompts file").splitlines() if line.strip()]
     if not messages:

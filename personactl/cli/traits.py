@@ -21,7 +21,7 @@ def list_traits(json: o.Json = False) -> None:
     from rich.table import Table
 
     from personactl.errors import TraitError
-    from personactl.traits import list_trait_files, load_trait
+    from personactl.store.traits import list_trait_files, load_trait
 
     rows = []
     for path in list_trait_files():
@@ -62,7 +62,7 @@ def list_traits(json: o.Json = False) -> None:
 @guarded
 def show(name: Annotated[str, typer.Argument(help="Trait name or path.")], json: o.Json = False) -> None:
     """Show one trait: its instruction pairs, questions and rubric."""
-    from personactl.traits import load_trait, resolve_trait_path
+    from personactl.store.traits import load_trait, resolve_trait_path
 
     trait = load_trait(name)
     if json:
@@ -93,7 +93,7 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="Trait files to ch
     from rich.markup import escape
 
     from personactl.errors import TraitError
-    from personactl.traits import load_trait
+    from personactl.store.traits import load_trait
 
     results = []
     for path in paths:
@@ -139,7 +139,7 @@ def new(
 ) -> None:
     """Draft traits/NAME.yaml from a one-line description with an LLM, for you to review."""
     from personactl.cli.common import log, settings_from
-    from personactl.trait_drafting import new_trait_step
+    from personactl.steps.draft_trait import new_trait_step
 
     settings = settings_from(config, workspace=workspace, judge_model=judge_model, judge_base_url=judge_base_url)
     summary = new_trait_step(

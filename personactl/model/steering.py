@@ -1,0 +1,192 @@
+"""Steering: add coefficient · vector to the residual stream during generation.
+
+Layer convention as everywhere: steering at layer `l` adds to the residual stream after decoder
+block `l`, i.e. to the output of `layers[l-1]` (row `l` of a vector file). Layer 0 (the
+embeddings) is not a steering target.
+
+Position modes, for generation with a KV cache (what `generate` does):
+- `all`: every position: the whole prompt at prefill and every generated token.
+- `prompt`: prompt positions only (left padding included, which nothing attends to); generated
+  tokens see the steering only through the cached keys and values of the prompt.
+- `response`: every position whose output predicts a response token: the last prompt token and
+  every generated token; the rest of the prompt is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from personactl.errors import InputError
+
+POSITION_MODES = ("all", "prompt", "response")
+
+
+def _as_coefficient(value: float | torch.Tensor, device: Any) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1).clone()
+
+
+class Steerer:
+    """Context manager that steers any Hugging Face causal LM; hooks are removed on exit.
+
+        with Steerer(model, vector, layers=[16], coefficient=1.5):
+            model.generate(...)
+
+    `vector`: `[H]` (the same direction at every layer), `[L+1, H]` (row `l` at layer `l`), or a
+    mapping `{layer: [H]}`. `coefficient`: a float, a `[B]` tensor (one per batch row), or a
+    mapping `{layer: float | [B]}`. Coefficients live in tensors updated in place
+    (`set_coefficients`), so a compiled model does not recompile when they change."""
+
+    def __init__(
+        self,
+        model: Any,
+        vector: torch.Tensor | Mapping[int, torch.Tensor],
+        layers: Sequence[int] | None = None,
+        coefficient: float | torch.Tensor | Mapping[int, float | torch.Tensor] = 1.0,
+        positions: str = "all",
+        decoder_layers: Any = None,
+    ):
+        from personactl.model.loading import decoder_layers as find_layers
+
+        if positions not in POSITION_MODES:
+            raise InputError(f"unknown steering positions {positions!r}", hint=f"choose {', '.join(POSITION_MODES)}")
+        self.model = model
+        self.blocks = decoder_layers if decoder_layers is not None else find_layers(model)
+        self.positions = positions
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if isinstance(vector, Mapping):
+            directions = dict(vector)
+        else:
+            if layers is None:
+                raise InputError("Steerer needs layers when given a single vector")
+            directions = {layer: (vector[layer] if vector.dim() == 2 else vector) for layer in layers}
+        for layer, direction in directions.items():
+            if not 1 <= layer <= len(self.blocks):
+                raise InputError(
+                    f"steering layer {layer} out of range 1..{len(self.blocks)}",
+                    hint="layer l = output of decoder block l (0 is the embeddings)",
+                )
+            if direction.dim() != 1 or not torch.isfinite(direction).all():
+                raise InputError(f"the steering vector at layer {layer} is not a finite 1-D vector")
+        self.directions = {layer: d.to(self.device, self.dtype) for layer, d in sorted(directions.items())}
+        self.coefficients: dict[int, torch.Tensor] = {}
+        self.set_coefficients(coefficient)
+        self._handles: list[Any] = []
+        self._offset = 0
+        self._prompt_width = 0
+
+    def set_coefficients(self, coefficient: float | torch.Tensor | Mapping[int, float | torch.Tensor]) -> None:
+        """Change coefficients in place (a new tensor only when the batch size changes)."""
+        for layer in self.directions:
+            value = coefficient.get(layer, 0.0) if isinstance(coefficient, Mapping) else coefficient
+            new = _as_coefficient(value, self.device)
+            old = self.coefficients.get(layer)
+            if old is not None and old.shape == new.shape:
+                old.copy_(new)
+            else:
+                self.coefficients[layer] = new
+
+    def _clock(self, _module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        """Track where this forward pass starts in the sequence (0 at prefill, cache length after)."""
+        cache = kwargs.get("past_key_values")
+        self._offset = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+    def _position_mask(self, length: int, device: Any) -> torch.Tensor | None:
+        if self._offset == 0:
+            self._prompt_width = length
+        if self.positions == "all":
+            return None
+        positions = torch.arange(self._offset, self._offset + length, device=device)
+        if self.positions == "prompt":
+            keep = positions < self._prompt_width
+        else:
+            keep = positions >= self._prompt_width - 1
+        return keep[None, :, None]
+
+    def _hook(self, layer: int):
+        direction = self.directions[layer]
+
+        def hook(_module: Any, _args: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            coef = self.coefficients[layer]  # looked up per call: it is replaced when the batch size changes
+            if coef.numel() not in (1, hidden.shape[0]):
+                raise InputError(f"{coef.numel()} steering coefficients for a batch of {hidden.shape[0]}")
+            delta = coef.to(hidden.dtype)[:, None, None] * direction
+            mask = self._position_mask(hidden.shape[1], hidden.device)
+            if mask is not None:
+                delta = delta * mask
+            steered = hidden + delta
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+        return hook
+
+    def __enter__(self) -> Steerer:
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._clock, with_kwargs=True))
+            for layer in self.directions:
+                self._handles.append(self.blocks[layer - 1].register_forward_hook(self._hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One generation of a sweep: a prompt, and a layer and coefficient (None/0 = the baseline)."""
+
+    prompt_index: int
+    layer: int | None
+    coefficient: float
+
+    @property
+    def baseline(self) -> bool:
+        return self.layer is None
+
+
+def plan_grid(n_prompts: int, layers: Sequence[int], coefficients: Sequence[float]) -> list[GridRow]:
+    """Prompts × layers × coefficients; α = 0 is the same at every layer, so it runs once per prompt."""
+    rows = []
+    for p in range(n_prompts):
+        rows.append(GridRow(p, None, 0.0))
+        rows.extend(GridRow(p, layer, float(a)) for layer in layers for a in coefficients if a != 0)
+    return rows
+
+
+def run_grid(
+    backend: Any,
+    prompts: Sequence[Sequence[int]],
+    rows: Sequence[GridRow],
+    directions: Mapping[int, torch.Tensor],
+    *,
+    sampling: Any,
+    seed: int,
+    batch_size: int,
+    positions: str = "all",
+    on_chunk: Any = None,
+) -> Iterator[tuple[GridRow, Any]]:
+    """Generate every grid row in batches of `batch_size`: one batched call per chunk, each row
+    steered at its own layer with its own coefficient (zero at every other hooked layer)."""
+    used = sorted({r.layer for r in rows if r.layer is not None})
+    with Steerer(backend.model, {k: directions[k] for k in used}, coefficient=0.0, positions=positions) as steerer:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            steerer.set_coefficients(
+                {k: torch.tensor([r.coefficient if r.layer == k else 0.0 for r in chunk]) for k in used}
+            )
+            outputs = backend.generate([prompts[r.prompt_index] for r in chunk], sampling, seed + start // batch_size)
+            if on_chunk:
+                on_chunk(len(chunk), sum(len(o.token_ids) for o in outputs))
+            yield from zip(chunk, outputs, strict=True)

@@ -1,0 +1,603 @@
+"""`personactl eval`: steer on the trait's held-out questions over layers × α, judge every response
+for trait and coherence, and compare with baselines run in the same call on the same budget.
+
+Conditions (each cell gets the same Q questions × n samples):
+- `steered`: α·v at one layer (v = the trait vector, per vector variant: position/aggregator/norm);
+- `random`: a Gaussian direction scaled to ‖v‖ at that layer and α; sample i uses random seed
+  i mod K, so a random cell averages over K directions at the steered cell's budget;
+- `unsteered`: α = 0 (the same at every layer, so generated once);
+- `prompted`: no steering, the trait's positive system prompt (question q uses instruction pair
+  q mod #pairs): the prompting baseline that AxBench found often beats steering.
+
+Generation goes through `personactl.model.steering.run_grid` (or the vLLM engine's `run_grid`): one
+batched call per chunk, each row with its own layer and α. Rows whose directions differ (the trait
+vector, each random seed) run as separate grids, since a grid has one direction per layer.
+
+`--adaptive` replaces the α grid by a search per layer for the largest α whose mean coherence
+stays ≥ C: start at `alpha_start`, double while coherent (up to `max_alpha`), then bisect between
+the last coherent and the first broken α, `rounds` probes in all. All layers probe together in
+each round. It assumes coherence falls with α; the full grid shows when it does not.
+
+Every steered and random row also gets `kl_neutral` (see `personactl.model.capability_cost`): the KL of
+its direction at its (layer, α) on the shipped neutral texts, computed after generation with one
+batched forward per few cells; unsteered rows get 0, prompted rows none. On the vLLM backend the
+engine does not hand out full next-token distributions (only the top logprobs), so the KL is
+computed by the same checkpoint loaded in Hugging Face transformers at the engine's dtype, after
+the engine is closed (its accelerator memory is needed for that copy).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import polars as pl
+import torch
+
+from personactl.errors import InputError
+from personactl.model.steering import GridRow, plan_grid, run_grid
+
+SAMPLES_SCHEMA = {
+    "condition": pl.String,  # steered | random | unsteered | prompted
+    "position": pl.String,  # vector variant (null for unsteered/prompted)
+    "aggregator": pl.String,
+    "norm_mode": pl.String,
+    "layer": pl.Int32,
+    "coefficient": pl.Float64,
+    "random_seed": pl.Int32,  # which random direction (random rows only)
+    "round": pl.Int32,  # adaptive round (0 in a grid)
+    "question_index": pl.Int32,
+    "sample_index": pl.Int32,
+    "question": pl.String,
+    "system_prompt": pl.String,
+    "vector_norm": pl.Float64,  # ‖v‖ at this layer after the norm mode (random: the same)
+    "text": pl.String,
+    "n_tokens": pl.Int32,
+    "finish_reason": pl.String,
+    "trait_score": pl.Float64,
+    "trait_reason": pl.String,
+    "coherence_score": pl.Float64,
+    "coherence_reason": pl.String,
+    "kl_neutral": pl.Float64,  # KL(steered ‖ unsteered) per token on the neutral texts (prompted: null)
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which extracted vector to steer with, and how it is scaled."""
+
+    position: str = "response_avg"
+    aggregator: str = "mean_diff"
+    norm: str = "raw"
+
+    @property
+    def label(self) -> str:
+        return f"{self.position}-{self.aggregator}-{self.norm}"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    coefficients: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    layers: tuple[int, ...] | None = None  # None: `default_layers`
+    variants: tuple[Variant, ...] = (Variant(),)
+    questions: int | None = None  # first N evaluation questions (None: all)
+    samples: int = 1  # per question and cell
+    random_seeds: int = 2  # K random directions per random cell (0: no random baseline)
+    positions: str = "all"  # where steering is added (steering.POSITION_MODES)
+    adaptive: bool = False
+    rounds: int = 5
+    alpha_start: float = 1.0
+    max_alpha: float = 16.0
+    plots: bool = True
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """About five layers over the middle half of the network, where persona vectors steer best."""
+    low, high = max(1, round(num_layers * 0.25)), max(1, round(num_layers * 0.75))
+    step = max(1, (high - low) // 4)
+    return list(range(low, high + 1, step))
+
+
+def random_direction(reference: torch.Tensor, seed: int, layer: int) -> torch.Tensor:
+    """A Gaussian direction with ‖reference‖, the same for a (seed, layer) across runs and variants."""
+    generator = torch.Generator().manual_seed(1_000_003 * (seed + 1) + layer)
+    r = torch.randn(reference.shape[-1], generator=generator, dtype=torch.float32)
+    return r / r.norm() * reference.float().norm()
+
+
+def grid_runner(settings: Any, lm: Any) -> Callable[..., Iterator[tuple[GridRow, Any]]]:
+    """`run_grid` for the engine in use: the vLLM engine brings its own, HF uses steering.run_grid."""
+    if getattr(settings, "backend", "hf") == "vllm":
+        return lm.run_grid
+    from personactl.backends.hf import HFBackend
+
+    return functools.partial(run_grid, HFBackend(lm.model, lm.tokenizer))
+
+
+@dataclass
+class Plan:
+    """The prompt list every grid indexes: items 0..N-1 are (question, sample) without a system
+    prompt, items N..2N-1 the same with the trait's positive system prompt."""
+
+    questions: list[str]
+    samples: int
+    systems: list[str]
+    prompt_ids: list[list[int]]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.questions) * self.samples
+
+    def item(self, index: int) -> tuple[int, int]:
+        return divmod(index % self.n_items, self.samples)
+
+
+def make_plan(trait: Any, tokenizer: Any, questions: int | None, samples: int) -> Plan:
+    from personactl.model.chat_format import chat_messages, encode_prompt
+
+    chosen = trait.questions.evaluation[:questions] if questions else list(trait.questions.evaluation)
+    if not chosen:
+        raise InputError(
+            f"trait {trait.name} has no evaluation questions",
+            hint="add held-out questions under questions.evaluation in the trait file",
+        )
+    systems = [trait.instructions[q % len(trait.instructions)].pos for q in range(len(chosen))]
+    plain = [encode_prompt(tokenizer, chat_messages(None, q)) for q in chosen for _ in range(samples)]
+    prompted = [
+        encode_prompt(tokenizer, chat_messages(systems[i], q)) for i, q in enumerate(chosen) for _ in range(samples)
+    ]
+    return Plan(chosen, samples, systems, plain + prompted)
+
+
+@dataclass(frozen=True)
+class Tag:
+    """What a grid row is, beyond its GridRow: condition, vector variant, random seed."""
+
+    condition: str
+    variant: Variant | None = None
+    random_seed: int | None = None
+
+
+def baseline_rows(plan: Plan) -> list[tuple[Tag, GridRow]]:
+    n = plan.n_items
+    return [(Tag("unsteered"), GridRow(i, None, 0.0)) for i in range(n)] + [
+        (Tag("prompted"), GridRow(n + i, None, 0.0)) for i in range(n)
+    ]
+
+
+def steered_rows(
+    plan: Plan, variant: Variant, cells: Sequence[tuple[int, float]], random_seeds: int
+) -> list[tuple[Tag, GridRow]]:
+    """Steered rows for (layer, α) cells (α ≠ 0), and as many random rows when K > 0."""
+    rows = []
+    for layer, alpha in cells:
+        grid = [r for r in plan_grid(plan.n_items, [layer], [alpha]) if not r.baseline]
+        rows += [(Tag("steered", variant), r) for r in grid]
+        if random_seeds:
+            rows += [(Tag("random", variant, r.prompt_index % random_seeds), r) for r in grid]
+    return rows
+
+
+def generate_rows(
+    runner: Callable[..., Any],
+    plan: Plan,
+    tagged: Sequence[tuple[Tag, GridRow]],
+    directions: Callable[[Tag, int], torch.Tensor],
+    *,
+    sampling: Any,
+    seed: int,
+    batch_size: int,
+    positions: str,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> list[tuple[Tag, GridRow, Any]]:
+    """Run every tagged row; rows sharing a direction set (baselines, the trait vector of one
+    variant, one random seed) form one batched grid. Results come back in input order."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (tag, row) in enumerate(tagged):
+        key = ("base",) if row.layer is None else (tag.condition, tag.variant, tag.random_seed)
+        groups.setdefault(key, []).append(i)
+    results: list[Any] = [None] * len(tagged)
+    for g, indices in enumerate(groups.values()):
+        layers = sorted({tagged[i][1].layer for i in indices if tagged[i][1].layer is not None})
+        tag = tagged[indices[0]][0]
+        dirs = {layer: directions(tag, layer) for layer in layers}
+        grid = runner(
+            plan.prompt_ids,
+            [tagged[i][1] for i in indices],
+            dirs,
+            sampling=sampling,
+            seed=seed + 1009 * g,
+            batch_size=batch_size,
+            positions=positions,
+            on_chunk=on_chunk,
+        )
+        for i, (_, gen) in zip(indices, grid, strict=True):
+            results[i] = gen
+    return [(tag, row, gen) for (tag, row), gen in zip(tagged, results, strict=True)]
+
+
+def judge_rows(judge: Any, trait: Any, plan: Plan, rows: Sequence[tuple[Tag, GridRow, Any]], on_done: Any) -> list:
+    """Two judgements per response (trait rubric, coherence), in row order."""
+    from personactl.steps.score import coherence_prompt
+
+    prompts = []
+    for _, row, gen in rows:
+        question = plan.questions[plan.item(row.prompt_index)[0]]
+        prompts += [trait.judge_prompt(question, gen.text), coherence_prompt(question, gen.text)]
+    judgements = judge.judge(prompts, on_done)
+    return list(zip(judgements[0::2], judgements[1::2], strict=True))
+
+
+def to_records(plan: Plan, rows, judgements, norms: Callable[[Tag, int], float], round_: int) -> list[dict]:
+    records = []
+    for (tag, row, gen), (trait_j, coherence_j) in zip(rows, judgements, strict=True):
+        q, s = plan.item(row.prompt_index)
+        v = tag.variant
+        records.append(
+            {
+                "condition": tag.condition,
+                "position": v.position if v else None,
+                "aggregator": v.aggregator if v else None,
+                "norm_mode": v.norm if v else None,
+                "layer": row.layer,
+                "coefficient": row.coefficient,
+                "random_seed": tag.random_seed,
+                "round": round_,
+                "question_index": q,
+                "sample_index": s,
+                "question": plan.questions[q],
+                "system_prompt": plan.systems[q] if tag.condition == "prompted" else None,
+                "vector_norm": norms(tag, row.layer) if row.layer is not None else None,
+                "text": gen.text,
+                "n_tokens": len(gen.token_ids),
+                "finish_reason": gen.finish_reason,
+                "trait_score": trait_j.score,
+                "trait_reason": trait_j.reason,
+                "coherence_score": coherence_j.score,
+                "coherence_reason": coherence_j.reason,
+                "kl_neutral": 0.0 if tag.condition == "unsteered" else None,  # steered/random: `with_kl_neutral`
+            }
+        )
+    return records
+
+
+@dataclass
+class Search:
+    """Adaptive state of one (variant, layer): doubling until broken, then bisection."""
+
+    good: float = 0.0  # largest α known coherent (0: the unsteered start)
+    bad: float | None = None  # smallest α known broken
+    next: float | None = None
+    done: bool = False
+
+    def update(self, alpha: float, coherent: bool | None, max_alpha: float) -> None:
+        if coherent:
+            self.good = alpha
+        else:  # broken, or no coherence score at all: do not go further
+            self.bad = alpha
+        if self.bad is None:
+            self.done = alpha >= max_alpha
+            self.next = min(2 * alpha, max_alpha)
+        else:
+            self.next = (self.good + self.bad) / 2
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
+def run_eval(
+    *,
+    runner: Callable[..., Any],
+    judge: Any,
+    trait: Any,
+    plan: Plan,
+    spec: EvalSpec,
+    layers: Sequence[int],
+    directions: dict[Variant, dict[int, torch.Tensor]],
+    threshold: float,
+    sampling: Any,
+    seed: int,
+    batch_size: int,
+    on_phase: Callable[[str, int | None], None] = lambda what, total: None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    on_judged: Callable[[Any], None] = lambda j: None,
+) -> pl.DataFrame:
+    """Generate and judge every cell (grid or adaptive); one row per response."""
+
+    def direction(tag: Tag, layer: int) -> torch.Tensor:
+        v = directions[tag.variant][layer]
+        return random_direction(v, tag.random_seed, layer) if tag.condition == "random" else v
+
+    def norm(tag: Tag, layer: int) -> float:
+        return float(directions[tag.variant][layer].float().norm())
+
+    def execute(tagged: list[tuple[Tag, GridRow]], round_: int, label: str) -> list[dict]:
+        on_phase(f"eval: generate {label}", len(tagged))
+        rows = generate_rows(
+            runner,
+            plan,
+            tagged,
+            direction,
+            sampling=sampling,
+            seed=seed + 100_003 * round_,
+            batch_size=batch_size,
+            positions=spec.positions,
+            on_chunk=on_chunk,
+        )
+        on_phase(f"eval: judge {label}", 2 * len(rows))
+        return to_records(plan, rows, judge_rows(judge, trait, plan, rows, on_judged), norm, round_)
+
+    if not spec.adaptive:
+        cells = [(layer, a) for layer in layers for a in spec.coefficients if a != 0]
+        tagged = baseline_rows(plan)
+        for variant in spec.variants:
+            tagged += steered_rows(plan, variant, cells, spec.random_seeds)
+        return pl.DataFrame(execute(tagged, 0, "grid"), schema=SAMPLES_SCHEMA)
+
+    records = execute(baseline_rows(plan), 0, "baselines")
+    searches = {(v, layer): Search(next=spec.alpha_start) for v in spec.variants for layer in layers}
+    for round_ in range(1, spec.rounds + 1):
+        active = [(key, s) for key, s in searches.items() if not s.done]
+        if not active:
+            break
+        tagged = []
+        for (variant, layer), s in active:
+            tagged += steered_rows(plan, variant, [(layer, s.next)], spec.random_seeds)
+        new = execute(tagged, round_, f"round {round_}/{spec.rounds}")
+        records += new
+        for (variant, layer), s in active:
+            coherence = _mean(
+                [
+                    r["coherence_score"]
+                    for r in new
+                    if r["condition"] == "steered"
+                    and r["layer"] == layer
+                    and r["position"] == variant.position
+                    and r["aggregator"] == variant.aggregator
+                    and r["norm_mode"] == variant.norm
+                ]
+            )
+            s.update(s.next, None if coherence is None else coherence >= threshold, spec.max_alpha)
+    return pl.DataFrame(records, schema=SAMPLES_SCHEMA)
+
+
+KLMeasure = Callable[[Mapping[int, torch.Tensor], Sequence[tuple[int, float]]], list[float]]
+
+
+def with_kl_neutral(
+    samples: pl.DataFrame, measure: KLMeasure, directions: dict[Variant, dict[int, torch.Tensor]]
+) -> pl.DataFrame:
+    """Fill `kl_neutral` on steered and random rows: one `measure` call per direction set (a
+    variant's trait vector, or one random seed of it) over the distinct (layer, α) cells it has."""
+    keys = ["condition", "position", "aggregator", "norm_mode", "random_seed"]
+    steered = samples.filter(pl.col("condition").is_in(["steered", "random"]))
+    found: list[dict[str, Any]] = []
+    for key, group in steered.group_by(keys, maintain_order=True):
+        condition, position, aggregator, norm, seed = key
+        vectors = directions[Variant(position, aggregator, norm)]
+        cells = sorted(set(zip(group["layer"].to_list(), group["coefficient"].to_list(), strict=True)))
+        layers = {layer for layer, _ in cells}
+        if condition == "random":
+            dirs = {layer: random_direction(vectors[layer], seed, layer) for layer in layers}
+        else:
+            dirs = {layer: vectors[layer] for layer in layers}
+        values = measure(dirs, cells)
+        found += [
+            dict(zip(keys, key, strict=True), layer=layer, coefficient=alpha, _kl=value)
+            for (layer, alpha), value in zip(cells, values, strict=True)
+        ]
+    if not found:
+        return samples
+    table = pl.DataFrame(found, schema={**{k: SAMPLES_SCHEMA[k] for k in keys}, "layer": pl.Int32,
+                                         "coefficient": pl.Float64, "_kl": pl.Float64})  # fmt: skip
+    joined = samples.join(table, on=[*keys, "layer", "coefficient"], how="left", nulls_equal=True)
+    return joined.with_columns(pl.coalesce("_kl", "kl_neutral").alias("kl_neutral")).drop("_kl")
+
+
+def kl_model(settings: Any, lm: Any) -> Any:
+    """The Hugging Face model that computes kl_neutral: the engine's own on the HF backend; on vLLM
+    (no full distributions) the same checkpoint at the engine's dtype, loaded once the engine is
+    closed (generation and judging are done) so both never hold accelerator memory at once."""
+    if getattr(settings, "backend", "hf") != "vllm":
+        return lm
+    from personactl.model.loading import load_model
+
+    lm.close()
+    return load_model(
+        settings.model,
+        dtype=str(lm.dtype).removeprefix("torch."),
+        device=settings.device,
+        revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+        cache_dir=settings.cache_dir,
+        token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+        log=lambda message: None,
+    )
+
+
+def file_sha256(path: Any) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def eval_step(
+    *,
+    settings: Any,
+    workspace: Any,
+    trait: Any,
+    spec: EvalSpec,
+    load: Callable[[], Any],
+    load_judge: Callable[[str], Any] | None = None,
+    vector_spec: str | None = None,
+    sampling: Any = None,
+    max_kl: float | None = None,
+    force: bool = False,
+    on_phase: Callable[[str, int | None], None] = lambda what, total: None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    on_judged: Callable[[Any], None] = lambda j: None,
+    on_judge: Callable[[Any], None] = lambda judge: None,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Skip when an eval with the same inputs exists (a new coherence threshold or KL budget only
+    redoes the summary and plots from the saved samples); else generate, judge, measure
+    kl_neutral, summarise, save. `max_kl` None: `eval_summary.DEFAULT_MAX_KL`."""
+    from personactl.backends import Sampling
+    from personactl.core.eval_summary import DEFAULT_MAX_KL, check_max_kl, summarize
+    from personactl.core.ranges import check_in_range
+    from personactl.judging.remote import JudgeCache
+    from personactl.model.capability_cost import NeutralKL, neutral_texts, texts_sha256
+    from personactl.model.loading import resolve_model
+    from personactl.settings import masked_dump
+    from personactl.steps.generate import fingerprint_of
+    from personactl.steps.score import LOCAL_PREFIX, effective_thresholds, make_judge
+    from personactl.store.vectors import PersonaVector
+
+    max_kl = check_max_kl(DEFAULT_MAX_KL if max_kl is None else max_kl)
+    sampling = sampling or Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
+    slug = resolve_model(settings.model).slug
+    vector_path = workspace.find_vector(vector_spec or trait.name, slug)
+    _, threshold = effective_thresholds(settings, trait)
+    local = settings.judge_model.startswith(LOCAL_PREFIX)
+    spec_dict = {k: v for k, v in asdict(spec).items() if k != "plots"}
+    fingerprint = {
+        "kind": "eval",
+        "vector_sha256": file_sha256(vector_path),
+        "trait_sha256": trait.sha256,
+        "spec": spec_dict,
+        "sampling": asdict(sampling),
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+        "backend": getattr(settings, "backend", "hf"),
+        "judge_model": settings.judge_model,
+        "judge_base_url": None if local else settings.judge_base_url,
+        "judge_mode": "local" if local else settings.judge_mode,
+        "kl_neutral_texts_sha256": texts_sha256(neutral_texts()),
+    }
+    key = fingerprint_of(fingerprint)
+    output = workspace.eval_path(slug, trait.name, key)
+    base = {"artifact": str(output), "trait": trait.name, "vector": str(vector_path), "model": settings.model}
+    if not force and workspace.finished(output, fingerprint):
+        samples = pl.read_parquet(output)
+        manifest = workspace.read_manifest(output)
+        saved = manifest.get("summary", {})
+        if (saved.get("coherence_threshold"), saved.get("max_kl")) == (threshold, max_kl):
+            return samples, {**base, "skipped": True, **saved, "files": manifest["files"]}
+        cells, summary = summarize(samples, threshold, max_kl)  # only the limits changed: no generation
+        files = _write_outputs(output, samples, cells, summary, spec, trait.name, write_samples=False)
+        kept = {k: v for k, v in manifest.items() if k not in ("kind", "artifact", "created", "versions")}
+        workspace.write_manifest(output, "eval", **{**kept, "summary": summary, "files": files})
+        return samples, {**base, "skipped": True, "resummarized": True, **summary, "files": files}
+
+    lm = load()
+    vector = PersonaVector.load(vector_path)
+    vector.check_compatible(lm.describe())
+    layers = check_in_range(list(spec.layers or default_layers(lm.num_layers)), lm.num_layers)
+    if 0 in layers:
+        raise InputError("layer 0 is the embeddings, not a steering target", hint="evaluate layers 1..L")
+    if spec.adaptive and not (0 < spec.alpha_start <= spec.max_alpha):
+        raise InputError("--adaptive needs 0 < --alpha-start ≤ --alpha-cap")
+    directions = {
+        v: {layer: vector.direction(layer, v.position, v.aggregator, v.norm) for layer in layers} for v in spec.variants
+    }
+    plan = make_plan(trait, lm.tokenizer, spec.questions, spec.samples)
+    cache = JudgeCache(workspace.judge_cache_path)
+    start = time.perf_counter()
+    try:
+        judge = make_judge(settings, cache, load=load_judge)
+        on_judge(judge)
+        samples = run_eval(
+            runner=grid_runner(settings, lm),
+            judge=judge,
+            trait=trait,
+            plan=plan,
+            spec=spec,
+            layers=layers,
+            directions=directions,
+            threshold=threshold,
+            sampling=sampling,
+            seed=settings.seed,
+            batch_size=settings.batch_size,
+            on_phase=on_phase,
+            on_chunk=on_chunk,
+            on_judged=on_judged,
+        )
+    finally:
+        cache.close()
+    generated = time.perf_counter()
+    on_phase("eval: kl_neutral on the neutral texts", None)
+    kl_lm = kl_model(settings, lm)
+    samples = with_kl_neutral(
+        samples, NeutralKL(kl_lm.model, kl_lm.tokenizer, rows_per_forward=settings.batch_size), directions
+    )
+    kl_seconds = time.perf_counter() - generated
+    seconds = time.perf_counter() - start
+    cells, summary = summarize(samples, threshold, max_kl)
+    files = _write_outputs(output, samples, cells, summary, spec, trait.name)
+    judge_info = {"model": settings.judge_model, "identity": judge.identity}
+    workspace.write_manifest(
+        output,
+        "eval",
+        fingerprint=fingerprint,
+        model=lm.describe(),
+        settings=masked_dump(settings),
+        trait={"name": trait.name, "sha256": trait.sha256},
+        vector={"path": str(vector_path), "sha256": fingerprint["vector_sha256"]},
+        judge=judge_info,
+        layers=layers,
+        counts={"responses": samples.height, "questions": len(plan.questions), "samples": spec.samples},
+        timings={"seconds": round(seconds, 2), "kl_neutral_seconds": round(kl_seconds, 2)},
+        summary=summary,
+        files=files,
+    )
+    return samples, {**base, "skipped": False, **summary, "files": files, "seconds": round(seconds, 2)}
+
+
+def _write_outputs(output, samples, cells, summary, spec, title, write_samples: bool = True) -> dict[str, Any]:
+    """The samples and cells tables, and (unless turned off) the PNG plots, beside `output`."""
+    from personactl.store.workspace import atomic_path
+
+    stem = output.name.removesuffix(".parquet")
+    if write_samples:
+        with atomic_path(output) as tmp:
+            samples.write_parquet(tmp)
+    cells_path = output.with_name(f"{stem}.cells.parquet")
+    with atomic_path(cells_path) as tmp:
+        cells.write_parquet(tmp)
+    files: dict[str, Any] = {"samples": str(output), "cells": str(cells_path), "plots": []}
+    if spec.plots:
+        from personactl.steps.plots import plot_curves, plot_heatmap
+
+        threshold = summary["coherence_threshold"]
+        for v in spec.variants:
+            mine = cells.filter(
+                pl.col("position").is_null()
+                | (
+                    (pl.col("position") == v.position)
+                    & (pl.col("aggregator") == v.aggregator)
+                    & (pl.col("norm_mode") == v.norm)
+                )
+            )
+            suffix = "" if len(spec.variants) == 1 else f"-{v.label}"
+            name = f"{title} · {v.label}"
+            files["plots"].append(
+                str(
+                    plot_curves(
+                        mine, threshold, output.with_name(f"{stem}.curves{suffix}.png"), name, summary.get("max_kl")
+                    )
+                )
+            )
+            files["plots"].append(
+                str(plot_heatmap(mine, threshold, output.with_name(f"{stem}.heatmap{suffix}.png"), name))
+            )
+    return files

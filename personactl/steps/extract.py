@@ -1,0 +1,348 @@
+"""From a responses table (or a pairs file) to a PersonaVector."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from personactl import __version__
+from personactl.core.sinks import SINK_RULE, STREAM_NORM_RULE
+from personactl.errors import InputError
+from personactl.model.activations import AGGREGATORS, POSITIONS, extract_vectors
+from personactl.model.chat_format import PairExample, encode_example, encode_raw
+from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
+
+
+def select_pairs(responses: pl.DataFrame, scores: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Rows of complete (pos, neg) pairs with non-empty responses on both sides.
+
+    With `scores` (from `personactl score`), only the pairs its filter keeps survive."""
+    ok = responses.filter(pl.col("n_response_tokens") > 0)
+    if scores is not None:
+        ok = ok.join(scores.filter(pl.col("keep")).select("pair_id").unique(), on="pair_id")
+    counts = ok.group_by("pair_id").agg(pl.col("polarity").n_unique().alias("n"))
+    complete = counts.filter(pl.col("n") == 2).select("pair_id")
+    return ok.join(complete, on="pair_id").sort("pair_id", "polarity", descending=[False, True])
+
+
+def pairs_from_responses(responses: pl.DataFrame, tokenizer: Any) -> list[PairExample]:
+    """Re-encode each row exactly as it was generated: template prompt + the generated token ids."""
+    from personactl.errors import WorkspaceError
+
+    by_pair: dict[str, dict[str, Any]] = {}
+    for row in responses.iter_rows(named=True):
+        example = encode_example(tokenizer, json.loads(row["messages"]), response_ids=list(row["response_token_ids"]))
+        if example.prompt_len != row["n_prompt_tokens"]:
+            raise WorkspaceError(
+                f"the prompt of {row['pair_id']} now encodes to {example.prompt_len} tokens, "
+                f"not the {row['n_prompt_tokens']} it was generated with: the tokenizer or chat template changed",
+                hint="regenerate the responses with this model: personactl generate --force",
+            )
+        by_pair.setdefault(row["pair_id"], {})[row["polarity"]] = example
+    return [PairExample(v["pos"], v["neg"]) for _, v in sorted(by_pair.items()) if {"pos", "neg"} <= set(v)]
+
+
+def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], bool]:
+    """Pairs from a JSON-lines file: `{"positive": ..., "negative": ...}` and optionally `"prompt"`
+    (and `"system"`). With a prompt, the texts are assistant replies in the chat template; without,
+    they are plain text. Returns the pairs and whether they have prompts (a lone BOS is no prompt)."""
+    pairs, chat = [], None
+    from personactl.store.text_input import read_user_text
+
+    lines = read_user_text(path, "pairs file").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            pos, neg = item["positive"], item["negative"]
+            if not (isinstance(pos, str) and isinstance(neg, str) and pos and neg):
+                raise ValueError("positive and negative must be non-empty strings")
+            if not all(isinstance(item.get(k, ""), (str, type(None))) for k in ("prompt", "system")):
+                raise ValueError("prompt and system must be strings")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(
+                f"{path}:{number}: bad pair ({exc})",
+                hint='each line: {"positive": "...", "negative": "...", "prompt": "..." (optional)}',
+            ) from None
+        has_prompt = bool(item.get("prompt"))
+        if chat is None:
+            chat = has_prompt
+        elif chat != has_prompt:
+            raise InputError(f"{path}:{number}: either every line has a prompt or none does")
+        if has_prompt:
+            messages = [
+                *([{"role": "system", "content": item["system"]}] if item.get("system") else []),
+                {"role": "user", "content": item["prompt"]},
+            ]
+            pairs.append(
+                PairExample(encode_example(tokenizer, messages, pos), encode_example(tokenizer, messages, neg))
+            )
+        else:
+            pair = PairExample(encode_raw(tokenizer, pos), encode_raw(tokenizer, neg))
+            if min(pair.pos.response_len, pair.neg.response_len) < 1:
+                raise InputError(
+                    f"{path}:{number}: a text is a single token, and the first token is the attention sink's "
+                    "context, so nothing is left to average",
+                    hint='use texts of two or more tokens, or add a "prompt" to each line',
+                )
+            pairs.append(pair)
+    if not pairs:
+        raise InputError(f"{path} holds no pairs")
+    return pairs, bool(chat)
+
+
+def build_vector(
+    lm: Any,
+    pairs: Sequence[PairExample],
+    *,
+    rows: Sequence[int] | None,
+    positions: Sequence[str] = POSITIONS,
+    aggregators: Sequence[str] = AGGREGATORS,
+    batch_tokens: int,
+    provenance: dict[str, Any],
+    on_batch: Callable[[int], None] | None = None,
+    user_pairs: Sequence[PairExample] | None = None,
+) -> tuple[PersonaVector, dict[str, Any]]:
+    """Run extraction and wrap the result as a self-describing PersonaVector.
+
+    `user_avg` (user persona only) is extracted from `user_pairs`, the prompts cut after the user
+    message with the message as the span (see `personactl.steps.user_persona`)."""
+    unknown = set(aggregators) - set(AGGREGATORS)
+    if unknown:
+        raise InputError(f"unknown aggregator(s) {sorted(unknown)}", hint=f"choose from {', '.join(AGGREGATORS)}")
+    if "user_avg" in positions and user_pairs is None:
+        raise InputError("user_avg exists only for the user persona", hint="extract --persona user")
+    main_positions = [p for p in positions if p != "user_avg"]
+    start = time.perf_counter()
+    result = extract_vectors(
+        lm.model,
+        lm.layers,
+        pairs,
+        pad_id=lm.tokenizer.pad_token_id,
+        rows=rows,
+        positions=main_positions or ["response_avg"],  # stream norms need one pass over the responses
+        pca="pca" in aggregators,
+        batch_tokens=batch_tokens,
+        on_batch=on_batch,
+    )
+    n_tokens = result.n_tokens
+    tensors = {"stream_norm": result.stream_norm}
+    diagnostics = result.diagnostics
+    if "user_avg" in positions:
+        user = extract_vectors(
+            lm.model,
+            lm.layers,
+            user_pairs,
+            pad_id=lm.tokenizer.pad_token_id,
+            rows=rows,
+            positions=["response_avg"],
+            pca="pca" in aggregators,
+            batch_tokens=batch_tokens,
+        )
+        n_tokens += user.n_tokens
+        diagnostics = merge_user_diagnostics(diagnostics, user.diagnostics, main_positions)
+        for kind in ("mean_diff", "pos_mean", "neg_mean", *(["pca"] if "pca" in aggregators else [])):
+            tensors[f"{kind}.user_avg"] = getattr(user, kind)["response_avg"]
+    seconds = time.perf_counter() - start
+    for position in main_positions:
+        tensors[f"mean_diff.{position}"] = result.mean_diff[position]
+        tensors[f"pos_mean.{position}"] = result.pos_mean[position]
+        tensors[f"neg_mean.{position}"] = result.neg_mean[position]
+        if "pca" in aggregators:
+            tensors[f"pca.{position}"] = result.pca[position]
+    metadata = {
+        **lm.describe(),
+        "layer_convention": LAYER_CONVENTION,
+        "rows": result.rows,
+        "positions": list(positions),
+        "aggregators": list(aggregators),
+        "n_pairs": result.n_pairs,
+        "n_tokens": n_tokens,
+        "stream_norm": STREAM_NORM_RULE,
+        "sinks": SINK_RULE,
+        "diagnostics": diagnostics,
+        "personactl_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **provenance,
+    }
+    timing = {"seconds": round(seconds, 3), "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1)}
+    return PersonaVector(tensors, metadata), timing
+
+
+def merge_user_diagnostics(main: dict[str, Any], user: dict[str, Any], kept: Sequence[str]) -> dict[str, Any]:
+    """One diagnostics record for a user-persona file: the main pass's `kept` positions, and the
+    user pass's `response_avg` as `user_avg` (warnings are per position, prefixed by its name)."""
+    positions = {p: stats for p, stats in main["positions"].items() if p in kept}
+    positions["user_avg"] = user["positions"]["response_avg"]
+    warnings = [w for w in main["warnings"] if ":" not in w.split(" ")[0] or w.split(":")[0] in kept]
+    warnings += [w.replace("response_avg:", "user_avg:", 1) for w in user["warnings"] if w.startswith("response_avg:")]
+    return {**main, "positions": positions, "warnings": warnings}
+
+
+def extract_step(
+    *,
+    settings: Any,
+    workspace: Any,
+    load: Callable[[], Any],
+    trait: Any | None,
+    pairs_file: Path | None,
+    name: str | None,
+    rows: list[int] | None,
+    positions: Sequence[str] | None,
+    aggregators: Sequence[str],
+    force: bool,
+    on_start: Callable[[int], None] = lambda n: None,
+    on_batch: Callable[[int], None] | None = None,
+    persona: str = "model",
+    keep_pairs: bool = False,
+) -> tuple[PersonaVector | None, dict[str, Any]]:
+    """`personactl extract`: from the trait's responses table or a pairs file to a vector file.
+
+    `positions=None` means every position the data has: all four, or only the response positions
+    for plain-text pairs (which have no prompt)."""
+    from personactl.core.ranges import check_in_range
+    from personactl.model.loading import resolve_model
+    from personactl.settings import masked_dump
+
+    source = resolve_model(settings.model)
+    label = trait.name if trait is not None else (name or Path(pairs_file).stem)
+    if persona != "model" and trait is None:
+        raise InputError("--persona user needs --trait (its user-persona responses)")
+    output = workspace.vectors_path(source.slug, label, persona)
+    if trait is not None:
+        responses_path, manifest = workspace.require_responses(source.slug, settings.model, trait, persona)
+        scores_path = workspace.scores_path(source.slug, trait.name, persona)
+        scores_manifest = (
+            workspace.complete_manifest(scores_path, "personactl score") if scores_path.is_file() else None
+        )
+        input_id = {
+            "responses": str(responses_path),
+            "responses_fingerprint": manifest.get("fingerprint"),
+            "scores_fingerprint": scores_manifest.get("fingerprint") if scores_manifest else None,
+        }
+    else:
+        if not Path(pairs_file).is_file():
+            raise InputError(f"pairs file not found: {pairs_file}")
+        import hashlib
+
+        input_id = {
+            "pairs_file": str(pairs_file),
+            "pairs_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest(),
+        }
+    fingerprint = {
+        **input_id,
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+        "rows": rows,
+        "positions": list(positions) if positions is not None else "default",
+        "aggregators": list(aggregators),
+    }
+    if persona != "model":
+        fingerprint["persona"] = persona
+    if keep_pairs:
+        fingerprint["keep_pairs"] = True
+    summary = {"artifact": str(output), "name": label, "model": settings.model}
+    if not force and workspace.finished(output, fingerprint):
+        return PersonaVector.load(output), {**summary, "skipped": True}
+
+    lm = load()
+    from personactl.steps.generate import apply_thinking
+
+    apply_thinking(lm.tokenizer, getattr(settings, "thinking", "auto"))  # prompts re-encode as they were generated
+    if rows is not None:
+        check_in_range(rows, lm.num_layers)
+    if trait is not None:
+        from personactl.store.workspace import read_table
+
+        scores = read_table(scores_path) if scores_manifest else None
+        table = select_pairs(read_table(responses_path), scores)
+        if scores is not None and table.height == 0:
+            raise InputError(
+                f"no pair passed the judge's filter ({scores['pair_id'].n_unique()} scored)",
+                hint="lower --trait-threshold/--coherence-threshold in score, generate more samples, "
+                "or use a stronger judge",
+            )
+        if table.height == 0:
+            raise InputError(
+                f"{responses_path} has no complete pairs with non-empty responses",
+                hint="regenerate with more questions or a larger --max-new-tokens",
+            )
+        pairs = pairs_from_responses(table, lm.tokenizer)
+        pair_ids = sorted(set(table["pair_id"]))
+        user_pairs = None
+        if persona == "user":
+            from personactl.steps.user_persona import USER_POSITIONS, USER_SPANS, user_turn_pairs
+
+            positions = list(positions or USER_POSITIONS)
+            user_pairs = user_turn_pairs(table, lm.tokenizer) if "user_avg" in positions else None
+        positions = list(positions or POSITIONS)
+        provenance = {
+            "trait": trait.name,
+            "trait_sha256": trait.sha256,
+            "persona": persona,
+            **({"spans": USER_SPANS} if persona == "user" else {}),
+            "source": "responses",
+            "judge": scores_manifest["settings"]["judge_model"] if scores_manifest else None,
+            "filter": (
+                f"judge filter: pos trait >= {scores_manifest['filter']['trait_threshold']:g}, neg trait < it, "
+                f"coherence >= {scores_manifest['filter']['coherence_threshold']:g}"
+                if scores_manifest
+                else "complete non-empty pairs (not scored)"
+            ),
+            "pairs_scored": scores["pair_id"].n_unique() if scores is not None else None,
+        }
+    else:
+        pairs, has_prompt = pairs_from_jsonl(Path(pairs_file), lm.tokenizer)
+        pair_ids, user_pairs = [f"line-{i}" for i in range(len(pairs))], None
+        if positions is None:
+            positions = list(POSITIONS) if has_prompt else ["response_start", "response_avg"]
+        if not has_prompt:
+            dropped = [p for p in positions if p.startswith("prompt")]
+            if dropped:
+                raise InputError(
+                    f"{pairs_file} has no prompts, so {', '.join(dropped)} cannot be computed",
+                    hint='pass --positions response_start,response_avg or add "prompt" to each line',
+                )
+        provenance = {
+            "trait": label,
+            "trait_sha256": None,
+            "persona": "model",
+            "source": "pairs_file",
+            "pairs_file": str(pairs_file),
+            "judge": None,
+        }
+    on_start(len(pairs))
+    vector, timing = build_vector(
+        lm,
+        pairs,
+        rows=rows,
+        positions=positions,
+        aggregators=aggregators,
+        batch_tokens=settings.extract_batch_tokens,
+        provenance=provenance,
+        on_batch=on_batch,
+        user_pairs=user_pairs,
+    )
+    vector.save(output)
+    if keep_pairs:
+        from personactl.steps.pair_diffs import keep_pair_diffs
+
+        keep_pair_diffs(workspace, output, lm, vector, pairs, user_pairs, pair_ids, settings.extract_batch_tokens)
+    workspace.write_manifest(
+        output,
+        "vectors",
+        fingerprint=fingerprint,
+        model=lm.describe(),
+        settings=masked_dump(settings),
+        counts={"pairs": len(pairs), "tokens": vector.metadata["n_tokens"]},
+        timings=timing,
+        metadata=vector.metadata,
+    )
+    return vector, {**summary, "skipped": False, "pairs": len(pairs), **timing}

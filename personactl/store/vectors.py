@@ -1,0 +1,153 @@
+"""PersonaVector: a safetensors file that describes itself (the math on vectors is core/directions.py).
+
+File layout: tensors `<aggregator>.<position>` of shape `[L+1, hidden]` (rows not computed are
+NaN), `pos_mean.<position>`, `neg_mean.<position>`, and `stream_norm` `[L+1]`. Metadata values
+are JSON strings; `layer_convention` spells out what row `l` means.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personactl.core.directions import scale_direction
+from personactl.core.ranges import format_ranges
+from personactl.errors import VectorFileError
+
+FORMAT = "personactl.vector/1"
+LAYER_CONVENTION = (
+    "row l = residual stream after decoder block l (1-based), row 0 = embeddings; rows 0..L-1 equal "
+    "HF hidden_states[l], row L is before the final norm; steering at layer l adds to the output of block l"
+)
+PRE_SINK_NOTE = (
+    "{path} predates sink-safe extraction: its means and stream norms may include the attention sink "
+    "(one massive token), so --norm stream may steer far too hard; it still loads and steers: "
+    "re-extract it (personactl extract ... --force) for vectors you can trust"
+)
+_noted_paths: set[str] = set()
+
+
+def _note_once(message: str, key: str) -> None:
+    if key not in _noted_paths:
+        _noted_paths.add(key)
+        print(f"note: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- the file
+
+
+@dataclass
+class PersonaVector:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> list[str]:
+        return list(self.metadata.get("positions", []))
+
+    @property
+    def aggregators(self) -> list[str]:
+        return list(self.metadata.get("aggregators", []))
+
+    @property
+    def rows(self) -> list[int]:
+        return list(self.metadata.get("rows", []))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.metadata["num_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.metadata["hidden_size"])
+
+    def get(self, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
+        key = f"{aggregator}.{position}"
+        if key not in self.tensors:
+            have = sorted(k for k in self.tensors if "." in k and not k.startswith(("pos_mean", "neg_mean")))
+            raise VectorFileError(f"this vector file has no {key}", hint=f"available: {', '.join(have)}")
+        return self.tensors[key]
+
+    def at(self, layer: int, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
+        """The `[H]` vector for one layer (same convention as everywhere: row = layer)."""
+        if layer not in self.rows:
+            raise VectorFileError(
+                f"layer {layer} was not extracted", hint=f"extracted layers: {format_ranges(self.rows)}"
+            )
+        return self.get(position, aggregator)[layer]
+
+    def direction(
+        self, layer: int, position: str = "response_avg", aggregator: str = "mean_diff", norm: str = "raw"
+    ) -> torch.Tensor:
+        """The `[H]` steering direction at `layer`, scaled per `norm` (see `scale_direction`)."""
+        vector = self.at(layer, position, aggregator)
+        if not torch.isfinite(vector).all() or (norm != "raw" and float(vector.norm()) == 0):
+            raise VectorFileError(f"the vector at layer {layer} ({aggregator}.{position}) is not finite and non-zero")
+        stream = self.tensors.get("stream_norm")
+        stream_norm = float(stream[layer]) if stream is not None else None
+        if norm == "stream" and not (stream_norm is not None and stream_norm > 0):
+            raise VectorFileError(
+                f"--norm stream needs the residual-stream norm at layer {layer}, which this vector file lacks",
+                hint="imported vectors carry no stream norms: use --norm raw or unit",
+            )
+        return scale_direction(vector, norm, stream_norm)
+
+    def check_compatible(self, model_info: dict[str, Any]) -> None:
+        """A clear error when this vector was made for a model of another shape."""
+        mine = (self.metadata.get("hidden_size"), self.metadata.get("num_layers"))
+        theirs = (model_info["hidden_size"], model_info["num_layers"])
+        if mine != theirs:
+            raise VectorFileError(
+                f"vector made for {self.metadata.get('model')} (hidden {mine[0]}, {mine[1]} layers) does not fit "
+                f"{model_info['model']} (hidden {theirs[0]}, {theirs[1]} layers)",
+                hint="extract vectors for this model, or pass --model with the vector's model",
+            )
+
+    @property
+    def predates_sinks(self) -> bool:
+        """Made from activations (it has stream norms) before sinks were left out of every mean."""
+        return "stream_norm" in self.tensors and "sinks" not in self.metadata
+
+    def norms(self, position: str = "response_avg", aggregator: str = "mean_diff") -> torch.Tensor:
+        return torch.linalg.vector_norm(self.get(position, aggregator), dim=-1)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        from personactl.store.workspace import atomic_path
+
+        metadata = {k: json.dumps(v) for k, v in {"format": FORMAT, **self.metadata}.items()}
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors.items()}
+        with atomic_path(Path(path)) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Path | str, note: Callable[[str, str], None] = _note_once) -> PersonaVector:
+        """Read a vector file; one that `predates_sinks` loads as it is, with a note (once per path)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise VectorFileError(f"vector file not found: {path}")
+        from personactl.store.tagged_file import decoded_metadata, reading
+
+        with reading(path, hint="re-extract it (personactl extract --force)"):
+            with safe_open(str(path), framework="pt") as f:
+                metadata = decoded_metadata(f.metadata())
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get("format") != FORMAT:
+            raise VectorFileError(f"{path} is not a personactl vector file (format={metadata.get('format')!r})")
+        metadata.pop("format")
+        from personactl.store.vector_checks import validate_against_metadata
+
+        validate_against_metadata(tensors, metadata, path)
+        vector = cls(tensors, metadata)
+        if vector.predates_sinks:
+            note(PRE_SINK_NOTE.format(path=path), str(path.resolve()))
+        return vector
