@@ -1,6 +1,9 @@
-"""Project exceptions: each carries a one-line message, a hint and an exit code.
+"""Project exceptions: each carries a one-line message, a hint and an exit code (2).
 
-The CLI maps them to output in one place (`cli/app.py`); everything else just raises.
+Code raises them; the CLI prints them as one line plus a hint in one place (`cli/common.py`: `report`,
+through the `guarded` wrapper of every command), and chat's line mode reports them per line.
+`as_project_error` turns I/O and encoding failures that no step translated into project errors.
+Imports nothing of personactl, so every layer may import it.
 """
 
 from __future__ import annotations

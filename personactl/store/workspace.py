@@ -1,12 +1,20 @@
-"""The workspace: the only code that knows where artifacts live.
+"""The workspace: where artifacts live, their manifests, and each trait directory's writer lock.
 
-Layout (one directory per model and trait, every artifact next to its manifest):
+Layout (one directory per model and trait; an artifact sits next to its manifest):
 
     <workspace>/<model-slug>/<trait>/responses-<persona>.parquet
                                     responses-<persona>.manifest.json
                                     responses-<persona>.shards/   (only while generating)
-                                    vectors-<persona>.safetensors
+                                    scores-<persona>.parquet
+                                    vectors-<persona>.safetensors  (persona: model, user or ithou)
                                     vectors-<persona>.manifest.json
+                                    pair-diffs-<persona>.safetensors
+                                    steer-<time>-<pid>.parquet, eval-<key>.parquet (+ eval-<key>.<what>.*)
+                                    .personactl.lock   (workspace_lock)
+    <workspace>/judge-cache.sqlite
+
+Chat transcripts (chat-<time>-<pid>.json, named in `chat/session.py`) and readouts
+(<model-slug>/readouts/, named in `cli/readout.py`) go into directories that `trait_dir` gives.
 
 Every write goes to a temporary name in the same directory and is moved into place with
 `os.replace`, so a reader never sees half a file.
