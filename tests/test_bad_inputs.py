@@ -129,7 +129,8 @@ def test_serve_refuses_a_seed_torch_cannot_take():
 
 def test_a_prompt_longer_than_the_context_is_refused_before_generating():
     from personactl.errors import InputError
-    from personactl.steps.generate import PlannedRow, check_context
+    from personactl.steps.generate import check_context
+    from personactl.store.responses import PlannedRow
 
     rows = [PlannedRow("i0-q0-s0", "pos", 0, 0, 0, "q", "s", tuple(range(12_031)))]
     with pytest.raises(InputError, match="12031 tokens.*context of 8192 tokens"):

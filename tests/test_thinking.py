@@ -11,6 +11,7 @@ from personactl.errors import InputError
 from personactl.model.activations import extract_vectors
 from personactl.model.chat_format import (
     PairExample,
+    apply_thinking,
     chat_messages,
     encode_example,
     encode_prompt,
@@ -18,7 +19,6 @@ from personactl.model.chat_format import (
     set_thinking,
 )
 from personactl.model.loading import load_model
-from personactl.steps.generate import apply_thinking
 
 # Qwen3's switch: with enable_thinking false the template writes an empty, closed thinking block
 QWEN3_LIKE = CHATML.replace(

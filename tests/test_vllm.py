@@ -237,8 +237,9 @@ def test_generate_and_steer_steps_on_the_vllm_backend(engine, hf, isolated_env, 
     import polars as pl
 
     from personactl.settings import load_settings
-    from personactl.steps.generate import RESPONSE_SCHEMA, generate_step
+    from personactl.steps.generate import generate_step
     from personactl.steps.steer import STEER_SCHEMA, steer_step
+    from personactl.store.responses import RESPONSE_SCHEMA
     from personactl.store.traits import load_trait
     from personactl.store.vectors import PersonaVector
     from personactl.store.workspace import Workspace

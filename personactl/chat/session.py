@@ -35,6 +35,7 @@ from personactl.core.directions import NORM_MODES
 from personactl.core.ranges import check_in_range
 from personactl.errors import InputError, VectorFileError
 from personactl.model.chat_format import encode_prompt
+from personactl.model.loading import context_limit
 from personactl.model.steering import POSITION_MODES, Steerer
 from personactl.store.vectors import PersonaVector
 
@@ -264,14 +265,6 @@ def chat_backend(lm: Any, lock: threading.Lock | None = None) -> ChatBackend:
     if getattr(lm, "name", None) == "vllm":
         return VLLMChatBackend(lm, lock)
     return HFChatBackend(lm.model, lm.tokenizer, lock)
-
-
-def context_limit(lm: Any) -> int | None:
-    """The model's context length (max_position_embeddings), when its config states one."""
-    config = getattr(lm, "config", None) or lm.model.config  # VLLMBackend carries the text config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) else None
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,16 @@ def set_thinking(tokenizer: Any, thinking: bool | None) -> None:
     tokenizer.personactl_thinking = thinking
 
 
+def apply_thinking(tokenizer: Any, thinking: str) -> None:
+    """The `thinking` setting on a tokenizer's prompts: `auto` leaves the chat template's default."""
+    set_thinking(tokenizer, {"on": True, "off": False}.get(thinking))
+
+
+def collate_pairs(by_pair: dict[str, dict[str, EncodedExample]]) -> list[PairExample]:
+    """Examples keyed by pair id and polarity as pairs sorted by pair id; incomplete pairs are left out."""
+    return [PairExample(v["pos"], v["neg"]) for _, v in sorted(by_pair.items()) if {"pos", "neg"} <= set(v)]
+
+
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], thinking: bool | None = None) -> str:
     """The prompt text up to and including the assistant header.
 

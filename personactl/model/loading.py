@@ -278,6 +278,14 @@ class LoadedModel:
         }
 
 
+def context_limit(lm: Any) -> int | None:
+    """The model's context length (max_position_embeddings), when its config states one."""
+    config = getattr(lm, "config", None) or lm.model.config  # VLLMBackend carries the text config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
 def model_fingerprint(source: ModelSource, model: Any, directory: Path | None) -> str:
     """What identifies these weights in artifact metadata: the hub commit, or a digest of the files."""
     if source.kind == "hub":

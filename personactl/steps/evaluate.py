@@ -456,8 +456,8 @@ def eval_step(
     from personactl.model.capability_cost import NeutralKL, neutral_texts, texts_sha256
     from personactl.model.loading import resolve_model
     from personactl.settings import masked_dump
-    from personactl.steps.generate import fingerprint_of
     from personactl.steps.score import LOCAL_PREFIX, effective_thresholds, make_judge
+    from personactl.store.responses import fingerprint_of
     from personactl.store.vectors import PersonaVector
 
     max_kl = check_max_kl(DEFAULT_MAX_KL if max_kl is None else max_kl)

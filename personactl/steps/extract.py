@@ -14,27 +14,23 @@ from personactl import __version__
 from personactl.core.sinks import SINK_RULE, STREAM_NORM_RULE
 from personactl.errors import InputError
 from personactl.model.activations import AGGREGATORS, POSITIONS, extract_vectors
-from personactl.model.chat_format import PairExample, encode_example, encode_raw
+from personactl.model.chat_format import (
+    EncodedExample,
+    PairExample,
+    apply_thinking,
+    collate_pairs,
+    encode_example,
+    encode_raw,
+)
+from personactl.store.responses import scored_responses, select_pairs
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
-
-
-def select_pairs(responses: pl.DataFrame, scores: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Rows of complete (pos, neg) pairs with non-empty responses on both sides.
-
-    With `scores` (from `personactl score`), only the pairs its filter keeps survive."""
-    ok = responses.filter(pl.col("n_response_tokens") > 0)
-    if scores is not None:
-        ok = ok.join(scores.filter(pl.col("keep")).select("pair_id").unique(), on="pair_id")
-    counts = ok.group_by("pair_id").agg(pl.col("polarity").n_unique().alias("n"))
-    complete = counts.filter(pl.col("n") == 2).select("pair_id")
-    return ok.join(complete, on="pair_id").sort("pair_id", "polarity", descending=[False, True])
 
 
 def pairs_from_responses(responses: pl.DataFrame, tokenizer: Any) -> list[PairExample]:
     """Re-encode each row exactly as it was generated: template prompt + the generated token ids."""
     from personactl.errors import WorkspaceError
 
-    by_pair: dict[str, dict[str, Any]] = {}
+    by_pair: dict[str, dict[str, EncodedExample]] = {}
     for row in responses.iter_rows(named=True):
         example = encode_example(tokenizer, json.loads(row["messages"]), response_ids=list(row["response_token_ids"]))
         if example.prompt_len != row["n_prompt_tokens"]:
@@ -44,7 +40,7 @@ def pairs_from_responses(responses: pl.DataFrame, tokenizer: Any) -> list[PairEx
                 hint="regenerate the responses with this model: personactl generate --force",
             )
         by_pair.setdefault(row["pair_id"], {})[row["polarity"]] = example
-    return [PairExample(v["pos"], v["neg"]) for _, v in sorted(by_pair.items()) if {"pos", "neg"} <= set(v)]
+    return collate_pairs(by_pair)
 
 
 def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], bool]:
@@ -216,15 +212,12 @@ def extract_step(
         raise InputError("--persona user needs --trait (its user-persona responses)")
     output = workspace.vectors_path(source.slug, label, persona)
     if trait is not None:
-        responses_path, manifest = workspace.require_responses(source.slug, settings.model, trait, persona)
-        scores_path = workspace.scores_path(source.slug, trait.name, persona)
-        scores_manifest = (
-            workspace.complete_manifest(scores_path, "personactl score") if scores_path.is_file() else None
-        )
+        scored = scored_responses(workspace, source.slug, settings.model, trait, persona)
+        responses_path, scores_manifest = scored.path, scored.scores_manifest
         input_id = {
             "responses": str(responses_path),
-            "responses_fingerprint": manifest.get("fingerprint"),
-            "scores_fingerprint": scores_manifest.get("fingerprint") if scores_manifest else None,
+            "responses_fingerprint": scored.manifest.get("fingerprint"),
+            "scores_fingerprint": scored.scores_fingerprint,
         }
     else:
         if not Path(pairs_file).is_file():
@@ -253,16 +246,12 @@ def extract_step(
         return PersonaVector.load(output), {**summary, "skipped": True}
 
     lm = load()
-    from personactl.steps.generate import apply_thinking
-
     apply_thinking(lm.tokenizer, getattr(settings, "thinking", "auto"))  # prompts re-encode as they were generated
     if rows is not None:
         check_in_range(rows, lm.num_layers)
     if trait is not None:
-        from personactl.store.workspace import read_table
-
-        scores = read_table(scores_path) if scores_manifest else None
-        table = select_pairs(read_table(responses_path), scores)
+        responses, scores = scored.read()
+        table = select_pairs(responses, scores)
         if scores is not None and table.height == 0:
             raise InputError(
                 f"no pair passed the judge's filter ({scores['pair_id'].n_unique()} scored)",

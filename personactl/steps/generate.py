@@ -8,11 +8,9 @@ the final table holds every row exactly once, identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,47 +18,11 @@ import polars as pl
 
 from personactl.backends import Sampling
 from personactl.errors import InputError, WorkspaceError
-from personactl.model.chat_format import chat_messages, encode_prompt
+from personactl.model.chat_format import apply_thinking, chat_messages, encode_prompt
+from personactl.model.loading import context_limit
+from personactl.store.atomic import atomic_path, atomic_write_text
+from personactl.store.responses import RESPONSE_SCHEMA, PlannedRow, fingerprint_of
 from personactl.store.traits import Trait
-from personactl.store.workspace import atomic_path, atomic_write_text
-
-RESPONSE_SCHEMA = {
-    "trait": pl.String,
-    "persona": pl.String,  # "model": the system prompt gives the assistant the trait
-    "polarity": pl.String,  # "pos" (trait) or "neg" (opposite)
-    "pair_id": pl.String,  # rows sharing a pair_id differ only in polarity
-    "instruction_index": pl.Int32,
-    "question_index": pl.Int32,
-    "sample_index": pl.Int32,
-    "question": pl.String,
-    "system_prompt": pl.String,
-    "messages": pl.String,  # JSON list of the prompt's chat messages
-    "response": pl.String,
-    "response_token_ids": pl.List(pl.Int32),  # the generated tokens, end-of-turn excluded
-    "n_prompt_tokens": pl.Int32,
-    "n_response_tokens": pl.Int32,
-    "finish_reason": pl.String,  # "stop" or "length"
-    "model": pl.String,
-    "model_fingerprint": pl.String,
-    "backend": pl.String,
-    "temperature": pl.Float64,
-    "top_p": pl.Float64,
-    "max_new_tokens": pl.Int32,
-    "seed": pl.Int64,  # the seed of this row's batch
-    "batch_index": pl.Int32,
-}
-
-
-@dataclass(frozen=True)
-class PlannedRow:
-    pair_id: str
-    polarity: str
-    instruction_index: int
-    question_index: int
-    sample_index: int
-    question: str
-    system_prompt: str
-    prompt_ids: tuple[int, ...]
 
 
 def plan_rows(trait: Trait, tokenizer: Any, samples_per_question: int, max_questions: int | None) -> list[PlannedRow]:
@@ -94,10 +56,6 @@ def check_context(rows: list[PlannedRow], max_new_tokens: int, context: int | No
             f"with --max-new-tokens {max_new_tokens} that exceeds the model's context of {context} tokens",
             hint="shorten the question or the instructions, or lower --max-new-tokens",
         )
-
-
-def fingerprint_of(values: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class ShardStore:
@@ -214,13 +172,6 @@ def run_generation(
     return table
 
 
-def apply_thinking(tokenizer: Any, thinking: str) -> None:
-    """The `thinking` setting on a tokenizer's prompts: `auto` leaves the chat template's default."""
-    from personactl.model.chat_format import set_thinking
-
-    set_thinking(tokenizer, {"on": True, "off": False}.get(thinking))
-
-
 def responses_fingerprint(settings: Any, trait: Trait, max_questions: int | None) -> dict[str, Any]:
     """The inputs a model-persona responses table is made from: equal ones mean it is finished."""
     fingerprint = {
@@ -273,7 +224,6 @@ def generate_step(
         return {**summary, "skipped": True, "rows": table.height}
 
     from personactl.backends.hf import HFBackend
-    from personactl.chat.session import context_limit
 
     lm = load()  # the vllm backend is its own model handle (tokenizer, describe()), with no HF weights
     apply_thinking(lm.tokenizer, settings.thinking)

@@ -144,7 +144,7 @@ def proxy_step(
     from personactl.model.loading import resolve_model
     from personactl.settings import masked_dump
     from personactl.steps.evaluate import file_sha256
-    from personactl.steps.generate import fingerprint_of
+    from personactl.store.responses import fingerprint_of
     from personactl.store.vectors import PersonaVector
     from personactl.store.workspace import atomic_path
 

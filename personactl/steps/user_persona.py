@@ -25,7 +25,15 @@ from typing import Any
 import polars as pl
 
 from personactl.errors import InputError, ModelError
-from personactl.model.chat_format import EncodedExample, PairExample, chat_messages, encode_prompt, render_prompt
+from personactl.model.chat_format import (
+    EncodedExample,
+    PairExample,
+    chat_messages,
+    collate_pairs,
+    encode_prompt,
+    render_prompt,
+)
+from personactl.store.responses import PlannedRow, scored_responses, select_pairs
 
 NEUTRAL_SYSTEM = "You are a helpful assistant."
 USER_POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg", "user_avg")
@@ -62,21 +70,12 @@ def user_trait_prompt(trait: Any, message: str) -> str:
     )
 
 
-def select_source_rows(responses: pl.DataFrame, scores: pl.DataFrame | None) -> pl.DataFrame:
-    """The model-persona rows that become user messages: complete kept pairs, non-empty answers."""
-    from personactl.steps.extract import select_pairs
-
-    return select_pairs(responses, scores)
-
-
 def user_persona_inputs(workspace: Any, slug: str, model: str, trait: Any) -> tuple[pl.DataFrame, dict[str, Any]]:
     """The model-persona rows to turn into user messages, and what they were made from (for the
     fingerprint: a rescore or a new filter changes which messages there are)."""
-    responses_path, manifest = workspace.require_responses(slug, model, trait)
-    scores_path = workspace.scores_path(slug, trait.name, "model")
-    scores_manifest = workspace.read_manifest(scores_path) if scores_path.is_file() else None
-    scores = pl.read_parquet(scores_path) if scores_manifest else None
-    source = select_source_rows(pl.read_parquet(responses_path), scores)
+    scored = scored_responses(workspace, slug, model, trait)
+    responses, scores = scored.read()
+    source = select_pairs(responses, scores)  # complete kept pairs, non-empty answers
     if source.height == 0:
         raise InputError(
             f"no model-persona pair of {trait.name} to turn into user messages"
@@ -84,18 +83,16 @@ def user_persona_inputs(workspace: Any, slug: str, model: str, trait: Any) -> tu
             hint="generate more model-persona responses, or lower the score thresholds",
         )
     return source, {
-        "responses_fingerprint": manifest.get("fingerprint"),
-        "scores_fingerprint": scores_manifest.get("fingerprint") if scores_manifest else None,
-        "filter": scores_manifest.get("filter") if scores_manifest else None,
+        "responses_fingerprint": scored.manifest.get("fingerprint"),
+        "scores_fingerprint": scored.scores_fingerprint,
+        "filter": scored.scores_manifest.get("filter") if scored.scores_manifest else None,
         "neutral_system": NEUTRAL_SYSTEM,
         "pairs": source["pair_id"].n_unique(),
     }
 
 
-def plan_user_rows(source: pl.DataFrame, tokenizer: Any) -> list[Any]:
+def plan_user_rows(source: pl.DataFrame, tokenizer: Any) -> list[PlannedRow]:
     """One planned row per source row: neutral system prompt, the source answer as the user turn."""
-    from personactl.steps.generate import PlannedRow
-
     rows = []
     for r in source.iter_rows(named=True):
         ids = encode_prompt(tokenizer, chat_messages(NEUTRAL_SYSTEM, r["response"]))
@@ -150,4 +147,4 @@ def user_turn_pairs(responses: pl.DataFrame, tokenizer: Any) -> list[PairExample
         start, end = user_message_span(tokenizer, messages)
         ids = encode_prompt(tokenizer, messages)
         by_pair.setdefault(row["pair_id"], {})[row["polarity"]] = EncodedExample(tuple(ids[:end]), start)
-    return [PairExample(v["pos"], v["neg"]) for _, v in sorted(by_pair.items()) if {"pos", "neg"} <= set(v)]
+    return collate_pairs(by_pair)

@@ -30,80 +30,21 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personactl import __version__
-from personactl.errors import WorkspaceError, os_failure
+from personactl.errors import WorkspaceError
+from personactl.store.atomic import atomic_path, atomic_write_text, write_error
+from personactl.store.workspace_lock import hold_directory_lock
 
 if TYPE_CHECKING:
     import polars as pl
 
+__all__ = ["MANIFEST_SUFFIX", "Workspace", "atomic_path", "atomic_write_text", "read_table", "slugify", "write_error"]
+
 MANIFEST_SUFFIX = ".manifest.json"
-
-
-WRITE_HINT = "free space or make the directory writable, then rerun the same command: finished work is kept"
-
-
-PROBE_BYTES = 1 << 16
-
-
-def write_error(path: Path, exc: BaseException, tmp: Path | None = None) -> WorkspaceError | None:
-    """A one-line project error for a failed write of `path` (disk full, read-only, no permission),
-    or None when the failure is not the file system's.
-
-    Some writers hide the OS error (polars reports a short write as "Invalid thrift: transport
-    error"), so when `exc` names none, one more write of 64 KiB to `tmp` asks the file system."""
-    reason = os_failure(exc)
-    if reason is None and tmp is not None:
-        try:
-            with open(tmp, "ab") as probe:
-                probe.write(b"\0" * PROBE_BYTES)
-                probe.flush()
-                os.fsync(probe.fileno())
-        except OSError as probe_exc:
-            reason = os_failure(probe_exc)
-    return None if reason is None else WorkspaceError(f"cannot write {path}: {reason}", hint=WRITE_HINT)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success move it into place, on failure delete it.
-
-    Every artifact is written through here, so this is where a failed write (ENOSPC, EROFS, EACCES)
-    becomes a WorkspaceError naming the file; the old file, if any, is untouched."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get normal permissions
-        os.replace(tmp_path, path)
-    except Exception as exc:
-        error = write_error(path, exc, tmp_path)
-        if error is None:
-            raise
-        raise error from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def read_table(path: Path) -> pl.DataFrame:
@@ -156,8 +97,6 @@ class Workspace:
 
     def lock(self, model_slug: str, trait: str) -> contextlib.AbstractContextManager[None]:
         """The trait directory's writer lock, held by a command for its whole run (see workspace_lock)."""
-        from personactl.store.workspace_lock import hold_directory_lock
-
         return hold_directory_lock(self.trait_dir(model_slug, trait))
 
     def responses_path(self, model_slug: str, trait: str, persona: str) -> Path:

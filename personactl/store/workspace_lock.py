@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from personactl.errors import WorkspaceError
+from personactl.store.atomic import atomic_write_text
 
 LOCK_NAME = ".personactl.lock"
 HOLDER_NAME = ".personactl.lock.holder.json"
@@ -66,8 +67,6 @@ def hold_directory_lock(directory: Path, command: str | None = None) -> Iterator
     note = directory / HOLDER_NAME
     try:
         if outermost:
-            from personactl.store.workspace import atomic_write_text
-
             since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             holder = {"pid": os.getpid(), "command": command or current_command(), "since": since}
             atomic_write_text(note, json.dumps(holder) + "\n")
