@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from personactl.backends import Sampling
 from personactl.backends.hf import stop_token_ids
-from personactl.chat.session import ChatSession, HFChatBackend
+from personactl.chat.session import ChatSession, chat_backend
 from personactl.cli.app import app
 from personactl.cli.chat import one_line, run_command, slider
 from personactl.errors import InputError, VectorFileError
@@ -155,7 +155,7 @@ class StopAfter(threading.Event):
 
 
 def test_stop_event_halts_generation(make_session, lm):
-    backend = HFChatBackend(lm.model, lm.tokenizer)
+    backend = chat_backend(lm)
     prompt = encode_prompt(lm.tokenizer, [{"role": "user", "content": "hello world"}])
     long = Sampling(200, 0.0)
     full = backend.stream(prompt, None, long, 0, threading.Event())

@@ -1,14 +1,25 @@
-"""Generation engines: `hf.HFBackend` (transformers) and `vllm.VLLMBackend` both offer
-`generate(prompts, sampling, seed)`; the vLLM one also steers (`steering`, `run_grid`), streams and closes.
-This module holds what they share: `Sampling`, `Generation`, the end-of-turn tokens and `finish_generation`.
+"""Generation engines behind one interface, `Engine`: Hugging Face transformers (`hf.HFBackend`)
+and vLLM (`vllm.VLLMBackend`) both generate, steer a grid (`run_grid`), stream one reply and close.
+`open_model` loads the model handle the `backend` setting names and `open_engine` gives its engine;
+nobody outside this package asks which engine it holds: callers ask capabilities (`position_modes`,
+`full_distributions`), and an engine refuses what it cannot do with a project error. This module
+also holds what they share: `Sampling`, `Generation`, `Steering`, the end-of-turn tokens and
+`finish_generation`.
 
 May import: model, store, core, and the top-level errors and settings (layers: pyproject.toml, [tool.importlinter]).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from personactl.settings import Settings
 
 
 def end_of_turn_ids(eos_token_id: int | list[int] | None, tokenizer: Any) -> list[int]:
@@ -31,6 +42,119 @@ class Generation:
     token_ids: list[int]  # generated tokens, end-of-turn token excluded
     text: str
     finish_reason: str  # "stop" (end of turn) or "length"
+
+
+@dataclass(frozen=True)
+class Steering:
+    """What one generation adds: α · direction at each layer, at the positions of `positions`."""
+
+    directions: Mapping[int, torch.Tensor]
+    alpha: float
+    positions: str
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What callers outside `backends/` use of a generation engine."""
+
+    name: str  # "hf" or "vllm": recorded in artifacts, never branched on outside backends/
+    tokenizer: Any
+    stop_ids: list[int]
+    position_modes: tuple[str, ...]  # the steering position modes it can apply
+    full_distributions: bool  # whether it gives full next-token distributions (kl_neutral needs them)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> list[Generation]:
+        """One batched call; the same prompts, sampling and seed give the same tokens."""
+        ...
+
+    def run_grid(
+        self,
+        prompts: Sequence[Sequence[int]],
+        rows: Sequence[Any],
+        directions: Mapping[int, torch.Tensor],
+        *,
+        sampling: Sampling,
+        seed: int,
+        batch_size: int = 0,
+        positions: str = "all",
+        on_chunk: Any = None,
+    ) -> Iterator[tuple[Any, Generation]]:
+        """Every steering grid row (`personactl.model.steering.GridRow`) with its generation, in order."""
+        ...
+
+    def stream(
+        self,
+        prompt: Sequence[int],
+        sampling: Sampling,
+        seed: int,
+        on_token: Callable[[int], None],
+        stop: threading.Event,
+        steering: Steering | None = None,
+    ) -> list[int]:
+        """Generate one reply with `steering` (None: unsteered), calling `on_token(id)` as each token
+        is produced; `stop` ends it early. Returns every generated token (end of turn included)."""
+        ...
+
+    def check_positions(self, positions: str) -> None:
+        """Refuse (InputError) a steering position mode this engine cannot apply."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's processes and memory now."""
+        ...
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def open_model(
+    settings: Settings,
+    *,
+    steering: bool = False,
+    positions: str = "all",
+    log: Callable[[str], None] = _quiet,
+    status: Callable[[str], Any] | None = None,
+) -> Any:
+    """The model handle the `backend` setting names: a Hugging Face `LoadedModel`, or a started vLLM
+    engine (`VLLMBackend`, which carries the tokenizer and model facts itself). For vLLM,
+    `positions` is checked before minutes of engine start-up, and `steering` asks for the buffers;
+    `status(text)`, a context manager, shows while a Hugging Face model loads."""
+    if settings.backend == "vllm":
+        from personactl.backends.vllm import check_positions, open_vllm_from
+
+        check_positions(positions)
+        return open_vllm_from(settings, steering=steering, log=log)
+    import contextlib
+
+    from personactl.model.loading import load_model
+
+    with status(f"loading {settings.model} …") if status else contextlib.nullcontext():
+        return load_model(
+            settings.model,
+            dtype=settings.dtype,
+            device=settings.device,
+            revision=settings.revision,
+            trust_remote_code=settings.trust_remote_code,
+            cache_dir=settings.cache_dir,
+            token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+            log=log,
+        )
+
+
+def engine_for(lm: Any) -> Engine:
+    """The engine of a loaded model handle: a vLLM engine is its own, a Hugging Face model gets one."""
+    if isinstance(lm, Engine):
+        return lm
+    from personactl.backends.hf import HFBackend
+
+    return HFBackend(lm.model, lm.tokenizer)
+
+
+def open_engine(settings: Settings, lm: Any = None, **options: Any) -> Engine:
+    """The engine for `lm` (a model handle from `open_model`), or for the model `settings` names
+    (loaded with `options`, see `open_model`)."""
+    return engine_for(lm if lm is not None else open_model(settings, **options))
 
 
 def finish_generation(tokens: list[int], stop_ids: list[int], tokenizer: Any) -> Generation:

@@ -1,14 +1,18 @@
-"""Hugging Face transformers generation: batched, left-padded, reproducible for a seed."""
+"""Hugging Face transformers generation: batched, left-padded, reproducible for a seed; steered
+grids through `personactl.model.steering`; one streamed reply at a time for the chat."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from personactl.backends import Generation, Sampling, end_of_turn_ids, finish_generation
+from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
+from personactl.errors import InputError
+from personactl.model.steering import POSITION_MODES, GridRow, Steerer, run_grid
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -33,8 +37,40 @@ def contiguous_lm_head_input(model: Any) -> Iterator[None]:
         handle.remove()
 
 
+class _StopOnEvent:
+    """A stopping criterion (transformers calls it after every token) that reads a threading.Event."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenPusher:
+    """A transformers streamer that hands each generated token (not the prompt) to `on_token`."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # transformers hands over the prompt first
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
 class HFBackend:
+    """The Hugging Face engine (`personactl.backends.Engine`) over a loaded model and tokenizer."""
+
     name = "hf"
+    position_modes = POSITION_MODES
+    full_distributions = True
 
     def __init__(self, model: Any, tokenizer: Any):
         self.model = model
@@ -43,8 +79,6 @@ class HFBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> list[Generation]:
         """One batched `generate` call. Same prompts, sampling and seed give the same tokens."""
-        from transformers import GenerationConfig
-
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
@@ -53,25 +87,91 @@ class HFBackend:
         for i, prompt in enumerate(prompts):  # left padding: every row's next token is at column `width`
             ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
             mask[i, width - len(prompt) :] = 1
+        torch.manual_seed(seed)
+        with torch.inference_mode(), contiguous_lm_head_input(self.model):
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=self._config(sampling)
+            )
+        return [self._finish(row[width:].tolist()) for row in out.cpu()]
+
+    def _config(self, sampling: Sampling) -> Any:
+        """Exactly temperature + top_p (0 = greedy): no top-k and no repetition penalty from the
+        model's defaults, so the sampling recorded in the responses table is the sampling that ran."""
+        from transformers import GenerationConfig
+
         greedy = sampling.temperature == 0
-        # Exactly temperature + top_p: no top-k and no repetition penalty from the model's defaults,
-        # so the sampling recorded in the responses table is the sampling that ran.
-        config = GenerationConfig(
+        return GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
             top_k=None if greedy else 0,
             repetition_penalty=1.0,
-            pad_token_id=pad,
+            pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.stop_ids,
         )
+
+    def run_grid(
+        self,
+        prompts: Sequence[Sequence[int]],
+        rows: Sequence[GridRow],
+        directions: Mapping[int, torch.Tensor],
+        *,
+        sampling: Sampling,
+        seed: int,
+        batch_size: int = 0,
+        positions: str = "all",
+        on_chunk: Any = None,
+    ) -> Iterator[tuple[GridRow, Generation]]:
+        """`personactl.model.steering.run_grid` with this engine: per-row coefficients, batches of `batch_size`."""
+        return run_grid(
+            self,
+            prompts,
+            rows,
+            directions,
+            sampling=sampling,
+            seed=seed,
+            batch_size=batch_size,
+            positions=positions,
+            on_chunk=on_chunk,
+        )
+
+    def stream(
+        self,
+        prompt: Sequence[int],
+        sampling: Sampling,
+        seed: int,
+        on_token: Callable[[int], None],
+        stop: threading.Event,
+        steering: Steering | None = None,
+    ) -> list[int]:
+        """One reply, steered by `Steerer` (hooks only for the call), handed over token by token."""
+        from transformers import StoppingCriteriaList
+
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([list(prompt)], device=device)
+        steerer = (
+            Steerer(self.model, steering.directions, coefficient=steering.alpha, positions=steering.positions)
+            if steering is not None
+            else contextlib.nullcontext()
+        )
         torch.manual_seed(seed)
-        with torch.inference_mode(), contiguous_lm_head_input(self.model):
+        with torch.inference_mode(), contiguous_lm_head_input(self.model), steerer:
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=self._config(sampling),
+                streamer=_TokenPusher(on_token),
+                stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
             )
-        return [self._finish(row[width:].tolist()) for row in out.cpu()]
+        return out[0, len(prompt) :].tolist()
+
+    def check_positions(self, positions: str) -> None:
+        if positions not in self.position_modes:
+            raise InputError(f"unknown steering positions {positions!r}", hint=f"choose {', '.join(POSITION_MODES)}")
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to its `LoadedModel`."""
 
     def _finish(self, tokens: list[int]) -> Generation:
         return finish_generation(tokens, self.stop_ids, self.tokenizer)

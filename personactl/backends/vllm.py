@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from personactl.backends import Generation, Sampling, end_of_turn_ids, finish_generation
+from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
 from personactl.errors import InputError, ModelError
 
 DEFAULT_CPU_KV_CACHE_GIB = 2  # vLLM's CPU default (a fraction of host RAM) fails on small machines
@@ -80,6 +80,8 @@ class VLLMBackend:
     `open_vllm`; `close()` (or `with`) shuts the engine's processes down."""
 
     name = "vllm"
+    position_modes = ("all",)  # the buffers add to every position (see the module docstring)
+    full_distributions = False  # no full next-token distributions: kl_neutral loads the HF model
 
     def __init__(self, llm: Any, tokenizer: Any, source: Any, config: Any, fingerprint: str, dtype: str, **info: Any):
         self.llm = llm
@@ -150,14 +152,25 @@ class VLLMBackend:
         return [self._finish(list(out.outputs[0].token_ids)) for out in outputs]
 
     def stream(
-        self, prompt: Sequence[int], sampling: Sampling, seed: int, on_token: Any, stop: threading.Event
+        self,
+        prompt: Sequence[int],
+        sampling: Sampling,
+        seed: int,
+        on_token: Any,
+        stop: threading.Event,
+        steering: Steering | None = None,
     ) -> list[int]:
-        """Generate one reply under the current steering, calling `on_token(id)` as each token is
-        produced; `stop` aborts it. Returns every generated token (the end-of-turn one included).
+        """Generate one reply with `steering` written into the engine's buffers (None: unsteered),
+        calling `on_token(id)` as each token is produced; `stop` aborts it. Returns every generated
+        token (the end-of-turn one included).
 
         Drives the engine step by step (what `LLM.generate` does inside), so no other call may use
         the engine meanwhile: callers serialise (the chat has one reply at a time, serve a lock)."""
         from vllm.sampling_params import RequestOutputKind
+
+        if steering is not None:
+            check_positions(steering.positions)
+        self.set_steering(self.deltas(steering.directions, steering.alpha) if steering is not None else {})
 
         engine = self.llm.llm_engine
         params = self._params(sampling, _row_seed(seed, 0), output_kind=RequestOutputKind.DELTA)
@@ -282,6 +295,9 @@ class VLLMBackend:
             if on_chunk:
                 on_chunk(len(indices), sum(len(g.token_ids) for g in outputs))
         yield from zip(rows, results, strict=True)
+
+    def check_positions(self, positions: str) -> None:
+        check_positions(positions)
 
     # --- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:

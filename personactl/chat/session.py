@@ -6,8 +6,9 @@ model's chat template and generates with that turn's steering settings, so
 settings can change between turns and the transcript records exactly what each turn used. With
 the `prompt` and `response` position modes, "prompt" is the whole templated conversation so far.
 
-Generation goes through a one-method backend interface (`ChatBackend.stream`): Hugging Face
-`generate` or a vLLM engine stepped request by request, both streaming. `/compare` runs one
+Generation goes through a one-method backend interface (`ChatBackend.stream`), `EngineChat` over
+the engine's own `stream` (`personactl.backends.Engine`): Hugging Face `generate` or a vLLM engine
+stepped request by request. `/compare` runs one
 generation per α through that same path, so its column at the current α is exactly the reply a
 turn gets (a batched run is not: on CPU, batch-2 decoding differs from batch-1 in the last bits,
 which flips near-tied greedy tokens). (On vLLM, steering is the engine's per-layer buffers.)
@@ -29,26 +30,16 @@ from typing import Any, Protocol
 
 import torch
 
-from personactl.backends import Sampling
-from personactl.backends.hf import contiguous_lm_head_input, stop_token_ids
+from personactl.backends import Engine, Sampling, Steering, engine_for
 from personactl.core.directions import NORM_MODES
 from personactl.core.ranges import check_in_range
 from personactl.errors import InputError, VectorFileError
 from personactl.model.chat_format import encode_prompt
 from personactl.model.loading import context_limit
-from personactl.model.steering import POSITION_MODES, Steerer
+from personactl.model.steering import POSITION_MODES
 from personactl.store.vectors import PersonaVector
 
 TRANSCRIPT_FORMAT = "personactl.chat/1"
-
-
-@dataclass(frozen=True)
-class Steering:
-    """What one generation adds: α · direction at each layer, at the positions of `positions`."""
-
-    directions: Mapping[int, torch.Tensor]
-    alpha: float
-    positions: str
 
 
 class TokenStream:
@@ -136,109 +127,26 @@ def _in_thread(run: Any, *args: Any) -> TokenStream:
     return tokens
 
 
-class _StopOnEvent:
-    """A stopping criterion (transformers calls it after every token) that reads a threading.Event."""
+class EngineChat:
+    """One reply at a time from an engine (`personactl.backends.Engine`), generated in a worker
+    thread and streamed token by token.
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    `lock`, when given, is held for each whole generation (steering in, generate, steering out), so
+    streams started from several threads (the server) run one at a time and never see each other's
+    steering; without one the chat's one-reply-at-a-time rule suffices."""
 
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class HFChatBackend:
-    """Hugging Face `generate` in a worker thread, steered by `Steerer`, streamed token by token.
-
-    `lock`, when given, is held for each whole generation (hooks in, generate, hooks out), so
-    streams started from several threads (the server) run one at a time and never see each
-    other's steering."""
-
-    name = "hf"
-    position_modes = POSITION_MODES
-
-    def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.stop_ids = stop_token_ids(model, tokenizer)
-        self.lock = lock
-
-    def _config(self, sampling: Sampling) -> Any:
-        """Same sampling semantics as `HFBackend`: exactly temperature + top-p, 0 = greedy."""
-        from transformers import GenerationConfig
-
-        greedy = sampling.temperature == 0
-        return GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else 0,
-            repetition_penalty=1.0,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.stop_ids,
-        )
-
-    def stream(
-        self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
-    ) -> TokenStream:
-        return _in_thread(self._run, prompt, steering, self._config(sampling), seed, stop)
-
-    def _run(
-        self,
-        prompt: list[int],
-        steering: Steering | None,
-        config: Any,
-        seed: int,
-        stop: threading.Event,
-        tokens: TokenStream,
-    ) -> None:
-        from transformers import StoppingCriteriaList
-
-        try:
-            device = next(self.model.parameters()).device
-            ids = torch.tensor([prompt], device=device)
-            steerer = (
-                Steerer(self.model, steering.directions, coefficient=steering.alpha, positions=steering.positions)
-                if steering is not None
-                else None
-            )
-            with self.lock or contextlib.nullcontext():
-                torch.manual_seed(seed)
-                with torch.inference_mode(), contiguous_lm_head_input(self.model), steerer or contextlib.nullcontext():
-                    out = self.model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        generation_config=config,
-                        streamer=tokens,
-                        stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                    )
-            tokens.finish(out[0, len(prompt) :].tolist())
-        except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
-            tokens.fail(exc)
-
-
-class VLLMChatBackend:
-    """A `VLLMBackend` engine streaming one reply at a time: the turn's steering is written into the
-    engine's buffers (they apply to every request, so generations never overlap), then the request
-    is stepped token by token. Only the `all` position mode exists on vLLM (see backends/vllm.py).
-
-    `lock` as for `HFChatBackend`; without one the chat's one-reply-at-a-time rule suffices."""
-
-    name = "vllm"
-    position_modes = ("all",)
-
-    def __init__(self, engine: Any, lock: threading.Lock | None = None):
+    def __init__(self, engine: Engine, lock: threading.Lock | None = None):
         self.engine = engine
+        self.name = engine.name
         self.stop_ids = list(engine.stop_ids)
+        self.position_modes = engine.position_modes
         self.lock = lock or threading.Lock()
 
     def stream(
         self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
     ) -> TokenStream:
-        from personactl.backends.vllm import check_positions
-
         if steering is not None:
-            check_positions(steering.positions)
+            self.engine.check_positions(steering.positions)
         return _in_thread(self._run, prompt, steering, sampling, seed, stop)
 
     def _run(
@@ -251,20 +159,16 @@ class VLLMChatBackend:
         tokens: TokenStream,
     ) -> None:
         try:
-            deltas = self.engine.deltas(steering.directions, steering.alpha) if steering is not None else {}
             with self.lock:
-                self.engine.set_steering(deltas)
-                generated = self.engine.stream(prompt, sampling, seed, tokens.push, stop)
+                generated = self.engine.stream(prompt, sampling, seed, tokens.push, stop, steering)
             tokens.finish(generated)
         except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
             tokens.fail(exc)
 
 
 def chat_backend(lm: Any, lock: threading.Lock | None = None) -> ChatBackend:
-    """The chat engine for a loaded model: a vLLM engine (`VLLMBackend`) or a Hugging Face model."""
-    if getattr(lm, "name", None) == "vllm":
-        return VLLMChatBackend(lm, lock)
-    return HFChatBackend(lm.model, lm.tokenizer, lock)
+    """The chat engine for a loaded model handle (a Hugging Face model or a vLLM engine)."""
+    return EngineChat(engine_for(lm), lock)
 
 
 @dataclass(frozen=True)

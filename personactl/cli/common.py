@@ -117,32 +117,16 @@ def check_choices(*checks: tuple[str, Sequence[str], str]) -> None:
 
 
 def load_engine(settings, *, steering: bool, positions: str = "all"):
-    """The generation engine the `backend` setting names: the Hugging Face model (`LoadedModel`), or
-    a vLLM engine (`VLLMBackend`, which carries the tokenizer and model facts itself). For vLLM,
-    `positions` is checked before minutes of engine start-up, and `steering` asks for the buffers."""
-    if settings.backend == "vllm":
-        from personactl.backends.vllm import check_positions, open_vllm_from
+    """The model handle the `backend` setting names (`personactl.backends.open_model`): a Hugging
+    Face `LoadedModel` or a started vLLM engine."""
+    from personactl.backends import open_model
 
-        check_positions(positions)
-        return open_vllm_from(settings, steering=steering, log=log)
-    return load_model_from(settings)
+    return open_model(settings, steering=steering, positions=positions, log=log, status=stderr_console().status)
 
 
 def load_model_from(settings):
-    from personactl.model.loading import load_model
-
-    console = stderr_console()
-    with console.status(f"loading {settings.model} …"):
-        return load_model(
-            settings.model,
-            dtype=settings.dtype,
-            device=settings.device,
-            revision=settings.revision,
-            trust_remote_code=settings.trust_remote_code,
-            cache_dir=settings.cache_dir,
-            token=settings.hf_token.get_secret_value() if settings.hf_token else None,
-            log=log,
-        )
+    """The Hugging Face model `settings` names (for the steps that need its activations)."""
+    return load_engine(settings.model_copy(update={"backend": "hf"}), steering=False)
 
 
 class LazyProgress:

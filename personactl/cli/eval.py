@@ -94,10 +94,13 @@ class Phases:
 
 
 def judge_loader(settings: Any, loaded: dict[str, Any]):
-    """Load a local judge model, reusing the evaluated model when it is the same spec (and HF)."""
+    """Load a local judge model, reusing the evaluated model when it is the same spec and its engine
+    gives full distributions (a Hugging Face model, not a vLLM engine)."""
 
     def load(spec: str):
-        if spec == settings.model and "lm" in loaded and settings.backend == "hf":
+        from personactl.backends import open_engine
+
+        if spec == settings.model and "lm" in loaded and open_engine(settings, loaded["lm"]).full_distributions:
             return loaded["lm"]
         return load_model_from(settings.model_copy(update={"model": spec}))
 

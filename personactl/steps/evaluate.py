@@ -28,7 +28,6 @@ the engine is closed (its accelerator memory is needed for that copy).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,7 +38,7 @@ import polars as pl
 import torch
 
 from personactl.errors import InputError
-from personactl.model.steering import GridRow, plan_grid, run_grid
+from personactl.model.steering import GridRow, plan_grid
 
 SAMPLES_SCHEMA = {
     "condition": pl.String,  # steered | random | unsteered | prompted
@@ -110,12 +109,10 @@ def random_direction(reference: torch.Tensor, seed: int, layer: int) -> torch.Te
 
 
 def grid_runner(settings: Any, lm: Any) -> Callable[..., Iterator[tuple[GridRow, Any]]]:
-    """`run_grid` for the engine in use: the vLLM engine brings its own, HF uses steering.run_grid."""
-    if getattr(settings, "backend", "hf") == "vllm":
-        return lm.run_grid
-    from personactl.backends.hf import HFBackend
+    """`run_grid` of the engine in use (HF: `steering.run_grid` batches; vLLM: one batch per (layer, α))."""
+    from personactl.backends import open_engine
 
-    return functools.partial(run_grid, HFBackend(lm.model, lm.tokenizer))
+    return open_engine(settings, lm).run_grid
 
 
 @dataclass
@@ -404,11 +401,14 @@ def kl_model(settings: Any, lm: Any) -> Any:
     """The Hugging Face model that computes kl_neutral: the engine's own on the HF backend; on vLLM
     (no full distributions) the same checkpoint at the engine's dtype, loaded once the engine is
     closed (generation and judging are done) so both never hold accelerator memory at once."""
-    if getattr(settings, "backend", "hf") != "vllm":
+    from personactl.backends import open_engine
+
+    engine = open_engine(settings, lm)
+    if engine.full_distributions:
         return lm
     from personactl.model.loading import load_model
 
-    lm.close()
+    engine.close()
     return load_model(
         settings.model,
         dtype=str(lm.dtype).removeprefix("torch."),

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from personactl.backends import Sampling
+from personactl.backends import Sampling, open_engine
 from personactl.errors import InputError, WorkspaceError
 from personactl.model.chat_format import apply_thinking, chat_messages, encode_prompt
 from personactl.model.loading import context_limit
@@ -223,11 +223,9 @@ def generate_step(
         table = pl.read_parquet(output)
         return {**summary, "skipped": True, "rows": table.height}
 
-    from personactl.backends.hf import HFBackend
-
     lm = load()  # the vllm backend is its own model handle (tokenizer, describe()), with no HF weights
     apply_thinking(lm.tokenizer, settings.thinking)
-    backend = lm if settings.backend == "vllm" else HFBackend(lm.model, lm.tokenizer)
+    backend = open_engine(settings, lm)
     sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     shards = ShardStore(workspace.shards_dir(source.slug, trait.name, persona), fingerprint_of(fingerprint))
     planned = None

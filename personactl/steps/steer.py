@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,7 +12,7 @@ from personactl.backends import Sampling
 from personactl.core.ranges import check_in_range
 from personactl.errors import InputError
 from personactl.model.chat_format import chat_messages, encode_prompt
-from personactl.model.steering import plan_grid, run_grid
+from personactl.model.steering import plan_grid
 from personactl.store.vectors import PersonaVector
 
 STEER_SCHEMA = {
@@ -56,7 +55,7 @@ def steer_step(
     on_start: Callable[[int], None] = lambda n: None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    from personactl.backends.hf import HFBackend
+    from personactl.backends import open_engine
 
     if not prompts or any(not p.strip() for p in prompts):
         raise InputError("empty prompt", hint="pass --prompt TEXT (or --prompts-file with one prompt per line)")
@@ -78,11 +77,7 @@ def steer_step(
     on_start(len(rows))
     start = time.perf_counter()
     records = []
-    if settings.backend == "vllm":
-        runner = lm.run_grid  # the engine is its own model handle; it runs one batch per (layer, α)
-    else:
-        runner = functools.partial(run_grid, HFBackend(lm.model, lm.tokenizer))
-    grid = runner(
+    grid = open_engine(settings, lm).run_grid(
         prompt_ids,
         rows,
         directions,
