@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
 
+    from personactl.model.loading import ModelHandle
     from personactl.settings import Settings
 
 
@@ -142,7 +143,7 @@ def open_model(
         )
 
 
-def engine_for(lm: Any) -> Engine:
+def engine_for(lm: ModelHandle) -> Engine:
     """The engine of a loaded model handle: a vLLM engine is its own, a Hugging Face model gets one."""
     if isinstance(lm, Engine):
         return lm
@@ -151,7 +152,7 @@ def engine_for(lm: Any) -> Engine:
     return HFBackend(lm.model, lm.tokenizer)
 
 
-def open_engine(settings: Settings, lm: Any = None, **options: Any) -> Engine:
+def open_engine(settings: Settings, lm: ModelHandle = None, **options: Any) -> Engine:
     """The engine for `lm` (a model handle from `open_model`), or for the model `settings` names
     (loaded with `options`, see `open_model`)."""
     return engine_for(lm if lm is not None else open_model(settings, **options))

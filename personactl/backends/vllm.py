@@ -23,12 +23,15 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
 from personactl.errors import InputError, ModelError
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
 
 DEFAULT_CPU_KV_CACHE_GIB = 2  # vLLM's CPU default (a fraction of host RAM) fails on small machines
 
@@ -335,7 +338,7 @@ def _model_location(source: Any, cache_dir: Path, log: Any) -> str:
     return source.location
 
 
-def open_vllm_from(settings: Any, *, steering: bool, log: Any = lambda message: None) -> VLLMBackend:
+def open_vllm_from(settings: Settings, *, steering: bool, log: Any = lambda message: None) -> VLLMBackend:
     """`open_vllm` with the model, dtype, revision, seed, parallelism and eagerness of a `Settings` object."""
     if settings.device not in ("auto", "cpu") and not settings.device.startswith("cuda"):
         raise InputError(f"--device {settings.device} is not available with the vllm backend", hint="use --backend hf")

@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personactl.errors import InputError, VectorFileError
 from personactl.model.chat_format import EncodedExample
 from personactl.steps.monitor import Probe, probe_from_readout, probe_from_vector, project
+
+if TYPE_CHECKING:
+    from personactl.model.loading import LoadedModel
 
 VECTOR = "vector"  # `--readout vector`: the projection on the steering vector at the steering layers
 TOP = 3  # concepts shown on the readout line
@@ -31,7 +34,7 @@ class LiveReadout:
     probe: Probe | None
 
     @classmethod
-    def open(cls, spec: str, lm: Any) -> LiveReadout:
+    def open(cls, spec: str, lm: LoadedModel) -> LiveReadout:
         """`vector`, or a readout file made for a model of this shape; refused on a vLLM engine."""
         require_hf(getattr(lm, "name", "hf"))
         if spec == VECTOR:

@@ -27,13 +27,17 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from personactl.backends import Sampling
 from personactl.chat.session import ChatSession, LoadedVector, TurnStream, chat_backend, load_vector
 from personactl.core.ranges import parse_ranges
 from personactl.errors import InputError, PersonactlError
+
+if TYPE_CHECKING:
+    from personactl.model.loading import ModelHandle
+    from personactl.store.workspace import Workspace
 
 MAX_BODY = 8 << 20
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -99,7 +103,15 @@ class Completion:
 class SteeredEngine:
     """Turns OpenAI request bodies into steered generations on one model, one generation at a time."""
 
-    def __init__(self, lm: Any, workspace: Any, defaults: ServeDefaults, *, model_id: str | None = None, exposed=False):
+    def __init__(
+        self,
+        lm: ModelHandle,
+        workspace: Workspace,
+        defaults: ServeDefaults,
+        *,
+        model_id: str | None = None,
+        exposed=False,
+    ):
         self.lm = lm
         self.workspace = workspace
         self.defaults = defaults

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -38,6 +38,10 @@ from personactl.model.chat_format import encode_prompt
 from personactl.model.loading import context_limit
 from personactl.model.steering import POSITION_MODES
 from personactl.store.vectors import PersonaVector
+
+if TYPE_CHECKING:
+    from personactl.model.loading import ModelHandle
+    from personactl.store.workspace import Workspace
 
 TRANSCRIPT_FORMAT = "personactl.chat/1"
 
@@ -166,7 +170,7 @@ class EngineChat:
             tokens.fail(exc)
 
 
-def chat_backend(lm: Any, lock: threading.Lock | None = None) -> ChatBackend:
+def chat_backend(lm: ModelHandle, lock: threading.Lock | None = None) -> ChatBackend:
     """The chat engine for a loaded model handle (a Hugging Face model or a vLLM engine)."""
     return EngineChat(engine_for(lm), lock)
 
@@ -179,7 +183,7 @@ class LoadedVector:
     warning: str | None
 
 
-def load_vector(workspace: Any, spec: str, lm: Any) -> LoadedVector:
+def load_vector(workspace: Workspace, spec: str, lm: ModelHandle) -> LoadedVector:
     """A vector file or a trait name extracted for this model; refused when made for another shape."""
     path = workspace.find_vector(spec, lm.source.slug)
     vector = PersonaVector.load(path)
@@ -317,8 +321,8 @@ class ChatSession:
 
     def __init__(
         self,
-        lm: Any,
-        workspace: Any,
+        lm: ModelHandle,
+        workspace: Workspace,
         vector: str | LoadedVector,
         *,
         layers: Sequence[int],

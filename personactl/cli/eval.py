@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -19,6 +19,9 @@ from personactl.cli.common import (
     settings_from,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
 
 JudgeModel = Annotated[
     Optional[str],
@@ -93,7 +96,7 @@ class Phases:
             self.current = None
 
 
-def judge_loader(settings: Any, loaded: dict[str, Any]):
+def judge_loader(settings: Settings, loaded: dict[str, Any]):
     """Load a local judge model, reusing the evaluated model when it is the same spec and its engine
     gives full distributions (a Hugging Face model, not a vLLM engine)."""
 

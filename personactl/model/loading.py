@@ -19,9 +19,12 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 from personactl.errors import ModelError
+
+if TYPE_CHECKING:
+    from personactl.model.loading import ModelHandle
 
 Log = Callable[[str], None]
 
@@ -278,7 +281,24 @@ class LoadedModel:
         }
 
 
-def context_limit(lm: Any) -> int | None:
+class ModelHandle(Protocol):
+    """What steps need of a loaded model on either engine: a Hugging Face `LoadedModel` or a vLLM
+    engine (`personactl.backends.vllm.VLLMBackend`), which carries the same facts."""
+
+    tokenizer: Any
+    source: ModelSource
+    fingerprint: str
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def context_limit(lm: ModelHandle) -> int | None:
     """The model's context length (max_position_embeddings), when its config states one."""
     config = getattr(lm, "config", None) or lm.model.config  # VLLMBackend carries the text config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

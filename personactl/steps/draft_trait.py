@@ -10,12 +10,15 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from personactl.errors import ConfigError, InputError, TraitError
 from personactl.store.traits import Trait
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
 
 Chat = Callable[[list[dict[str, str]]], str]
 ATTEMPTS = 2  # the first draft, and one retry with the validation errors fed back
@@ -133,7 +136,7 @@ def draft_trait(
     )
 
 
-def openai_chat(settings: Any, timeout: float) -> tuple[Chat, str]:
+def openai_chat(settings: Settings, timeout: float) -> tuple[Chat, str]:
     """A chat function on the judge's endpoint (base URL, key and model resolved by `make_judge`)."""
     import openai
 
@@ -206,7 +209,7 @@ def write_trait(trait: Trait, path: Path, header: Sequence[str], *, force: bool)
 
 
 def new_trait_step(
-    settings: Any,
+    settings: Settings,
     description: str,
     *,
     name: str | None,

@@ -3,7 +3,11 @@ this workspace has measured before, the generation time. Reads files only; loads
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
 
 def grid_generations(spec: Any, n_questions: int, n_layers: int) -> int:
@@ -18,7 +22,7 @@ def grid_generations(spec: Any, n_questions: int, n_layers: int) -> int:
     return 2 * items + len(spec.variants) * n_layers * per_layer * per_cell
 
 
-def measured_tokens_per_second(workspace: Any, model_slug: str) -> float | None:
+def measured_tokens_per_second(workspace: Workspace, model_slug: str) -> float | None:
     """The generation speed of the latest generate or steer run for this model in the workspace."""
     runs = []
     for manifest in workspace.artifacts():
@@ -35,7 +39,7 @@ def measured_tokens_per_second(workspace: Any, model_slug: str) -> float | None:
 
 
 def estimate_eval(
-    *, trait: Any, spec: Any, num_layers: int, max_new_tokens: int, tokens_per_second: float | None
+    *, trait: Trait, spec: Any, num_layers: int, max_new_tokens: int, tokens_per_second: float | None
 ) -> dict[str, Any]:
     from personactl.steps.evaluate import default_layers
 

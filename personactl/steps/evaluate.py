@@ -32,13 +32,19 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import torch
 
 from personactl.errors import InputError
 from personactl.model.steering import GridRow, plan_grid
+
+if TYPE_CHECKING:
+    from personactl.model.loading import ModelHandle
+    from personactl.settings import Settings
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
 SAMPLES_SCHEMA = {
     "condition": pl.String,  # steered | random | unsteered | prompted
@@ -108,7 +114,7 @@ def random_direction(reference: torch.Tensor, seed: int, layer: int) -> torch.Te
     return r / r.norm() * reference.float().norm()
 
 
-def grid_runner(settings: Any, lm: Any) -> Callable[..., Iterator[tuple[GridRow, Any]]]:
+def grid_runner(settings: Settings, lm: ModelHandle) -> Callable[..., Iterator[tuple[GridRow, Any]]]:
     """`run_grid` of the engine in use (HF: `steering.run_grid` batches; vLLM: one batch per (layer, α))."""
     from personactl.backends import open_engine
 
@@ -133,7 +139,7 @@ class Plan:
         return divmod(index % self.n_items, self.samples)
 
 
-def make_plan(trait: Any, tokenizer: Any, questions: int | None, samples: int) -> Plan:
+def make_plan(trait: Trait, tokenizer: Any, questions: int | None, samples: int) -> Plan:
     from personactl.model.chat_format import chat_messages, encode_prompt
 
     chosen = trait.questions.evaluation[:questions] if questions else list(trait.questions.evaluation)
@@ -217,7 +223,7 @@ def generate_rows(
     return [(tag, row, gen) for (tag, row), gen in zip(tagged, results, strict=True)]
 
 
-def judge_rows(judge: Any, trait: Any, plan: Plan, rows: Sequence[tuple[Tag, GridRow, Any]], on_done: Any) -> list:
+def judge_rows(judge: Any, trait: Trait, plan: Plan, rows: Sequence[tuple[Tag, GridRow, Any]], on_done: Any) -> list:
     """Two judgements per response (trait rubric, coherence), in row order."""
     from personactl.steps.score import coherence_prompt
 
@@ -292,7 +298,7 @@ def run_eval(
     *,
     runner: Callable[..., Any],
     judge: Any,
-    trait: Any,
+    trait: Trait,
     plan: Plan,
     spec: EvalSpec,
     layers: Sequence[int],
@@ -397,7 +403,7 @@ def with_kl_neutral(
     return joined.with_columns(pl.coalesce("_kl", "kl_neutral").alias("kl_neutral")).drop("_kl")
 
 
-def kl_model(settings: Any, lm: Any) -> Any:
+def kl_model(settings: Settings, lm: ModelHandle) -> Any:
     """The Hugging Face model that computes kl_neutral: the engine's own on the HF backend; on vLLM
     (no full distributions) the same checkpoint at the engine's dtype, loaded once the engine is
     closed (generation and judging are done) so both never hold accelerator memory at once."""
@@ -431,9 +437,9 @@ def file_sha256(path: Any) -> str:
 
 def eval_step(
     *,
-    settings: Any,
-    workspace: Any,
-    trait: Any,
+    settings: Settings,
+    workspace: Workspace,
+    trait: Trait,
     spec: EvalSpec,
     load: Callable[[], Any],
     load_judge: Callable[[str], Any] | None = None,

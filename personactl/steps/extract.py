@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -24,6 +24,12 @@ from personactl.model.chat_format import (
 )
 from personactl.store.responses import scored_responses, select_pairs
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
+
+if TYPE_CHECKING:
+    from personactl.model.loading import LoadedModel
+    from personactl.settings import Settings
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
 
 def pairs_from_responses(responses: pl.DataFrame, tokenizer: Any) -> list[PairExample]:
@@ -94,7 +100,7 @@ def pairs_from_jsonl(path: Path, tokenizer: Any) -> tuple[list[PairExample], boo
 
 
 def build_vector(
-    lm: Any,
+    lm: LoadedModel,
     pairs: Sequence[PairExample],
     *,
     rows: Sequence[int] | None,
@@ -183,10 +189,10 @@ def merge_user_diagnostics(main: dict[str, Any], user: dict[str, Any], kept: Seq
 
 def extract_step(
     *,
-    settings: Any,
-    workspace: Any,
+    settings: Settings,
+    workspace: Workspace,
     load: Callable[[], Any],
-    trait: Any | None,
+    trait: Trait | None,
     pairs_file: Path | None,
     name: str | None,
     rows: list[int] | None,

@@ -12,7 +12,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -23,6 +23,10 @@ from personactl.model.loading import context_limit
 from personactl.store.atomic import atomic_path, atomic_write_text
 from personactl.store.responses import RESPONSE_SCHEMA, PlannedRow, fingerprint_of
 from personactl.store.traits import Trait
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.store.workspace import Workspace
 
 
 def plan_rows(trait: Trait, tokenizer: Any, samples_per_question: int, max_questions: int | None) -> list[PlannedRow]:
@@ -172,7 +176,7 @@ def run_generation(
     return table
 
 
-def responses_fingerprint(settings: Any, trait: Trait, max_questions: int | None) -> dict[str, Any]:
+def responses_fingerprint(settings: Settings, trait: Trait, max_questions: int | None) -> dict[str, Any]:
     """The inputs a model-persona responses table is made from: equal ones mean it is finished."""
     fingerprint = {
         "trait_sha256": trait.sha256,
@@ -195,9 +199,9 @@ def responses_fingerprint(settings: Any, trait: Trait, max_questions: int | None
 
 def generate_step(
     *,
-    settings: Any,
+    settings: Settings,
     trait: Trait,
-    workspace: Any,
+    workspace: Workspace,
     load: Callable[[], Any],
     max_questions: int | None,
     force: bool,

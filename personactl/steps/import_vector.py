@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,10 @@ from personactl import __version__
 from personactl.errors import InputError
 from personactl.store.interop.foreign import INDEX_MEANING, IndexKind
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.store.workspace import Workspace
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -30,8 +34,8 @@ def default_name(source: Path) -> str:
 
 def import_step(
     *,
-    settings: Any,
-    workspace: Any,
+    settings: Settings,
+    workspace: Workspace,
     load: Callable[[], Any],
     source: Path,
     name: str | None,

@@ -11,13 +11,18 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from personactl import __version__
 from personactl.errors import VectorFileError
 from personactl.store.vectors import PersonaVector
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
 MODEL_KEYS = ("model", "model_kind", "model_fingerprint", "architecture", "num_layers", "hidden_size", "dtype")
 
@@ -82,7 +87,7 @@ def ithou_vector(model_vec: PersonaVector, user_vec: PersonaVector, model_path: 
     return PersonaVector(tensors, metadata)
 
 
-def ithou_step(*, settings: Any, workspace: Any, trait: Any) -> tuple[PersonaVector, dict[str, Any]]:
+def ithou_step(*, settings: Settings, workspace: Workspace, trait: Trait) -> tuple[PersonaVector, dict[str, Any]]:
     """`personactl extract --trait T --i-thou`: from the two extracted vector files, no model run."""
     from personactl.model.loading import resolve_model
 

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from personactl.core.directions import unit
 from personactl.errors import InputError
+
+if TYPE_CHECKING:
+    from personactl.model.loading import LoadedModel
+    from personactl.settings import Settings
+    from personactl.store.workspace import Workspace
 
 MONITOR_POSITIONS = ("prompt_end", "response_avg")
 
@@ -51,7 +56,9 @@ def probe_from_readout(readout: Any, rows: list[int] | None, name: str) -> Probe
     return Probe(name, readout.concepts, rows, directions, centre)
 
 
-def project(lm: Any, probe: Probe, examples: list[Any], *, tokens: bool, batch_tokens: int = 8192) -> dict[str, Any]:
+def project(
+    lm: LoadedModel, probe: Probe, examples: list[Any], *, tokens: bool, batch_tokens: int = 8192
+) -> dict[str, Any]:
     """Projections `{position: [N, R, K]}` (response_avg NaN where there is no reply) and, with
     `tokens`, per example `[T, R, K]`."""
     from personactl.model.example_activations import read_examples
@@ -95,8 +102,8 @@ def column_name(label: str, position: str, row: int) -> str:
 
 def monitor_step(
     *,
-    settings: Any,
-    workspace: Any,
+    settings: Settings,
+    workspace: Workspace,
     load: Any,
     vector: str | None,
     readout: Any | None,

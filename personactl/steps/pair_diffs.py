@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,12 +20,16 @@ from personactl.errors import VectorFileError
 from personactl.model.chat_format import PairExample
 from personactl.model.example_activations import read_examples
 
+if TYPE_CHECKING:
+    from personactl.model.loading import LoadedModel
+    from personactl.store.workspace import Workspace
+
 FORMAT = "personactl.pair_diffs/1"
 KEEP_PAIRS = "remake it: personactl extract ... --keep-pairs --force"
 
 
 def pair_differences(
-    lm: Any, pairs: Sequence[PairExample], rows: Sequence[int], positions: Sequence[str], batch_tokens: int
+    lm: LoadedModel, pairs: Sequence[PairExample], rows: Sequence[int], positions: Sequence[str], batch_tokens: int
 ) -> dict[str, torch.Tensor]:
     """`{position: [n_pairs, n_rows, H]}` pos − neg per pair."""
     examples = [p.pos for p in pairs] + [p.neg for p in pairs]
@@ -44,9 +48,9 @@ def pair_differences(
 
 
 def keep_pair_diffs(
-    workspace: Any,
+    workspace: Workspace,
     vector_path: Path,
-    lm: Any,
+    lm: LoadedModel,
     vector: Any,
     pairs: Sequence[PairExample],
     user_pairs: Sequence[PairExample] | None,

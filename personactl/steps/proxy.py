@@ -11,17 +11,23 @@ used to build it; it does not say that adding it steers well.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from personactl.core.stats import cohens_d
 from personactl.errors import InputError
 
+if TYPE_CHECKING:
+    from personactl.model.loading import LoadedModel
+    from personactl.settings import Settings
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
+
 PROXY_LABEL = "proxy: Cohen's d of held-out pos vs neg answer projections onto the vector (no judge, no steering)"
 
 
-def held_out_pairs(lm: Any, trait: Any, questions: int | None, sampling: Any, seed: int, batch_size: int):
+def held_out_pairs(lm: LoadedModel, trait: Trait, questions: int | None, sampling: Any, seed: int, batch_size: int):
     """Encoded (pos, neg) answers to the evaluation questions, generated unsteered."""
     from personactl.backends.hf import HFBackend
     from personactl.model.chat_format import chat_messages, encode_example, encode_prompt
@@ -45,7 +51,7 @@ def held_out_pairs(lm: Any, trait: Any, questions: int | None, sampling: Any, se
 
 
 def projections(
-    lm: Any, examples: Sequence[Any], layers: Sequence[int], position: str, directions: dict[int, torch.Tensor]
+    lm: LoadedModel, examples: Sequence[Any], layers: Sequence[int], position: str, directions: dict[int, torch.Tensor]
 ) -> dict[int, list[float]]:
     """Scalar projection of each example's activation at `position` onto each layer's unit direction."""
     from personactl.core.directions import project
@@ -80,8 +86,8 @@ def projections(
 
 
 def proxy_sweep(
-    lm: Any,
-    trait: Any,
+    lm: LoadedModel,
+    trait: Trait,
     vector: Any,
     *,
     layers: Sequence[int],
@@ -121,9 +127,9 @@ def proxy_sweep(
 
 def proxy_step(
     *,
-    settings: Any,
-    workspace: Any,
-    trait: Any,
+    settings: Settings,
+    workspace: Workspace,
+    trait: Trait,
     load: Callable[[], Any],
     layers: Sequence[int] | None,
     position: str,

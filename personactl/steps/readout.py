@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from personactl.core.sinks import SINK_RULE
 from personactl.errors import InputError, VectorFileError
 from personactl.store.text_input import read_user_text
 from personactl.store.vectors import LAYER_CONVENTION
+
+if TYPE_CHECKING:
+    from personactl.model.loading import LoadedModel
 
 FORMAT = "personactl.readout/1"
 READOUT_PROMPT = "Describe yourself in a sentence or two."
@@ -153,7 +156,7 @@ class Readout:
 
 
 def train_readout(
-    lm: Any,
+    lm: LoadedModel,
     concepts: dict[str, list[str]],
     neutral: list[str],
     *,

@@ -8,14 +8,19 @@ step has work to do. With `proxy`, there is no judge: score is left out and eval
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
 
 def run_pipeline(
     *,
-    settings: Any,
-    workspace: Any,
-    trait: Any,
+    settings: Settings,
+    workspace: Workspace,
+    trait: Trait,
     spec: Any,
     load: Callable[[], Any],
     load_judge: Callable[[str], Any] | None,

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personactl.steps.eval_estimate import estimate_eval, measured_tokens_per_second
 
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
-def config_num_layers(settings: Any) -> int | None:
+
+def config_num_layers(settings: Settings) -> int | None:
     """The model's layer count from a config.json already on this machine (local directory, the
     converted built-in model, or the Hugging Face cache); None when there is none yet."""
     from personactl.model.loading import resolve_model
@@ -39,7 +44,7 @@ def config_num_layers(settings: Any) -> int | None:
 
 
 def estimate_run(
-    *, settings: Any, workspace: Any, trait: Any, spec: Any, max_questions: int | None, proxy: bool
+    *, settings: Settings, workspace: Workspace, trait: Trait, spec: Any, max_questions: int | None, proxy: bool
 ) -> dict[str, Any]:
     """Per step: `skipped` (finished with the same inputs) or what it needs; totals for the run."""
     from personactl.model.loading import resolve_model

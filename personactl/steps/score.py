@@ -15,13 +15,18 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from personactl.errors import ConfigError, InputError, JudgeError
 from personactl.judging.remote import COHERENCE_RUBRIC, JudgeCache, Judgement, RemoteJudge
 from personactl.store.workspace import read_table
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
 SCORES_SCHEMA = {
     "pair_id": pl.String,
@@ -62,7 +67,7 @@ def apply_filter(scores: pl.DataFrame, trait_threshold: float, coherence_thresho
 LOCAL_PREFIX = "local:"
 
 
-def effective_thresholds(settings: Any, trait: Any) -> tuple[float, float]:
+def effective_thresholds(settings: Settings, trait: Trait) -> tuple[float, float]:
     """(trait, coherence) thresholds: flags/env/toml when set, else the trait file's (50 by default)."""
     trait_t = settings.trait_threshold if settings.trait_threshold is not None else trait.thresholds.trait
     coherence_t = (
@@ -71,7 +76,7 @@ def effective_thresholds(settings: Any, trait: Any) -> tuple[float, float]:
     return trait_t, coherence_t
 
 
-def make_judge(settings: Any, cache: JudgeCache | None, *, require_key: bool = True, load: Callable | None = None):
+def make_judge(settings: Settings, cache: JudgeCache | None, *, require_key: bool = True, load: Callable | None = None):
     """A RemoteJudge, or a LocalJudge for `local:<model>` (`load(spec)` loads that model)."""
     if settings.judge_model.startswith(LOCAL_PREFIX):
         from personactl.judging.local import LocalJudge
@@ -101,9 +106,9 @@ def make_judge(settings: Any, cache: JudgeCache | None, *, require_key: bool = T
 
 def score_step(
     *,
-    settings: Any,
-    workspace: Any,
-    trait: Any,
+    settings: Settings,
+    workspace: Workspace,
+    trait: Trait,
     force: bool,
     dry_run: bool = False,
     on_start: Callable[[int, int], None] = lambda total, done: None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -14,6 +14,11 @@ from personactl.errors import InputError
 from personactl.model.chat_format import chat_messages, encode_prompt
 from personactl.model.steering import plan_grid
 from personactl.store.vectors import PersonaVector
+
+if TYPE_CHECKING:
+    from personactl.model.loading import ModelHandle
+    from personactl.settings import Settings
+    from personactl.store.workspace import Workspace
 
 STEER_SCHEMA = {
     "prompt_index": pl.Int32,
@@ -39,9 +44,9 @@ def default_layer(num_layers: int) -> int:
 
 def steer_step(
     *,
-    settings: Any,
-    workspace: Any,
-    lm: Any,
+    settings: Settings,
+    workspace: Workspace,
+    lm: ModelHandle,
     vector_spec: str,
     prompts: Sequence[str],
     system_prompt: str | None,

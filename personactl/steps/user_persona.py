@@ -20,7 +20,7 @@ Positions for the user persona (the same spans as for the model persona, plus on
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -34,6 +34,10 @@ from personactl.model.chat_format import (
     render_prompt,
 )
 from personactl.store.responses import PlannedRow, scored_responses, select_pairs
+
+if TYPE_CHECKING:
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
 NEUTRAL_SYSTEM = "You are a helpful assistant."
 USER_POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg", "user_avg")
@@ -61,7 +65,7 @@ Reply with a single integer from 0 (trait absent) to 100 (trait strongly present
 REPLY_COHERENCE_NOTE = "(the assistant is replying to the message above)"
 
 
-def user_trait_prompt(trait: Any, message: str) -> str:
+def user_trait_prompt(trait: Trait, message: str) -> str:
     """The user-side rubric: how strongly the USER's message shows the trait."""
     return (
         USER_RUBRIC.replace("{name}", trait.name)
@@ -70,7 +74,9 @@ def user_trait_prompt(trait: Any, message: str) -> str:
     )
 
 
-def user_persona_inputs(workspace: Any, slug: str, model: str, trait: Any) -> tuple[pl.DataFrame, dict[str, Any]]:
+def user_persona_inputs(
+    workspace: Workspace, slug: str, model: str, trait: Trait
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """The model-persona rows to turn into user messages, and what they were made from (for the
     fingerprint: a rescore or a new filter changes which messages there are)."""
     scored = scored_responses(workspace, slug, model, trait)

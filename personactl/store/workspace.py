@@ -42,6 +42,8 @@ from personactl.store.workspace_lock import hold_directory_lock
 if TYPE_CHECKING:
     import polars as pl
 
+    from personactl.store.traits import Trait
+
 __all__ = ["MANIFEST_SUFFIX", "Workspace", "atomic_path", "atomic_write_text", "read_table", "slugify", "write_error"]
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -106,7 +108,7 @@ class Workspace:
         return self.trait_dir(model_slug, trait) / f"responses-{persona}.shards"
 
     def require_responses(
-        self, model_slug: str, model: str, trait: Any, persona: str = "model"
+        self, model_slug: str, model: str, trait: Trait, persona: str = "model"
     ) -> tuple[Path, dict[str, Any]]:
         """The finished responses table of `trait` for a model, and its manifest; a clear error when
         it is missing or was generated from another version of the trait."""
