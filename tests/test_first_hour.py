@@ -1,0 +1,203 @@
+"""Issue 19, the first hour: the chat slider follows the norm mode, Ctrl-C cuts a reply where the
+screen shows it, Ctrl-D asks once about unsaved turns, line mode marks failures; `traits new`
+against a real loopback server; the plots' bounds; tables that keep their key columns."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from personactl.backends import Sampling
+from personactl.chat_session import ChatSession, nice_number, step_for
+from personactl.cli.app import app
+from personactl.cli.chat import run_lines
+from personactl.models import load_model
+from personactl.vectors import PersonaVector
+from personactl.workspace import Workspace
+
+runner = CliRunner()
+STREAM = 5.0  # the stream norm written into the tiny vector
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_factory) -> Path:
+    return tiny_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return load_model(str(model_dir), dtype="float32", device="cpu", log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def vector_path(tmp_path_factory, lm, model_dir) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    rows = lm.num_layers + 1
+    path = tmp_path_factory.mktemp("vec") / "tinymood.safetensors"
+    PersonaVector(
+        {
+            "mean_diff.response_avg": torch.randn(rows, lm.hidden_size, generator=gen) * 3,
+            "stream_norm": torch.full((rows,), STREAM),
+        },
+        {
+            "model": str(model_dir),
+            "model_fingerprint": lm.fingerprint,
+            "num_layers": lm.num_layers,
+            "hidden_size": lm.hidden_size,
+            "rows": list(range(rows)),
+            "positions": ["response_avg"],
+            "aggregators": ["mean_diff"],
+            "trait": "tinymood",
+        },
+    ).save(path)
+    return path
+
+
+def session_for(lm, vector_path, tmp_path, **kwargs) -> ChatSession:
+    options = dict(layers=[2], alpha=0.0, sampling=Sampling(10, 0.0))
+    options.update(kwargs)
+    return ChatSession(lm, Workspace(tmp_path / "ws"), str(vector_path), **options)
+
+
+# ---------------------------------------------------------------- chat: the slider follows /norm
+
+
+def test_slider_range_and_step_follow_the_norm_mode(lm, vector_path, tmp_path):
+    session = session_for(lm, vector_path, tmp_path, alpha=0.1)
+    raw_norm = float(session.directions[2].norm())
+    assert session.slider_range() == (3.0, 0.25)
+    assert session.push()["norm"] == [pytest.approx(0.1 * raw_norm)]
+    assert session.push()["stream_share"] == [pytest.approx(0.1 * raw_norm / STREAM)]
+
+    session.set_norm("stream")  # α keeps its push: ‖α·v‖ is (to a fiftieth of a step) unchanged
+    assert session.slider_range() == (0.5, 0.05)
+    assert session.alpha == pytest.approx(0.1 * raw_norm / STREAM, abs=0.001)
+    assert session.push()["norm"] == [pytest.approx(0.1 * raw_norm, abs=0.001 * STREAM)]
+    assert session.describe_push().endswith(f"= {session.alpha:.2f}×stream")
+    session.nudge_alpha(session.alpha_step)  # off the grid after rescaling: the next multiple first
+    assert session.alpha == pytest.approx(0.4) and round(session.alpha / 0.05, 6).is_integer()
+    session.nudge_alpha(session.alpha_step)
+    session.nudge_alpha(session.alpha_step)
+    assert session.alpha == 0.5  # the end of the stream range
+    with pytest.raises(Exception, match=r"outside the allowed range ±0.5 \(--norm stream\)"):
+        session.set_alpha(1.0)
+
+    session.set_norm("unit")  # α is ‖α·v‖ itself; the range is half the stream norm
+    assert session.slider_range() == (nice_number(STREAM / 2), step_for(2.5)) == (2.5, 0.2)
+    assert session.alpha == pytest.approx(0.5 * STREAM)
+    session.set_norm("raw")
+    assert session.alpha == pytest.approx(0.5 * STREAM / raw_norm, abs=0.005)
+
+    fixed = session_for(lm, vector_path, tmp_path, max_alpha=4.0, alpha_step=0.5)  # given: every mode
+    fixed.set_norm("stream")
+    assert fixed.slider_range() == (4.0, 0.5)
+
+
+def test_norm_command_reports_the_range_and_the_push(lm, vector_path, tmp_path):
+    from personactl.cli.chat import format_alpha, run_command, toolbar
+
+    session = session_for(lm, vector_path, tmp_path, alpha=0.1)
+    outcome = run_command(session, "/norm stream")
+    assert outcome.data["max_alpha"] == 0.5 and outcome.data["alpha_step"] == 0.05
+    assert "slider ±0.5, step 0.05" in outcome.message and "×stream" in outcome.message
+    bar = "".join(text for _, text in toolbar(session))
+    assert " −0.5 " in bar and " +0.5 " in bar and "×stream" in bar and "±0.05" in bar
+    assert format_alpha(0.125, 0.025) == "+0.125" and format_alpha(1, 0.25) == "+1.00"
+
+
+# ---------------------------------------------------------------- chat: Ctrl-C cuts where the screen is
+
+
+def test_a_stopped_reply_keeps_exactly_the_text_shown(lm, vector_path, tmp_path):
+    session = session_for(lm, vector_path, tmp_path, sampling=Sampling(200, 0.0))
+    stream = session.send("hello world")
+    shown = [next(stream) for _ in range(3)]
+    stream.stop()  # Ctrl-C: tokens generated meanwhile are not shown, nor recorded
+    assert list(stream) == []
+    turn = stream.turn
+    assert turn.finish_reason == "interrupted" and turn.reply == "".join(shown)
+    assert 3 <= turn.n_tokens < 200
+    assert session.history[-1] == {"role": "assistant", "content": turn.reply}
+    assert session.unsaved == 1
+    session.save()
+    assert session.unsaved == 0
+
+
+# ---------------------------------------------------------------- chat: line mode answers every line
+
+
+def test_line_mode_json_marks_failed_commands_and_messages(lm, vector_path, tmp_path, capsys):
+    session = session_for(lm, vector_path, tmp_path)
+    too_long = "word " * 300  # over the tiny model's context of 256
+    lines = io.StringIO("\n".join(["/alpha 9", "/norm stream", too_long, "/bogus", "hi"]) + "\n")
+    assert run_lines(session, lines, as_json=True) == 3
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [o["ok"] for o in out] == [False, True, False, False, True]
+    for failed in (out[0], out[2], out[3]):
+        assert failed["error"] and "hint" in failed
+    assert out[0]["error"] == "α = 9 is outside the allowed range ±3 (--norm raw)"
+    assert "exceeds the model's context" in out[2]["error"] and out[2]["message"] == too_long
+    assert out[1]["max_alpha"] == 0.5 and out[4]["norm"] == "stream"
+
+
+# ---------------------------------------------------------------- chat: the terminal
+
+
+def chat_args(model_dir, vector, *extra):
+    return ["chat", "--vector", str(vector), "--model", str(model_dir), "--dtype", "float32", "-w", "ws",
+            "--layers", "2", "--max-new-tokens", "10", *extra]  # fmt: skip
+
+
+def test_terminal_norm_moves_the_slider_and_ctrl_d_asks_about_unsaved_turns(
+    isolated_env, model_dir, vector_path, tmp_path
+):
+    from test_chat import Terminal
+
+    term = Terminal(chat_args(model_dir, vector_path, "--alpha", "0"), tmp_path)
+    term.wait(lambda _: "+3  α +0.00" in term.toolbar(), 60, "the raw slider")
+    term.child.send("/norm stream\r")
+    term.wait(lambda _: "−0.5 ├" in term.toolbar() and "±0.05" in term.toolbar(), 30, "the stream slider")
+    term.child.send(Terminal.ALT_RIGHT)
+    term.wait(lambda _: "α +0.05" in term.toolbar() and "= 0.05×stream" in term.toolbar(), 30, "one step")
+    term.send_message("hello world")
+    term.child.sendcontrol("d")  # one unsaved turn: a word about it, and the chat goes on
+    term.wait(lambda t: "1 turn not saved yet: /save writes the transcript" in t, 30, "the unsaved note")
+    assert term.child.isalive()
+    term.child.sendcontrol("d")  # again: leaves
+    term.child.expect(term.pexpect.EOF, timeout=30)
+    assert "left without saving 1 turn" in term.child.before
+    term.child.close()
+    assert term.child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_embedded_model_leaves_no_stray_token(isolated_env, tmp_path):
+    """A long reply on SmolLM2 stopped by Ctrl-C: no `^C` on the screen, and the saved reply is
+    exactly what the screen shows (no token generated after the key)."""
+    from test_chat import Terminal, saved_transcript
+
+    pairs = Path(__file__).parent / "data" / "mood_pairs.jsonl"
+    extract = ["extract", "--pairs", str(pairs), "--name", "mood", "-w", "ws", "--layers", "15",
+               "--positions", "response_avg", "--aggregators", "mean_diff", "--json"]  # fmt: skip
+    result = runner.invoke(app, extract)
+    assert result.exit_code == 0, result.output
+    args = ["chat", "--vector", "mood", "-w", "ws", "--layers", "15", "--alpha", "0", "--max-new-tokens", "400"]
+    term = Terminal(args, tmp_path)
+    term.wait(lambda _: "α +0.00" in term.toolbar(), 120, "the slider")
+    term.child.send("Write a long story about a dragon who learns to cook.\r")
+    term.wait(lambda t: re.search(r"assistant › \S+ \S+ \S+ \S+", t), 120, "the reply to start streaming")
+    term.child.sendcontrol("c")
+    screen = term.wait(lambda t: "· stopped by Ctrl-C" in t, 60, "the stopped reply")
+    assert "^C" not in screen
+    shown = re.search(r"assistant › (.*?)\nα \+0\.00 · ", screen, re.S).group(1)
+    doc = saved_transcript(term)
+    assert term.finish() == 0
+    (turn,) = doc["turns"]
+    assert turn["finish_reason"] == "interrupted" and 3 <= turn["n_tokens"] < 400
+    assert " ".join(turn["reply"].split()) == " ".join(shown.split())  # the screen wraps long lines
