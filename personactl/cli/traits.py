@@ -131,6 +131,14 @@ def new(
         Optional[str],
         typer.Option("--judge-base-url", help="OpenAI-compatible endpoint (default: OpenAI).", show_default=False),
     ] = None,
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens",
+            min=256,
+            help="Longest draft the server may write, in tokens (a reply cut there is an error that says so).",
+        ),
+    ] = 3072,
     timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds per request attempt.")] = 300.0,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
@@ -149,6 +157,7 @@ def new(
         pairs=pairs,
         questions=questions,
         timeout=timeout,
+        max_tokens=max_tokens,
         force=force,
         directory=Path.cwd() / "traits",
         log=log,
