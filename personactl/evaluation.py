@@ -494,7 +494,11 @@ def eval_step(
         if (saved.get("coherence_threshold"), saved.get("max_kl")) == (threshold, max_kl):
             return samples, {**base, "skipped": True, **saved, "files": manifest["files"]}
         cells, summary = summarize(samples, threshold, max_kl)  # only the limits changed: no generation
-        files = _write_outputs(output, samples, cells, summary, spec, trait.name, write_samples=False)
+        questions = manifest.get("counts", {}).get("questions")
+        subtitle = plot_subtitle(settings.model, settings.judge_model, questions, spec.samples)
+        files = _write_outputs(
+            output, samples, cells, summary, spec, trait.name, write_samples=False, subtitle=subtitle
+        )
         kept = {k: v for k, v in manifest.items() if k not in ("kind", "artifact", "created", "versions")}
         workspace.write_manifest(output, "eval", **{**kept, "summary": summary, "files": files})
         return samples, {**base, "skipped": True, "resummarized": True, **summary, "files": files}
@@ -543,7 +547,8 @@ def eval_step(
     kl_seconds = time.perf_counter() - generated
     seconds = time.perf_counter() - start
     cells, summary = summarize(samples, threshold, max_kl)
-    files = _write_outputs(output, samples, cells, summary, spec, trait.name)
+    subtitle = plot_subtitle(settings.model, settings.judge_model, len(plan.questions), spec.samples)
+    files = _write_outputs(output, samples, cells, summary, spec, trait.name, subtitle=subtitle)
     judge_info = {"model": settings.judge_model, "identity": judge.identity}
     workspace.write_manifest(
         output,
@@ -563,7 +568,15 @@ def eval_step(
     return samples, {**base, "skipped": False, **summary, "files": files, "seconds": round(seconds, 2)}
 
 
-def _write_outputs(output, samples, cells, summary, spec, title, write_samples: bool = True) -> dict[str, Any]:
+def plot_subtitle(model: str, judge: str, questions: int | None, samples: int) -> str:
+    """The facts line under a plot's title: what was steered, who judged, over how many questions."""
+    asked = f"{questions} held-out questions × {samples} sample{'s' if samples != 1 else ''}" if questions else None
+    return " · ".join(p for p in (f"model {model}", f"judge {judge}", asked) if p)
+
+
+def _write_outputs(
+    output, samples, cells, summary, spec, title, write_samples: bool = True, subtitle: str | None = None
+) -> dict[str, Any]:
     """The samples and cells tables, and (unless turned off) the PNG plots, beside `output`."""
     from personactl.workspace import atomic_path
 
@@ -590,14 +603,8 @@ def _write_outputs(output, samples, cells, summary, spec, title, write_samples: 
             )
             suffix = "" if len(spec.variants) == 1 else f"-{v.label}"
             name = f"{title} · {v.label}"
-            files["plots"].append(
-                str(
-                    plot_curves(
-                        mine, threshold, output.with_name(f"{stem}.curves{suffix}.png"), name, summary.get("max_kl")
-                    )
-                )
-            )
-            files["plots"].append(
-                str(plot_heatmap(mine, threshold, output.with_name(f"{stem}.heatmap{suffix}.png"), name))
-            )
+            curves = output.with_name(f"{stem}.curves{suffix}.png")
+            files["plots"].append(str(plot_curves(mine, threshold, curves, name, summary.get("max_kl"), subtitle)))
+            heatmap = output.with_name(f"{stem}.heatmap{suffix}.png")
+            files["plots"].append(str(plot_heatmap(mine, threshold, heatmap, name, subtitle)))
     return files

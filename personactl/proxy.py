@@ -205,10 +205,10 @@ def proxy_step(
 
         stem = output.name.removesuffix(".parquet")
         path = plot_proxy(
-            [r["layer"] for r in rows],
-            [r["cohens_d"] for r in rows],
+            rows,
             output.with_name(f"{stem}.png"),
             f"{trait.name} · {position}/{aggregator} · {PROXY_LABEL}",
+            f"model {settings.model}",
         )
         files["plots"].append(str(path))
     workspace.write_manifest(

@@ -310,3 +310,112 @@ def test_traits_new_shows_the_servers_error_message(draft_env):
     flat = " ".join(result.output.split())
     assert "answered HTTP 404 for model drafter-1" in flat and "Try `qwen2.5-7b-instruct`" in flat
     assert "secretsecret" not in result.output  # credentials the server echoed are masked
+
+
+# ---------------------------------------------------------------- plots: on the scale, labelled, readable
+
+
+def synthetic_cells():
+    """Cells of a small noisy eval: two samples per cell, so t-intervals reach far past 0–100."""
+    import polars as pl
+
+    from personactl.eval_summary import summarize
+
+    records = []
+
+    def add(condition, layer, alpha, scores):
+        steered = condition in ("steered", "random")
+        for trait, coherence in scores:
+            records.append(dict(condition=condition, position="response_avg" if steered else None,
+                                aggregator="mean_diff" if steered else None, norm_mode="raw" if steered else None,
+                                layer=layer, coefficient=float(alpha), trait_score=trait, coherence_score=coherence,
+                                kl_neutral=abs(alpha) * 0.3 if steered else 0.0))  # fmt: skip
+
+    add("unsteered", None, 0, [(0, 90), (60, 40)])
+    add("prompted", None, 0, [(100, 95), (40, 60)])
+    for layer in (8, 12):
+        for alpha in (-2, 1, 2):
+            add("steered", layer, alpha, [(0, 100), (100, 0)])
+            add("random", layer, alpha, [(5, 98), (95, 2)])
+    cells, _ = summarize(pl.DataFrame(records, infer_schema_length=None), 50.0, 1.0)
+    return cells
+
+
+def score_axes(fig):
+    return [ax for ax in fig.axes if ax.get_ylim() == (-2, 102)]
+
+
+def test_eval_curves_stay_on_the_score_scale_with_an_alpha_zero_point(tmp_path):
+    from matplotlib.collections import PolyCollection
+
+    from personactl.plots import curves_figure, plot_curves
+
+    cells = synthetic_cells()
+    for metric in ("trait", "coherence"):  # the table's intervals are clipped too (t alone gives ±600)
+        assert cells[f"{metric}_low"].min() == 0 and cells[f"{metric}_high"].max() == 100
+    fig = curves_figure(cells, 50.0, "mood · response_avg/mean_diff/raw", 1.0, "model m · judge j · 2 questions")
+    axes = score_axes(fig)
+    assert len(axes) == 4  # trait and coherence for two layers
+    for ax in axes:
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 2  # steered and random, each in its line's colour
+        assert len({tuple(c.get_facecolor()[0][:3]) for c in bands}) == 2
+        for band in bands:
+            ys = [v[1] for path in band.get_paths() for v in path.vertices]
+            assert 0 <= min(ys) and max(ys) <= 100, (min(ys), max(ys))
+        zero = [ln for ln in ax.lines if 0.0 in list(ln.get_xdata()) and ln.get_markerfacecolor() == "white"]
+        assert zero, "no hollow α = 0 (unsteered) point"
+    fig.canvas.draw()
+    title = fig._suptitle
+    assert "model m · judge j" in title.get_text() and "n = 2 responses per cell" in title.get_text()
+    assert fig.bbox.contains(*title.get_window_extent().p0) and fig.bbox.contains(*title.get_window_extent().p1)
+    png = plot_curves(cells, 50.0, tmp_path / "curves.png", "mood", 1.0, "model m")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heatmap_colourbars_are_labelled_and_alpha_zero_is_a_column():
+    from personactl.plots import heatmap_figure
+
+    fig = heatmap_figure(synthetic_cells(), 50.0, "mood", "model m · judge j")
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert [ax.get_ylabel() for ax in bars] == ["mean trait score (0–100)", "mean coherence score (0–100)"]
+    main = [ax for ax in fig.axes if ax not in bars]
+    assert [t.get_text() for t in main[0].get_xticklabels()] == ["-2", "0", "1", "2"]
+
+
+def test_proxy_title_fits_and_d_has_its_interval_and_n():
+    from matplotlib.collections import PolyCollection
+
+    from personactl.plots import proxy_figure
+    from personactl.proxy import PROXY_LABEL
+    from personactl.stats import cohens_d_interval
+
+    rows = [dict(layer=layer, cohens_d=0.1 * layer, n_pos=12, n_neg=10) for layer in range(1, 13)]
+    fig = proxy_figure(rows, f"optimistic · response_avg/mean_diff · {PROXY_LABEL}", "model smollm2-135m")
+    fig.canvas.draw()
+    title = fig._suptitle
+    extent = title.get_window_extent()
+    assert fig.bbox.x0 <= extent.x0 and extent.x1 <= fig.bbox.x1 and extent.y1 <= fig.bbox.y1  # not clipped
+    assert "n = 12 pos and 10 neg" in title.get_text() and "no steering" in title.get_text()
+    (band,) = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
+    ys = [v[1] for path in band.get_paths() for v in path.vertices]
+    low, high = cohens_d_interval(1.2, 12, 10)
+    assert min(ys) <= low < 1.2 < high <= max(ys)
+
+
+def test_compare_plot_numbers_do_not_overlap():
+    from personactl.plots import cosines_figure
+
+    specs = [f"trait-number-{i}@response_avg" for i in range(10)]
+    pairs = [{"a": a, "b": b, "cosine": [0.5, -0.2, 0.1], "mean_cosine": 0.13}
+             for i, a in enumerate(specs) for b in specs[i + 1 :]]  # fmt: skip
+    fig = cosines_figure({"model": "m", "layers": [1, 2, 3], "pairs": pairs, "vectors": [{"spec": s} for s in specs]})
+    fig.canvas.draw()
+    matrix = [ax for ax in fig.axes if ax.get_title() == "mean cosine over layers"][0]
+    boxes = [t.get_window_extent() for t in matrix.texts]
+    assert len(boxes) == 100
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b)
+    bar = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"][0]
+    assert bar.get_ylabel() == "cosine similarity"
