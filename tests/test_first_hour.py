@@ -419,3 +419,61 @@ def test_compare_plot_numbers_do_not_overlap():
             assert not a.overlaps(b)
     bar = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"][0]
     assert bar.get_ylabel() == "cosine similarity"
+
+
+# ---------------------------------------------------------------- tables: nothing cut, at any width
+
+
+def wide_vector(path: Path, lm, model_dir) -> Path:
+    """A vector file with eight directions (two aggregators × four positions), as `extract` writes."""
+    gen = torch.Generator().manual_seed(5)
+    rows = lm.num_layers + 1
+    positions = ["prompt_end", "response_start", "response_avg", "prompt_avg"]
+    tensors = {f"{a}.{p}": torch.randn(rows, lm.hidden_size, generator=gen) * 37 for a in ("mean_diff", "pca")
+               for p in positions}  # fmt: skip
+    tensors["stream_norm"] = torch.full((rows,), 123.456)
+    info = {"model": str(model_dir), "model_fingerprint": lm.fingerprint, "num_layers": lm.num_layers,
+            "hidden_size": lm.hidden_size, "rows": list(range(rows)), "positions": positions,
+            "aggregators": ["mean_diff", "pca"], "trait": "widemood"}  # fmt: skip
+    PersonaVector(tensors, info).save(path)
+    return path
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_show_compare_ls_and_traits_list_cut_nothing(isolated_env, lm, model_dir, vector_path, columns):
+    from personactl.readout import Readout
+
+    wide = wide_vector(isolated_env / "widemood.safetensors", lm, model_dir)
+    env = {"COLUMNS": columns}
+    shown = runner.invoke(app, ["show", str(wide)], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert "…" not in shown.stdout
+    vector = PersonaVector.load(wide)
+    for name in ("mean_diff.prompt_avg", "pca.response_start"):
+        assert f"{float(vector.tensors[name][2].norm()):.4f}" in shown.stdout
+    table_lines = [line for line in shown.stdout.splitlines() if line[:1] in "│┃┏┡└"]
+    assert table_lines and max(map(len, table_lines)) <= int(columns)
+
+    specs = [f"{wide}@{p}/{a}" for a in ("mean_diff", "pca") for p in ("response_avg", "prompt_avg")]
+    compared = runner.invoke(app, ["compare", *specs], env=env)
+    assert compared.exit_code == 0, compared.output
+    assert "…" not in compared.stdout
+    if columns == "80":  # the names do not fit: letters, with a key to them
+        assert f"A = {specs[0]}" in compared.stdout and "cos A" in compared.stdout
+
+    ws = isolated_env / "personactl-workspace"
+    readouts = ws / lm.source.slug / "readouts"
+    readouts.mkdir(parents=True)
+    tensors = {"vectors.1": torch.ones(2, lm.hidden_size), "center.1": torch.zeros(lm.hidden_size)}
+    Readout(tensors, {**lm.describe(), "concepts": ["calm", "angry"], "rows": [1]}).save(readouts / "moods.safetensors")
+    listing = runner.invoke(app, ["ls"], env=env)
+    assert listing.exit_code == 0, listing.output
+    assert "readout" in listing.stdout and "concepts=2" in listing.stdout and "…" not in listing.stdout
+    path_cells = [line.split("│")[-2].strip() for line in listing.stdout.splitlines() if line.startswith("│")]
+    assert "".join(path_cells) == f"{lm.source.slug}/readouts/moods.safetensors"  # folded, whole
+    as_json = json.loads(runner.invoke(app, ["ls", "--json"]).stdout)
+    assert [a["kind"] for a in as_json["artifacts"]] == ["readout"]
+
+    traits = runner.invoke(app, ["traits", "list"], env=env)
+    assert traits.exit_code == 0 and "…" not in traits.stdout
+    assert "misfortune." in traits.stdout  # evil's whole first sentence, wrapped, not cut at 80 characters

@@ -22,7 +22,10 @@ def train(
     output: Annotated[
         Optional[Path],
         typer.Option(
-            "--output", "-o", help="Readout file to write (default: <workspace>/<model>/readouts/<dir name>.safetensors).", show_default=False
+            "--output",
+            "-o",
+            help="Readout file to write (default: <workspace>/<model>/readouts/<dir name>.safetensors).",
+            show_default=False,
         ),
     ] = None,
     aggregator: o.Aggregator = "mean_diff",
@@ -58,6 +61,15 @@ def train(
         output or ws.trait_dir(resolve_model(settings.model).slug, "readouts") / f"{Path(directory).name}.safetensors"
     )
     readout.save(path)
+    from personactl.settings import masked_dump
+
+    ws.write_manifest(  # `ls` lists it; `readout train` before this wrote none (ls reads those files)
+        path,
+        "readout",
+        model=lm.describe(),
+        settings=masked_dump(settings),
+        counts={"concepts": len(readout.concepts), "layers": len(readout.rows)},
+    )
     summary = {
         "artifact": str(path),
         "concepts": readout.concepts,
