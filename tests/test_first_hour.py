@@ -477,3 +477,20 @@ def test_show_compare_ls_and_traits_list_cut_nothing(isolated_env, lm, model_dir
     traits = runner.invoke(app, ["traits", "list"], env=env)
     assert traits.exit_code == 0 and "…" not in traits.stdout
     assert "misfortune." in traits.stdout  # evil's whole first sentence, wrapped, not cut at 80 characters
+
+
+# ---------------------------------------------------------------- help pages: one form throughout
+
+
+def test_help_pages_show_arguments_and_defaults_in_one_form():
+    from test_help import PATHS
+
+    for path in PATHS:
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).output
+        usage = next(line for line in out.splitlines() if "Usage:" in line)
+        assert "{" not in usage, usage  # typer's `{vector}`: shown as VECTOR
+        assert ". (default:" not in " ".join(out.split()), (path, out)  # "… (default: X)." everywhere
+    out = runner.invoke(app, ["show", "--help"], env={"COLUMNS": "200"}).output
+    assert "personactl show [OPTIONS] VECTOR" in out
+    chat = " ".join(runner.invoke(app, ["chat", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "stream ±0.5" in chat and "--alpha-step" in chat
