@@ -33,6 +33,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -429,6 +430,32 @@ def file_sha256(path: Any) -> str:
     return digest.hexdigest()
 
 
+def eval_fingerprint(settings: Any, trait: Any, spec: EvalSpec, vector_path: Path, sampling: Any) -> dict[str, Any]:
+    """Everything an eval's result depends on: same fingerprint, same eval (`eval_step` skips it,
+    `run --dry-run` reports it as skipped)."""
+    from personactl.capability_cost import neutral_texts, texts_sha256
+    from personactl.scoring import LOCAL_PREFIX
+
+    local = settings.judge_model.startswith(LOCAL_PREFIX)
+    return {
+        "kind": "eval",
+        "vector_sha256": file_sha256(vector_path),
+        "trait_sha256": trait.sha256,
+        "spec": {k: v for k, v in asdict(spec).items() if k != "plots"},
+        "sampling": asdict(sampling),
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+        "backend": getattr(settings, "backend", "hf"),
+        "judge_model": settings.judge_model,
+        "judge_base_url": None if local else settings.judge_base_url,
+        "judge_mode": "local" if local else settings.judge_mode,
+        "kl_neutral_texts_sha256": texts_sha256(neutral_texts()),
+    }
+
+
 def eval_step(
     *,
     settings: Any,
@@ -450,13 +477,13 @@ def eval_step(
     redoes the summary and plots from the saved samples); else generate, judge, measure
     kl_neutral, summarise, save. `max_kl` None: `eval_summary.DEFAULT_MAX_KL`."""
     from personactl.backends import Sampling
-    from personactl.capability_cost import NeutralKL, neutral_texts, texts_sha256
+    from personactl.capability_cost import NeutralKL
     from personactl.eval_summary import DEFAULT_MAX_KL, check_max_kl, summarize
     from personactl.generation import fingerprint_of
     from personactl.judge import JudgeCache
     from personactl.models import resolve_model
     from personactl.ranges import check_in_range
-    from personactl.scoring import LOCAL_PREFIX, effective_thresholds, make_judge
+    from personactl.scoring import effective_thresholds, make_judge
     from personactl.settings import masked_dump
     from personactl.vectors import PersonaVector
 
@@ -465,27 +492,8 @@ def eval_step(
     slug = resolve_model(settings.model).slug
     vector_path = workspace.find_vector(vector_spec or trait.name, slug)
     _, threshold = effective_thresholds(settings, trait)
-    local = settings.judge_model.startswith(LOCAL_PREFIX)
-    spec_dict = {k: v for k, v in asdict(spec).items() if k != "plots"}
-    fingerprint = {
-        "kind": "eval",
-        "vector_sha256": file_sha256(vector_path),
-        "trait_sha256": trait.sha256,
-        "spec": spec_dict,
-        "sampling": asdict(sampling),
-        "seed": settings.seed,
-        "batch_size": settings.batch_size,
-        "model": settings.model,
-        "revision": settings.revision,
-        "dtype": settings.dtype,
-        "backend": getattr(settings, "backend", "hf"),
-        "judge_model": settings.judge_model,
-        "judge_base_url": None if local else settings.judge_base_url,
-        "judge_mode": "local" if local else settings.judge_mode,
-        "kl_neutral_texts_sha256": texts_sha256(neutral_texts()),
-    }
-    key = fingerprint_of(fingerprint)
-    output = workspace.eval_path(slug, trait.name, key)
+    fingerprint = eval_fingerprint(settings, trait, spec, vector_path, sampling)
+    output = workspace.eval_path(slug, trait.name, fingerprint_of(fingerprint))
     base = {"artifact": str(output), "trait": trait.name, "vector": str(vector_path), "model": settings.model}
     if not force and workspace.finished(output, fingerprint):
         samples = pl.read_parquet(output)

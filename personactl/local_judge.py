@@ -109,23 +109,26 @@ class LocalJudge:
     def tops(self, prompts: Sequence[str]) -> list[dict[str, TopLogprobs]]:
         """For each prompt, what `digit_tree`'s `ask(prefix)` returns for "" and every prefix in
         ASKED_PREFIXES: the digit tokens' and the OTHER_TOKENS likeliest tokens' log-probabilities."""
+        return [self._top(logits) for logits in self.logits(prompts)]
+
+    def logits(self, prompts: Sequence[str]) -> list[Any]:
+        """For each prompt, next-token logits [1 + len(ASKED_PREFIXES), vocab]: after the judge's
+        input (`encode`), then after it and each prefix in ASKED_PREFIXES."""
         import torch
 
         encoded = [self.encode(p) for p in prompts]
-        out: list[dict[str, TopLogprobs]] = [{} for _ in prompts]
+        out: list[Any] = [None] * len(prompts)
+        groups = prefix_groups(encoded) if self.plain_cache else [([i], 0) for i in range(len(encoded))]
         with torch.inference_mode():
-            for members, shared in (
-                prefix_groups(encoded) if self.plain_cache else [([i], 0) for i in range(len(encoded))]
-            ):
+            for members, shared in groups:
                 prefix = self._forward([encoded[members[0]][:shared]]).past_key_values if shared else None
                 members = sorted(members, key=lambda i: len(encoded[i]))  # like lengths batch together
                 size = self.batch_size if self.plain_cache else 1
                 for start in range(0, len(members), size):
                     chunk = members[start : start + size]
-                    for i, logits in zip(
-                        chunk, self._chunk_logits([encoded[i] for i in chunk], shared, prefix), strict=True
-                    ):
-                        out[i] = self._top(logits)
+                    found = self._chunk_logits([encoded[i] for i in chunk], shared, prefix)
+                    for i, logits in zip(chunk, found, strict=True):
+                        out[i] = logits
         return out
 
     def _forward(self, rows: list[list[int]], cache: Any = None, keep: Any = 1) -> Any:
