@@ -494,3 +494,26 @@ def test_help_pages_show_arguments_and_defaults_in_one_form():
     assert "personactl show [OPTIONS] VECTOR" in out
     chat = " ".join(runner.invoke(app, ["chat", "--help"], env={"COLUMNS": "200"}).output.split())
     assert "stream ±0.5" in chat and "--alpha-step" in chat
+
+
+# ---------------------------------------------------------------- no library warnings for a person
+
+
+@pytest.mark.slow
+def test_steer_on_the_embedded_model_prints_no_library_warning(isolated_env):
+    """With every warning shown (PYTHONWARNINGS=default), steering SmolLM2 writes only its progress
+    to stderr: no transformers FutureWarning (`past_key_values is deprecated`) or other noise."""
+    import os
+    import subprocess
+    import sys
+
+    pairs = Path(__file__).parent / "data" / "mood_pairs.jsonl"
+    extract = ["extract", "--pairs", str(pairs), "--name", "mood", "-w", "ws", "--layers", "15",
+               "--positions", "response_avg", "--aggregators", "mean_diff", "--json"]  # fmt: skip
+    assert runner.invoke(app, extract).exit_code == 0
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    args = ["steer", "--vector", "mood", "-w", "ws", "--layers", "15", "--coefficients=-1,0,1",
+            "--max-new-tokens", "8", "--prompt", "How was your day?"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "personactl", *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr
