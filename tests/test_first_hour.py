@@ -109,6 +109,8 @@ def test_norm_command_reports_the_range_and_the_push(lm, vector_path, tmp_path):
     bar = "".join(text for _, text in toolbar(session))
     assert " −0.5 " in bar and " +0.5 " in bar and "×stream" in bar and "±0.05" in bar
     assert format_alpha(0.125, 0.025) == "+0.125" and format_alpha(1, 0.25) == "+1.00"
+    narrow = "".join(text for _, text in toolbar(session, 70))  # an 80-column terminal: the keys go first
+    assert len(narrow) <= 70 and "×stream" in narrow and "Alt-" not in narrow
 
 
 # ---------------------------------------------------------------- chat: Ctrl-C cuts where the screen is

@@ -434,11 +434,13 @@ def format_alpha(alpha: float, step: float) -> str:
     return f"{alpha:+.{max(2, min(decimals, 4))}f}"
 
 
-def toolbar(session: Any) -> list[tuple[str, str]]:
+def toolbar(session: Any, width: int | None = None) -> list[tuple[str, str]]:
+    """The slider, α, ‖α·v‖, the settings and the keys; on a terminal narrower than all of it the
+    keys go first, then the settings (the slider, α and its push always show)."""
     from personactl.ranges import format_ranges
 
     top, step = session.slider_range()
-    return [
+    parts = [
         ("class:ends", f" −{top:g} "),
         ("class:bar", slider(session.alpha, top)),
         ("class:ends", f" +{top:g} "),
@@ -450,6 +452,9 @@ def toolbar(session: Any) -> list[tuple[str, str]]:
         ),
         ("class:keys", f" Alt-←/→ ±{step:g} "),
     ]
+    while width is not None and len(parts) > 5 and sum(len(text) for _, text in parts) > width:
+        parts.pop()
+    return parts
 
 
 STYLE = {
@@ -478,7 +483,7 @@ def run_terminal(session: Any) -> None:
     prompt = PromptSession(
         history=InMemoryHistory(),
         key_bindings=keys,
-        bottom_toolbar=lambda: toolbar(session),
+        bottom_toolbar=lambda: toolbar(session, _columns()),
         style=Style.from_dict(STYLE),
     )
     console = stdout_console()
@@ -519,6 +524,14 @@ def run_terminal(session: Any) -> None:
                 break
         except PersonactlError as exc:
             report(exc)
+
+
+def _columns() -> int | None:
+    """The terminal's width while prompt_toolkit runs (None: unknown)."""
+    from prompt_toolkit.application.current import get_app_or_none
+
+    app = get_app_or_none()
+    return app.output.get_size().columns if app is not None else None
 
 
 @contextlib.contextmanager
