@@ -195,8 +195,11 @@ def curves_figure(
         axes[i][0].set_ylabel(f"layer {layer}", fontsize=10, fontweight="bold")
         for ax in axes[i]:
             ax.axvline(0, color="black", linewidth=0.4, alpha=0.4, zorder=0)
+    alphas = sorted({r["coefficient"] for r in rows if r["condition"] == "steered"} | {0.0})
     for ax in axes[-1]:
         ax.set_xlabel("α (steering coefficient)")
+        if len(alphas) <= 12:  # ticks at the αs measured
+            ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
     fig.legend(
         handles=_legend_handles(has_random, prompted is not None, threshold, max_kl),
         loc="outside lower center",

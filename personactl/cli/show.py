@@ -78,7 +78,7 @@ def show(
         [str(row["layer"]), _cell(row["stream_norm"], ".2f"), *[_cell(row[d], ".4f") for d in report["directions"]]]
         for row in report["layers"]
     ]
-    print_fitted(console, "norms ‖v‖ per layer (aggregator, position)", columns, rows)
+    print_fitted(console, "norms per layer: ‖v‖ by aggregator and position", columns, rows)
     from personactl.cli.extract import DIAGNOSTIC_COLUMNS, diagnostic_cells, diagnostics_by_layer
 
     diagnostics = meta.get("diagnostics")
