@@ -185,31 +185,3 @@ def test_score_with_the_local_judge_then_extract(isolated_env, tmp_path):
         assert json.loads(ext.stdout)["n_pairs"] == len(expected)
     else:  # the pair with the top pos score has a neg at least as high
         assert ext.exit_code == 2 and "no pair passed the judge's filter" in ext.output, ext.output
-
-
-def test_local_judge_kv_cache_reuse_equals_full_forwards():
-    """The local judge reuses the prompt's KV cache for every digit prefix (cropping it back after
-    each); the same digit tree read from a full forward per prefix gives the same score."""
-    import asyncio
-
-    from personactl.judging import local as local_judge
-    from personactl.judging.remote import digit_tree
-    from personactl.model.chat_format import chat_messages, encode_prompt, encode_text
-    from personactl.store.traits import load_trait
-
-    lm = load_model("smollm2-135m", dtype="float32", device="cpu", log=lambda m: None)
-    judge = local_judge.LocalJudge(lm)
-    prompt = load_trait("optimistic").judge_prompt("How is the future?", "Bright! So much to look forward to.")
-    tokenizer = lm.tokenizer
-    ids = encode_prompt(tokenizer, chat_messages(None, prompt))
-    ids += encode_text(tokenizer, local_judge.ANSWER_STEM, add_prefix=False)
-
-    async def ask_full(prefill):
-        extra = encode_text(tokenizer, prefill, add_prefix=False) if prefill else []
-        with torch.inference_mode():
-            logp = torch.log_softmax(lm.model(torch.tensor([ids + extra])).logits[0, -1].float(), -1)
-        chosen = {*judge.digit_ids, *logp.topk(local_judge.OTHER_TOKENS).indices.tolist()}
-        return [(judge.texts[i], logp[i].item()) for i in chosen]
-
-    cached, full = judge.judge_one(prompt), asyncio.run(digit_tree(ask_full))
-    assert cached.score is not None and cached.score == pytest.approx(full.score, abs=1e-3)

@@ -51,6 +51,8 @@ def test_run_dry_run_counts_what_the_run_does(isolated_env, tmp_path, tiny_facto
 
     assert after["steps"]["generate"] == {"skipped": True, "generations": 0}
     assert after["steps"]["score"] == {"judgements": 0, "cached": 40}  # every judgement is in the cache
+    assert after["steps"]["eval"] == {"skipped": True, "generations": 0, "judgements": 0}  # the run's own fingerprint
+    assert after["generations"] == 0 and "eval: skipped" in worded
     assert after["tokens_per_second"] > 0 and after["estimated_generation_seconds"] is not None
     assert "generate: skipped" in worded and "tok/s measured here" in worded
 

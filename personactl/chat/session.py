@@ -241,10 +241,13 @@ class TurnStream:
         self._stop = stop
         self._ids: list[int] = []
         self._shown = ""
+        self._shown_ids = 0  # how many of `_ids` the text handed out so far spells
         self._start = time.perf_counter()
         self.turn: ChatTurn | None = None
 
     def stop(self) -> None:
+        """End generation early: no piece is handed out after this, and the turn keeps exactly the
+        text handed out before it (the token still in flight is dropped), marked "interrupted"."""
         self._stop.set()
 
     @property
@@ -265,19 +268,21 @@ class TurnStream:
                 if rest:
                     return rest
                 break
-            if token in stop_ids:
-                continue
+            if token in stop_ids or self._stop.is_set():
+                continue  # after stop(): drain the stream, show nothing more
             self._ids.append(token)
             text = decode(self._ids, skip_special_tokens=True)
             # hold back a partial multi-byte character, and anything a later token re-spells
             if text.endswith("\ufffd") or not text.startswith(self._shown) or text == self._shown:
                 continue
-            piece, self._shown = text[len(self._shown) :], text
+            piece, self._shown, self._shown_ids = text[len(self._shown) :], text, len(self._ids)
             return piece
         raise StopIteration
 
     def _finish(self) -> str:
         kept, text, reason = self._session._outcome(self._tokens, self._stop)
+        if reason == "interrupted":  # what was on the screen when stopped, not what was in flight
+            kept, text = kept[: self._shown_ids], self._shown
         turn = ChatTurn(
             conversation=self._session.conversation,
             user=self._user,
@@ -307,13 +312,41 @@ class TurnStream:
                 pass
 
 
-def check_alpha(alpha: float, max_alpha: float) -> float:
+def check_alpha(alpha: float, max_alpha: float, norm: str | None = None) -> float:
     if not math.isfinite(alpha) or abs(alpha) > max_alpha + 1e-9:
+        mode = f" (--norm {norm})" if norm else ""
         raise InputError(
-            f"α = {alpha:g} is outside the allowed range ±{max_alpha:g}",
+            f"α = {alpha:g} is outside the allowed range ±{max_alpha:g}{mode}",
             hint="pass a larger --max-alpha to allow it",
         )
     return float(alpha)
+
+
+# The slider's range and step per norm mode, when --max-alpha does not fix them. Measured on the
+# embedded SmolLM2 (mood vector, layer 15, /compare): replies stay readable while ‖α·v‖ is up to
+# about 0.3 of the layer's residual-stream norm, drift by 0.5 and degenerate by 0.75. In `stream`
+# mode α is that share itself; a raw mean difference is about 0.2 of the stream at the middle
+# layers, so raw ±3 spans about the same; in `unit` mode α is ‖α·v‖ itself, so the range is half
+# the steered layers' stream norm.
+SLIDER_RANGES = {"raw": (3.0, 0.25), "stream": (0.5, 0.05)}
+UNIT_STREAM_SHARE = 0.5
+
+
+def nice_number(x: float, mantissas: Sequence[float] = (1, 2, 2.5, 5)) -> float:
+    """`x` rounded to the nearest of `mantissas` times a power of ten (a slider's step or end)."""
+    if not (math.isfinite(x) and x > 0):
+        return 1.0
+    power = 10 ** math.floor(math.log10(x))
+    candidates = [m * power for m in (*mantissas, 10)]
+    return float(f"{min(candidates, key=lambda v: abs(math.log(v / x))):.6g}")
+
+
+RANGE_ENDS = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7.5, 8)
+
+
+def step_for(max_alpha: float) -> float:
+    """The default slider step for a range: about a twelfth of it, a round number (±3 → 0.25)."""
+    return nice_number(max_alpha / 12)
 
 
 class ChatSession:
@@ -327,7 +360,8 @@ class ChatSession:
         *,
         layers: Sequence[int],
         alpha: float = 1.0,
-        max_alpha: float = 3.0,
+        max_alpha: float | None = None,
+        alpha_step: float | None = None,
         positions: str = "all",
         norm: str = "raw",
         position: str = "response_avg",
@@ -339,15 +373,18 @@ class ChatSession:
         settings_record: Mapping[str, Any] | None = None,
         readout: Any = None,
     ):
-        if not (math.isfinite(max_alpha) and max_alpha > 0):
-            raise InputError(f"--max-alpha must be a positive number, not {max_alpha:g}")
+        for name, value in (("--max-alpha", max_alpha), ("--alpha-step", alpha_step)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"{name} must be a positive number, not {value:g}")
         self.lm = lm
         self.workspace = workspace
         self.backend: ChatBackend = backend or chat_backend(lm)
         self.sampling = sampling
         self.seed = seed
         self.system = system
-        self.max_alpha = float(max_alpha)
+        # None: the range and step follow the norm mode (`slider_range`); given, they hold in every mode
+        self.fixed_max_alpha = None if max_alpha is None else float(max_alpha)
+        self.fixed_alpha_step = None if alpha_step is None else float(alpha_step)
         self.position = position
         self.aggregator = aggregator
         self.settings_record = dict(settings_record or {})
@@ -357,32 +394,113 @@ class ChatSession:
         self.vector = vector if isinstance(vector, LoadedVector) else load_vector(workspace, vector, lm)
         self.layers = self._check_layers(layers)
         self.directions = self._directions(self.vector, self.layers, self.norm)
-        self.alpha = check_alpha(alpha, self.max_alpha)
+        self.alpha = check_alpha(alpha, self.max_alpha, self.norm)
         self.history: list[dict[str, str]] = []
         self.transcript: list[ChatTurn] = []
         self.conversation = 0
         self.saved_to: Path | None = None
+        self.saved_turns = 0  # how many transcript turns the last /save wrote
         self._active: TurnStream | None = None
+
+    # ------------------------------------------------------------ the slider's range
+
+    @property
+    def max_alpha(self) -> float:
+        """The slider's end (±) in the current norm mode."""
+        return self.slider_range()[0]
+
+    @property
+    def alpha_step(self) -> float:
+        """How far one slider key moves α in the current norm mode."""
+        return self.slider_range()[1]
+
+    def slider_range(self, norm: str | None = None) -> tuple[float, float]:
+        """(max, step) of the slider for `norm` (default: the current mode) at the current layers:
+        --max-alpha/--alpha-step when given, else `SLIDER_RANGES` (unit: half the stream norm)."""
+        norm = norm or self.norm
+        if self.fixed_max_alpha is not None:
+            top = self.fixed_max_alpha
+        elif norm in SLIDER_RANGES:
+            top, step = SLIDER_RANGES[norm]
+            return top, self.fixed_alpha_step or step
+        else:
+            streams = self.stream_norms()
+            if streams:
+                top = nice_number(UNIT_STREAM_SHARE * sum(streams) / len(streams), RANGE_ENDS)
+            else:  # no stream norms (an imported vector): the raw range in absolute units
+                raw = [
+                    float(self.vector.vector.direction(k, self.position, self.aggregator).norm()) for k in self.layers
+                ]
+                top = nice_number(SLIDER_RANGES["raw"][0] * sum(raw) / len(raw), RANGE_ENDS)
+        return top, self.fixed_alpha_step or step_for(top)
+
+    def stream_norms(self) -> list[float] | None:
+        """The residual-stream norm at each steered layer, when the vector file has them."""
+        stream = self.vector.vector.tensors.get("stream_norm")
+        if stream is None:
+            return None
+        values = [float(stream[k]) for k in self.layers]
+        return values if all(math.isfinite(v) and v > 0 for v in values) else None
+
+    def push(self, alpha: float | None = None) -> dict[str, Any]:
+        """What α adds at each steered layer: ‖α·v‖ and its share of the layer's stream norm."""
+        alpha = self.alpha if alpha is None else alpha
+        sizes = [abs(alpha) * float(self.directions[k].float().norm()) for k in self.layers]
+        streams = self.stream_norms()
+        shares = [size / stream for size, stream in zip(sizes, streams, strict=True)] if streams else None
+        return {"norm": sizes, "stream_share": shares}
+
+    def describe_push(self, alpha: float | None = None) -> str:
+        """‖α·v‖ and its share of the stream, for the toolbar and messages: `‖α·v‖ 28.1 = 0.19×stream`."""
+        push = self.push(alpha)
+
+        def span(values: list[float], fmt: str) -> str:
+            low, high = min(values), max(values)
+            return f"{low:{fmt}}" if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}}–{high:{fmt}}"
+
+        text = f"‖α·v‖ {span(push['norm'], '.3g' if max(push['norm']) < 10 else '.1f')}"
+        if push["stream_share"] is not None:
+            text += f" = {span(push['stream_share'], '.2f')}×stream"
+        return text
+
+    @property
+    def unsaved(self) -> int:
+        """Turns in the transcript that no /save has written yet."""
+        return len(self.transcript) - self.saved_turns
+
+    def _clamp(self, alpha: float) -> float:
+        return round(max(-self.max_alpha, min(self.max_alpha, alpha)), 6) + 0.0
 
     # ------------------------------------------------------------ settings (validated, then applied)
 
     def set_alpha(self, alpha: float) -> None:
-        self.alpha = check_alpha(alpha, self.max_alpha)
+        self.alpha = check_alpha(alpha, self.max_alpha, self.norm)
 
     def nudge_alpha(self, delta: float) -> None:
-        """Move α by `delta`, stopping at the ends of the range (the slider's keys)."""
-        self.alpha = round(max(-self.max_alpha, min(self.max_alpha, self.alpha + delta)), 6) + 0.0
+        """Move α by `delta`, stopping at the ends of the range (the slider's keys). An α between
+        two multiples of |delta| (after /norm rescaled it) moves to the next one first."""
+        step = abs(delta)
+        if not step:
+            return
+        position = self.alpha / step
+        if abs(position - round(position)) > 1e-6:
+            target = (math.ceil(position) if delta > 0 else math.floor(position)) * step
+        else:
+            target = self.alpha + delta
+        self.alpha = self._clamp(target)
 
     def set_layers(self, layers: Sequence[int]) -> None:
         layers = self._check_layers(layers)
         self.directions = self._directions(self.vector, layers, self.norm)
         self.layers = layers
+        self.alpha = self._clamp(self.alpha)  # a unit range follows the layers' stream norm
 
     def set_vector(self, spec: str) -> str | None:
         """Switch vectors; returns a warning when the vector comes from another model of this shape."""
         loaded = load_vector(self.workspace, spec, self.lm)
         self.directions = self._directions(loaded, self.layers, self.norm)
         self.vector = loaded
+        self.alpha = self._clamp(self.alpha)
         return loaded.warning
 
     def set_positions(self, positions: str) -> None:
@@ -399,9 +517,16 @@ class ChatSession:
         return positions
 
     def set_norm(self, norm: str) -> None:
+        """Switch the norm mode keeping the push: α is rescaled so that ‖α·v‖ stays the same (to
+        within a fiftieth of the new step, and inside the new range)."""
         norm = _check_choice(norm, NORM_MODES, "norm")
-        self.directions = self._directions(self.vector, self.layers, norm)
-        self.norm = norm
+        directions = self._directions(self.vector, self.layers, norm)
+        old = sum(float(d.float().norm()) for d in self.directions.values())
+        new = sum(float(d.float().norm()) for d in directions.values())
+        self.directions, self.norm = directions, norm
+        if self.alpha and old > 0 and new > 0:
+            grain = self.alpha_step / 50
+            self.alpha = self._clamp(round(self.alpha * old / new / grain) * grain)
 
     def reset(self) -> None:
         """Forget the conversation (the transcript keeps every turn, under a new conversation number)."""
@@ -508,7 +633,7 @@ class ChatSession:
         time through the turn's own path; `stop` ends the current row and skips the rest."""
         if not self.history:
             raise InputError("nothing to compare yet", hint="send a message first")
-        alphas = [check_alpha(a, self.max_alpha) for a in (alphas if alphas else self.compare_alphas())]
+        alphas = [check_alpha(a, self.max_alpha, self.norm) for a in (alphas if alphas else self.compare_alphas())]
         stop = stop or threading.Event()
         last = self.transcript[-1]
         prompt = self._prompt(self.messages()[:-1])
@@ -552,6 +677,7 @@ class ChatSession:
             self.saved_to = directory / f"chat-{stamp}-{os.getpid()}.json"
         document = self.transcript_document()
         atomic_write_text(self.saved_to, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        self.saved_turns = len(self.transcript)
         trait = self.vector.vector.metadata.get("trait")
         self.workspace.write_manifest(
             self.saved_to,

@@ -2,8 +2,10 @@
 
 The engine is `personactl.chat.session`; this module reads lines and keys and renders. On a
 terminal, prompt_toolkit reads the input line with the α slider in its bottom toolbar (Alt-←/→
-move it, Alt-0 resets it; plain arrows keep moving the cursor), replies stream as they are
-generated, Ctrl-C stops a reply and Ctrl-D leaves. Otherwise each input line is one message and
+move it, Alt-0 resets it; plain arrows keep moving the cursor; its range and step follow the norm
+mode, and it shows ‖α·v‖ against the layer's stream norm), replies stream as they are generated,
+Ctrl-C stops a reply (cut where the screen shows it) and Ctrl-D leaves (asking once when turns are
+not saved). Otherwise each input line is one message and
 each output line one reply (JSON lines with --json). Slash commands work in both.
 """
 
@@ -33,11 +35,11 @@ from personactl.cli.common import (
 )
 
 HELP = (
-    ("/alpha A", "set α within ±max (Alt-←/→ move it, Alt-0 resets it)"),
+    ("/alpha A", "set α within the slider's range (Alt-←/→ move it, Alt-0 resets it)"),
     ("/layer L", "steer at layer(s) L, e.g. /layer 14 or /layer 12,14-16"),
     ("/vector V", "switch to a vector file, or a trait extracted for this model"),
     ("/positions M", "where to add: all, prompt (the conversation so far) or response"),
-    ("/norm N", "raw, unit or stream"),
+    ("/norm N", "raw, unit or stream: α keeps its push (‖α·v‖), the slider takes that mode's range"),
     ("/reset", "clear the conversation (settings stay)"),
     ("/compare [A,B,…]", "regenerate the last reply at several α, side by side"),
     ("/save", "write the transcript, with each turn's settings, into the workspace"),
@@ -54,9 +56,23 @@ def chat(
     layers: o.MiddleLayer = None,
     alpha: Annotated[float, typer.Option("--alpha", "-a", help="Starting α (the steering strength).")] = 1.0,
     max_alpha: Annotated[
-        float, typer.Option("--max-alpha", help="The slider runs from −max to +max; α outside it is refused.")
-    ] = 3.0,
-    alpha_step: Annotated[float, typer.Option("--alpha-step", help="How far one Alt-←/→ moves α.")] = 0.25,
+        Optional[float],
+        typer.Option(
+            "--max-alpha",
+            help="The slider runs from −max to +max; α outside it is refused. Default: it follows the norm "
+            "mode: raw ±3, stream ±0.5 (α is then ‖α·v‖ over the layer's stream norm), unit half the "
+            "layers' stream norm. Given, it holds in every mode.",
+            show_default=False,
+        ),
+    ] = None,
+    alpha_step: Annotated[
+        Optional[float],
+        typer.Option(
+            "--alpha-step",
+            help="How far one Alt-←/→ moves α. Default: about a twelfth of the range (raw 0.25, stream 0.05).",
+            show_default=False,
+        ),
+    ] = None,
     position: o.VectorPosition = "response_avg",
     aggregator: o.Aggregator = "mean_diff",
     positions: o.SteerPositions = "all",
@@ -93,7 +109,7 @@ def chat(
     """Chat with the steered model: an α slider in the terminal, or one reply per input line."""
     from personactl.backends import Sampling
     from personactl.chat.readout import LiveReadout, require_hf
-    from personactl.chat.session import ChatSession, check_alpha
+    from personactl.chat.session import SLIDER_RANGES, ChatSession, check_alpha
     from personactl.core.ranges import parse_ranges
     from personactl.errors import InputError
     from personactl.model.activations import AGGREGATORS, POSITIONS
@@ -101,9 +117,11 @@ def chat(
     from personactl.steps.steer import default_layer
 
     check_choices((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator"))
-    if not max_alpha > 0 or not alpha_step > 0:
+    if (max_alpha is not None and not max_alpha > 0) or (alpha_step is not None and not alpha_step > 0):
         raise InputError("--max-alpha and --alpha-step must be positive")
-    check_alpha(alpha, max_alpha)
+    bound = max_alpha if max_alpha is not None else SLIDER_RANGES.get(norm, (None,))[0]
+    if bound is not None:  # before the model loads (unit's range needs the vector)
+        check_alpha(alpha, bound, norm if max_alpha is None else None)
     layer_list = parse_ranges(layers) if layers else None
     settings = settings_from(
         config,
@@ -130,6 +148,7 @@ def chat(
         layers=layer_list or [default_layer(lm.num_layers)],
         alpha=alpha,
         max_alpha=max_alpha,
+        alpha_step=alpha_step,
         positions=positions,
         norm=norm,
         position=position,
@@ -143,7 +162,7 @@ def chat(
     if session.vector.warning:
         log(f"warning: {session.vector.warning}")
     if sys.stdin.isatty() and sys.stdout.isatty() and not json:
-        run_terminal(session, alpha_step)
+        run_terminal(session)
         return
     try:
         failed = run_lines(session, sys.stdin, json)
@@ -203,7 +222,7 @@ def _alpha(session: Any, arg: str, stop: threading.Event) -> Outcome:
     if len(values) != 1:
         raise InputError(f"/alpha takes one number, not {arg!r}", hint="usage: /alpha A")
     session.set_alpha(values[0])
-    return Outcome(f"α = {session.alpha:+.2f}", data={"alpha": session.alpha})
+    return Outcome(f"α = {session.alpha:+.2f} ({session.describe_push()})", data={"alpha": session.alpha})
 
 
 def _layer(session: Any, arg: str, stop: threading.Event) -> Outcome:
@@ -226,7 +245,9 @@ def _positions(session: Any, arg: str, stop: threading.Event) -> Outcome:
 
 def _norm(session: Any, arg: str, stop: threading.Event) -> Outcome:
     session.set_norm(_need(arg, "/norm raw|unit|stream"))
-    return Outcome(f"norm {session.norm}", data={"norm": session.norm})
+    top, step = session.slider_range()
+    text = f"norm {session.norm}: α = {session.alpha:+.3g} ({session.describe_push()}); slider ±{top:g}, step {step:g}"
+    return Outcome(text, data={"norm": session.norm, "alpha": session.alpha, "max_alpha": top, "alpha_step": step})
 
 
 def _reset(session: Any, arg: str, stop: threading.Event) -> Outcome:
@@ -385,7 +406,7 @@ def _render_outcome(outcome: Outcome, stderr: bool = False) -> None:
         for usage, does in HELP:
             table.add_row(escape(usage), escape(does))
         table.add_row("Alt-←/→, Alt-0", "move the α slider, reset it to 0")
-        table.add_row("Ctrl-C / Ctrl-D", "stop the reply being generated / leave")
+        table.add_row("Ctrl-C / Ctrl-D", "stop the reply being generated / leave (asks once if turns are unsaved)")
         console.print(table)
     if outcome.rows is not None:
         table = Table(title=f"last reply at layers {outcome.data['layers']}", show_lines=True, expand=True)
@@ -399,7 +420,7 @@ def _render_outcome(outcome: Outcome, stderr: bool = False) -> None:
 # ---------------------------------------------------------------- the terminal
 
 
-def slider(alpha: float, max_alpha: float, width: int = 25) -> str:
+def slider(alpha: float, max_alpha: float, width: int = 21) -> str:
     """A bar from −max to +max with ┼ at 0 and ● at α."""
     cells = ["─"] * width
     cells[width // 2] = "┼"
@@ -407,33 +428,46 @@ def slider(alpha: float, max_alpha: float, width: int = 25) -> str:
     return "├" + "".join(cells) + "┤"
 
 
-def toolbar(session: Any, step: float) -> list[tuple[str, str]]:
+def format_alpha(alpha: float, step: float) -> str:
+    """α with two decimals, more when the step has them (+0.15, +1.25, +0.125)."""
+    decimals = len(f"{step:g}".partition(".")[2]) if "e" not in f"{step:g}" else 4
+    return f"{alpha:+.{max(2, min(decimals, 4))}f}"
+
+
+def toolbar(session: Any, width: int | None = None) -> list[tuple[str, str]]:
+    """The slider, α, ‖α·v‖, the settings and the keys; on a terminal narrower than all of it the
+    keys go first, then the settings (the slider, α and its push always show)."""
     from personactl.core.ranges import format_ranges
 
-    top = f"{session.max_alpha:g}"
-    return [
-        ("class:ends", f" −{top} "),
-        ("class:bar", slider(session.alpha, session.max_alpha)),
-        ("class:ends", f" +{top} "),
-        ("class:alpha", f" α {session.alpha:+.2f} "),
+    top, step = session.slider_range()
+    parts = [
+        ("class:ends", f" −{top:g} "),
+        ("class:bar", slider(session.alpha, top)),
+        ("class:ends", f" +{top:g} "),
+        ("class:alpha", f" α {format_alpha(session.alpha, step)} "),
+        ("class:push", f" {session.describe_push()} "),
         (
             "",
-            f" layers {format_ranges(session.layers)} · {session.positions} · {session.norm} · {session.vector.label} ",
+            f" L{format_ranges(session.layers)} · {session.positions} · {session.norm} · {session.vector.label} ",
         ),
-        ("class:keys", f" Alt-←/→ ±{step:g} · Alt-0 reset · /help "),
+        ("class:keys", f" Alt-←/→ ±{step:g} "),
     ]
+    while width is not None and len(parts) > 5 and sum(len(text) for _, text in parts) > width:
+        parts.pop()
+    return parts
 
 
 STYLE = {
     "bottom-toolbar": "noreverse bg:#202020 #d0d0d0",
     "bottom-toolbar.bar": "#5fafff",
     "bottom-toolbar.alpha": "bold #ffd75f",
+    "bottom-toolbar.push": "#d7af5f",
     "bottom-toolbar.keys": "#808080",
     "you": "bold #5fd75f",
 }
 
 
-def run_terminal(session: Any, step: float) -> None:
+def run_terminal(session: Any) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
@@ -443,13 +477,13 @@ def run_terminal(session: Any, step: float) -> None:
     from personactl.errors import PersonactlError
 
     keys = KeyBindings()
-    keys.add("escape", "right")(lambda event: session.nudge_alpha(step))  # Alt-→ (or Esc then →)
-    keys.add("escape", "left")(lambda event: session.nudge_alpha(-step))
+    keys.add("escape", "right")(lambda event: session.nudge_alpha(session.alpha_step))  # Alt-→ (or Esc then →)
+    keys.add("escape", "left")(lambda event: session.nudge_alpha(-session.alpha_step))
     keys.add("escape", "0")(lambda event: session.set_alpha(0.0))
     prompt = PromptSession(
         history=InMemoryHistory(),
         key_bindings=keys,
-        bottom_toolbar=lambda: toolbar(session, step),
+        bottom_toolbar=lambda: toolbar(session, _columns()),
         style=Style.from_dict(STYLE),
     )
     console = stdout_console()
@@ -457,16 +491,26 @@ def run_terminal(session: Any, step: float) -> None:
         f"[bold]chatting with {escape(session.lm.source.spec)}[/], steering with {escape(session.vector.label)}"
         " · /help for commands · Ctrl-C stops a reply · Ctrl-D leaves",
     )
+    warned = False  # the last Ctrl-D (or /quit) already said that turns are unsaved
     while True:
         try:
             line = prompt.prompt([("class:you", "you › ")])
         except KeyboardInterrupt:  # at the prompt Ctrl-C clears the line, as in a shell
             continue
         except EOFError:
-            break
+            line = "/quit"
         if not line.strip():
             continue
         kind, text = split_line(line)
+        if kind == "command" and text.split()[0].lower() in ("/quit", "/exit"):
+            if session.unsaved and not warned:
+                warned = True
+                console.print(_unsaved_note(session), style="yellow")
+                continue
+            if session.unsaved:
+                console.print(f"left without saving {_turns(session.unsaved)}", style="dim")
+            break
+        warned = False
         try:
             if kind == "message":
                 _stream_reply(console, session.send(text))
@@ -482,6 +526,14 @@ def run_terminal(session: Any, step: float) -> None:
             report(exc)
 
 
+def _columns() -> int | None:
+    """The terminal's width while prompt_toolkit runs (None: unknown)."""
+    from prompt_toolkit.application.current import get_app_or_none
+
+    app = get_app_or_none()
+    return app.output.get_size().columns if app is not None else None
+
+
 @contextlib.contextmanager
 def _ctrl_c(action: Callable[[], None]) -> Iterator[None]:
     """While generating, Ctrl-C (SIGINT) calls `action` instead of raising KeyboardInterrupt."""
@@ -494,15 +546,53 @@ def _ctrl_c(action: Callable[[], None]) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _turns(n: int) -> str:
+    return f"{n} turn{'s' if n != 1 else ''}"
+
+
+def _unsaved_note(session: Any) -> str:
+    where = f" (rewrites {session.saved_to})" if session.saved_to else " (into the workspace)"
+    return (
+        f"{_turns(session.unsaved)} not saved yet: /save writes the transcript{where}; "
+        "Ctrl-D again leaves without saving"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_keys() -> Iterator[None]:
+    """While a reply streams, keys typed are not echoed: no `^C` in the reply when Ctrl-C stops it,
+    no stray letters between its words (Ctrl-C still signals: ISIG stays on)."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        before = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # not a terminal, or not a POSIX one
+        yield
+        return
+    quiet = list(before)
+    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)
+
+
 def _stream_reply(console: Any, stream: Any) -> None:
-    """Print the reply as it is generated; Ctrl-C stops it and the chat goes on."""
+    """Print the reply as it is generated; Ctrl-C stops it (the reply is cut where the screen shows
+    it) and the chat goes on."""
     console.print("[bold #5fafff]assistant ›[/] ", end="")
-    with _ctrl_c(stream.stop), stream:
+    with _quiet_keys(), _ctrl_c(stream.stop), stream:
         for piece in stream:
             sys.stdout.write(printable(piece))
             sys.stdout.flush()
     turn = stream.turn
-    note = {"stop": "", "length": " · cut at --max-new-tokens", "interrupted": " · stopped"}[turn.finish_reason]
+    note = {
+        "stop": "",
+        "length": " · cut at --max-new-tokens",
+        "interrupted": " · stopped by Ctrl-C (kept as shown, marked interrupted)",
+    }[turn.finish_reason]
     sys.stdout.write("\n")
     console.print(f"[dim]α {turn.steering['alpha']:+.2f} · {turn.n_tokens} tokens · {turn.seconds:.1f} s{note}[/]")
     if turn.readout is not None:

@@ -78,39 +78,60 @@ def compare(
         emit_json(result)
         return
     from rich.markup import escape
-    from rich.table import Table
 
     console = stdout_console()
-    table = Table(
-        "layer",
-        *[escape(f"‖{r.spec}‖") for r in refs],
-        *[escape(f"cos {p['a']} · {p['b']}") for p in result["pairs"]],
-        title=escape(f"compare ({result['model']})"),
-    )
-    for i, layer in enumerate(result["layers"]):
-        table.add_row(
+    from personactl.cli.tables import NUMBER, Col, needed_width, print_fitted
+
+    specs = [r.spec for r in refs]
+    names = {s: s for s in specs}
+
+    def headers() -> list[Col]:
+        return [
+            Col("layer", key=True, options=NUMBER),
+            *[Col(escape(f"‖{names[s]}‖"), options=NUMBER) for s in specs],
+            *[Col(escape(f"cos {names[p['a']]}\n· {names[p['b']]}"), options=NUMBER) for p in result["pairs"]],
+        ]
+
+    columns = headers()
+    if needed_width(columns) > console.width:  # too wide with the names: letters, and a key to them
+        letters = [chr(ord("A") + i) if i < 26 else f"V{i + 1}" for i in range(len(specs))]
+        names = dict(zip(specs, letters, strict=True))
+        columns = headers()
+        for spec, letter in names.items():
+            console.print(f"  {letter} = {escape(spec)}", soft_wrap=True)
+    rows = [
+        [
             str(layer),
             *[f"{result['norms'][r.spec][i]:.3f}" for r in refs],
             *[f"{p['cosine'][i]:+.3f}" for p in result["pairs"]],
-        )
-    console.print(table)
+        ]
+        for i, layer in enumerate(result["layers"])
+    ]
+    print_fitted(console, escape(f"compare ({result['model']})"), columns, rows)
     if bootstrap:
-        ci = Table(
-            "layer",
-            *[escape(f"cos {p['a']} · {p['b']} ({level:.0%} CI)") for p in result["pairs"]],
-            *[escape(f"split-half {s} (S-B)") for s in result["reliability"]],
-            title="uncertainty",
-        )
-        for i, layer in enumerate(result["layers"]):
-            ci.add_row(
+        columns = [
+            Col("layer", key=True, options=NUMBER),
+            *[
+                Col(escape(f"cos {names[p['a']]}\n· {names[p['b']]}\n({level:.0%} CI)"), options=NUMBER)
+                for p in result["pairs"]
+            ],
+            *[Col(escape(f"split-half\n{names.get(s, s)}\n(S-B)"), options=NUMBER) for s in result["reliability"]],
+        ]
+        rows = [
+            [
                 str(layer),
                 *[
-                    f"{p['cosine'][i]:+.3f} [{p['ci']['low'][i]:+.3f}, {p['ci']['high'][i]:+.3f}]"
+                    f"{p['cosine'][i]:+.3f} [{p['ci']['low'][i]:+.3f},\u00a0{p['ci']['high'][i]:+.3f}]"
                     for p in result["pairs"]
                 ],
-                *[f"{r['split_half'][i]:+.3f} ({r['spearman_brown'][i]:+.3f})" for r in result["reliability"].values()],
-            )
-        console.print(ci)
+                *[
+                    f"{r['split_half'][i]:+.3f}\u00a0({r['spearman_brown'][i]:+.3f})"
+                    for r in result["reliability"].values()
+                ],
+            ]
+            for i, layer in enumerate(result["layers"])
+        ]
+        print_fitted(console, "uncertainty", columns, rows)
     if result["skipped_layers"]:
         console.print(f"left out (no direction in some vector): layers {format_ranges(result['skipped_layers'])}")
     for p in result["pairs"]:

@@ -2,7 +2,8 @@
 
 Typer renders help text as rich markup, so a literal `[/aggregator]` in a help string raised a
 MarkupError instead of printing help. Every command gets `TidyHelpCommand`, which escapes help text,
-shows no value for flags, plain metavars (`INT ≥1`, not `<int range> [x>=1]`) and one default form.
+shows no value for flags, plain metavars (`INT ≥1`, not `<int range> [x>=1]`), one default form
+(`… (default: X).`) and arguments in the usage line as `VECTOR`, not `{vector}`.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def tidy_params(command, ctx) -> None:
     for param in command.get_params(ctx):
         help_text = getattr(param, "help", None) or ""
         default = _default_text(param) if isinstance(param, typer.core.TyperOption) else None
-        if default is not None and "default" not in help_text:
-            help_text = f"{help_text} (default: {default})".strip()
+        if default is not None and "default" not in help_text:  # one form: "… (default: X)." before the full stop
+            stop = "." if help_text.endswith(".") else ""
+            help_text = f"{help_text.removesuffix('.')} (default: {default}){stop}".strip()
         if hasattr(param, "show_default"):
             param.show_default = False
         if hasattr(param, "help"):
@@ -68,6 +70,10 @@ def tidy_params(command, ctx) -> None:
         elif isinstance(param, typer.core.TyperArgument):
             label = _metavar(param, ctx) + ("…" if param.nargs != 1 else "")
             param.display_type_rich = lambda ctx, label=label: label  # the metavar would rename it
+            # the usage line: `VECTORS...` as click writes it, not typer's `{vectors}...`
+            usage = (param.name or "").upper() + ("..." if param.nargs != 1 else "")
+            usage = usage if param.required else f"[{usage}]"
+            param._usage_display_name = lambda usage=usage: usage
         elif param.metavar is None and isinstance(param, typer.core.TyperOption):
             param.metavar = _metavar(param, ctx)
             param._get_number_range_help_str = lambda: None  # the range is in the metavar now

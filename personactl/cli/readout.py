@@ -61,6 +61,15 @@ def train(
         output or ws.trait_dir(resolve_model(settings.model).slug, "readouts") / f"{Path(directory).name}.safetensors"
     )
     readout.save(path)
+    from personactl.settings import masked_dump
+
+    ws.write_manifest(  # `ls` lists it; `readout train` before this wrote none (ls reads those files)
+        path,
+        "readout",
+        model=lm.describe(),
+        settings=masked_dump(settings),
+        counts={"concepts": len(readout.concepts), "layers": len(readout.rows)},
+    )
     summary = {
         "artifact": str(path),
         "concepts": readout.concepts,

@@ -66,12 +66,19 @@ def show(
         console.print(f"  imported from: {escape(str(source.get('path')))} ({escape(str(source.get('format')))})")
     console.print(f"  layer convention: {escape(str(meta.get('layer_convention')))}")
     console.print("  tensors: " + ", ".join(escape(f"{t['name']} {t['shape']}") for t in report["tensors"]))
-    table = Table("layer", "stream norm", *[escape(f"‖{d}‖") for d in report["directions"]], title="norms per layer")
-    for row in report["layers"]:
-        table.add_row(
-            str(row["layer"]), _cell(row["stream_norm"], ".2f"), *[_cell(row[d], ".4f") for d in report["directions"]]
-        )
-    console.print(table)
+    from personactl.cli.tables import NUMBER, Col, print_fitted
+
+    columns = [
+        Col("layer", key=True, options=NUMBER),
+        Col("stream\nnorm", options=NUMBER),
+        # aggregator over position (mean_diff / response_avg): a header as narrow as its numbers
+        *[Col(escape(d.replace(".", "\n")), options=NUMBER) for d in report["directions"]],
+    ]
+    rows = [
+        [str(row["layer"]), _cell(row["stream_norm"], ".2f"), *[_cell(row[d], ".4f") for d in report["directions"]]]
+        for row in report["layers"]
+    ]
+    print_fitted(console, "norms per layer: ‖v‖ by aggregator and position", columns, rows)
     from personactl.cli.extract import DIAGNOSTIC_COLUMNS, diagnostic_cells, diagnostics_by_layer
 
     diagnostics = meta.get("diagnostics")

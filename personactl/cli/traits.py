@@ -43,7 +43,11 @@ def list_traits(json: o.Json = False) -> None:
     if json:
         emit_json({"traits": rows})
         return
-    table = Table("name", "pairs", "extract q", "eval q", "description", title="traits")
+    table = Table(title="traits")
+    table.add_column("name", no_wrap=True, min_width=8)
+    for header in ("pairs", "extract q", "eval q"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("description (first sentence)", overflow="fold", ratio=1)
     for r in rows:
         if r["error"]:
             table.add_row(escape(r["name"]), "", "", "", f"[red]invalid: {escape(r['error'])}[/]")
@@ -53,9 +57,15 @@ def list_traits(json: o.Json = False) -> None:
                 str(r["instructions"]),
                 str(r["extraction"]),
                 str(r["evaluation"]),
-                escape(r["description"].strip().split(". ")[0][:80]),
+                escape(_first_sentence(r["description"])),
             )
     stdout_console().print(table)
+
+
+def _first_sentence(text: str) -> str:
+    flat = " ".join(text.split())
+    head, dot, _ = flat.partition(". ")
+    return head + ("." if dot else "")
 
 
 @app.command("show")
@@ -131,6 +141,14 @@ def new(
         Optional[str],
         typer.Option("--judge-base-url", help="OpenAI-compatible endpoint (default: OpenAI).", show_default=False),
     ] = None,
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens",
+            min=256,
+            help="Longest draft the server may write, in tokens (a reply cut there is an error that says so).",
+        ),
+    ] = 3072,
     timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds per request attempt.")] = 300.0,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
@@ -149,6 +167,7 @@ def new(
         pairs=pairs,
         questions=questions,
         timeout=timeout,
+        max_tokens=max_tokens,
         force=force,
         directory=Path.cwd() / "traits",
         log=log,

@@ -38,6 +38,7 @@ def check_max_kl(max_kl: float) -> float:
     return float(max_kl)
 
 
+SCORE_SCALE = (0.0, 100.0)  # the judge's scale: intervals are clipped to it
 CELL_KEYS = ["condition", "position", "aggregator", "norm_mode", "layer", "coefficient"]
 CONDITION_ORDER = {"unsteered": 0, "prompted": 1, "steered": 2, "random": 3}
 
@@ -46,8 +47,8 @@ def cells_table(samples: pl.DataFrame, threshold: float) -> pl.DataFrame:
     """One row per cell: mean trait and coherence with 95% t-intervals, and the None counts."""
     records = []
     for key, group in samples.group_by(CELL_KEYS, maintain_order=True):
-        trait = mean_ci(group["trait_score"].to_list())
-        coherence = mean_ci(group["coherence_score"].to_list())
+        trait = mean_ci(group["trait_score"].to_list(), bounds=SCORE_SCALE)
+        coherence = mean_ci(group["coherence_score"].to_list(), bounds=SCORE_SCALE)
         mean_c = coherence.mean
         kl = group["kl_neutral"].drop_nulls() if "kl_neutral" in group.columns else pl.Series([], dtype=pl.Float64)
         records.append(

@@ -10,7 +10,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-CI_METHOD = "Student t-interval, 95%: mean ± t(0.975, n-1)·s/√n over the scored samples (None for n < 2)"
+CI_METHOD = (
+    "Student t-interval, 95%: mean ± t(0.975, n-1)·s/√n over the scored samples, clipped to the score "
+    "scale 0–100 (None for n < 2)"
+)
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -81,9 +84,13 @@ class MeanCI:
         return {f"{prefix}_{k}": v for k, v in asdict(self).items()}
 
 
-def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> MeanCI:
+def mean_ci(
+    values: Sequence[float | None], confidence: float = 0.95, bounds: tuple[float, float] | None = None
+) -> MeanCI:
     """Mean and two-sided t-interval over the non-None values; None where it is undefined
-    (no value: no mean; one value: no interval, since one sample says nothing about spread)."""
+    (no value: no mean; one value: no interval, since one sample says nothing about spread).
+    `bounds`: the scale's ends; the interval is clipped to them (a mean of 0–100 scores cannot
+    lie outside 0–100, though a t-interval from few samples reaches past them)."""
     scored = [float(v) for v in values if v is not None and not math.isnan(v)]
     n, missing = len(scored), len(values) - len(scored)
     if n == 0:
@@ -93,7 +100,10 @@ def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> MeanCI:
         return MeanCI(mean, None, None, 1, missing)
     sd = math.sqrt(sum((v - mean) ** 2 for v in scored) / (n - 1))
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
-    return MeanCI(mean, mean - half, mean + half, n, missing)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(bounds[0], low), min(bounds[1], high)
+    return MeanCI(mean, low, high, n, missing)
 
 
 def slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -114,3 +124,24 @@ def cohens_d(pos: Sequence[float], neg: Sequence[float]) -> float | None:
     vn = sum((v - mn) ** 2 for v in neg) / (len(neg) - 1)
     pooled = math.sqrt(((len(pos) - 1) * vp + (len(neg) - 1) * vn) / (len(pos) + len(neg) - 2))
     return (mp - mn) / pooled if pooled > 0 else None
+
+
+def cohens_d_interval(d: float, n_pos: int, n_neg: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Large-sample interval of Cohen's d: d ± z·SE with SE² = (n₁+n₂)/(n₁n₂) + d²/(2(n₁+n₂))
+    (Hedges & Olkin 1985); None when either group has fewer than two members."""
+    if n_pos < 2 or n_neg < 2:
+        return None
+    se = math.sqrt((n_pos + n_neg) / (n_pos * n_neg) + d * d / (2 * (n_pos + n_neg)))
+    z = math.sqrt(2) * _erfinv(confidence)
+    return d - z * se, d + z * se
+
+
+def _erfinv(y: float) -> float:
+    """Inverse error function by Newton's method on math.erf (|y| < 1)."""
+    x = 0.0
+    for _ in range(60):
+        step = (math.erf(x) - y) / (2 / math.sqrt(math.pi) * math.exp(-x * x))
+        x -= step
+        if abs(step) < 1e-14:
+            break
+    return x

@@ -1,14 +1,18 @@
 """`personactl traits new`: draft a trait file from a one-line description with an LLM.
 
-The draft is asked for as one JSON object, validated against the Trait schema, and on failure
-asked for once more with the validation errors quoted back; a draft that still fails is an error,
-never a file. The endpoint, model and key are the judge's (`make_judge` resolves them)."""
+The draft is asked for as one JSON object (with a `max_tokens` limit), validated against the Trait
+schema, and on failure asked for once more with the validation errors quoted back; a draft that
+still fails, or one the server cut at the limit, is an error, never a trait file: the raw replies
+are saved whole to a file the error names, and the error quotes the start of the last one. The
+endpoint, model and key are the judge's (`make_judge` resolves them)."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +24,19 @@ from personactl.store.traits import Trait
 if TYPE_CHECKING:
     from personactl.settings import Settings
 
-Chat = Callable[[list[dict[str, str]]], str]
 ATTEMPTS = 2  # the first draft, and one retry with the validation errors fed back
+MAX_TOKENS = 3072  # a draft of 5 pairs and 2 x 20 questions is about 2,000 tokens; with the ~700-token
+# request it fits a 4k-context server (vLLM refuses a prompt + max_tokens over its context)
+QUOTE_CHARS = 300  # how much of a rejected reply the error shows (the file keeps it whole)
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    text: str
+    finish_reason: str | None  # "stop", "length" (cut at max_tokens), … as the server said
+
+
+Chat = Callable[[list[dict[str, str]]], "ChatReply | str"]
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # Trait.name's pattern, checked before any request
 
 SYSTEM_PROMPT = (
@@ -101,10 +116,47 @@ def validation_errors(data: dict[str, Any]) -> tuple[Trait | None, list[str]]:
     return trait, []
 
 
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """One line, at most `limit` characters: the start and the end of a long reply."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    tail = limit // 4
+    return f"{flat[: limit - tail - 3]} … {flat[-tail:]}"
+
+
+def save_replies(directory: Path | None, replies: Sequence[tuple[ChatReply, list[str]]]) -> Path | None:
+    """Every raw reply of a failed draft, whole, with what was wrong with it; the file's path."""
+    from personactl.store.workspace import atomic_write_text
+
+    if directory is None or not replies:
+        return None
+    path = directory / f"trait-draft-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    parts = []
+    for i, (reply, errors) in enumerate(replies, 1):
+        head = f"=== attempt {i}: finish_reason {reply.finish_reason}, {len(reply.text)} characters"
+        problems = "".join(f"\n=== {e}" for e in errors)
+        parts.append(f"{head}{problems}\n{reply.text}\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "\n".join(parts))
+    except OSError:
+        return None
+    return path
+
+
 def draft_trait(
-    chat: Chat, description: str, *, name: str | None, pairs: int, questions: int
+    chat: Chat,
+    description: str,
+    *,
+    name: str | None,
+    pairs: int,
+    questions: int,
+    max_tokens: int = MAX_TOKENS,
+    save_to: Path | None = None,
 ) -> tuple[Trait, dict[str, Any]]:
-    """Ask `chat` for a draft, validate it, retry once with the errors; a TraitError if both fail."""
+    """Ask `chat` for a draft, validate it, retry once with the errors; a TraitError if both fail
+    or the server cut a reply at `max_tokens` (the raw replies then go to a file in `save_to`)."""
     if not description.strip():
         raise InputError("the description is empty", hint='e.g. personactl traits new "overconfident about facts"')
     messages = [
@@ -112,8 +164,20 @@ def draft_trait(
         {"role": "user", "content": request_prompt(description, pairs=pairs, questions=questions, name=name)},
     ]
     errors: list[str] = []
+    replies: list[tuple[ChatReply, list[str]]] = []
     for attempt in range(1, ATTEMPTS + 1):
-        reply = chat(messages)
+        answer = chat(messages)
+        answer = answer if isinstance(answer, ChatReply) else ChatReply(answer, None)
+        reply = answer.text
+        if answer.finish_reason == "length":  # asking again would be cut the same way
+            replies.append((answer, [f"cut at --max-tokens {max_tokens}"]))
+            saved = save_replies(save_to, replies)
+            raise TraitError(
+                f"the draft was cut at --max-tokens {max_tokens} (the server stopped it, finish_reason "
+                f"length) after {len(reply)} characters: {shorten(reply, 160)!r}"
+                + (f"; the raw reply is in {saved}" if saved else ""),
+                hint=f"pass a larger --max-tokens (e.g. {2 * max_tokens}), or ask for fewer --questions/--pairs",
+            )
         try:
             data = parse_draft(reply)
         except ValueError as exc:
@@ -124,19 +188,41 @@ def draft_trait(
             trait, errors = validation_errors(data)
             if trait is not None:
                 return trait, {"attempts": attempt}
+        replies.append((answer, list(errors)))
         messages += [
             {"role": "assistant", "content": reply},
             {"role": "user", "content": RETRY.replace("@ERRORS@", "\n".join(f"- {e}" for e in errors))},
         ]
     shown = "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else "")
+    saved = save_replies(save_to, replies)
+    last = replies[-1][0].text
     raise TraitError(
-        f"the drafted trait is still invalid after {ATTEMPTS} attempts: {shown}",
+        f"the drafted trait is still invalid after {ATTEMPTS} attempts: {shown}\n"
+        f"the last reply ({len(last)} characters): {shorten(last)!r}"
+        + (f"\nevery reply, whole: {saved}" if saved else ""),
         hint="run it again, use a stronger --judge-model, or write the file by hand "
         "(personactl traits show evil is a complete example)",
     )
 
 
-def openai_chat(settings: Settings, timeout: float) -> tuple[Chat, str]:
+def server_message(exc: Any, secrets: Sequence[str | None] = ()) -> str:
+    """The server's own words in an HTTP error (`{"error": {"message": …}}`, or the body's text),
+    credentials masked, one line, bounded: a 404 often names the models that exist."""
+    from personactl.core.redaction import redact
+
+    body = getattr(exc, "body", None)
+    message: Any = None
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        message = error.get("message") if isinstance(error, dict) else error
+        message = message or body.get("detail") or body.get("message")
+    if not message:
+        response = getattr(exc, "response", None)
+        message = getattr(response, "text", None) or getattr(exc, "message", None) or str(exc)
+    return shorten(redact(str(message), secrets), 400)
+
+
+def openai_chat(settings: Any, timeout: float, max_tokens: int = MAX_TOKENS) -> tuple[Chat, str]:
     """A chat function on the judge's endpoint (base URL, key and model resolved by `make_judge`)."""
     import openai
 
@@ -160,19 +246,24 @@ def openai_chat(settings: Settings, timeout: float) -> tuple[Chat, str]:
     )
     where = judge.base_url or "OpenAI"
 
-    def chat(messages: Sequence[dict[str, str]]) -> str:
+    def chat(messages: Sequence[dict[str, str]]) -> ChatReply:
         try:
-            response = client.chat.completions.create(model=judge.model, messages=list(messages), temperature=0.7)
+            response = client.chat.completions.create(
+                model=judge.model, messages=list(messages), temperature=0.7, max_tokens=max_tokens
+            )
         except openai.APIStatusError as exc:
+            said = server_message(exc, [judge.api_key])
             raise ConfigError(
-                f"the endpoint {where} answered HTTP {exc.status_code} for model {judge.model}",
-                hint="check --judge-model, --judge-base-url and the API key",
+                f"the endpoint {where} answered HTTP {exc.status_code} for model {judge.model}: {said}",
+                hint="check --judge-model (the server's message may name the models it serves), "
+                "--judge-base-url and the API key",
             ) from None
         except (openai.APIConnectionError, openai.APITimeoutError):
             raise ConfigError(
                 f"cannot reach {where} (after {judge.max_retries} retries)", hint="check --judge-base-url"
             ) from None
-        return response.choices[0].message.content or ""
+        choice = response.choices[0]
+        return ChatReply(choice.message.content or "", choice.finish_reason)
 
     return chat, judge.model
 
@@ -218,9 +309,11 @@ def new_trait_step(
     timeout: float,
     force: bool,
     directory: Path,
+    max_tokens: int = MAX_TOKENS,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """Draft, validate and write `directory/<name>.yaml`; returns what was written."""
+    """Draft, validate and write `directory/<name>.yaml`; returns what was written. A rejected
+    draft's raw replies are saved under the workspace's `drafts/`."""
     if name is not None:
         if not NAME_PATTERN.match(name):
             raise InputError(f"bad trait name {name!r}", hint="use lowercase letters, digits, - and _")
@@ -228,9 +321,17 @@ def new_trait_step(
             raise InputError(
                 f"{directory / f'{name}.yaml'} already exists", hint="pass --force to overwrite it, or another --name"
             )
-    chat, model = openai_chat(settings, timeout)
-    log(f"drafting a trait with {model} …")
-    trait, info = draft_trait(chat, description, name=name, pairs=pairs, questions=questions)
+    chat, model = openai_chat(settings, timeout, max_tokens)
+    log(f"drafting a trait with {model} (at most {max_tokens} tokens) …")
+    trait, info = draft_trait(
+        chat,
+        description,
+        name=name,
+        pairs=pairs,
+        questions=questions,
+        max_tokens=max_tokens,
+        save_to=Path(settings.workspace) / "drafts",
+    )
     path = directory / f"{trait.name}.yaml"
     header = [
         f"Drafted by `personactl traits new` with {model} from: {description}",

@@ -32,6 +32,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -435,6 +436,32 @@ def file_sha256(path: Any) -> str:
     return digest.hexdigest()
 
 
+def eval_fingerprint(settings: Any, trait: Any, spec: EvalSpec, vector_path: Path, sampling: Any) -> dict[str, Any]:
+    """Everything an eval's result depends on: same fingerprint, same eval (`eval_step` skips it,
+    `run --dry-run` reports it as skipped)."""
+    from personactl.model.capability_cost import neutral_texts, texts_sha256
+    from personactl.steps.score import LOCAL_PREFIX
+
+    local = settings.judge_model.startswith(LOCAL_PREFIX)
+    return {
+        "kind": "eval",
+        "vector_sha256": file_sha256(vector_path),
+        "trait_sha256": trait.sha256,
+        "spec": {k: v for k, v in asdict(spec).items() if k != "plots"},
+        "sampling": asdict(sampling),
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+        "backend": getattr(settings, "backend", "hf"),
+        "judge_model": settings.judge_model,
+        "judge_base_url": None if local else settings.judge_base_url,
+        "judge_mode": "local" if local else settings.judge_mode,
+        "kl_neutral_texts_sha256": texts_sha256(neutral_texts()),
+    }
+
+
 def eval_step(
     *,
     settings: Settings,
@@ -459,10 +486,10 @@ def eval_step(
     from personactl.core.eval_summary import DEFAULT_MAX_KL, check_max_kl, summarize
     from personactl.core.ranges import check_in_range
     from personactl.judging.remote import JudgeCache
-    from personactl.model.capability_cost import NeutralKL, neutral_texts, texts_sha256
+    from personactl.model.capability_cost import NeutralKL
     from personactl.model.loading import resolve_model
     from personactl.settings import masked_dump
-    from personactl.steps.score import LOCAL_PREFIX, effective_thresholds, make_judge
+    from personactl.steps.score import effective_thresholds, make_judge
     from personactl.store.responses import fingerprint_of
     from personactl.store.vectors import PersonaVector
 
@@ -471,27 +498,8 @@ def eval_step(
     slug = resolve_model(settings.model).slug
     vector_path = workspace.find_vector(vector_spec or trait.name, slug)
     _, threshold = effective_thresholds(settings, trait)
-    local = settings.judge_model.startswith(LOCAL_PREFIX)
-    spec_dict = {k: v for k, v in asdict(spec).items() if k != "plots"}
-    fingerprint = {
-        "kind": "eval",
-        "vector_sha256": file_sha256(vector_path),
-        "trait_sha256": trait.sha256,
-        "spec": spec_dict,
-        "sampling": asdict(sampling),
-        "seed": settings.seed,
-        "batch_size": settings.batch_size,
-        "model": settings.model,
-        "revision": settings.revision,
-        "dtype": settings.dtype,
-        "backend": getattr(settings, "backend", "hf"),
-        "judge_model": settings.judge_model,
-        "judge_base_url": None if local else settings.judge_base_url,
-        "judge_mode": "local" if local else settings.judge_mode,
-        "kl_neutral_texts_sha256": texts_sha256(neutral_texts()),
-    }
-    key = fingerprint_of(fingerprint)
-    output = workspace.eval_path(slug, trait.name, key)
+    fingerprint = eval_fingerprint(settings, trait, spec, vector_path, sampling)
+    output = workspace.eval_path(slug, trait.name, fingerprint_of(fingerprint))
     base = {"artifact": str(output), "trait": trait.name, "vector": str(vector_path), "model": settings.model}
     if not force and workspace.finished(output, fingerprint):
         samples = pl.read_parquet(output)
@@ -500,7 +508,11 @@ def eval_step(
         if (saved.get("coherence_threshold"), saved.get("max_kl")) == (threshold, max_kl):
             return samples, {**base, "skipped": True, **saved, "files": manifest["files"]}
         cells, summary = summarize(samples, threshold, max_kl)  # only the limits changed: no generation
-        files = _write_outputs(output, samples, cells, summary, spec, trait.name, write_samples=False)
+        questions = manifest.get("counts", {}).get("questions")
+        subtitle = plot_subtitle(settings.model, settings.judge_model, questions, spec.samples)
+        files = _write_outputs(
+            output, samples, cells, summary, spec, trait.name, write_samples=False, subtitle=subtitle
+        )
         kept = {k: v for k, v in manifest.items() if k not in ("kind", "artifact", "created", "versions")}
         workspace.write_manifest(output, "eval", **{**kept, "summary": summary, "files": files})
         return samples, {**base, "skipped": True, "resummarized": True, **summary, "files": files}
@@ -549,7 +561,8 @@ def eval_step(
     kl_seconds = time.perf_counter() - generated
     seconds = time.perf_counter() - start
     cells, summary = summarize(samples, threshold, max_kl)
-    files = _write_outputs(output, samples, cells, summary, spec, trait.name)
+    subtitle = plot_subtitle(settings.model, settings.judge_model, len(plan.questions), spec.samples)
+    files = _write_outputs(output, samples, cells, summary, spec, trait.name, subtitle=subtitle)
     judge_info = {"model": settings.judge_model, "identity": judge.identity}
     workspace.write_manifest(
         output,
@@ -569,7 +582,15 @@ def eval_step(
     return samples, {**base, "skipped": False, **summary, "files": files, "seconds": round(seconds, 2)}
 
 
-def _write_outputs(output, samples, cells, summary, spec, title, write_samples: bool = True) -> dict[str, Any]:
+def plot_subtitle(model: str, judge: str, questions: int | None, samples: int) -> str:
+    """The facts line under a plot's title: what was steered, who judged, over how many questions."""
+    asked = f"{questions} held-out questions × {samples} sample{'s' if samples != 1 else ''}" if questions else None
+    return " · ".join(p for p in (f"model {model}", f"judge {judge}", asked) if p)
+
+
+def _write_outputs(
+    output, samples, cells, summary, spec, title, write_samples: bool = True, subtitle: str | None = None
+) -> dict[str, Any]:
     """The samples and cells tables, and (unless turned off) the PNG plots, beside `output`."""
     from personactl.store.workspace import atomic_path
 
@@ -596,14 +617,8 @@ def _write_outputs(output, samples, cells, summary, spec, title, write_samples: 
             )
             suffix = "" if len(spec.variants) == 1 else f"-{v.label}"
             name = f"{title} · {v.label}"
-            files["plots"].append(
-                str(
-                    plot_curves(
-                        mine, threshold, output.with_name(f"{stem}.curves{suffix}.png"), name, summary.get("max_kl")
-                    )
-                )
-            )
-            files["plots"].append(
-                str(plot_heatmap(mine, threshold, output.with_name(f"{stem}.heatmap{suffix}.png"), name))
-            )
+            curves = output.with_name(f"{stem}.curves{suffix}.png")
+            files["plots"].append(str(plot_curves(mine, threshold, curves, name, summary.get("max_kl"), subtitle)))
+            heatmap = output.with_name(f"{stem}.heatmap{suffix}.png")
+            files["plots"].append(str(plot_heatmap(mine, threshold, heatmap, name, subtitle)))
     return files

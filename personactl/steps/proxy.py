@@ -125,6 +125,38 @@ def proxy_sweep(
     return rows
 
 
+def proxy_fingerprint(
+    settings: Any,
+    trait: Any,
+    vector_path: Any,
+    layers: Sequence[int] | None,
+    position: str,
+    aggregator: str,
+    questions: int | None,
+    sampling: Any,
+) -> dict[str, Any]:
+    """Everything a proxy sweep depends on (`proxy_step` skips a finished one, `run --dry-run` says so)."""
+    from dataclasses import asdict
+
+    from personactl.steps.evaluate import file_sha256
+
+    return {
+        "kind": "eval-proxy",
+        "vector_sha256": file_sha256(vector_path),
+        "trait_sha256": trait.sha256,
+        "layers": list(layers) if layers else None,
+        "position": position,
+        "aggregator": aggregator,
+        "questions": questions,
+        "sampling": asdict(sampling),
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+    }
+
+
 def proxy_step(
     *,
     settings: Settings,
@@ -142,14 +174,12 @@ def proxy_step(
     on_phase: Callable[[str, int | None], None] = lambda what, total: None,
 ) -> tuple[Any, dict[str, Any]]:
     """Skip when a proxy sweep with the same inputs exists; else sweep, save table, plot, manifest."""
-    from dataclasses import asdict
 
     import polars as pl
 
     from personactl.core.ranges import check_in_range
     from personactl.model.loading import resolve_model
     from personactl.settings import masked_dump
-    from personactl.steps.evaluate import file_sha256
     from personactl.store.responses import fingerprint_of
     from personactl.store.vectors import PersonaVector
     from personactl.store.workspace import atomic_path
@@ -158,21 +188,7 @@ def proxy_step(
         raise InputError("--proxy reads activations, so it needs --backend hf")
     slug = resolve_model(settings.model).slug
     vector_path = workspace.find_vector(vector_spec or trait.name, slug)
-    fingerprint = {
-        "kind": "eval-proxy",
-        "vector_sha256": file_sha256(vector_path),
-        "trait_sha256": trait.sha256,
-        "layers": list(layers) if layers else None,
-        "position": position,
-        "aggregator": aggregator,
-        "questions": questions,
-        "sampling": asdict(sampling),
-        "seed": settings.seed,
-        "batch_size": settings.batch_size,
-        "model": settings.model,
-        "revision": settings.revision,
-        "dtype": settings.dtype,
-    }
+    fingerprint = proxy_fingerprint(settings, trait, vector_path, layers, position, aggregator, questions, sampling)
     output = workspace.eval_path(slug, trait.name, "proxy-" + fingerprint_of(fingerprint))
     base = {"artifact": str(output), "trait": trait.name, "vector": str(vector_path), "label": PROXY_LABEL}
     if not force and workspace.finished(output, fingerprint):
@@ -217,10 +233,10 @@ def proxy_step(
 
         stem = output.name.removesuffix(".parquet")
         path = plot_proxy(
-            [r["layer"] for r in rows],
-            [r["cohens_d"] for r in rows],
+            rows,
             output.with_name(f"{stem}.png"),
             f"{trait.name} · {position}/{aggregator} · {PROXY_LABEL}",
+            f"model {settings.model}",
         )
         files["plots"].append(str(path))
     workspace.write_manifest(

@@ -73,7 +73,11 @@ def estimate_run(
     steps["extract"] = {"generations": 0, "reads": "every kept response, one forward pass each"}
     num_layers = vector_layers or config_num_layers(settings)
     speed = measured_tokens_per_second(workspace, slug)
-    if num_layers is None and not spec.layers:
+    upstream_done = "skipped" in steps["generate"] and (proxy or steps["score"].get("judgements") == 0)
+    finished = upstream_done and vector_path.is_file() and _eval_finished(settings, workspace, trait, spec, proxy)
+    if finished:
+        steps["eval"] = {"skipped": True, "generations": 0, "judgements": 0}
+    elif num_layers is None and not spec.layers:
         steps["eval"] = {"generations": None, "why": "the model's layer count is not known before it is loaded"}
     else:
         estimate = estimate_eval(
@@ -81,7 +85,6 @@ def estimate_run(
             tokens_per_second=speed,
         )  # fmt: skip
         steps["eval"] = {k: estimate[k] for k in ("layers", "questions", "generations", "upper_bound")}
-        steps["eval"]["note"] = "counted as if not run yet: an eval already finished with these inputs is skipped"
         steps["eval"]["judgements"] = 0 if proxy else estimate["judgements"]
     counted = [s.get("generations", 0) for s in steps.values()]  # None: the eval could not be counted
     generations = None if None in counted else sum(counted)
@@ -95,8 +98,35 @@ def estimate_run(
         "judgements": sum(s.get("judgements") or 0 for s in steps.values()),
         "max_new_tokens_total": max_tokens,
         "tokens_per_second": None if speed is None else round(speed, 1),
-        "estimated_generation_seconds": round(max_tokens / speed) if speed and max_tokens else None,
+        "estimated_generation_seconds": round(max_tokens / speed) if speed and max_tokens is not None else None,
     }
+
+
+def _eval_finished(settings: Any, workspace: Any, trait: Any, spec: Any, proxy: bool) -> bool:
+    """Whether the eval `run` would do is already in the workspace with the same inputs (the vector
+    as it is now: the caller checks that nothing upstream will rewrite it). The same fingerprint as
+    `eval_step` / `proxy_step`, so the dry run and the run agree on what is skipped."""
+    from personactl.backends import Sampling
+    from personactl.model.loading import resolve_model
+    from personactl.store.responses import fingerprint_of
+
+    slug = resolve_model(settings.model).slug
+    vector_path = workspace.vectors_path(slug, trait.name, "model")
+    sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
+    if proxy:
+        from personactl.steps.proxy import proxy_fingerprint
+
+        variant = spec.variants[0]
+        fingerprint = proxy_fingerprint(
+            settings, trait, vector_path, spec.layers, variant.position, variant.aggregator, spec.questions, sampling
+        )
+        return workspace.finished(
+            workspace.eval_path(slug, trait.name, "proxy-" + fingerprint_of(fingerprint)), fingerprint
+        )
+    from personactl.steps.evaluate import eval_fingerprint
+
+    fingerprint = eval_fingerprint(settings, trait, spec, vector_path, sampling)
+    return workspace.finished(workspace.eval_path(slug, trait.name, fingerprint_of(fingerprint)), fingerprint)
 
 
 def describe_run_estimate(estimate: dict[str, Any], judge: str) -> str:
@@ -118,7 +148,11 @@ def describe_run_estimate(estimate: dict[str, Any], judge: str) -> str:
             layers = f" at layers {','.join(map(str, step['layers']))}" if step.get("layers") else ""
             lines.append(f"{name}: {' and '.join(what) or 'nothing'}{layers}")
     seconds = estimate["estimated_generation_seconds"]
-    if estimate["generations"] is None:
+    if estimate["generations"] == 0:
+        speed = estimate["tokens_per_second"]
+        measured = f"; {speed:g} tok/s measured here" if speed else ""
+        total = f"total: nothing to generate (every step that generates is finished{measured})"
+    elif estimate["generations"] is None:
         total = "total generation time: not known until the model's layer count is (pass --layers)"
     elif seconds is None:
         total = (
