@@ -20,7 +20,7 @@
   must not grow with the number of pairs). The kernel's high-water mark is reset after the model
   loads, so the peak is the extraction's own (the load peak could be higher and hide it). The JSON
   also keeps the RSS after each batch: `retained_growth_kib` (last minus first) is the part that
-  climbs from batch to batch. What grows and why, with what was tried (README "Benchmarks"): PCA
+  climbs from batch to batch. What grows and why, with what was tried (bench/README.md): PCA
   storage by design (the differences for 100 pairs, the fixed H×H scatter for 1,000), and glibc
   heap fragmentation inside a batch, which rises with the number of batches run; between batches
   `extract_vectors` trims the heap (`activations.release_free_heap`), which keeps RSS nearly flat.

@@ -112,7 +112,7 @@ def judge_loader(settings: Settings, loaded: dict[str, Any]):
 
 def weak_judge_warning(judge: Any) -> None:
     if getattr(judge, "is_weak", False):
-        log(f"warning: {judge.model} is a small local judge; its scores are rough (see README: Score)")
+        log(f"warning: {judge.model} is a small local judge; its scores are rough (see docs/guides/judges.md)")
 
 
 @guarded

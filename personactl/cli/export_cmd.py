@@ -34,7 +34,7 @@ def export(
     config: o.ConfigFile = None,
     json: o.Json = False,
 ) -> None:
-    """Write a vector for another tool; row l becomes direction.{l-1} in GGUF (see README)."""
+    """Write a vector for another tool; row l becomes direction.{l-1} in GGUF (see docs/guides/interop.md)."""
     from personactl.core.ranges import parse_ranges
     from personactl.model.loading import resolve_model
     from personactl.store.interop.exporting import export_vector, resolve_format, select_rows

@@ -77,7 +77,9 @@ VectorPosition = Annotated[
     typer.Option("--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."),
 ]
 Aggregator = Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")]
-SteerPositions = Annotated[str, typer.Option("--positions", help="Where to add: all, prompt or response (see README).")]
+SteerPositions = Annotated[
+    str, typer.Option("--positions", help="Where to add: all, prompt or response (see docs/commands/steer.md).")
+]
 Norm = Annotated[
     str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
 ]

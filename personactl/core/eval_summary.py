@@ -28,7 +28,7 @@ from personactl.errors import InputError
 
 # nats per token. Measured on the embedded SmolLM2 (bf16, the chat mood vector): greedy replies at
 # layers 11/15/19 stay fluent and on topic up to α = 2 (KL 0.21-0.64 over layers 8-22, both signs) and
-# go off topic or into letter soup at α = 4 (KL 1.35-3.1); 1.0 sits between. README, "KL budget".
+# go off topic or into letter soup at α = 4 (KL 1.35-3.1); 1.0 sits between. docs/guides/sinks-diagnostics-kl.md.
 DEFAULT_MAX_KL = 1.0
 
 

@@ -50,7 +50,7 @@ BUILTINS = {
     )
 }
 
-# Used only when a tokenizer has no chat template (base models such as GPT-2); documented in README.
+# Used only when a tokenizer has no chat template (base models such as GPT-2); documented in docs/guides/models.md.
 PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
