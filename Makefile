@@ -38,9 +38,12 @@ endif
 	touch $@
 
 # Two workers (pytest-xdist), one test file each at a time: module-scoped engines and models stay
-# in one process, and the second core works instead of idling (one worker keeps ~1 core busy).
+# in one process, and the second core works instead of idling. tests/conftest.py gives each worker
+# its share of the cores (torch threads) and puts the longest files first; --no-loadscope-reorder
+# keeps that order (xdist would otherwise start with the files that have the most tests, and a
+# one-test file of a minute could be left to run alone at the end).
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS := -q $(if $(filter-out 0 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
+PYTEST_ARGS := -q $(if $(filter-out 0 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: venv vllm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

