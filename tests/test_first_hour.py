@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_traits_new import DraftServer  # a loopback OpenAI-compatible chat server
 from typer.testing import CliRunner
 
 from personactl.backends import Sampling
@@ -208,56 +209,6 @@ def test_ctrl_c_on_the_embedded_model_leaves_no_stray_token(isolated_env, tmp_pa
 # ---------------------------------------------------------------- traits new against a real server
 
 
-class ScriptedServer:
-    """An OpenAI-compatible chat server on loopback answering each request with the next scripted
-    answer: (content, finish_reason) for a completion, or (status, error body) for an HTTP error."""
-
-    def __init__(self, answers):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.answers = list(answers)
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                first, second = server.answers.pop(0)
-                if isinstance(first, int):
-                    status, payload = first, second
-                else:
-                    status = 200
-                    message = {"role": "assistant", "content": first}
-                    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "finish_reason": second, "message": message}]}  # fmt: skip
-                raw = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def draft_env(isolated_env, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -274,7 +225,7 @@ def traits_new(server, *args):
 
 def test_traits_new_sends_max_tokens_and_reports_a_cut_draft(draft_env):
     cut = '{"name": "sure", "description": "The assistant never hedges and states every guess as'
-    with ScriptedServer([(cut, "length")]) as server:
+    with DraftServer([(cut, "length")]) as server:
         result = traits_new(server, "--max-tokens", "512")
     assert server.requests[0]["max_tokens"] == 512 and len(server.requests) == 1  # no retry: it would be cut too
     assert result.exit_code == 2, result.output
@@ -283,14 +234,14 @@ def test_traits_new_sends_max_tokens_and_reports_a_cut_draft(draft_env):
     (saved,) = (draft_env / "ws" / "drafts").glob("trait-draft-*.txt")
     assert cut in saved.read_text() and saved.name in flat.replace(" ", "")
     assert not (draft_env / "traits").exists()
-    with ScriptedServer([(cut, "length")]) as server:
+    with DraftServer([(cut, "length")]) as server:
         traits_new(server)
     assert server.requests[0]["max_tokens"] == 3072  # the default
 
 
 def test_traits_new_shows_and_saves_a_rejected_reply(draft_env):
     bad = "Sure! Here is a trait: " + "blah " * 200 + "END-OF-REPLY"
-    with ScriptedServer([(bad, "stop"), (bad, "stop")]) as server:
+    with DraftServer([(bad, "stop"), (bad, "stop")]) as server:
         result = traits_new(server)
     assert result.exit_code == 2, result.output
     flat = " ".join(result.output.split())
@@ -306,7 +257,7 @@ def test_traits_new_shows_and_saves_a_rejected_reply(draft_env):
 def test_traits_new_shows_the_servers_error_message(draft_env):
     said = "The model `drafter-1` does not exist. Try `qwen2.5-7b-instruct`. (Bearer sk-secretsecretsecret)"
     error = {"error": {"message": said, "type": "NotFoundError"}}
-    with ScriptedServer([(404, error)]) as server:
+    with DraftServer([(404, error)]) as server:
         result = traits_new(server)
     assert result.exit_code == 2, result.output
     flat = " ".join(result.output.split())

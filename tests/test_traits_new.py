@@ -17,9 +17,11 @@ runner = CliRunner()
 
 
 class DraftServer:
-    """Answers each chat completion with the next canned reply; keeps every request body."""
+    """Answers each chat completion with the next canned reply, keeping every request body. A reply is
+    the content (finish_reason "stop"), a `(content, finish_reason)` pair, or `(status, error body)`
+    for an HTTP error."""
 
-    def __init__(self, replies: list[str]):
+    def __init__(self, replies: list):
         self.replies = list(replies)
         self.requests: list[dict] = []
         server = self
@@ -31,19 +33,21 @@ class DraftServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, **body})
-                content = server.replies.pop(0)
-                payload = {
-                    "id": "chatcmpl-draft",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
-                    ],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 100, "total_tokens": 200},
-                }
+                reply = server.replies.pop(0)
+                content, finish = (reply, "stop") if isinstance(reply, str) else reply
+                status, payload = (content, finish) if isinstance(content, int) else (200, None)
+                if payload is None:
+                    message = {"role": "assistant", "content": content}
+                    payload = {
+                        "id": "chatcmpl-draft",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": finish, "message": message}],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 100, "total_tokens": 200},
+                    }
                 raw = json.dumps(payload).encode()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
