@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from personactl.backends import Sampling
-from personactl.chat.session import ChatSession, LoadedVector, TurnStream, chat_backend, load_vector
+from personactl.chat.session import ChatSession, TurnStream, chat_backend
 from personactl.core.ranges import parse_ranges
 from personactl.errors import InputError, PersonactlError
+from personactl.store.vectors import LoadedVector, load_for_model
 
 if TYPE_CHECKING:
     from personactl.model.loading import ModelHandle
@@ -140,7 +141,7 @@ class SteeredEngine:
         key = (path, stat.st_mtime_ns, stat.st_size)
         with self._cache_lock:
             if key not in self._vectors:
-                loaded = load_vector(self.workspace, str(path), self.lm)
+                loaded = load_for_model(self.workspace, str(path), self.lm)
                 if loaded.warning:
                     self.warnings.append(loaded.warning)
                 self._vectors[key] = loaded

@@ -32,12 +32,12 @@ import torch
 
 from personactl.backends import Engine, Sampling, Steering, engine_for
 from personactl.core.directions import NORM_MODES
-from personactl.core.ranges import check_in_range
+from personactl.core.ranges import check_steering_layers
 from personactl.errors import InputError, VectorFileError
 from personactl.model.chat_format import encode_prompt
 from personactl.model.loading import context_limit
 from personactl.model.steering import POSITION_MODES
-from personactl.store.vectors import PersonaVector
+from personactl.store.vectors import LoadedVector, load_for_model
 
 if TYPE_CHECKING:
     from personactl.model.loading import ModelHandle
@@ -173,29 +173,6 @@ class EngineChat:
 def chat_backend(lm: ModelHandle, lock: threading.Lock | None = None) -> ChatBackend:
     """The chat engine for a loaded model handle (a Hugging Face model or a vLLM engine)."""
     return EngineChat(engine_for(lm), lock)
-
-
-@dataclass(frozen=True)
-class LoadedVector:
-    path: Path
-    vector: PersonaVector
-    label: str  # the trait name, else the file name: names the transcript's workspace directory
-    warning: str | None
-
-
-def load_vector(workspace: Workspace, spec: str, lm: ModelHandle) -> LoadedVector:
-    """A vector file or a trait name extracted for this model; refused when made for another shape."""
-    path = workspace.find_vector(spec, lm.source.slug)
-    vector = PersonaVector.load(path)
-    vector.check_compatible(lm.describe())
-    warning = None
-    made_for = vector.metadata.get("model_fingerprint")
-    if (made_for != lm.fingerprint) if made_for else (vector.metadata.get("model") != lm.source.spec):
-        warning = (
-            f"the vector was extracted from {vector.metadata.get('model')}, you are chatting with "
-            f"{lm.source.spec} (same shape, so it runs; is that intended?)"
-        )
-    return LoadedVector(path, vector, str(vector.metadata.get("trait") or path.stem), warning)
 
 
 @dataclass
@@ -391,7 +368,7 @@ class ChatSession:
         self.readout = readout  # a `chat.readout.LiveReadout`: read after every turn
         self.positions = self._check_positions(positions)
         self.norm = _check_choice(norm, NORM_MODES, "norm")
-        self.vector = vector if isinstance(vector, LoadedVector) else load_vector(workspace, vector, lm)
+        self.vector = vector if isinstance(vector, LoadedVector) else load_for_model(workspace, vector, lm)
         self.layers = self._check_layers(layers)
         self.directions = self._directions(self.vector, self.layers, self.norm)
         self.alpha = check_alpha(alpha, self.max_alpha, self.norm)
@@ -497,7 +474,7 @@ class ChatSession:
 
     def set_vector(self, spec: str) -> str | None:
         """Switch vectors; returns a warning when the vector comes from another model of this shape."""
-        loaded = load_vector(self.workspace, spec, self.lm)
+        loaded = load_for_model(self.workspace, spec, self.lm)
         self.directions = self._directions(loaded, self.layers, self.norm)
         self.vector = loaded
         self.alpha = self._clamp(self.alpha)
@@ -534,11 +511,9 @@ class ChatSession:
         self.conversation += 1
 
     def _check_layers(self, layers: Sequence[int]) -> list[int]:
-        layers = sorted(set(check_in_range(list(layers), self.lm.num_layers)))
+        layers = sorted(set(check_steering_layers(list(layers), self.lm.num_layers)))
         if not layers:
             raise InputError("no steering layer given", hint="e.g. /layer 14 or /layer 12,14-16")
-        if 0 in layers:
-            raise InputError("layer 0 is the embeddings, not a steering target", hint="steer at layers 1..L")
         return layers
 
     def _directions(self, loaded: LoadedVector, layers: Sequence[int], norm: str) -> dict[int, torch.Tensor]:

@@ -63,3 +63,11 @@ def parse_floats(text: str, what: str = "coefficient list") -> list[float]:
         if value not in values:
             values.append(value)
     return values
+
+
+def check_steering_layers(values: list[int], num_layers: int) -> list[int]:
+    """Layers a steering term may act on: 1..L (row 0 is the embeddings, which no block outputs)."""
+    check_in_range(values, num_layers)
+    if 0 in values:
+        raise InputError("layer 0 is the embeddings, not a steering target", hint=f"steer at layers 1..{num_layers}")
+    return values

@@ -12,13 +12,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from personactl.core.directions import scale_direction
 from personactl.core.ranges import format_ranges
 from personactl.errors import VectorFileError
+
+if TYPE_CHECKING:
+    from personactl.store.workspace import Workspace
 
 FORMAT = "personactl.vector/1"
 LAYER_CONVENTION = (
@@ -151,3 +154,54 @@ class PersonaVector:
         if vector.predates_sinks:
             note(PRE_SINK_NOTE.format(path=path), str(path.resolve()))
         return vector
+
+
+# ---------------------------------------------------------------- finding a vector for a model
+
+
+@dataclass(frozen=True)
+class LoadedVector:
+    path: Path
+    vector: PersonaVector
+    label: str  # the trait name, else the file name: names a chat transcript's workspace directory
+    warning: str | None  # set when the vector was made from another model of the same shape
+
+
+def made_for_other_model(metadata: dict[str, Any], model_info: dict[str, Any]) -> bool:
+    """The one compatibility rule beyond shape: compare model fingerprints when both sides have one
+    (a new revision of the same hub id counts as another model), else the model spec strings."""
+    mine, theirs = metadata.get("model_fingerprint"), model_info.get("model_fingerprint")
+    if mine and theirs:
+        return mine != theirs
+    return metadata.get("model") != model_info.get("model")
+
+
+class _Source(Protocol):
+    @property
+    def slug(self) -> str: ...
+
+
+class DescribedModel(Protocol):
+    """What vector loading needs of a loaded model (model.loading.ModelHandle has it)."""
+
+    @property
+    def source(self) -> _Source: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def load_for_model(workspace: Workspace, spec: str, lm: DescribedModel, persona: str = "model") -> LoadedVector:
+    """The one way to find a vector for a loaded model: a file path or a trait name looked up in the
+    workspace, refused when made for another shape, and a warning when made for another model of
+    the same shape (`made_for_other_model`)."""
+    model_info = lm.describe()
+    path = workspace.find_vector(spec, lm.source.slug, persona)
+    vector = PersonaVector.load(path)
+    vector.check_compatible(model_info)
+    warning = None
+    if made_for_other_model(vector.metadata, model_info):
+        warning = (
+            f"the vector was extracted from {vector.metadata.get('model')}, you are using "
+            f"{model_info['model']} (same shape, so it runs; is that intended?)"
+        )
+    return LoadedVector(path, vector, str(vector.metadata.get("trait") or path.stem), warning)
