@@ -33,12 +33,11 @@ def run_pipeline(
     on_judged: Callable[[Any], None] = lambda j: None,
     on_judge: Callable[[Any], None] = lambda judge: None,
 ) -> dict[str, Any]:
-    """Run the four steps; return each step's summary and the recommendation."""
-    from personactl.backends import Sampling
-    from personactl.steps.evaluate import eval_step
+    """Run the four steps; return each step's summary and the recommendation. `eval_questions` is
+    unused: the eval reads `spec.questions` (the CLI builds the spec with the same value)."""
+    from personactl.steps.eval_any import eval_or_proxy
     from personactl.steps.extract import extract_step
     from personactl.steps.generate import generate_step
-    from personactl.steps.proxy import proxy_step
     from personactl.steps.score import score_step
 
     steps: dict[str, Any] = {}
@@ -79,36 +78,19 @@ def run_pipeline(
         force=False,
     )
     on_step("eval")
-    sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
-    if proxy:
-        variant = spec.variants[0]
-        _, steps["eval"] = proxy_step(
-            settings=settings,
-            workspace=workspace,
-            trait=trait,
-            load=load,
-            layers=spec.layers,
-            position=variant.position,
-            aggregator=variant.aggregator,
-            questions=eval_questions,
-            sampling=sampling,
-            plots=spec.plots,
-            on_phase=on_phase,
-        )
-    else:
-        _, steps["eval"] = eval_step(
-            settings=settings,
-            workspace=workspace,
-            trait=trait,
-            spec=spec,
-            load=load,
-            load_judge=load_judge,
-            sampling=sampling,
-            on_phase=on_phase,
-            on_chunk=on_chunk,
-            on_judged=on_judged,
-            on_judge=on_judge,
-        )
+    _, steps["eval"] = eval_or_proxy(
+        settings=settings,
+        workspace=workspace,
+        trait=trait,
+        spec=spec,
+        load=load,
+        proxy=proxy,
+        load_judge=load_judge,
+        on_phase=on_phase,
+        on_chunk=on_chunk,
+        on_judged=on_judged,
+        on_judge=on_judge,
+    )
     return {"trait": trait.name, "model": settings.model, "steps": steps, "recommendation": recommendation(steps)}
 
 
