@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,8 @@ from personactl.model.chat_format import (
     encode_example,
     encode_raw,
 )
-from personactl.store.responses import scored_responses, select_pairs
+from personactl.steps.skeleton import StepArtifact
+from personactl.store.responses import ScoredResponses, scored_responses, select_pairs
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
 
 if TYPE_CHECKING:
@@ -187,11 +189,158 @@ def merge_user_diagnostics(main: dict[str, Any], user: dict[str, Any], kept: Seq
     return {**main, "positions": positions, "warnings": warnings}
 
 
+@dataclass
+class ExtractionInput:
+    """The pairs one extraction reads, and what the vector file records about where they came from."""
+
+    pairs: list[PairExample]
+    pair_ids: list[str]
+    positions: list[str]
+    provenance: dict[str, Any]
+    user_pairs: list[PairExample] | None = None
+
+
+def pairs_file_identity(pairs_file: Path) -> dict[str, Any]:
+    """A pairs file by path and content (its hash is what the fingerprint compares)."""
+    import hashlib
+
+    if not Path(pairs_file).is_file():
+        raise InputError(f"pairs file not found: {pairs_file}")
+    return {"pairs_file": str(pairs_file), "pairs_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest()}
+
+
+def scored_identity(scored: ScoredResponses) -> dict[str, Any]:
+    """A trait's responses (and scores, when judged) by the fingerprints of the steps that made them."""
+    return {
+        "responses": str(scored.path),
+        "responses_fingerprint": scored.manifest.get("fingerprint"),
+        "scores_fingerprint": scored.scores_fingerprint,
+    }
+
+
+def extract_fingerprint(
+    settings: Settings,
+    input_id: dict[str, Any],
+    *,
+    rows: list[int] | None,
+    positions: Sequence[str] | None,
+    aggregators: Sequence[str],
+    persona: str,
+    keep_pairs: bool,
+) -> dict[str, Any]:
+    """The inputs a vector file is made from (persona and keep_pairs only when not the default, so
+    earlier files stay current)."""
+    fingerprint = {
+        **input_id,
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+        "rows": rows,
+        "positions": list(positions) if positions is not None else "default",
+        "aggregators": list(aggregators),
+    }
+    if persona != "model":
+        fingerprint["persona"] = persona
+    if keep_pairs:
+        fingerprint["keep_pairs"] = True
+    return fingerprint
+
+
+def judged_pairs_table(scored: ScoredResponses) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """The complete pairs that passed the judge's filter (every complete pair when not scored), and
+    the scores; an error when none is left."""
+    responses, scores = scored.read()
+    table = select_pairs(responses, scores)
+    if scores is not None and table.height == 0:
+        raise InputError(
+            f"no pair passed the judge's filter ({scores['pair_id'].n_unique()} scored)",
+            hint="lower --trait-threshold/--coherence-threshold in score, generate more samples, "
+            "or use a stronger judge",
+        )
+    if table.height == 0:
+        raise InputError(
+            f"{scored.path} has no complete pairs with non-empty responses",
+            hint="regenerate with more questions or a larger --max-new-tokens",
+        )
+    return table, scores
+
+
+def trait_provenance(
+    trait: Trait, persona: str, scored: ScoredResponses, scores: pl.DataFrame | None
+) -> dict[str, Any]:
+    """What a vector file extracted from a trait's responses records: trait, persona, judge and filter."""
+    from personactl.steps.user_persona import USER_SPANS
+
+    scores_manifest = scored.scores_manifest
+    return {
+        "trait": trait.name,
+        "trait_sha256": trait.sha256,
+        "persona": persona,
+        **({"spans": USER_SPANS} if persona == "user" else {}),
+        "source": "responses",
+        "judge": scores_manifest["settings"]["judge_model"] if scores_manifest else None,
+        "filter": (
+            f"judge filter: pos trait >= {scores_manifest['filter']['trait_threshold']:g}, neg trait < it, "
+            f"coherence >= {scores_manifest['filter']['coherence_threshold']:g}"
+            if scores_manifest
+            else "complete non-empty pairs (not scored)"
+        ),
+        "pairs_scored": scores["pair_id"].n_unique() if scores is not None else None,
+    }
+
+
+def input_from_responses(
+    scored: ScoredResponses, trait: Trait, persona: str, positions: Sequence[str] | None, tokenizer: Any
+) -> ExtractionInput:
+    """The judged pairs of a trait's responses, re-encoded as generated (and, for the user persona,
+    the user turns that `user_avg` reads)."""
+    table, scores = judged_pairs_table(scored)
+    pairs = pairs_from_responses(table, tokenizer)
+    user_pairs = None
+    if persona == "user":
+        from personactl.steps.user_persona import USER_POSITIONS, user_turn_pairs
+
+        positions = list(positions or USER_POSITIONS)
+        user_pairs = user_turn_pairs(table, tokenizer) if "user_avg" in positions else None
+    return ExtractionInput(
+        pairs,
+        sorted(set(table["pair_id"])),
+        list(positions or POSITIONS),
+        trait_provenance(trait, persona, scored, scores),
+        user_pairs,
+    )
+
+
+def input_from_pairs_file(
+    pairs_file: Path, label: str, positions: Sequence[str] | None, tokenizer: Any
+) -> ExtractionInput:
+    """The pairs of a JSON-lines file; without prompts, only the response positions exist."""
+    pairs, has_prompt = pairs_from_jsonl(Path(pairs_file), tokenizer)
+    if positions is None:
+        positions = list(POSITIONS) if has_prompt else ["response_start", "response_avg"]
+    if not has_prompt:
+        dropped = [p for p in positions if p.startswith("prompt")]
+        if dropped:
+            raise InputError(
+                f"{pairs_file} has no prompts, so {', '.join(dropped)} cannot be computed",
+                hint='pass --positions response_start,response_avg or add "prompt" to each line',
+            )
+    provenance = {
+        "trait": label,
+        "trait_sha256": None,
+        "persona": "model",
+        "source": "pairs_file",
+        "pairs_file": str(pairs_file),
+        "judge": None,
+    }
+    return ExtractionInput(pairs, [f"line-{i}" for i in range(len(pairs))], positions, provenance)
+
+
 def extract_step(
     *,
     settings: Settings,
     workspace: Workspace,
-    load: Callable[[], Any],
+    load: Callable[[], LoadedModel],
     trait: Trait | None,
     pairs_file: Path | None,
     name: str | None,
@@ -210,134 +359,58 @@ def extract_step(
     for plain-text pairs (which have no prompt)."""
     from personactl.core.ranges import check_in_range
     from personactl.model.loading import resolve_model
-    from personactl.settings import masked_dump
 
     source = resolve_model(settings.model)
     label = trait.name if trait is not None else (name or Path(pairs_file).stem)
     if persona != "model" and trait is None:
         raise InputError("--persona user needs --trait (its user-persona responses)")
-    output = workspace.vectors_path(source.slug, label, persona)
-    if trait is not None:
-        scored = scored_responses(workspace, source.slug, settings.model, trait, persona)
-        responses_path, scores_manifest = scored.path, scored.scores_manifest
-        input_id = {
-            "responses": str(responses_path),
-            "responses_fingerprint": scored.manifest.get("fingerprint"),
-            "scores_fingerprint": scored.scores_fingerprint,
-        }
-    else:
-        if not Path(pairs_file).is_file():
-            raise InputError(f"pairs file not found: {pairs_file}")
-        import hashlib
-
-        input_id = {
-            "pairs_file": str(pairs_file),
-            "pairs_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest(),
-        }
-    fingerprint = {
-        **input_id,
-        "model": settings.model,
-        "revision": settings.revision,
-        "dtype": settings.dtype,
-        "rows": rows,
-        "positions": list(positions) if positions is not None else "default",
-        "aggregators": list(aggregators),
-    }
-    if persona != "model":
-        fingerprint["persona"] = persona
-    if keep_pairs:
-        fingerprint["keep_pairs"] = True
-    summary = {"artifact": str(output), "name": label, "model": settings.model}
-    if not force and workspace.finished(output, fingerprint):
-        return PersonaVector.load(output), {**summary, "skipped": True}
+    scored = scored_responses(workspace, source.slug, settings.model, trait, persona) if trait is not None else None
+    input_id = scored_identity(scored) if scored is not None else pairs_file_identity(pairs_file)
+    fingerprint = extract_fingerprint(
+        settings,
+        input_id,
+        rows=rows,
+        positions=positions,
+        aggregators=aggregators,
+        persona=persona,
+        keep_pairs=keep_pairs,
+    )
+    out = StepArtifact(
+        workspace,
+        workspace.vectors_path(source.slug, label, persona),
+        "vectors",
+        fingerprint,
+        {"name": label, "model": settings.model},
+    )
+    if out.current(force):
+        return PersonaVector.load(out.path), out.skipped()
 
     lm = load()
     apply_thinking(lm.tokenizer, getattr(settings, "thinking", "auto"))  # prompts re-encode as they were generated
     if rows is not None:
         check_in_range(rows, lm.num_layers)
-    if trait is not None:
-        responses, scores = scored.read()
-        table = select_pairs(responses, scores)
-        if scores is not None and table.height == 0:
-            raise InputError(
-                f"no pair passed the judge's filter ({scores['pair_id'].n_unique()} scored)",
-                hint="lower --trait-threshold/--coherence-threshold in score, generate more samples, "
-                "or use a stronger judge",
-            )
-        if table.height == 0:
-            raise InputError(
-                f"{responses_path} has no complete pairs with non-empty responses",
-                hint="regenerate with more questions or a larger --max-new-tokens",
-            )
-        pairs = pairs_from_responses(table, lm.tokenizer)
-        pair_ids = sorted(set(table["pair_id"]))
-        user_pairs = None
-        if persona == "user":
-            from personactl.steps.user_persona import USER_POSITIONS, USER_SPANS, user_turn_pairs
-
-            positions = list(positions or USER_POSITIONS)
-            user_pairs = user_turn_pairs(table, lm.tokenizer) if "user_avg" in positions else None
-        positions = list(positions or POSITIONS)
-        provenance = {
-            "trait": trait.name,
-            "trait_sha256": trait.sha256,
-            "persona": persona,
-            **({"spans": USER_SPANS} if persona == "user" else {}),
-            "source": "responses",
-            "judge": scores_manifest["settings"]["judge_model"] if scores_manifest else None,
-            "filter": (
-                f"judge filter: pos trait >= {scores_manifest['filter']['trait_threshold']:g}, neg trait < it, "
-                f"coherence >= {scores_manifest['filter']['coherence_threshold']:g}"
-                if scores_manifest
-                else "complete non-empty pairs (not scored)"
-            ),
-            "pairs_scored": scores["pair_id"].n_unique() if scores is not None else None,
-        }
+    if scored is not None:
+        job = input_from_responses(scored, trait, persona, positions, lm.tokenizer)
     else:
-        pairs, has_prompt = pairs_from_jsonl(Path(pairs_file), lm.tokenizer)
-        pair_ids, user_pairs = [f"line-{i}" for i in range(len(pairs))], None
-        if positions is None:
-            positions = list(POSITIONS) if has_prompt else ["response_start", "response_avg"]
-        if not has_prompt:
-            dropped = [p for p in positions if p.startswith("prompt")]
-            if dropped:
-                raise InputError(
-                    f"{pairs_file} has no prompts, so {', '.join(dropped)} cannot be computed",
-                    hint='pass --positions response_start,response_avg or add "prompt" to each line',
-                )
-        provenance = {
-            "trait": label,
-            "trait_sha256": None,
-            "persona": "model",
-            "source": "pairs_file",
-            "pairs_file": str(pairs_file),
-            "judge": None,
-        }
-    on_start(len(pairs))
+        job = input_from_pairs_file(Path(pairs_file), label, positions, lm.tokenizer)
+    on_start(len(job.pairs))
     vector, timing = build_vector(
         lm,
-        pairs,
+        job.pairs,
         rows=rows,
-        positions=positions,
+        positions=job.positions,
         aggregators=aggregators,
         batch_tokens=settings.extract_batch_tokens,
-        provenance=provenance,
+        provenance=job.provenance,
         on_batch=on_batch,
-        user_pairs=user_pairs,
+        user_pairs=job.user_pairs,
     )
-    vector.save(output)
+    vector.save(out.path)
     if keep_pairs:
         from personactl.steps.pair_diffs import keep_pair_diffs
 
-        keep_pair_diffs(workspace, output, lm, vector, pairs, user_pairs, pair_ids, settings.extract_batch_tokens)
-    workspace.write_manifest(
-        output,
-        "vectors",
-        fingerprint=fingerprint,
-        model=lm.describe(),
-        settings=masked_dump(settings),
-        counts={"pairs": len(pairs), "tokens": vector.metadata["n_tokens"]},
-        timings=timing,
-        metadata=vector.metadata,
-    )
-    return vector, {**summary, "skipped": False, "pairs": len(pairs), **timing}
+        batch_tokens = settings.extract_batch_tokens
+        keep_pair_diffs(workspace, out.path, lm, vector, job.pairs, job.user_pairs, job.pair_ids, batch_tokens)
+    counts = {"pairs": len(job.pairs), "tokens": vector.metadata["n_tokens"]}
+    out.commit(None, settings=settings, model=lm.describe(), counts=counts, timings=timing, metadata=vector.metadata)
+    return vector, out.done(pairs=len(job.pairs), **timing)
