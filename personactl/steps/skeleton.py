@@ -73,3 +73,37 @@ class StepArtifact:
     def done(self, **extra: Any) -> dict[str, Any]:
         """The summary of a run that did the work."""
         return {**self.summary, "skipped": False, **extra}
+
+    def amend(self, **fields: Any) -> dict[str, Any]:
+        """Rewrite the manifest with `fields` replaced and every other field kept as it was (its
+        kind, fingerprint and settings included): a summary redone from the saved artifact."""
+        kept = {k: v for k, v in self.manifest().items() if k not in ("kind", "artifact", "created", "versions")}
+        return self.workspace.write_manifest(self.path, self.kind, **{**kept, **fields})
+
+
+@dataclass
+class RunArtifact(StepArtifact):
+    """An output written anew on every run under a fresh name (steer's timestamped tables): never
+    current, so it has no fingerprint and its manifest records none."""
+
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def current(self, force: bool = False) -> bool:
+        return False
+
+    def commit(
+        self,
+        write: Callable[[Path], object] | None,
+        *,
+        settings: Settings | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """`StepArtifact.commit` without the fingerprint."""
+        if write is not None:
+            with atomic_path(self.path) as tmp:
+                write(tmp)
+        if settings is not None:
+            from personactl.settings import masked_dump
+
+            fields = {"settings": masked_dump(settings), **fields}
+        return self.workspace.write_manifest(self.path, self.kind, **fields)

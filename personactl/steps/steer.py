@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from personactl.backends import Sampling
-from personactl.core.ranges import check_in_range
+from personactl.backends import Sampling, open_engine
+from personactl.core.ranges import check_steering_layers
 from personactl.errors import InputError
 from personactl.model.chat_format import chat_messages, encode_prompt
 from personactl.model.steering import plan_grid
-from personactl.store.vectors import PersonaVector
+from personactl.steps.skeleton import RunArtifact
+from personactl.store.vectors import load_for_model
 
 if TYPE_CHECKING:
+    import torch
+
+    from personactl.backends import Generation
     from personactl.model.loading import ModelHandle
+    from personactl.model.steering import GridRow
     from personactl.settings import Settings
     from personactl.store.workspace import Workspace
 
@@ -60,28 +65,17 @@ def steer_step(
     on_start: Callable[[int], None] = lambda n: None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    from personactl.backends import open_engine
-
+    """Answer every prompt unsteered and at each layer × α with the vector `vector_spec` names; save
+    the table as a new `steer-<time>` artifact and return it with a summary (warnings included)."""
     if not prompts or any(not p.strip() for p in prompts):
         raise InputError("empty prompt", hint="pass --prompt TEXT (or --prompts-file with one prompt per line)")
-    path = workspace.find_vector(vector_spec, lm.source.slug)
-    vector = PersonaVector.load(path)
-    vector.check_compatible(lm.describe())
-    warnings = []
-    if vector.metadata.get("model") != lm.source.spec:
-        warnings.append(
-            f"the vector was extracted from {vector.metadata.get('model')}, you are steering "
-            f"{lm.source.spec} (same shape, so it runs; is that intended?)"
-        )
-    layers = check_in_range(layers or [default_layer(lm.num_layers)], lm.num_layers)
-    if 0 in layers:
-        raise InputError("layer 0 is the embeddings, not a steering target", hint="steer at layers 1..L")
-    directions = {layer: vector.direction(layer, position, aggregator, norm) for layer in layers}
+    loaded = load_for_model(workspace, vector_spec, lm)
+    layers = check_steering_layers(layers or [default_layer(lm.num_layers)], lm.num_layers)
+    directions = {layer: loaded.vector.direction(layer, position, aggregator, norm) for layer in layers}
     prompt_ids = [encode_prompt(lm.tokenizer, chat_messages(system_prompt, p)) for p in prompts]
     rows = plan_grid(len(prompts), layers, coefficients)
     on_start(len(rows))
     start = time.perf_counter()
-    records = []
     grid = open_engine(settings, lm).run_grid(
         prompt_ids,
         rows,
@@ -92,37 +86,12 @@ def steer_step(
         positions=positions,
         on_chunk=on_chunk,
     )
-    for row, gen in grid:
-        norm_value = float(directions[row.layer].float().norm()) if row.layer is not None else 0.0
-        records.append(
-            {
-                "prompt_index": row.prompt_index,
-                "prompt": prompts[row.prompt_index],
-                "system_prompt": system_prompt,
-                "baseline": row.baseline,
-                "layer": row.layer,
-                "coefficient": row.coefficient,
-                "norm_mode": norm,
-                "vector_norm": norm_value,
-                "effective_norm": abs(row.coefficient) * norm_value,
-                "text": gen.text,
-                "n_prompt_tokens": len(prompt_ids[row.prompt_index]),
-                "n_tokens": len(gen.token_ids),
-                "finish_reason": gen.finish_reason,
-            }
-        )
+    records = [_record(row, gen, prompts, prompt_ids, system_prompt, norm, directions) for row, gen in grid]
     seconds = time.perf_counter() - start
     table = pl.DataFrame(records, schema=STEER_SCHEMA)
-    label = vector.metadata.get("trait") or path.stem
-    output = workspace.steer_run_path(lm.source.slug, label)
-    from personactl.settings import masked_dump
-    from personactl.store.workspace import atomic_path
-
-    with atomic_path(output) as tmp:
-        table.write_parquet(tmp)
     run_info = {
-        "vector": str(path),
-        "vector_trait": vector.metadata.get("trait"),
+        "vector": str(loaded.path),
+        "vector_trait": loaded.vector.metadata.get("trait"),
         "layers": layers,
         "coefficients": coefficients,
         "position": position,
@@ -132,11 +101,11 @@ def steer_step(
         "sampling": sampling.__dict__,
         "seed": settings.seed,
     }
-    workspace.write_manifest(
-        output,
-        "steer",
+    out = RunArtifact(workspace, workspace.steer_run_path(lm.source.slug, loaded.label), "steer", summary=run_info)
+    out.commit(
+        table.write_parquet,
+        settings=settings,
         model=lm.describe(),
-        settings=masked_dump(settings),
         run=run_info,
         counts={"rows": table.height, "prompts": len(prompts)},
         timings={
@@ -144,10 +113,33 @@ def steer_step(
             "tokens_per_second": round(int(table["n_tokens"].sum()) / max(seconds, 1e-9), 1),
         },
     )
-    return table, {
-        "artifact": str(output),
-        **run_info,
-        "rows": table.height,
-        "seconds": round(seconds, 2),
-        "warnings": warnings,
+    warnings = [loaded.warning] if loaded.warning else []
+    return table, out.done(rows=table.height, seconds=round(seconds, 2), warnings=warnings)
+
+
+def _record(
+    row: GridRow,
+    gen: Generation,
+    prompts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
+    system_prompt: str | None,
+    norm: str,
+    directions: Mapping[int, torch.Tensor],
+) -> dict[str, Any]:
+    """One table row (`STEER_SCHEMA`): the prompt, where and how hard it was steered, the reply."""
+    norm_value = float(directions[row.layer].float().norm()) if row.layer is not None else 0.0
+    return {
+        "prompt_index": row.prompt_index,
+        "prompt": prompts[row.prompt_index],
+        "system_prompt": system_prompt,
+        "baseline": row.baseline,
+        "layer": row.layer,
+        "coefficient": row.coefficient,
+        "norm_mode": norm,
+        "vector_norm": norm_value,
+        "effective_norm": abs(row.coefficient) * norm_value,
+        "text": gen.text,
+        "n_prompt_tokens": len(prompt_ids[row.prompt_index]),
+        "n_tokens": len(gen.token_ids),
+        "finish_reason": gen.finish_reason,
     }
