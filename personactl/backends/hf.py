@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
+from personactl.backends.hf_rows import RowRequest, RowSampler, RowStops, RowStreamer
 from personactl.errors import InputError
 from personactl.model.steering import POSITION_MODES, GridRow, Steerer, run_grid
 
@@ -35,6 +36,17 @@ def contiguous_lm_head_input(model: Any) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, left-padded: every row's next token is at column `width`."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
+        mask[i, width - len(prompt) :] = 1
+    return ids, mask
 
 
 class _StopOnEvent:
@@ -81,12 +93,7 @@ class HFBackend:
         """One batched `generate` call. Same prompts, sampling and seed give the same tokens."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):  # left padding: every row's next token is at column `width`
-            ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
-            mask[i, width - len(prompt) :] = 1
+        ids, mask = left_padded(prompts, self.tokenizer.pad_token_id)
         torch.manual_seed(seed)
         with torch.inference_mode(), contiguous_lm_head_input(self.model):
             out = self.model.generate(
@@ -165,6 +172,34 @@ class HFBackend:
                 stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
             )
         return out[0, len(prompt) :].tolist()
+
+    max_stream_batch = 64  # rows of one mixed batch (`stream_batch`)
+
+    def stream_batch(self, rows: Sequence[RowRequest]) -> list[list[int]]:
+        """Generate every row in one batched call, each with its own sampling, seed, budget, stop
+        signal and steering (`Steerer.per_row`), handing tokens to each row as they come. Returns
+        each row's generated tokens (its end-of-turn token included)."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        device = next(self.model.parameters()).device
+        width = max(len(row.prompt) for row in rows)
+        ids, mask = left_padded([row.prompt for row in rows], self.tokenizer.pad_token_id)
+        streamer = RowStreamer(rows, self.stop_ids)
+        config = self._config(Sampling(max(row.sampling.max_new_tokens for row in rows), 0.0, 1.0))
+        steered = [row.steering for row in rows]
+        steerer = (
+            Steerer.per_row(self.model, steered) if any(s is not None for s in steered) else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), contiguous_lm_head_input(self.model), steerer:
+            self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([RowSampler(rows, device)]),
+                stopping_criteria=StoppingCriteriaList([RowStops(rows, width)]),
+                streamer=streamer,
+            )
+        return streamer.tokens
 
     def check_positions(self, positions: str) -> None:
         if positions not in self.position_modes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,6 +29,21 @@ def _as_coefficient(value: float | torch.Tensor, device: Any) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1).clone()
 
 
+MODE_CODES = {mode: code for code, mode in enumerate(POSITION_MODES)}
+
+
+class RowSteering(Protocol):
+    """One batch row's own steering: α · direction at each of its layers, at its positions
+    (`personactl.backends.Steering` is one; a row without steering is `None`)."""
+
+    @property
+    def directions(self) -> Mapping[int, torch.Tensor]: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def positions(self) -> str: ...
+
+
 class Steerer:
     """Context manager that steers any Hugging Face causal LM; hooks are removed on exit.
 
@@ -38,7 +53,10 @@ class Steerer:
     `vector`: `[H]` (the same direction at every layer), `[L+1, H]` (row `l` at layer `l`), or a
     mapping `{layer: [H]}`. `coefficient`: a float, a `[B]` tensor (one per batch row), or a
     mapping `{layer: float | [B]}`. Coefficients live in tensors updated in place
-    (`set_coefficients`), so a compiled model does not recompile when they change."""
+    (`set_coefficients`), so a compiled model does not recompile when they change.
+
+    `Steerer.per_row(model, rows)` gives every batch row its own configuration instead (its own
+    vectors, layers, α and position mode); a row of `None` or α = 0 is left exactly unsteered."""
 
     def __init__(
         self,
@@ -51,11 +69,11 @@ class Steerer:
     ):
         from personactl.model.loading import decoder_layers as find_layers
 
-        if positions not in POSITION_MODES:
-            raise InputError(f"unknown steering positions {positions!r}", hint=f"choose {', '.join(POSITION_MODES)}")
+        _check_mode(positions)
         self.model = model
         self.blocks = decoder_layers if decoder_layers is not None else find_layers(model)
         self.positions = positions
+        self.row_modes: torch.Tensor | None = None  # [B] codes of MODE_CODES, set by `per_row`
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if isinstance(vector, Mapping):
@@ -65,19 +83,55 @@ class Steerer:
                 raise InputError("Steerer needs layers when given a single vector")
             directions = {layer: (vector[layer] if vector.dim() == 2 else vector) for layer in layers}
         for layer, direction in directions.items():
-            if not 1 <= layer <= len(self.blocks):
-                raise InputError(
-                    f"steering layer {layer} out of range 1..{len(self.blocks)}",
-                    hint="layer l = output of decoder block l (0 is the embeddings)",
-                )
-            if direction.dim() != 1 or not torch.isfinite(direction).all():
-                raise InputError(f"the steering vector at layer {layer} is not a finite 1-D vector")
+            self._check_direction(layer, direction)
         self.directions = {layer: d.to(self.device, self.dtype) for layer, d in sorted(directions.items())}
         self.coefficients: dict[int, torch.Tensor] = {}
+        self.row_deltas: dict[int, torch.Tensor] | None = None  # {layer: [B, H]}, set by `per_row`
         self.set_coefficients(coefficient)
         self._handles: list[Any] = []
         self._offset = 0
         self._prompt_width = 0
+
+    @classmethod
+    def per_row(cls, model: Any, rows: Sequence[RowSteering | None], decoder_layers: Any = None) -> Steerer:
+        """Hooks at every layer any row steers; row `b` adds its own α · direction there (zeros at
+        the layers it does not steer) at the positions of its own mode."""
+        layers = sorted({layer for row in rows if row is not None for layer in row.directions})
+        unit = {
+            layer: next(r.directions[layer] for r in rows if r is not None and layer in r.directions)
+            for layer in layers
+        }
+        steerer = cls(model, unit, coefficient=0.0, decoder_layers=decoder_layers)
+        for row in rows:
+            if row is not None:
+                _check_mode(row.positions)
+                for layer, direction in row.directions.items():
+                    steerer._check_direction(layer, direction)
+        steerer.row_deltas = {layer: steerer._deltas_at(layer, rows) for layer in layers}
+        modes = [MODE_CODES[row.positions] if row is not None else MODE_CODES["all"] for row in rows]
+        steerer.row_modes = torch.tensor(modes, device=steerer.device)
+        return steerer
+
+    def _deltas_at(self, layer: int, rows: Sequence[RowSteering | None]) -> torch.Tensor:
+        """`[B, H]`: what each row adds at `layer`, computed as the one-vector path does (α cast to
+        the model's dtype times the direction in it), so a row equals its own run alone."""
+        deltas = torch.zeros(
+            len(rows), next(iter(self.directions.values())).shape[0], device=self.device, dtype=self.dtype
+        )
+        for b, row in enumerate(rows):
+            if row is not None and layer in row.directions and row.alpha != 0:
+                alpha = _as_coefficient(row.alpha, self.device).to(self.dtype)
+                deltas[b] = alpha * row.directions[layer].to(self.device, self.dtype)
+        return deltas
+
+    def _check_direction(self, layer: int, direction: torch.Tensor) -> None:
+        if not 1 <= layer <= len(self.blocks):
+            raise InputError(
+                f"steering layer {layer} out of range 1..{len(self.blocks)}",
+                hint="layer l = output of decoder block l (0 is the embeddings)",
+            )
+        if direction.dim() != 1 or not torch.isfinite(direction).all():
+            raise InputError(f"the steering vector at layer {layer} is not a finite 1-D vector")
 
     def set_coefficients(self, coefficient: float | torch.Tensor | Mapping[int, float | torch.Tensor]) -> None:
         """Change coefficients in place (a new tensor only when the batch size changes)."""
@@ -98,6 +152,8 @@ class Steerer:
     def _position_mask(self, length: int, device: Any) -> torch.Tensor | None:
         if self._offset == 0:
             self._prompt_width = length
+        if self.row_modes is not None:
+            return self._row_position_mask(length, device)
         if self.positions == "all":
             return None
         positions = torch.arange(self._offset, self._offset + length, device=device)
@@ -107,15 +163,32 @@ class Steerer:
             keep = positions >= self._prompt_width - 1
         return keep[None, :, None]
 
-    def _hook(self, layer: int):
-        direction = self.directions[layer]
+    def _row_position_mask(self, length: int, device: Any) -> torch.Tensor:
+        """`[B, T, 1]`: each row's own mode (rows share the prompt width: prompts are left-padded)."""
+        positions = torch.arange(self._offset, self._offset + length, device=device)[None, :]
+        modes = self.row_modes.to(device)[:, None]
+        prompt = positions < self._prompt_width
+        response = positions >= self._prompt_width - 1
+        keep = torch.where(modes == MODE_CODES["prompt"], prompt, response)
+        keep = torch.where(modes == MODE_CODES["all"], torch.ones_like(keep), keep)
+        return keep[:, :, None]
 
+    def _delta(self, layer: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """`[B or 1, 1, H]`: what this forward adds at `layer`."""
+        if self.row_deltas is not None:
+            deltas = self.row_deltas[layer]
+            if deltas.shape[0] != batch:
+                raise InputError(f"steering for {deltas.shape[0]} rows given to a batch of {batch}")
+            return deltas.to(dtype)[:, None, :]
+        coef = self.coefficients[layer]  # looked up per call: it is replaced when the batch size changes
+        if coef.numel() not in (1, batch):
+            raise InputError(f"{coef.numel()} steering coefficients for a batch of {batch}")
+        return coef.to(dtype)[:, None, None] * self.directions[layer]
+
+    def _hook(self, layer: int):
         def hook(_module: Any, _args: Any, output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple) else output
-            coef = self.coefficients[layer]  # looked up per call: it is replaced when the batch size changes
-            if coef.numel() not in (1, hidden.shape[0]):
-                raise InputError(f"{coef.numel()} steering coefficients for a batch of {hidden.shape[0]}")
-            delta = coef.to(hidden.dtype)[:, None, None] * direction
+            delta = self._delta(layer, hidden.shape[0], hidden.dtype)
             mask = self._position_mask(hidden.shape[1], hidden.device)
             if mask is not None:
                 delta = delta * mask
@@ -141,6 +214,11 @@ class Steerer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _check_mode(positions: str) -> None:
+    if positions not in POSITION_MODES:
+        raise InputError(f"unknown steering positions {positions!r}", hint=f"choose {', '.join(POSITION_MODES)}")
 
 
 @dataclass(frozen=True)
