@@ -21,9 +21,11 @@ import polars as pl
 
 from personactl.errors import ConfigError, InputError, JudgeError
 from personactl.judging.remote import COHERENCE_RUBRIC, JudgeCache, Judgement, RemoteJudge
+from personactl.steps.skeleton import StepArtifact
 from personactl.store.workspace import read_table
 
 if TYPE_CHECKING:
+    from personactl.judging.local import LocalJudge
     from personactl.settings import Settings
     from personactl.store.traits import Trait
     from personactl.store.workspace import Workspace
@@ -104,6 +106,120 @@ def make_judge(settings: Settings, cache: JudgeCache | None, *, require_key: boo
     )
 
 
+def responses_to_score(
+    workspace: Workspace, slug: str, model: str, trait: Trait, persona: str
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The trait's finished responses table and its manifest; an error when the table holds no row."""
+    responses_path, manifest = workspace.require_responses(slug, model, trait, persona)
+    responses = read_table(responses_path)
+    if responses.height == 0:
+        raise InputError(
+            f"{responses_path} has no responses to score",
+            hint=f"regenerate: personactl generate --trait {trait.name} --force",
+        )
+    return responses, manifest
+
+
+def judge_prompts(responses: pl.DataFrame, trait: Trait, persona: str) -> list[str]:
+    """Two prompts per response, in row order: the trait's rubric, then coherence. For the user
+    persona the trait is the user's (their message); the reply is checked for coherence."""
+    prompts = []
+    for row in responses.iter_rows(named=True):
+        if persona == "user":
+            from personactl.steps.user_persona import user_trait_prompt
+
+            prompts.append(user_trait_prompt(trait, row["question"]))
+        else:
+            prompts.append(trait.judge_prompt(row["question"], row["response"]))
+        prompts.append(coherence_prompt(row["question"], row["response"]))
+    return prompts
+
+
+def scores_fingerprint(settings: Settings, trait: Trait, responses_fingerprint: Any, persona: str) -> dict[str, Any]:
+    """The inputs a scores table is made from (the thresholds are not: a new filter reuses the
+    judgements). A local judge has no endpoint or mode."""
+    local = settings.judge_model.startswith(LOCAL_PREFIX)
+    fingerprint = {
+        "responses": responses_fingerprint,
+        "trait_sha256": trait.sha256,
+        "judge_model": settings.judge_model,
+        "judge_base_url": None if local else settings.judge_base_url,
+        "judge_mode": "local" if local else settings.judge_mode,
+    }
+    if persona != "model":
+        fingerprint["persona"] = persona
+    return fingerprint
+
+
+def dry_run_estimate(settings: Settings, to_send: list[str], cached: int) -> dict[str, Any]:
+    """What a run would send: judgements not in the cache, and roughly how many prompt tokens."""
+    local = settings.judge_model.startswith(LOCAL_PREFIX)
+    return {
+        "dry_run": True,
+        "judgements": len(to_send),
+        "cached": cached,
+        "local": local,
+        "estimated_prompt_tokens": sum(len(p) for p in to_send) // 4,
+        "requests_per_judgement": "1" if settings.judge_mode == "single" or local else "1 (single) or 3-6 (digits)",
+    }
+
+
+def scores_table(
+    responses: pl.DataFrame, judgements: list[Judgement], judge_model: str, trait_t: float, coherence_t: float
+) -> pl.DataFrame:
+    """One row per response with its two scores (and why one is missing), filtered pair by pair."""
+    trait_j, coherence_j = judgements[0::2], judgements[1::2]
+    scores = pl.DataFrame(
+        {
+            "pair_id": responses["pair_id"],
+            "polarity": responses["polarity"],
+            "trait_score": [j.score for j in trait_j],
+            "trait_reason": [j.reason for j in trait_j],
+            "coherence_score": [j.score for j in coherence_j],
+            "coherence_reason": [j.reason for j in coherence_j],
+            "keep": [False] * responses.height,
+            "judge_model": [judge_model] * responses.height,
+        },
+        schema=SCORES_SCHEMA,
+    )
+    return apply_filter(scores, trait_t, coherence_t).select(list(SCORES_SCHEMA))
+
+
+def score_counts(scores: pl.DataFrame, judgements: list[Judgement], requests_sent: int, cached: int) -> dict[str, Any]:
+    """The manifest's and the summary's counts: rows, pairs kept, missing scores and why, requests."""
+    return {
+        "rows": scores.height,
+        "pairs": scores["pair_id"].n_unique(),
+        "kept_pairs": scores.filter(pl.col("keep"))["pair_id"].n_unique(),
+        "missing_trait": scores["trait_score"].null_count(),
+        "missing_coherence": scores["coherence_score"].null_count(),
+        "requests_sent": requests_sent,
+        "cache_hits": cached,
+        "failed": sum(1 for j in judgements if j.transient),
+        "no_score_reasons": reason_counts([j for j in judgements if j.score is None]),
+    }
+
+
+def judge_description(settings: Settings, judge: RemoteJudge | LocalJudge) -> dict[str, Any]:
+    """The judge as the manifest records it (a remote judge also with the mode it used)."""
+    info = {"model": settings.judge_model, "identity": judge.identity}
+    if not settings.judge_model.startswith(LOCAL_PREFIX):
+        info["mode"] = judge.resolved_mode or settings.judge_mode
+    return info
+
+
+def check_answered(judgements: list[Judgement], judge_model: str) -> list[Judgement]:
+    """The failed judgements (the judge gave no answer); an error, with nothing written, when every
+    one failed."""
+    failures = [j for j in judgements if j.transient]
+    if failures and len(failures) == len(judgements):
+        raise JudgeError(
+            f"the judge {judge_model} answered none of {len(judgements)} judgements "
+            f"({describe_reasons(reason_counts(failures))}); nothing was written"
+        )
+    return failures
+
+
 def score_step(
     *,
     settings: Settings,
@@ -121,133 +237,55 @@ def score_step(
 
     `load(spec)` loads a model for a local judge; `on_judge(judge)` sees the judge before it runs."""
     from personactl.model.loading import resolve_model
-    from personactl.settings import masked_dump
 
     slug = resolve_model(settings.model).slug
-    responses_path, responses_manifest = workspace.require_responses(slug, settings.model, trait, persona)
-    responses = read_table(responses_path)
-    if responses.height == 0:
-        raise InputError(
-            f"{responses_path} has no responses to score",
-            hint=f"regenerate: personactl generate --trait {trait.name} --force",
-        )
-    prompts = []
-    for row in responses.iter_rows(named=True):
-        if persona == "user":  # the trait is the user's (their message); the reply is checked for coherence
-            from personactl.steps.user_persona import user_trait_prompt
-
-            prompts.append(user_trait_prompt(trait, row["question"]))
-        else:
-            prompts.append(trait.judge_prompt(row["question"], row["response"]))
-        prompts.append(coherence_prompt(row["question"], row["response"]))
-    output = workspace.scores_path(slug, trait.name, persona)
+    responses, responses_manifest = responses_to_score(workspace, slug, settings.model, trait, persona)
+    prompts = judge_prompts(responses, trait, persona)
     trait_t, coherence_t = effective_thresholds(settings, trait)
-    local = settings.judge_model.startswith(LOCAL_PREFIX)
-    fingerprint = {
-        "responses": workspace.read_manifest(responses_path).get("fingerprint"),
-        "trait_sha256": trait.sha256,
-        "judge_model": settings.judge_model,
-        "judge_base_url": None if local else settings.judge_base_url,
-        "judge_mode": "local" if local else settings.judge_mode,
-    }
-    if persona != "model":
-        fingerprint["persona"] = persona
+    fingerprint = scores_fingerprint(settings, trait, responses_manifest.get("fingerprint"), persona)
     filter_ = {"trait_threshold": trait_t, "coherence_threshold": coherence_t}
-    summary: dict[str, Any] = {"artifact": str(output), "trait": trait.name, "judge_model": settings.judge_model}
-    if not dry_run and not force and workspace.finished(output, fingerprint):
-        if (workspace.read_manifest(output) or {}).get("filter") == filter_:
-            return read_table(output), {**summary, "skipped": True}
-        # new thresholds: the judgements come back from the cache and only the filter is redone
+    summary = {"trait": trait.name, "judge_model": settings.judge_model}
+    out = StepArtifact(workspace, workspace.scores_path(slug, trait.name, persona), "scores", fingerprint, summary)
+    if not dry_run and out.current(force) and out.manifest().get("filter") == filter_:
+        return read_table(out.path), out.skipped()
+    # (new thresholds: the judgements come back from the cache and only the filter is redone)
     cache = JudgeCache(workspace.judge_cache_path)
     try:
         judge = make_judge(settings, cache, require_key=not dry_run, load=load)
         to_send = [p for p in prompts if cache.get(JudgeCache.key(judge.identity, p)) is None]
         cached = len(prompts) - len(to_send)
         if dry_run:
-            return None, {
-                **summary,
-                "dry_run": True,
-                "judgements": len(to_send),
-                "cached": cached,
-                "local": local,
-                "estimated_prompt_tokens": sum(len(p) for p in to_send) // 4,
-                "requests_per_judgement": "1"
-                if settings.judge_mode == "single" or local
-                else "1 (single) or 3-6 (digits)",
-            }
+            return None, {**out.summary, **dry_run_estimate(settings, to_send, cached)}
         on_judge(judge)
         on_start(len(prompts), cached)
         start = time.perf_counter()
         judgements = judge.judge(prompts, on_done)
-        seconds = time.perf_counter() - start
+        seconds = round(time.perf_counter() - start, 2)
     finally:
         cache.close()
-    failures = [j for j in judgements if j.transient]
-    if failures and len(failures) == len(judgements):
-        raise JudgeError(
-            f"the judge {settings.judge_model} answered none of {len(judgements)} judgements "
-            f"({describe_reasons(reason_counts(failures))}); nothing was written"
-        )
-    trait_j, coherence_j = judgements[0::2], judgements[1::2]
-    scores = pl.DataFrame(
-        {
-            "pair_id": responses["pair_id"],
-            "polarity": responses["polarity"],
-            "trait_score": [j.score for j in trait_j],
-            "trait_reason": [j.reason for j in trait_j],
-            "coherence_score": [j.score for j in coherence_j],
-            "coherence_reason": [j.reason for j in coherence_j],
-            "keep": [False] * responses.height,
-            "judge_model": [settings.judge_model] * responses.height,
-        },
-        schema=SCORES_SCHEMA,
-    )
-    scores = apply_filter(scores, trait_t, coherence_t).select(list(SCORES_SCHEMA))
-    from personactl.store.workspace import atomic_path
-
-    with atomic_path(output) as tmp:
-        scores.write_parquet(tmp)
-    counts = {
-        "rows": scores.height,
-        "pairs": scores["pair_id"].n_unique(),
-        "kept_pairs": scores.filter(pl.col("keep"))["pair_id"].n_unique(),
-        "missing_trait": scores["trait_score"].null_count(),
-        "missing_coherence": scores["coherence_score"].null_count(),
-        "requests_sent": judge.requests_sent,
-        "cache_hits": cached,
-        "failed": len(failures),
-        "no_score_reasons": reason_counts([j for j in judgements if j.score is None]),
-    }
-    judge_info = {"model": settings.judge_model, "identity": judge.identity}
-    if not local:
-        judge_info["mode"] = judge.resolved_mode or settings.judge_mode
-    workspace.write_manifest(
-        output,
-        "scores",
-        fingerprint=fingerprint,
-        settings=masked_dump(settings),
-        trait={"name": trait.name, "sha256": trait.sha256},
+    failures = check_answered(judgements, settings.judge_model)
+    scores = scores_table(responses, judgements, settings.judge_model, trait_t, coherence_t)
+    counts = score_counts(scores, judgements, judge.requests_sent, cached)
+    judge_info = judge_description(settings, judge)
+    trait_info = {"name": trait.name, "sha256": trait.sha256}
+    out.commit(
+        scores.write_parquet,
+        settings=settings,
+        trait=trait_info,
         judge=judge_info,
         filter=filter_,
         counts=counts,
         complete=not failures,
-        timings={"seconds": round(seconds, 2)},
+        timings={"seconds": seconds},
     )
     if failures:
         raise JudgeError(
             f"{len(failures)} of {len(judgements)} judgements failed ({describe_reasons(reason_counts(failures))}); "
-            f"{output} is saved but incomplete",
+            f"{out.path} is saved but incomplete",
             hint="rerun the same command: it sends only the failed judgements (answers are cached)",
         )
-    return scores, {
-        **summary,
-        "skipped": False,
-        **counts,
-        "judge": judge_info,
-        "filter": filter_,
-        "seconds": round(seconds, 2),
-        "by_polarity": polarity_summary(scores),
-    }
+    by_polarity = polarity_summary(scores)
+    return scores, out.done(**counts, judge=judge_info, filter=filter_, seconds=seconds, by_polarity=by_polarity)
 
 
 def polarity_summary(scores: pl.DataFrame) -> list[dict[str, Any]]:
