@@ -1,5 +1,6 @@
 """A corrupt readout or pair-differences file is one line naming the file plus a hint, exit 2 —
-never "internal error" (exit 1), whichever command reads it."""
+never "internal error" (exit 1), whichever command reads it: `monitor --readout`, `chat --readout`,
+`compare --bootstrap`. All three file kinds go through store/tagged_file.py, tested directly here too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from personactl.cli.app import app
+from personactl.errors import VectorFileError
+from personactl.store.pair_diffs_file import load_pair_diffs, save_pair_diffs
+from personactl.store.readout_file import Readout
+from personactl.store.tagged_file import read_tagged, write_tagged
 
 runner = CliRunner()
 
@@ -43,27 +48,87 @@ def non_json_metadata(path):
 CORRUPTIONS = [truncated, garbage, non_json_metadata]
 
 
-@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
-def test_corrupt_readout_file_in_monitor(isolated_env, tmp_path, tiny_factory, corrupt):
-    from personactl.steps.readout import Readout
-
-    path = tmp_path / "r.safetensors"
+def write_readout(path):
     tensors = {f"vectors.{r}": torch.eye(2, 32) for r in (1, 2)} | {f"center.{r}": torch.zeros(32) for r in (1, 2)}
     Readout(tensors, {"concepts": ["calm", "angry"], "rows": [1, 2]}).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- the one reader/writer
+
+
+def test_tagged_file_round_trip_is_atomic_and_reads_only_the_keys_asked(tmp_path):
+    path = tmp_path / "t.safetensors"
+    tensors = {"a": torch.arange(6.0).reshape(2, 3).T, "b": torch.ones(2)}  # `a` is not contiguous
+    write_tagged(path, tensors, "test.kind/1", {"rows": [1, 2], "nested": {"x": None}})
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+    file = read_tagged(path, "test.kind/1", "remake it", what="test file")
+    assert file.metadata == {"rows": [1, 2], "nested": {"x": None}}  # the tag is not metadata
+    assert set(file.tensors) == {"a", "b"} and torch.equal(file.tensors["a"], tensors["a"])
+    only = read_tagged(path, "test.kind/1", "remake it", what="test file", keys={"b", "missing"})
+    assert set(only.tensors) == {"b"}
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
+def test_tagged_file_corrupt_or_foreign_is_one_vector_file_error(tmp_path, corrupt):
+    path = tmp_path / "t.safetensors"
+    write_tagged(path, {"a": torch.zeros(64)}, "test.kind/1", {})
+    with pytest.raises(VectorFileError, match="is not a test file .format='test.kind/1'.") as foreign:
+        read_tagged(path, "test.other/1", "remake it", what="test file")
+    assert foreign.value.hint == "remake it"
+    corrupt(path)
+    with pytest.raises(VectorFileError, match="is not a readable safetensors file") as broken:
+        read_tagged(path, "test.kind/1", "remake it", what="test file")
+    assert broken.value.hint == "remake it" and "\n" not in broken.value.message
+
+
+# ---------------------------------------------------------------- readout files
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
+def test_corrupt_readout_file_in_monitor(isolated_env, tmp_path, tiny_factory, corrupt):
+    path = write_readout(tmp_path / "r.safetensors")
     corrupt(path)
     result = invoke("monitor", "--readout", path, "--text", "hi", "--model", tiny_factory("llama"), "-w", tmp_path)
     assert_one_line_error(result, f"{path} is not a readable safetensors file")
 
 
 def test_readout_whose_tensors_disagree_with_its_concepts(isolated_env, tmp_path, tiny_factory):
-    from personactl.steps.readout import Readout
-
     path = tmp_path / "r.safetensors"
     Readout({"vectors.1": torch.eye(3, 32), "center.1": torch.zeros(32)}, {"concepts": ["a", "b"], "rows": [1]}).save(
         path
     )
     result = invoke("monitor", "--readout", path, "--text", "hi", "--model", tiny_factory("llama"), "-w", tmp_path)
     assert_one_line_error(result, "do not match its 2 concepts")
+
+
+def test_a_vector_file_given_as_readout(isolated_env, kept_pairs):
+    model, ws, sidecar = kept_pairs
+    vector = sidecar.with_name(sidecar.name.replace("pair-diffs-", "vectors-"))
+    result = invoke("monitor", "--readout", vector, "--text", "hi", "--model", model, "-w", ws)
+    assert_one_line_error(result, f"{vector} is not a personactl readout file (format='personactl.vector/1')")
+
+
+@pytest.mark.parametrize("corrupt", [truncated, garbage], ids=lambda f: f.__name__)
+def test_corrupt_readout_file_in_chat(isolated_env, tmp_path, kept_pairs, corrupt):
+    model, ws, _ = kept_pairs
+    path = write_readout(tmp_path / "r.safetensors")
+    corrupt(path)
+    args = ["chat", "--vector", "plain", "--model", model, "-w", ws, "--readout", path, "--json"]
+    result = runner.invoke(app, [str(a) for a in args], "hello\n")
+    assert_one_line_error(result, f"{path} is not a readable safetensors file")
+
+
+def test_ls_lists_a_corrupt_readout_as_unreadable(isolated_env, tmp_path):
+    path = write_readout(tmp_path / "ws" / "some-model" / "readouts" / "moods.safetensors")
+    garbage(path)
+    result = invoke("ls", "-w", tmp_path / "ws", "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["artifacts"]
+    assert (row["kind"], row["path"]) == ("readout (unreadable)", str(path))
+
+
+# ---------------------------------------------------------------- pair-differences files
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +167,24 @@ def test_corrupt_pair_diffs_in_compare(isolated_env, kept_pairs, corrupt):
         sidecar.write_bytes(intact)
 
 
-def test_pair_diffs_with_the_wrong_rows(isolated_env, kept_pairs):
-    from personactl.steps.pair_diffs import load_pair_diffs, save_pair_diffs
+def test_pair_diffs_replaced_by_another_tagged_file(isolated_env, kept_pairs):
+    model, ws, sidecar = kept_pairs
+    intact = sidecar.read_bytes()
+    try:
+        write_readout(sidecar)
+        result = compare_with_bootstrap(model, ws)
+        assert_one_line_error(result, f"{sidecar} is not a personactl pair-diffs file (format='personactl.readout/1')")
+    finally:
+        sidecar.write_bytes(intact)
 
+
+def test_pair_diffs_without_the_position(isolated_env, kept_pairs):
+    _, _, sidecar = kept_pairs
+    with pytest.raises(VectorFileError, match="has no per-pair differences at user_avg"):
+        load_pair_diffs(sidecar, "user_avg")
+
+
+def test_pair_diffs_with_the_wrong_rows(isolated_env, kept_pairs):
     model, ws, sidecar = kept_pairs
     intact = sidecar.read_bytes()
     diffs, metadata = load_pair_diffs(sidecar, "response_avg")

@@ -7,16 +7,12 @@ is read as `response_avg`. Each concept is trained one-vs-rest (its texts agains
 concept's texts plus the neutral pool) by mean difference, or by PCA (the uncentred first principal
 direction of each positive text minus the negatives' mean, sign aligned with the mean difference).
 
-File (`personactl.readout/1` safetensors): `vectors.<row>` `[n_concepts, hidden]` (unit norm) and
-`center.<row>` `[hidden]` (the mean of all training texts; scores are `(h − center) · v`, so a
-common offset in the stream does not favour one concept), metadata naming concepts and rows.
+The file it makes, and its reader, are `store/readout_file.py` (`Readout`, re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,17 +21,16 @@ import torch
 from personactl import __version__
 from personactl.core.directions import principal_direction_of_rows, unit
 from personactl.core.sinks import SINK_RULE
-from personactl.errors import InputError, VectorFileError
+from personactl.errors import InputError
+from personactl.store.readout_file import Readout  # re-exported: monitor and chat import it from here
 from personactl.store.text_input import read_user_text
 from personactl.store.vectors import LAYER_CONVENTION
 
 if TYPE_CHECKING:
     from personactl.model.loading import LoadedModel
 
-FORMAT = "personactl.readout/1"
 READOUT_PROMPT = "Describe yourself in a sentence or two."
 AGGREGATORS = ("mean_diff", "pca")
-RETRAIN = "retrain it: personactl readout train DIR -o FILE"
 
 
 def read_concept_dir(directory: Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -79,80 +74,6 @@ def one_vs_rest(values: torch.Tensor, labels: list[int], n_concepts: int, aggreg
             diff = principal_direction_of_rows(centred.transpose(0, 1), diff).double()
         out.append(unit(diff))
     return torch.stack(out, dim=1).float()
-
-
-@dataclass
-class Readout:
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def concepts(self) -> list[str]:
-        return list(self.metadata["concepts"])
-
-    @property
-    def rows(self) -> list[int]:
-        return list(self.metadata["rows"])
-
-    def vectors(self, row: int) -> torch.Tensor:
-        return self.tensors[f"vectors.{row}"]
-
-    def center(self, row: int) -> torch.Tensor:
-        return self.tensors[f"center.{row}"]
-
-    def scores(self, values: torch.Tensor) -> torch.Tensor:
-        """`[N, R, H]` activations at this readout's rows → `[N, R, C]` scores."""
-        return torch.stack(
-            [(values[:, i] - self.center(r)) @ self.vectors(r).T for i, r in enumerate(self.rows)], dim=1
-        )
-
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        from personactl.store.workspace import atomic_path
-
-        meta = {k: json.dumps(v) for k, v in {"format": FORMAT, **self.metadata}.items()}
-        with atomic_path(Path(path)) as tmp:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=meta)
-
-    @classmethod
-    def load(cls, path: Path) -> Readout:
-        """Read a readout file; a corrupt one, or one whose tensors disagree with its metadata, is a
-        VectorFileError naming it."""
-        from safetensors import safe_open
-
-        from personactl.store.tagged_file import decoded_metadata, reading
-
-        if not Path(path).is_file():
-            raise VectorFileError(f"readout file not found: {path}")
-        with reading(path, hint=RETRAIN):
-            with safe_open(str(path), framework="pt") as f:
-                metadata = decoded_metadata(f.metadata())
-                if metadata.pop("format", None) != FORMAT:
-                    raise VectorFileError(f"{path} is not a personactl readout file", hint=RETRAIN)
-                readout = cls({k: f.get_tensor(k) for k in f.keys()}, metadata)
-        readout.check_shapes(path)
-        return readout
-
-    def check_shapes(self, path: Path) -> None:
-        """Every listed row has `vectors.<row>` [concepts, H] and `center.<row>` [H], one H for all."""
-        try:
-            concepts, rows = self.concepts, [int(r) for r in self.rows]
-        except (KeyError, TypeError, ValueError):
-            raise VectorFileError(f"{path}: readout metadata lacks concepts or rows", hint=RETRAIN) from None
-        hidden = {t.shape[-1] for t in self.tensors.values() if t.ndim}
-        for row in rows:
-            vectors, center = self.tensors.get(f"vectors.{row}"), self.tensors.get(f"center.{row}")
-            if (
-                vectors is None
-                or center is None
-                or len(hidden) != 1
-                or tuple(vectors.shape) != (len(concepts), *hidden)
-                or tuple(center.shape) != tuple(hidden)
-            ):
-                raise VectorFileError(
-                    f"{path}: the tensors at row {row} do not match its {len(concepts)} concepts", hint=RETRAIN
-                )
 
 
 def train_readout(

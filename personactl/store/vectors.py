@@ -1,13 +1,13 @@
 """PersonaVector: a safetensors file that describes itself (the math on vectors is core/directions.py).
 
 File layout: tensors `<aggregator>.<position>` of shape `[L+1, hidden]` (rows not computed are
-NaN), `pos_mean.<position>`, `neg_mean.<position>`, and `stream_norm` `[L+1]`. Metadata values
-are JSON strings; `layer_convention` spells out what row `l` means.
+NaN), `pos_mean.<position>`, `neg_mean.<position>`, and `stream_norm` `[L+1]`. A tagged file
+(`store/tagged_file.py`: metadata values are JSON strings); `layer_convention` spells out what row
+`l` means. `load_for_model` finds a vector for a loaded model and checks it fits.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +19,14 @@ import torch
 from personactl.core.directions import scale_direction
 from personactl.core.ranges import format_ranges
 from personactl.errors import VectorFileError
+from personactl.store.tagged_file import read_tagged, write_tagged
+from personactl.store.vector_checks import validate_against_metadata
 
 if TYPE_CHECKING:
     from personactl.store.workspace import Workspace
 
 FORMAT = "personactl.vector/1"
+REEXTRACT = "re-extract it (personactl extract --force)"
 LAYER_CONVENTION = (
     "row l = residual stream after decoder block l (1-based), row 0 = embeddings; rows 0..L-1 equal "
     "HF hidden_states[l], row L is before the final norm; steering at layer l adds to the output of block l"
@@ -121,36 +124,18 @@ class PersonaVector:
         return torch.linalg.vector_norm(self.get(position, aggregator), dim=-1)
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        from personactl.store.workspace import atomic_path
-
-        metadata = {k: json.dumps(v) for k, v in {"format": FORMAT, **self.metadata}.items()}
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors.items()}
-        with atomic_path(Path(path)) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in self.tensors.items()}
+        write_tagged(path, tensors, FORMAT, self.metadata)
 
     @classmethod
     def load(cls, path: Path | str, note: Callable[[str, str], None] = _note_once) -> PersonaVector:
         """Read a vector file; one that `predates_sinks` loads as it is, with a note (once per path)."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise VectorFileError(f"vector file not found: {path}")
-        from personactl.store.tagged_file import decoded_metadata, reading
-
-        with reading(path, hint="re-extract it (personactl extract --force)"):
-            with safe_open(str(path), framework="pt") as f:
-                metadata = decoded_metadata(f.metadata())
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if metadata.get("format") != FORMAT:
-            raise VectorFileError(f"{path} is not a personactl vector file (format={metadata.get('format')!r})")
-        metadata.pop("format")
-        from personactl.store.vector_checks import validate_against_metadata
-
-        validate_against_metadata(tensors, metadata, path)
-        vector = cls(tensors, metadata)
+        file = read_tagged(path, FORMAT, REEXTRACT, what="personactl vector file")
+        validate_against_metadata(file.tensors, file.metadata, path)
+        vector = cls(file.tensors, file.metadata)
         if vector.predates_sinks:
             note(PRE_SINK_NOTE.format(path=path), str(path.resolve()))
         return vector
