@@ -20,6 +20,7 @@ from personactl.backends import Sampling, open_engine
 from personactl.errors import InputError, WorkspaceError
 from personactl.model.chat_format import apply_thinking, chat_messages, encode_prompt
 from personactl.model.loading import context_limit
+from personactl.steps.skeleton import StepArtifact
 from personactl.store.atomic import atomic_path, atomic_write_text
 from personactl.store.responses import RESPONSE_SCHEMA, PlannedRow, fingerprint_of
 from personactl.store.traits import Trait
@@ -197,6 +198,17 @@ def responses_fingerprint(settings: Settings, trait: Trait, max_questions: int |
     return fingerprint
 
 
+def response_counts(table: pl.DataFrame) -> dict[str, int]:
+    """The responses manifest's counts: rows, pairs, tokens, and the replies that are empty or cut."""
+    return {
+        "rows": table.height,
+        "pairs": table["pair_id"].n_unique(),
+        "response_tokens": int(table["n_response_tokens"].sum()),
+        "empty_responses": int((table["n_response_tokens"] == 0).sum()),
+        "truncated": int((table["finish_reason"] == "length").sum()),
+    }
+
+
 def generate_step(
     *,
     settings: Settings,
@@ -213,27 +225,25 @@ def generate_step(
     import time
 
     from personactl.model.loading import resolve_model
-    from personactl.settings import masked_dump
 
     source = resolve_model(settings.model)
     output = workspace.responses_path(source.slug, trait.name, persona)
     fingerprint = responses_fingerprint(settings, trait, max_questions)
+    source_table = None
     if persona == "user":  # the user turns are the kept model-persona answers: those inputs count too
         from personactl.steps.user_persona import user_persona_inputs
 
         source_table, fingerprint["user_persona"] = user_persona_inputs(workspace, source.slug, settings.model, trait)
-    summary = {"artifact": str(output), "trait": trait.name, "model": settings.model}
-    if not force and workspace.finished(output, fingerprint):
-        table = pl.read_parquet(output)
-        return {**summary, "skipped": True, "rows": table.height}
+    out = StepArtifact(workspace, output, "responses", fingerprint, {"trait": trait.name, "model": settings.model})
+    if out.current(force):
+        return out.skipped(rows=pl.read_parquet(output).height)
 
     lm = load()  # the vllm backend is its own model handle (tokenizer, describe()), with no HF weights
     apply_thinking(lm.tokenizer, settings.thinking)
     backend = open_engine(settings, lm)
-    sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     shards = ShardStore(workspace.shards_dir(source.slug, trait.name, persona), fingerprint_of(fingerprint))
     planned = None
-    if persona == "user":
+    if source_table is not None:
         from personactl.steps.user_persona import plan_user_rows
 
         planned = plan_user_rows(source_table, lm.tokenizer)
@@ -243,7 +253,7 @@ def generate_step(
         backend=backend,
         tokenizer=lm.tokenizer,
         model_info=lm.describe(),
-        sampling=sampling,
+        sampling=Sampling(settings.max_new_tokens, settings.temperature, settings.top_p),
         seed=settings.seed,
         batch_size=settings.batch_size,
         samples_per_question=settings.samples_per_question,
@@ -257,24 +267,16 @@ def generate_step(
         on_start=on_start,
         on_batch=on_batch,
     )
-    seconds = time.perf_counter() - start
-    counts = {
-        "rows": table.height,
-        "pairs": table["pair_id"].n_unique(),
-        "response_tokens": int(table["n_response_tokens"].sum()),
-        "empty_responses": int((table["n_response_tokens"] == 0).sum()),
-        "truncated": int((table["finish_reason"] == "length").sum()),
-    }
-    workspace.write_manifest(
-        output,
-        "responses",
-        fingerprint=fingerprint,
+    seconds = round(time.perf_counter() - start, 2)
+    counts = response_counts(table)
+    out.commit(
+        None,  # run_generation wrote the table atomically
+        settings=settings,
         trait={"name": trait.name, "sha256": trait.sha256},
         model=lm.describe(),
-        settings=masked_dump(settings),
         counts=counts,
-        timings={"seconds_this_run": round(seconds, 2)},
+        timings={"seconds_this_run": seconds},
         schema={k: str(v) for k, v in RESPONSE_SCHEMA.items()},
     )
     shards.remove()
-    return {**summary, "skipped": False, **counts, "seconds": round(seconds, 2)}
+    return out.done(**counts, seconds=seconds)
