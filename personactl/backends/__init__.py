@@ -63,6 +63,7 @@ class Engine(Protocol):
     stop_ids: list[int]
     position_modes: tuple[str, ...]  # the steering position modes it can apply
     full_distributions: bool  # whether it gives full next-token distributions (kl_neutral needs them)
+    max_stream_batch: int  # how many rows `stream_batch` mixes in one batch (1: one at a time)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> list[Generation]:
         """One batched call; the same prompts, sampling and seed give the same tokens."""
@@ -94,6 +95,12 @@ class Engine(Protocol):
     ) -> list[int]:
         """Generate one reply with `steering` (None: unsteered), calling `on_token(id)` as each token
         is produced; `stop` ends it early. Returns every generated token (end of turn included)."""
+        ...
+
+    def stream_batch(self, rows: Sequence[Any]) -> list[list[int]]:
+        """Generate `backends.hf_rows.RowRequest` rows, each with its own prompt, sampling, seed,
+        budget, stop signal and steering; tokens reach each row's `on_token` as they come and
+        `on_done` as soon as it ends. Returns each row's generated tokens (end of turn included)."""
         ...
 
     def check_positions(self, positions: str) -> None:

@@ -85,6 +85,16 @@ class VLLMBackend:
     name = "vllm"
     position_modes = ("all",)  # the buffers add to every position (see the module docstring)
     full_distributions = False  # no full next-token distributions: kl_neutral loads the HF model
+    max_stream_batch = 1  # the steering buffers are global to the engine: one steered reply at a time
+
+    def stream_batch(self, rows: Sequence[Any]) -> list[list[int]]:
+        """Rows one at a time (`max_stream_batch` is 1): each with its own steering in the buffers."""
+        results = []
+        for row in rows:
+            tokens = self.stream(row.prompt, row.sampling, row.seed, row.on_token, row.stop, row.steering)
+            row.on_done(tokens)
+            results.append(tokens)
+        return results
 
     def __init__(self, llm: Any, tokenizer: Any, source: Any, config: Any, fingerprint: str, dtype: str, **info: Any):
         self.llm = llm
