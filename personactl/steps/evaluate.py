@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,10 +39,23 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 import torch
 
+from personactl.backends import Sampling
+from personactl.core.eval_summary import DEFAULT_MAX_KL, check_max_kl, summarize
+from personactl.core.ranges import check_steering_layers
 from personactl.errors import InputError
+from personactl.judging.remote import JudgeCache
+from personactl.model.capability_cost import NeutralKL
+from personactl.model.loading import resolve_model
 from personactl.model.steering import GridRow, plan_grid
+from personactl.steps.score import effective_thresholds, make_judge
+from personactl.steps.skeleton import StepArtifact
+from personactl.store.atomic import atomic_path
+from personactl.store.responses import fingerprint_of
+from personactl.store.vectors import PersonaVector, load_for_model
 
 if TYPE_CHECKING:
+    from personactl.judging.local import LocalJudge
+    from personactl.judging.remote import RemoteJudge
     from personactl.model.loading import ModelHandle
     from personactl.settings import Settings
     from personactl.store.traits import Trait
@@ -436,7 +450,9 @@ def file_sha256(path: Any) -> str:
     return digest.hexdigest()
 
 
-def eval_fingerprint(settings: Any, trait: Any, spec: EvalSpec, vector_path: Path, sampling: Any) -> dict[str, Any]:
+def eval_fingerprint(
+    settings: Settings, trait: Trait, spec: EvalSpec, vector_path: Path, sampling: Sampling
+) -> dict[str, Any]:
     """Everything an eval's result depends on: same fingerprint, same eval (`eval_step` skips it,
     `run --dry-run` reports it as skipped)."""
     from personactl.model.capability_cost import neutral_texts, texts_sha256
@@ -468,10 +484,10 @@ def eval_step(
     workspace: Workspace,
     trait: Trait,
     spec: EvalSpec,
-    load: Callable[[], Any],
+    load: Callable[[], ModelHandle],
     load_judge: Callable[[str], Any] | None = None,
     vector_spec: str | None = None,
-    sampling: Any = None,
+    sampling: Sampling | None = None,
     max_kl: float | None = None,
     force: bool = False,
     on_phase: Callable[[str, int | None], None] = lambda what, total: None,
@@ -482,57 +498,128 @@ def eval_step(
     """Skip when an eval with the same inputs exists (a new coherence threshold or KL budget only
     redoes the summary and plots from the saved samples); else generate, judge, measure
     kl_neutral, summarise, save. `max_kl` None: `eval_summary.DEFAULT_MAX_KL`."""
-    from personactl.backends import Sampling
-    from personactl.core.eval_summary import DEFAULT_MAX_KL, check_max_kl, summarize
-    from personactl.core.ranges import check_in_range
-    from personactl.judging.remote import JudgeCache
-    from personactl.model.capability_cost import NeutralKL
-    from personactl.model.loading import resolve_model
-    from personactl.settings import masked_dump
-    from personactl.steps.score import effective_thresholds, make_judge
-    from personactl.store.responses import fingerprint_of
-    from personactl.store.vectors import PersonaVector
-
     max_kl = check_max_kl(DEFAULT_MAX_KL if max_kl is None else max_kl)
     sampling = sampling or Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     slug = resolve_model(settings.model).slug
-    vector_path = workspace.find_vector(vector_spec or trait.name, slug)
+    vector_path = workspace.find_vector(vector_spec or trait.name, slug)  # before loading: the fingerprint hashes it
     _, threshold = effective_thresholds(settings, trait)
     fingerprint = eval_fingerprint(settings, trait, spec, vector_path, sampling)
-    output = workspace.eval_path(slug, trait.name, fingerprint_of(fingerprint))
-    base = {"artifact": str(output), "trait": trait.name, "vector": str(vector_path), "model": settings.model}
-    if not force and workspace.finished(output, fingerprint):
-        samples = pl.read_parquet(output)
-        manifest = workspace.read_manifest(output)
-        saved = manifest.get("summary", {})
-        if (saved.get("coherence_threshold"), saved.get("max_kl")) == (threshold, max_kl):
-            return samples, {**base, "skipped": True, **saved, "files": manifest["files"]}
-        cells, summary = summarize(samples, threshold, max_kl)  # only the limits changed: no generation
-        questions = manifest.get("counts", {}).get("questions")
-        subtitle = plot_subtitle(settings.model, settings.judge_model, questions, spec.samples)
-        files = _write_outputs(
-            output, samples, cells, summary, spec, trait.name, write_samples=False, subtitle=subtitle
-        )
-        kept = {k: v for k, v in manifest.items() if k not in ("kind", "artifact", "created", "versions")}
-        workspace.write_manifest(output, "eval", **{**kept, "summary": summary, "files": files})
-        return samples, {**base, "skipped": True, "resummarized": True, **summary, "files": files}
+    out = StepArtifact(
+        workspace,
+        workspace.eval_path(slug, trait.name, fingerprint_of(fingerprint)),
+        "eval",
+        fingerprint,
+        {"trait": trait.name, "vector": str(vector_path), "model": settings.model},
+    )
+    if out.current(force):
+        return _saved_eval(out, settings, spec, trait.name, threshold, max_kl)
 
     lm = load()
-    vector = PersonaVector.load(vector_path)
-    vector.check_compatible(lm.describe())
-    layers = check_in_range(list(spec.layers or default_layers(lm.num_layers)), lm.num_layers)
-    if 0 in layers:
-        raise InputError("layer 0 is the embeddings, not a steering target", hint="evaluate layers 1..L")
+    vector = load_for_model(workspace, str(vector_path), lm).vector
+    layers, directions = _steering_directions(spec, vector, lm.num_layers)
+    plan = make_plan(trait, lm.tokenizer, spec.questions, spec.samples)
+    samples, judge, timings = _generate_judge_measure(
+        settings=settings,
+        workspace=workspace,
+        lm=lm,
+        trait=trait,
+        plan=plan,
+        spec=spec,
+        layers=layers,
+        directions=directions,
+        threshold=threshold,
+        sampling=sampling,
+        load_judge=load_judge,
+        on_phase=on_phase,
+        on_chunk=on_chunk,
+        on_judged=on_judged,
+        on_judge=on_judge,
+    )
+    cells, summary = summarize(samples, threshold, max_kl)
+    subtitle = plot_subtitle(settings.model, settings.judge_model, len(plan.questions), spec.samples)
+    files = _write_cells_and_plots(out.path, cells, summary, spec, trait.name, subtitle)
+    out.commit(
+        samples.write_parquet,
+        settings=settings,
+        model=lm.describe(),
+        trait={"name": trait.name, "sha256": trait.sha256},
+        vector={"path": str(vector_path), "sha256": fingerprint["vector_sha256"]},
+        judge={"model": settings.judge_model, "identity": judge.identity},
+        layers=layers,
+        counts={"responses": samples.height, "questions": len(plan.questions), "samples": spec.samples},
+        timings=timings,
+        summary=summary,
+        files=files,
+    )
+    return samples, out.done(**summary, files=files, seconds=timings["seconds"])
+
+
+def _saved_eval(
+    out: StepArtifact, settings: Settings, spec: EvalSpec, title: str, threshold: float, max_kl: float
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """A finished eval with the same inputs: its saved summary, or, when only the coherence threshold
+    or the KL budget changed, the summary, cells and plots redone from its samples (no generation)."""
+    samples = pl.read_parquet(out.path)
+    manifest = out.manifest()
+    saved = manifest.get("summary", {})
+    if (saved.get("coherence_threshold"), saved.get("max_kl")) == (threshold, max_kl):
+        return samples, out.skipped(**{**saved, "files": manifest["files"]})
+    cells, summary = summarize(samples, threshold, max_kl)
+    questions = manifest.get("counts", {}).get("questions")
+    subtitle = plot_subtitle(settings.model, settings.judge_model, questions, spec.samples)
+    files = _write_cells_and_plots(out.path, cells, summary, spec, title, subtitle)
+    out.amend(summary=summary, files=files)
+    return samples, out.skipped(**{"resummarized": True, **summary, "files": files})
+
+
+def _steering_directions(
+    spec: EvalSpec, vector: PersonaVector, num_layers: int
+) -> tuple[list[int], dict[Variant, dict[int, torch.Tensor]]]:
+    """The layers to evaluate (`spec.layers`, else `default_layers`), checked, and each variant's
+    direction at each of them."""
+    layers = check_steering_layers(list(spec.layers or default_layers(num_layers)), num_layers)
     if spec.adaptive and not (0 < spec.alpha_start <= spec.max_alpha):
         raise InputError("--adaptive needs 0 < --alpha-start ≤ --alpha-cap")
     directions = {
         v: {layer: vector.direction(layer, v.position, v.aggregator, v.norm) for layer in layers} for v in spec.variants
     }
-    plan = make_plan(trait, lm.tokenizer, spec.questions, spec.samples)
+    return layers, directions
+
+
+@contextmanager
+def _judging(
+    settings: Settings, workspace: Workspace, load_judge: Callable[[str], Any] | None
+) -> Iterator[RemoteJudge | LocalJudge]:
+    """The judge `settings` name, over the workspace's judge cache (closed when done)."""
     cache = JudgeCache(workspace.judge_cache_path)
-    start = time.perf_counter()
     try:
-        judge = make_judge(settings, cache, load=load_judge)
+        yield make_judge(settings, cache, load=load_judge)
+    finally:
+        cache.close()
+
+
+def _generate_judge_measure(
+    *,
+    settings: Settings,
+    workspace: Workspace,
+    lm: ModelHandle,
+    trait: Trait,
+    plan: Plan,
+    spec: EvalSpec,
+    layers: list[int],
+    directions: dict[Variant, dict[int, torch.Tensor]],
+    threshold: float,
+    sampling: Sampling,
+    load_judge: Callable[[str], Any] | None,
+    on_phase: Callable[[str, int | None], None],
+    on_chunk: Callable[[int, int], None] | None,
+    on_judged: Callable[[Any], None],
+    on_judge: Callable[[Any], None],
+) -> tuple[pl.DataFrame, RemoteJudge | LocalJudge, dict[str, float]]:
+    """The eval's work: generate and judge every cell, then measure kl_neutral. Returns the samples,
+    the judge and the timings (seconds in all, and of the kl_neutral phase)."""
+    start = time.perf_counter()
+    with _judging(settings, workspace, load_judge) as judge:
         on_judge(judge)
         samples = run_eval(
             runner=grid_runner(settings, lm),
@@ -550,36 +637,13 @@ def eval_step(
             on_chunk=on_chunk,
             on_judged=on_judged,
         )
-    finally:
-        cache.close()
     generated = time.perf_counter()
     on_phase("eval: kl_neutral on the neutral texts", None)
     kl_lm = kl_model(settings, lm)
-    samples = with_kl_neutral(
-        samples, NeutralKL(kl_lm.model, kl_lm.tokenizer, rows_per_forward=settings.batch_size), directions
-    )
-    kl_seconds = time.perf_counter() - generated
-    seconds = time.perf_counter() - start
-    cells, summary = summarize(samples, threshold, max_kl)
-    subtitle = plot_subtitle(settings.model, settings.judge_model, len(plan.questions), spec.samples)
-    files = _write_outputs(output, samples, cells, summary, spec, trait.name, subtitle=subtitle)
-    judge_info = {"model": settings.judge_model, "identity": judge.identity}
-    workspace.write_manifest(
-        output,
-        "eval",
-        fingerprint=fingerprint,
-        model=lm.describe(),
-        settings=masked_dump(settings),
-        trait={"name": trait.name, "sha256": trait.sha256},
-        vector={"path": str(vector_path), "sha256": fingerprint["vector_sha256"]},
-        judge=judge_info,
-        layers=layers,
-        counts={"responses": samples.height, "questions": len(plan.questions), "samples": spec.samples},
-        timings={"seconds": round(seconds, 2), "kl_neutral_seconds": round(kl_seconds, 2)},
-        summary=summary,
-        files=files,
-    )
-    return samples, {**base, "skipped": False, **summary, "files": files, "seconds": round(seconds, 2)}
+    measure = NeutralKL(kl_lm.model, kl_lm.tokenizer, rows_per_forward=settings.batch_size)
+    samples = with_kl_neutral(samples, measure, directions)
+    end = time.perf_counter()
+    return samples, judge, {"seconds": round(end - start, 2), "kl_neutral_seconds": round(end - generated, 2)}
 
 
 def plot_subtitle(model: str, judge: str, questions: int | None, samples: int) -> str:
@@ -588,37 +652,44 @@ def plot_subtitle(model: str, judge: str, questions: int | None, samples: int) -
     return " · ".join(p for p in (f"model {model}", f"judge {judge}", asked) if p)
 
 
-def _write_outputs(
-    output, samples, cells, summary, spec, title, write_samples: bool = True, subtitle: str | None = None
+def _write_cells_and_plots(
+    output: Path, cells: pl.DataFrame, summary: dict[str, Any], spec: EvalSpec, title: str, subtitle: str
 ) -> dict[str, Any]:
-    """The samples and cells tables, and (unless turned off) the PNG plots, beside `output`."""
-    from personactl.store.workspace import atomic_path
-
+    """The cells table and (unless `spec.plots` is off) each variant's PNG plots beside `output` (the
+    samples table, which the step commits itself); returns the manifest's `files`."""
     stem = output.name.removesuffix(".parquet")
-    if write_samples:
-        with atomic_path(output) as tmp:
-            samples.write_parquet(tmp)
     cells_path = output.with_name(f"{stem}.cells.parquet")
     with atomic_path(cells_path) as tmp:
         cells.write_parquet(tmp)
     files: dict[str, Any] = {"samples": str(output), "cells": str(cells_path), "plots": []}
     if spec.plots:
-        from personactl.steps.plots import plot_curves, plot_heatmap
-
-        threshold = summary["coherence_threshold"]
         for v in spec.variants:
-            mine = cells.filter(
-                pl.col("position").is_null()
-                | (
-                    (pl.col("position") == v.position)
-                    & (pl.col("aggregator") == v.aggregator)
-                    & (pl.col("norm_mode") == v.norm)
-                )
-            )
-            suffix = "" if len(spec.variants) == 1 else f"-{v.label}"
-            name = f"{title} · {v.label}"
-            curves = output.with_name(f"{stem}.curves{suffix}.png")
-            files["plots"].append(str(plot_curves(mine, threshold, curves, name, summary.get("max_kl"), subtitle)))
-            heatmap = output.with_name(f"{stem}.heatmap{suffix}.png")
-            files["plots"].append(str(plot_heatmap(mine, threshold, heatmap, name, subtitle)))
+            files["plots"] += _plot_variant(output, cells, summary, v, title, subtitle, alone=len(spec.variants) == 1)
     return files
+
+
+def _plot_variant(
+    output: Path, cells: pl.DataFrame, summary: dict[str, Any], v: Variant, title: str, subtitle: str, alone: bool
+) -> list[str]:
+    """Curves and heatmap of one vector variant's cells (with the baselines), named after the
+    variant unless it is the eval's only one."""
+    from personactl.steps.plots import plot_curves, plot_heatmap
+
+    mine = cells.filter(
+        pl.col("position").is_null()
+        | (
+            (pl.col("position") == v.position)
+            & (pl.col("aggregator") == v.aggregator)
+            & (pl.col("norm_mode") == v.norm)
+        )
+    )
+    threshold = summary["coherence_threshold"]
+    stem = output.name.removesuffix(".parquet")
+    suffix = "" if alone else f"-{v.label}"
+    name = f"{title} · {v.label}"
+    curves = output.with_name(f"{stem}.curves{suffix}.png")
+    heatmap = output.with_name(f"{stem}.heatmap{suffix}.png")
+    return [
+        str(plot_curves(mine, threshold, curves, name, summary.get("max_kl"), subtitle)),
+        str(plot_heatmap(mine, threshold, heatmap, name, subtitle)),
+    ]
