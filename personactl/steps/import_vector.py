@@ -17,10 +17,12 @@ import torch
 
 from personactl import __version__
 from personactl.errors import InputError
-from personactl.store.interop.foreign import INDEX_MEANING, IndexKind
+from personactl.steps.skeleton import StepArtifact
+from personactl.store.interop.foreign import INDEX_MEANING, ForeignVector, IndexKind
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
 
 if TYPE_CHECKING:
+    from personactl.model.loading import LoadedModel
     from personactl.settings import Settings
     from personactl.store.workspace import Workspace
 
@@ -32,59 +34,52 @@ def default_name(source: Path) -> str:
     return name or "imported"
 
 
-def import_step(
-    *,
-    settings: Settings,
-    workspace: Workspace,
-    load: Callable[[], Any],
-    source: Path,
-    name: str | None,
-    position: str | None,
-    aggregator: str | None,
-    layer: int | None,
-    layer_index: IndexKind | None,
-    force: bool,
-) -> tuple[PersonaVector, dict[str, Any]]:
-    from personactl.model.activations import AGGREGATORS, POSITIONS
-    from personactl.model.loading import resolve_model
-    from personactl.settings import masked_dump
-    from personactl.store.interop.detect import read_foreign
+def exported_details(foreign: ForeignVector) -> dict[str, Any]:
+    """What `personactl export` wrote into the file about the vector it came from (empty otherwise)."""
+    exported = foreign.details.get("personactl")
+    return exported if isinstance(exported, dict) else {}
 
-    foreign = read_foreign(source, layer=layer, layer_index=layer_index)  # fail on the file before loading a model
+
+def choose_names(
+    source: Path, name: str | None, position: str | None, aggregator: str | None, exported: dict[str, Any]
+) -> tuple[str, str, str]:
+    """The vector's name, position and aggregator: as given, else as exported, else the defaults;
+    refused when not a valid name or not a known position or aggregator."""
+    from personactl.model.activations import AGGREGATORS, POSITIONS
+
     name = name or default_name(source)
     if not NAME_PATTERN.match(name):
         raise InputError(f"bad vector name {name!r}", hint="use lowercase letters, digits, - and _ (--name)")
-    exported = foreign.details.get("personactl") if isinstance(foreign.details.get("personactl"), dict) else {}
     position = position or exported.get("position") or "response_avg"
     aggregator = aggregator or exported.get("aggregator") or "mean_diff"
     for value, allowed, flag in ((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator")):
         if value not in allowed:
             raise InputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
-    output = workspace.vectors_path(resolve_model(settings.model).slug, name, "model")
-    fingerprint = {
-        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-        "format": foreign.format,
-        "model": settings.model,
-        "revision": settings.revision,
-        "position": position,
-        "aggregator": aggregator,
-        "layer": layer,
-        "layer_index": foreign.index,
-    }
-    summary: dict[str, Any] = {"artifact": str(output), "name": name, "model": settings.model, "format": foreign.format}
-    if not force and workspace.finished(output, fingerprint):
-        return PersonaVector.load(output), {**summary, "skipped": True, "warnings": []}
+    return name, position, aggregator
 
-    lm = load()
-    info = lm.describe()
-    rows = foreign.to_rows(info["num_layers"], info["hidden_size"], settings.model)
-    table = torch.full((info["num_layers"] + 1, info["hidden_size"]), float("nan"))
+
+def placed_rows(rows: dict[int, torch.Tensor], num_layers: int, hidden_size: int) -> torch.Tensor:
+    """`[L+1, H]` with the file's vectors on their rows and NaN on every other row."""
+    table = torch.full((num_layers + 1, hidden_size), float("nan"))
     for row, vector in rows.items():
         table[row] = vector
-    warnings = []
-    if exported.get("model") and exported["model"] != settings.model:
-        warnings.append(f"the file was exported from a vector for {exported['model']}, imported for {settings.model}")
-    metadata = {
+    return table
+
+
+def imported_metadata(
+    info: dict[str, Any],
+    foreign: ForeignVector,
+    rows: dict[int, torch.Tensor],
+    *,
+    name: str,
+    position: str,
+    aggregator: str,
+    source: Path,
+    source_sha256: str,
+    model: str,
+) -> dict[str, Any]:
+    """The vector file's metadata, as `extract` writes it, plus where the file was imported from."""
+    return {
         **info,
         "layer_convention": LAYER_CONVENTION,
         "rows": sorted(rows),
@@ -99,25 +94,73 @@ def import_step(
         "judge": None,
         "imported_from": {
             "path": str(source),
-            "sha256": fingerprint["source_sha256"],
+            "sha256": source_sha256,
             "format": foreign.format,
             "layer_index": INDEX_MEANING[foreign.index],
-            "file_indices": {foreign.row_of(k, info["num_layers"], settings.model): k for k in foreign.vectors},
+            "file_indices": {foreign.row_of(k, info["num_layers"], model): k for k in foreign.vectors},
             "model_hint": foreign.model_hint,
             "details": foreign.details,
         },
         "personactl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def import_step(
+    *,
+    settings: Settings,
+    workspace: Workspace,
+    load: Callable[[], LoadedModel],
+    source: Path,
+    name: str | None,
+    position: str | None,
+    aggregator: str | None,
+    layer: int | None,
+    layer_index: IndexKind | None,
+    force: bool,
+) -> tuple[PersonaVector, dict[str, Any]]:
+    """`personactl import`: read the foreign file (before loading a model), place its layers on the
+    model's rows, save it as a vector file with its manifest."""
+    from personactl.model.loading import resolve_model
+    from personactl.store.interop.detect import read_foreign
+
+    foreign = read_foreign(source, layer=layer, layer_index=layer_index)  # fail on the file before loading a model
+    exported = exported_details(foreign)
+    name, position, aggregator = choose_names(source, name, position, aggregator, exported)
+    output = workspace.vectors_path(resolve_model(settings.model).slug, name, "model")
+    fingerprint = {
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "format": foreign.format,
+        "model": settings.model,
+        "revision": settings.revision,
+        "position": position,
+        "aggregator": aggregator,
+        "layer": layer,
+        "layer_index": foreign.index,
+    }
+    summary = {"name": name, "model": settings.model, "format": foreign.format}
+    out = StepArtifact(workspace, output, "vectors", fingerprint, summary)
+    if out.current(force):
+        return PersonaVector.load(output), out.skipped(warnings=[])
+
+    info = load().describe()
+    rows = foreign.to_rows(info["num_layers"], info["hidden_size"], settings.model)
+    warnings = []
+    if exported.get("model") and exported["model"] != settings.model:
+        warnings.append(f"the file was exported from a vector for {exported['model']}, imported for {settings.model}")
+    metadata = imported_metadata(
+        info,
+        foreign,
+        rows,
+        name=name,
+        position=position,
+        aggregator=aggregator,
+        source=source,
+        source_sha256=fingerprint["source_sha256"],
+        model=settings.model,
+    )
+    table = placed_rows(rows, info["num_layers"], info["hidden_size"])
     vector = PersonaVector({f"{aggregator}.{position}": table}, metadata)
     vector.save(output)
-    workspace.write_manifest(
-        output,
-        "vectors",
-        fingerprint=fingerprint,
-        model=info,
-        settings=masked_dump(settings),
-        counts={"rows": len(rows)},
-        metadata=metadata,
-    )
-    return vector, {**summary, "skipped": False, "rows": sorted(rows), "warnings": warnings}
+    out.commit(None, settings=settings, model=info, counts={"rows": len(rows)}, metadata=metadata)
+    return vector, out.done(rows=sorted(rows), warnings=warnings)
