@@ -298,12 +298,35 @@ def extract_vectors(
     units (else an evenly spaced sample of H−1 of them, plus, for PCA, their H×H scatter). On CPU
     the C heap is trimmed after each batch (`release_free_heap`), or allocator fragmentation
     would make RSS climb with the number of batches all the same."""
+    n_rows = len(layers) + 1
+    rows = _checked_request(pairs, positions, rows, n_rows)
+    if not stream_norm and set(positions) <= set(TOKEN_POSITIONS):
+        pairs = cut_after_read_tokens(pairs, positions)
+    device = next(model.parameters()).device
+    hidden_size = int(model.get_input_embeddings().weight.shape[1])
+    sums = _PairSums.allocate(len(positions), len(rows), hidden_size, len(pairs), pca, diagnostics, device)
+    n_tokens = _stream_batches(
+        model, layers, pairs, rows, positions, sums, pad_id, batch_tokens, padding_side, stream_norm, on_batch
+    )
+    result = ExtractionResult({}, {}, {}, {}, torch.full((n_rows,), float("nan")), rows, len(pairs), n_tokens)
+    if stream_norm:
+        result.stream_norm[rows] = sums.example_norms.nanmedian(dim=1).values.cpu()
+    _fill_vectors(result, sums, positions, n_rows, pca, diagnostics)
+    if diagnostics:
+        result.diagnostics["warnings"] = warnings_for(result.diagnostics, next(model.parameters()).dtype)
+    return result
+
+
+def _checked_request(
+    pairs: Sequence[PairExample], positions: Sequence[str], rows: Sequence[int] | None, n_rows: int
+) -> list[int]:
+    """The requested rows, sorted; a clear error for an unknown position, no pairs, a row out of
+    range, or an example lacking the span a position reads."""
     unknown = set(positions) - set(ALL_POSITIONS)
     if unknown:
         raise InputError(f"unknown position(s) {sorted(unknown)}", hint=f"choose from {', '.join(ALL_POSITIONS)}")
     if not pairs:
         raise InputError("no pairs to extract from", hint="generate responses first, or check the filter")
-    n_rows = len(layers) + 1
     rows = sorted(set(range(n_rows) if rows is None else rows))
     if rows[0] < 0 or rows[-1] >= n_rows:
         raise InputError(f"layer {rows[-1] if rows[-1] >= n_rows else rows[0]} out of range 0..{n_rows - 1}")
@@ -318,66 +341,104 @@ def extract_vectors(
                     "an example has no answer after its thinking section",
                     hint="generate with more --max-new-tokens, or with thinking off (PERSONACTL_THINKING=off)",
                 )
+    return rows
 
-    if not stream_norm and set(positions) <= set(TOKEN_POSITIONS):
-        pairs = cut_after_read_tokens(pairs, positions)
-    device = next(model.parameters()).device
-    hidden_size = int(model.get_input_embeddings().weight.shape[1])
-    row_index = {row: i for i, row in enumerate(rows)}
-    P, R = len(positions), len(rows)
-    sum_pos = torch.zeros(P, R, hidden_size, dtype=torch.float32, device=device)
-    sum_neg = torch.zeros_like(sum_pos)
-    # PCA needs the scatter of pair differences: with fewer pairs than hidden units the differences
-    # themselves are smaller than their H×H scatter, and the eigh runs on the N×N side instead.
-    # The diagnostics count anti-steerable pairs on the kept differences (all of them, or a sample).
-    n = len(pairs)
-    slots = sample_slots(n, hidden_size - 1).to(device)
-    n_kept = int((slots >= 0).sum())
-    kept_diffs = scatter = unit_sum = None
-    if diagnostics or (pca and n < hidden_size):
-        kept_diffs = torch.zeros(P, R, n_kept, hidden_size, dtype=torch.float32, device=device)
-    if pca and n >= hidden_size:
-        scatter = torch.zeros(P, R, hidden_size, hidden_size, dtype=torch.float32, device=device)
-    if diagnostics:
-        unit_sum = torch.zeros(P, R, hidden_size, dtype=torch.float32, device=device)
-    example_norms = torch.full((R, 2 * n), float("nan"), dtype=torch.float32, device=device)
-    state: dict[str, Any] = {}
 
-    def on_row(row: int, hidden: torch.Tensor) -> None:
-        batch: Batch = state["batch"]
-        k = state["k"]
-        values, norms = reduce_positions(hidden, batch, positions, norms=stream_norm)  # [P, 2k, H]
-        r = row_index[row]
-        sum_pos[:, r] += values[:, :k].sum(1)
-        sum_neg[:, r] += values[:, k:].sum(1)
+@dataclass
+class _BatchInFlight:
+    """The batch whose forward pass is running, as the row hook needs it."""
+
+    batch: Batch
+    k: int  # pairs in the batch: examples 0..k-1 are their positives, k..2k-1 their negatives
+    sides: torch.Tensor  # [2k] each example's column in `_PairSums.example_norms`
+    slots: torch.Tensor  # the kept pairs' slots in `_PairSums.kept_diffs`
+    keep: torch.Tensor | None  # [k] which of the batch's pairs are kept (None: all)
+
+
+@dataclass
+class _PairSums:
+    """What extraction keeps between batches, per (position, row): fp32 sums of the positive and
+    negative examples, and of the pairs' unit differences (diagnostics); the pair differences
+    themselves (all, or an evenly spaced sample) or, for PCA over many pairs, their H×H scatter;
+    and every example's stream norm."""
+
+    sum_pos: torch.Tensor  # [P, R, H]
+    sum_neg: torch.Tensor  # [P, R, H]
+    example_norms: torch.Tensor  # [R, 2n]: positives, then negatives
+    slots: torch.Tensor  # [n] each pair's slot in `kept_diffs`, -1 when it is not kept
+    n_kept: int
+    kept_diffs: torch.Tensor | None  # [P, R, n_kept, H]
+    scatter: torch.Tensor | None  # [P, R, H, H]
+    unit_sum: torch.Tensor | None  # [P, R, H]
+
+    @classmethod
+    def allocate(
+        cls, n_positions: int, n_rows: int, hidden_size: int, n: int, pca: bool, diagnostics: bool, device: Any
+    ) -> _PairSums:
+        """Zeroed sums. PCA needs the scatter of pair differences: with fewer pairs than hidden units
+        the differences themselves are smaller than their H×H scatter, and the eigh runs on the N×N
+        side instead. The diagnostics count anti-steerable pairs on the kept differences."""
+        P, R, H = n_positions, n_rows, hidden_size
+        sum_pos = torch.zeros(P, R, H, dtype=torch.float32, device=device)
+        slots = sample_slots(n, H - 1).to(device)
+        n_kept = int((slots >= 0).sum())
+        kept_diffs = scatter = unit_sum = None
+        if diagnostics or (pca and n < H):
+            kept_diffs = torch.zeros(P, R, n_kept, H, dtype=torch.float32, device=device)
+        if pca and n >= H:
+            scatter = torch.zeros(P, R, H, H, dtype=torch.float32, device=device)
+        if diagnostics:
+            unit_sum = torch.zeros(P, R, H, dtype=torch.float32, device=device)
+        example_norms = torch.full((R, 2 * n), float("nan"), dtype=torch.float32, device=device)
+        return cls(sum_pos, torch.zeros_like(sum_pos), example_norms, slots, n_kept, kept_diffs, scatter, unit_sum)
+
+    def add(self, r: int, values: torch.Tensor, norms: torch.Tensor | None, current: _BatchInFlight) -> None:
+        """Add one row's `[P, 2k, H]` example vectors (and `[2k]` stream norms) of the batch in flight."""
+        k = current.k
+        self.sum_pos[:, r] += values[:, :k].sum(1)
+        self.sum_neg[:, r] += values[:, k:].sum(1)
         if norms is not None:
-            example_norms[r, state["sides"]] = norms
-        if kept_diffs is None and scatter is None:
+            self.example_norms[r, current.sides] = norms
+        if self.kept_diffs is None and self.scatter is None:
             return
         diffs = values[:, :k] - values[:, k:]  # [P, k, H]
-        if unit_sum is not None:
-            unit_sum[:, r] += unit_rows(diffs).sum(1)
-        if kept_diffs is not None:
-            keep = state["keep"]
-            kept_diffs[:, r, state["slots"]] = diffs if keep is None else diffs[:, keep]
-        if scatter is not None:
-            scatter[:, r] += diffs.transpose(1, 2) @ diffs
+        if self.unit_sum is not None:
+            self.unit_sum[:, r] += unit_rows(diffs).sum(1)
+        if self.kept_diffs is not None:
+            self.kept_diffs[:, r, current.slots] = diffs if current.keep is None else diffs[:, current.keep]
+        if self.scatter is not None:
+            self.scatter[:, r] += diffs.transpose(1, 2) @ diffs
+
+
+def _stream_batches(
+    model: Any,
+    layers: Any,
+    pairs: Sequence[PairExample],
+    rows: list[int],
+    positions: Sequence[str],
+    sums: _PairSums,
+    pad_id: int,
+    batch_tokens: int,
+    padding_side: str,
+    stream_norm: bool,
+    on_batch: Callable[[int], None] | None,
+) -> int:
+    """Run every length-sorted batch up to the deepest row, adding each row to `sums` as the
+    forward pass reaches it; the number of tokens that ran."""
+    device = sums.sum_pos.device
+    row_index = {row: i for i, row in enumerate(rows)}
+    current: _BatchInFlight | None = None
+
+    def on_row(row: int, hidden: torch.Tensor) -> None:
+        assert current is not None
+        values, norms = reduce_positions(hidden, current.batch, positions, norms=stream_norm)  # [P, 2k, H]
+        sums.add(row_index[row], values, norms, current)
 
     n_tokens = 0
     with torch.inference_mode(), residual_hooks(layers, rows, on_row):
         for batch_indices in length_sorted_batches(pairs, batch_tokens):
-            examples = [pairs[i].pos for i in batch_indices] + [pairs[i].neg for i in batch_indices]
-            batch = collate(examples, pad_id, padding_side, device)
-            index = torch.tensor(batch_indices, device=device)
-            batch_slots = slots[index]
-            keep = None if bool((batch_slots >= 0).all()) else batch_slots >= 0
-            state.update(
-                batch=batch,
-                k=len(batch_indices),
-                sides=torch.cat([index, index + n]),
-                slots=batch_slots if keep is None else batch_slots[keep],
-                keep=keep,
-            )
+            current = _batch_in_flight(pairs, batch_indices, sums.slots, pad_id, padding_side, device)
+            batch = current.batch
             run_to_last_row(
                 model,
                 input_ids=batch.input_ids,
@@ -386,33 +447,56 @@ def extract_vectors(
             )
             n_tokens += int(batch.attention_mask.sum())
             del batch
-            state.clear()
+            current = None
             if device.type == "cpu":
                 release_free_heap()
             if on_batch:
                 on_batch(len(batch_indices))
+    return n_tokens
 
+
+def _batch_in_flight(
+    pairs: Sequence[PairExample],
+    batch_indices: list[int],
+    slots: torch.Tensor,
+    pad_id: int,
+    padding_side: str,
+    device: Any,
+) -> _BatchInFlight:
+    """The collated batch of these pairs (positives, then negatives) and where its rows go."""
+    examples = [pairs[i].pos for i in batch_indices] + [pairs[i].neg for i in batch_indices]
+    batch = collate(examples, pad_id, padding_side, device)
+    index = torch.tensor(batch_indices, device=device)
+    batch_slots = slots[index]
+    keep = None if bool((batch_slots >= 0).all()) else batch_slots >= 0
+    sides = torch.cat([index, index + len(pairs)])
+    return _BatchInFlight(batch, len(batch_indices), sides, batch_slots if keep is None else batch_slots[keep], keep)
+
+
+def _fill_vectors(
+    result: ExtractionResult, sums: _PairSums, positions: Sequence[str], n_rows: int, pca: bool, diagnostics: bool
+) -> None:
+    """Means, mean differences and PCA directions per position as `[L+1, H]` (NaN where a row was
+    not read), and the diagnostics of each position's pair differences."""
+    rows, n = result.rows, result.n_pairs
     full = lambda t: _scatter_rows(t.cpu(), rows, n_rows)  # noqa: E731
-    result = ExtractionResult({}, {}, {}, {}, torch.full((n_rows,), float("nan")), rows, n, n_tokens)
-    if stream_norm:
-        result.stream_norm[rows] = example_norms.nanmedian(dim=1).values.cpu()
     per_position = {}
     for p, position in enumerate(positions):
-        pos_mean, neg_mean = sum_pos[p] / n, sum_neg[p] / n
+        pos_mean, neg_mean = sums.sum_pos[p] / n, sums.sum_neg[p] / n
         diff = pos_mean - neg_mean
         result.pos_mean[position] = full(pos_mean)
         result.neg_mean[position] = full(neg_mean)
         result.mean_diff[position] = full(diff)
-        if pca and scatter is None:
-            result.pca[position] = full(principal_direction_of_rows(kept_diffs[p], diff))
+        if pca and sums.scatter is None:
+            result.pca[position] = full(principal_direction_of_rows(sums.kept_diffs[p], diff))
         elif pca:
-            result.pca[position] = full(principal_direction(scatter[p].cpu(), diff.cpu()))
+            result.pca[position] = full(principal_direction(sums.scatter[p].cpu(), diff.cpu()))
         if diagnostics:
-            per_position[position] = summarize(diff, (pos_mean + neg_mean) / 2, unit_sum[p], kept_diffs[p], n)
+            midpoint = (pos_mean + neg_mean) / 2
+            per_position[position] = summarize(diff, midpoint, sums.unit_sum[p], sums.kept_diffs[p], n)
     if diagnostics:
-        result.diagnostics = {"rows": rows, "n_pairs": n, "anti_steerable_pairs": n_kept, "positions": per_position}
-        result.diagnostics["warnings"] = warnings_for(result.diagnostics, next(model.parameters()).dtype)
-    return result
+        result.diagnostics = {"rows": rows, "n_pairs": n, "anti_steerable_pairs": sums.n_kept}
+        result.diagnostics["positions"] = per_position
 
 
 def _scatter_rows(values: torch.Tensor, rows: list[int], n_rows: int) -> torch.Tensor:
