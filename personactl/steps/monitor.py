@@ -11,7 +11,9 @@ a token that is an attention sink at a row (`personactl.core.sinks`) has no proj
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,8 +22,14 @@ from personactl.core.directions import unit
 from personactl.errors import InputError
 
 if TYPE_CHECKING:
+    import polars as pl
+
+    from personactl.model.chat_format import EncodedExample
     from personactl.model.loading import LoadedModel
     from personactl.settings import Settings
+    from personactl.steps.readout import Readout
+    from personactl.store.traits import Trait
+    from personactl.store.vectors import PersonaVector
     from personactl.store.workspace import Workspace
 
 MONITOR_POSITIONS = ("prompt_end", "response_avg")
@@ -36,7 +44,9 @@ class Probe:
     centre: torch.Tensor | None = None  # [R, H]
 
 
-def probe_from_vector(vector: Any, position: str, aggregator: str, rows: list[int] | None, name: str) -> Probe:
+def probe_from_vector(
+    vector: PersonaVector, position: str, aggregator: str, rows: list[int] | None, name: str
+) -> Probe:
     usable = [r for r in vector.rows if torch.isfinite(vector.get(position, aggregator)[r]).all()]
     rows = sorted(rows) if rows is not None else usable
     missing = sorted(set(rows) - set(usable))
@@ -46,7 +56,7 @@ def probe_from_vector(vector: Any, position: str, aggregator: str, rows: list[in
     return Probe(name, [name], rows, directions)
 
 
-def probe_from_readout(readout: Any, rows: list[int] | None, name: str) -> Probe:
+def probe_from_readout(readout: Readout, rows: list[int] | None, name: str) -> Probe:
     rows = sorted(rows) if rows is not None else readout.rows
     missing = sorted(set(rows) - set(readout.rows))
     if missing:
@@ -100,34 +110,15 @@ def column_name(label: str, position: str, row: int) -> str:
     return f"proj_{label}_{position}_L{row}"
 
 
-def monitor_step(
-    *,
-    settings: Settings,
-    workspace: Workspace,
-    load: Any,
+def check_monitor_inputs(
     vector: str | None,
-    readout: Any | None,
+    readout: Path | str | None,
     texts: list[str],
-    replies: list[str] | None = None,
+    replies: list[str] | None,
     conversation: list[dict[str, str]] | None,
-    responses: Any | None,
-    persona: str,
-    position: str,
-    aggregator: str,
-    rows: list[int] | None,
-    tokens: bool,
-) -> tuple[dict[str, Any], Any]:
-    """Projections for texts, a conversation or a trait's responses table. Returns the JSON document
-    and, for a responses table, the table with one column per label, position and layer."""
-    import json as jsonlib
-
-    import polars as pl
-
-    from personactl.model.chat_format import chat_messages, encode_example
-    from personactl.model.loading import resolve_model
-    from personactl.steps.readout import Readout
-    from personactl.store.vectors import PersonaVector
-
+    responses: Trait | None,
+) -> None:
+    """Exactly one probe (vector or readout), exactly one input, and one reply per text when any."""
     if (vector is None) == (readout is None):
         raise InputError("pass exactly one of --vector or --readout")
     if sum([bool(texts), conversation is not None, responses is not None]) != 1:
@@ -137,40 +128,75 @@ def monitor_step(
             f"{len(replies)} --reply for {len(texts)} --text",
             hint="give one --reply per --text, in the same order (each is the assistant's answer to it)",
         )
-    slug = resolve_model(settings.model).slug
+
+
+def open_probe(
+    workspace: Workspace,
+    slug: str,
+    vector: str | None,
+    readout: Path | str | None,
+    *,
+    position: str,
+    aggregator: str,
+    rows: list[int] | None,
+) -> tuple[Probe, dict[str, Any]]:
+    """The probe from a vector (a path or a trait name in the workspace) or a readout file, and the
+    document's record of where it came from. Read before the model loads, so a bad file fails fast."""
+    from personactl.steps.readout import Readout
+    from personactl.store.vectors import PersonaVector
+
     if vector is not None:
         path = workspace.find_vector(vector, slug)
         vec = PersonaVector.load(path)
         name = vec.metadata.get("trait") or path.stem
         probe = probe_from_vector(vec, position, aggregator, rows, name)
-        source = {"vector": str(path), "position": position, "aggregator": aggregator}
+        return probe, {"vector": str(path), "position": position, "aggregator": aggregator}
+    return probe_from_readout(Readout.load(readout), rows, "readout"), {"readout": str(readout)}
+
+
+def encode_texts(
+    tokenizer: Any, texts: list[str], replies: list[str] | None
+) -> tuple[list[dict[str, Any]], list[EncodedExample]]:
+    """Each text as a user message alone, or with its reply as the assistant's answer."""
+    from personactl.model.chat_format import chat_messages, encode_example
+
+    if replies:
+        items = [{"text": t, "reply": r} for t, r in zip(texts, replies, strict=True)]
+        pairs = zip(texts, replies, strict=True)
+        return items, [encode_example(tokenizer, chat_messages(None, t), r) for t, r in pairs]
+    items = [{"text": t} for t in texts]
+    return items, [encode_example(tokenizer, chat_messages(None, t), response_ids=[]) for t in texts]
+
+
+def encode_conversation(
+    tokenizer: Any, conversation: list[dict[str, str]]
+) -> tuple[list[dict[str, Any]], list[EncodedExample]]:
+    """One example: a final assistant turn is the reply; otherwise the conversation is the prompt."""
+    from personactl.model.chat_format import encode_example
+
+    if conversation and conversation[-1]["role"] == "assistant":
+        examples = [encode_example(tokenizer, conversation[:-1], conversation[-1]["content"])]
     else:
-        probe = probe_from_readout(Readout.load(readout), rows, "readout")
-        source = {"readout": str(readout)}
-    lm = load()
-    tok = lm.tokenizer
-    table = None
-    if texts:
-        items = [{"text": t} for t in texts]
-        examples = [encode_example(tok, chat_messages(None, t), response_ids=[]) for t in texts]
-        if replies:
-            items = [{"text": t, "reply": r} for t, r in zip(texts, replies, strict=True)]
-            examples = [encode_example(tok, chat_messages(None, t), r) for t, r in zip(texts, replies, strict=True)]
-    elif conversation is not None:
-        if conversation and conversation[-1]["role"] == "assistant":
-            examples = [encode_example(tok, conversation[:-1], conversation[-1]["content"])]
-        else:
-            examples = [encode_example(tok, conversation, response_ids=[])]
-        items = [{"conversation": len(conversation)}]
-    else:
-        path, _ = workspace.require_responses(slug, settings.model, responses, persona)
-        table = pl.read_parquet(path)
-        examples = [
-            encode_example(tok, jsonlib.loads(r["messages"]), response_ids=list(r["response_token_ids"]))
-            for r in table.iter_rows(named=True)
-        ]
-        items = [{"pair_id": r["pair_id"], "polarity": r["polarity"]} for r in table.iter_rows(named=True)]
-    result = project(lm, probe, examples, tokens=tokens, batch_tokens=settings.extract_batch_tokens)
+        examples = [encode_example(tokenizer, conversation, response_ids=[])]
+    return [{"conversation": len(conversation)}], examples
+
+
+def encode_responses(tokenizer: Any, table: pl.DataFrame) -> tuple[list[dict[str, Any]], list[EncodedExample]]:
+    """Every row of a responses table, re-encoded as it was generated."""
+    import json
+
+    from personactl.model.chat_format import encode_example
+
+    rows = list(table.iter_rows(named=True))
+    examples = [
+        encode_example(tokenizer, json.loads(r["messages"]), response_ids=list(r["response_token_ids"])) for r in rows
+    ]
+    return [{"pair_id": r["pair_id"], "polarity": r["polarity"]} for r in rows], examples
+
+
+def fill_items(items: list[dict], examples: list[Any], result: dict[str, Any], tokenizer: Any, *, tokens: bool) -> None:
+    """Each item's projections per position (None where NaN) and, with `tokens`, per token (a sink
+    token is marked and has no projection)."""
     nan_to_none = lambda x: None if math.isnan(x) else x  # noqa: E731
     for i, item in enumerate(items):
         for pos in MONITOR_POSITIONS:
@@ -179,24 +205,71 @@ def monitor_step(
             ids = examples[i].input_ids
             item["tokens"] = [
                 {
-                    "token": tok.decode([t]),
+                    "token": tokenizer.decode([t]),
                     "response": j >= examples[i].prompt_len,
                     "sink": bool(torch.isnan(p).any()),
                     "projection": [[nan_to_none(float(x)) for x in row] for row in p],
                 }
                 for j, (t, p) in enumerate(zip(ids, result["tokens"][i], strict=True))
             ]
+
+
+def with_projection_columns(table: pl.DataFrame, result: dict[str, Any], probe: Probe) -> pl.DataFrame:
+    """The responses table with one Float64 column per position, layer and label (`column_name`)."""
+    import polars as pl
+
+    columns = {
+        column_name(label, pos, row): result[pos][:, r, k].tolist()
+        for pos in MONITOR_POSITIONS
+        for r, row in enumerate(probe.rows)
+        for k, label in enumerate(probe.labels)
+    }
+    return table.with_columns(*[pl.Series(name, values, dtype=pl.Float64) for name, values in columns.items()])
+
+
+def monitor_step(
+    *,
+    settings: Settings,
+    workspace: Workspace,
+    load: Callable[[], LoadedModel],
+    vector: str | None,
+    readout: Path | str | None,
+    texts: list[str],
+    replies: list[str] | None = None,
+    conversation: list[dict[str, str]] | None,
+    responses: Trait | None,
+    persona: str,
+    position: str,
+    aggregator: str,
+    rows: list[int] | None,
+    tokens: bool,
+) -> tuple[dict[str, Any], pl.DataFrame | None]:
+    """Projections for texts, a conversation or a trait's responses table. Returns the JSON document
+    and, for a responses table, the table with one column per label, position and layer."""
+    import polars as pl
+
+    from personactl.model.loading import resolve_model
+
+    check_monitor_inputs(vector, readout, texts, replies, conversation, responses)
+    slug = resolve_model(settings.model).slug
+    probe, source = open_probe(workspace, slug, vector, readout, position=position, aggregator=aggregator, rows=rows)
+    lm = load()
+    table = None
+    if texts:
+        items, examples = encode_texts(lm.tokenizer, texts, replies)
+    elif conversation is not None:
+        items, examples = encode_conversation(lm.tokenizer, conversation)
+    else:
+        path, _ = workspace.require_responses(slug, settings.model, responses, persona)
+        table = pl.read_parquet(path)
+        items, examples = encode_responses(lm.tokenizer, table)
+    result = project(lm, probe, examples, tokens=tokens, batch_tokens=settings.extract_batch_tokens)
+    fill_items(items, examples, result, lm.tokenizer, tokens=tokens)
     doc: dict[str, Any] = {**source, "model": settings.model, "labels": probe.labels, "layers": probe.rows}
     doc["items"] = items
     if table is not None:
         doc["effect"] = polarity_effect(table["polarity"].to_list(), result, probe)
-        columns = {
-            column_name(label, pos, row): result[pos][:, r, k].tolist()
-            for pos in MONITOR_POSITIONS
-            for r, row in enumerate(probe.rows)
-            for k, label in enumerate(probe.labels)
-        }
-        table = table.with_columns(*[pl.Series(name, values, dtype=pl.Float64) for name, values in columns.items()])
+        table = with_projection_columns(table, result, probe)
     return doc, table
 
 
