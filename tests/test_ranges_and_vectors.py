@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from personactl.core.directions import cosine, principal_direction, principal_direction_of_rows
-from personactl.core.ranges import check_in_range, format_ranges, parse_ranges
+from personactl.core.ranges import check_in_range, check_steering_layers, format_ranges, parse_ranges
 from personactl.errors import InputError, VectorFileError
-from personactl.store.vectors import PersonaVector
+from personactl.store.vectors import PersonaVector, load_for_model, made_for_other_model
+from personactl.store.workspace import Workspace
 
 
 def test_parse_and_format_ranges():
@@ -18,6 +19,71 @@ def test_parse_and_format_ranges():
             parse_ranges(bad)
     with pytest.raises(InputError, match="out of range"):
         check_in_range([5, 31], 30)
+
+
+@pytest.mark.parametrize("num_layers", [1, 30])
+def test_steering_layers_are_blocks_1_to_L(num_layers):
+    assert check_steering_layers(list(range(1, num_layers + 1)), num_layers) == list(range(1, num_layers + 1))
+    with pytest.raises(InputError, match="layer 0 is the embeddings"):
+        check_steering_layers([0], num_layers)
+    with pytest.raises(InputError, match="layer 0 is the embeddings"):
+        check_steering_layers([1, 0], num_layers)
+    with pytest.raises(InputError, match=f"layer {num_layers + 1} out of range"):
+        check_steering_layers([num_layers + 1], num_layers)
+    with pytest.raises(InputError, match="layer -1 out of range"):
+        check_steering_layers([-1], num_layers)
+
+
+SPEC = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_made_for_other_model_compares_fingerprints_when_both_have_one():
+    made = {"model": SPEC, "model_fingerprint": "hub:abc"}
+    assert not made_for_other_model(made, {"model": SPEC, "model_fingerprint": "hub:abc"})
+    # a new revision of the same hub id: same spec string, another fingerprint
+    assert made_for_other_model(made, {"model": SPEC, "model_fingerprint": "hub:def"})
+    # the same weights under another spelling (a local copy): one fingerprint, so the same model
+    assert not made_for_other_model(made, {"model": "/models/smollm2", "model_fingerprint": "hub:abc"})
+
+
+@pytest.mark.parametrize("fingerprints", [(None, "hub:abc"), ("hub:abc", None), (None, None), ("", "hub:abc")])
+def test_made_for_other_model_compares_specs_without_two_fingerprints(fingerprints):
+    mine, theirs = fingerprints
+    made = {"model": SPEC} | ({"model_fingerprint": mine} if mine is not None else {})
+    same = {"model": SPEC} | ({"model_fingerprint": theirs} if theirs is not None else {})
+    other = {**same, "model": "Qwen/Qwen2.5-0.5B-Instruct"}
+    assert not made_for_other_model(made, same)
+    assert made_for_other_model(made, other)
+
+
+class _Source:
+    slug = "tiny"
+
+
+class _Model:
+    """What `load_for_model` needs of a loaded model: `describe()` and `source.slug`."""
+
+    source = _Source()
+
+    def __init__(self, **info):
+        self.info = {"model": SPEC, "model_fingerprint": "hub:abc", "hidden_size": 8, "num_layers": 3, **info}
+
+    def describe(self):
+        return dict(self.info)
+
+
+def test_load_for_model_warns_for_another_model_of_the_same_shape(tmp_path):
+    ws = Workspace(tmp_path)
+    meta = {"model": SPEC, "model_fingerprint": "hub:abc", "num_layers": 3, "hidden_size": 8, "rows": [1, 2]}
+    meta |= {"positions": ["response_avg"], "aggregators": ["mean_diff"], "trait": "evil"}
+    PersonaVector({"mean_diff.response_avg": torch.ones(4, 8)}, meta).save(ws.vectors_path("tiny", "evil", "model"))
+    loaded = load_for_model(ws, "evil", _Model())
+    assert (loaded.label, loaded.warning) == ("evil", None)
+    assert loaded.path == ws.vectors_path("tiny", "evil", "model")
+    newer = load_for_model(ws, "evil", _Model(model_fingerprint="hub:def"))
+    assert newer.warning is not None and "same shape" in newer.warning
+    with pytest.raises(VectorFileError, match="does not fit"):
+        load_for_model(ws, "evil", _Model(hidden_size=16))
 
 
 def test_vector_file_round_trip(tmp_path):
