@@ -17,6 +17,7 @@ import torch
 
 from personactl import __version__
 from personactl.errors import VectorFileError
+from personactl.steps.skeleton import RunArtifact
 from personactl.store.vectors import PersonaVector
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ def ithou_vector(model_vec: PersonaVector, user_vec: PersonaVector, model_path: 
 
 
 def ithou_step(*, settings: Settings, workspace: Workspace, trait: Trait) -> tuple[PersonaVector, dict[str, Any]]:
-    """`personactl extract --trait T --i-thou`: from the two extracted vector files, no model run."""
+    """`personactl extract --trait T --i-thou`: from the two extracted vector files, no model run;
+    made anew on every call (a subtraction), so its manifest has no fingerprint."""
     from personactl.model.loading import resolve_model
 
     slug = resolve_model(settings.model).slug
@@ -102,7 +104,8 @@ def ithou_step(*, settings: Settings, workspace: Workspace, trait: Trait) -> tup
             )
         paths[persona] = path
     vector = ithou_vector(PersonaVector.load(paths["model"]), PersonaVector.load(paths["user"]), *paths.values())
-    output = workspace.vectors_path(slug, trait.name, "ithou")
-    vector.save(output)
-    workspace.write_manifest(output, "vectors", metadata=vector.metadata, model={"model": settings.model})
-    return vector, {"artifact": str(output), "name": trait.name, "model": settings.model, "skipped": False}
+    summary = {"name": trait.name, "model": settings.model}
+    out = RunArtifact(workspace, workspace.vectors_path(slug, trait.name, "ithou"), "vectors", summary=summary)
+    vector.save(out.path)
+    out.commit(None, metadata=vector.metadata, model={"model": settings.model})
+    return vector, out.done()

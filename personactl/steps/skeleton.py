@@ -83,7 +83,7 @@ class StepArtifact:
 
 @dataclass
 class RunArtifact(StepArtifact):
-    """An output written anew on every run under a fresh name (steer's timestamped tables): never
+    """An output written anew on every run (steer's timestamped tables, the I-Thou vector): never
     current, so it has no fingerprint and its manifest records none."""
 
     fingerprint: dict[str, Any] = field(default_factory=dict)
