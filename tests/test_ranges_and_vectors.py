@@ -159,6 +159,21 @@ def test_artifacts_get_normal_permissions(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
 
 
+def test_workspace_names_readout_and_chat_paths(tmp_path):
+    import os
+
+    ws = Workspace(tmp_path / "ws")
+    assert ws.readout_files() == []  # no workspace yet
+    path = ws.readout_path("HuggingFaceTB--SmolLM2-135M", "moods")
+    assert path == tmp_path / "ws" / "HuggingFaceTB--SmolLM2-135M" / "readouts" / "moods.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    assert ws.readout_files() == [path]
+    chat = ws.chat_transcript_path("tiny", "evil")
+    assert chat.parent == ws.trait_dir("tiny", "evil") and chat.name.endswith(f"-{os.getpid()}.json")
+    assert chat.name.startswith("chat-")
+
+
 def test_math_helpers():
     a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     b = torch.tensor([[2.0, 0.0], [-1.0, -1.0]])

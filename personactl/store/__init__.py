@@ -1,6 +1,7 @@
-"""Artifacts on disk: the workspace (the only code that knows artifact paths) and its lock, the
-tagged-safetensors reader/writer, vector files and their checks, traits, text inputs, and `interop/`
-(other tools' vector files).
+"""Artifacts on disk: the workspace (`Workspace` names every artifact's path) and its lock, atomic
+writes, the one tagged-safetensors reader/writer (`tagged_file`) and the files written through it
+(vectors with their checks and report, readouts, pair differences), the responses table's
+vocabulary, traits, the user's text inputs, and `interop/` (other tools' vector files).
 
 May import: core, and the top-level errors and settings (layers: pyproject.toml, [tool.importlinter]).
 """

@@ -10,14 +10,16 @@ Layout (one directory per model and trait; an artifact sits next to its manifest
                                     vectors-<persona>.manifest.json
                                     pair-diffs-<persona>.safetensors
                                     steer-<time>-<pid>.parquet, eval-<key>.parquet (+ eval-<key>.<what>.*)
+                                    chat-<time>-<pid>.json   (a chat transcript; <trait> = the vector's label)
                                     .personactl.lock   (workspace_lock)
+    <workspace>/<model-slug>/readouts/<name>.safetensors   (readout train)
     <workspace>/judge-cache.sqlite
 
-Chat transcripts (chat-<time>-<pid>.json, named in `chat/session.py`) and readouts
-(<model-slug>/readouts/, named in `cli/readout.py`) go into directories that `trait_dir` gives.
+A method here names each of these paths. Inside one artifact's own paths, its writer names the parts:
+generate the batch files in its shards directory, eval the `eval-<key>.<what>.*` files beside its table.
 
 Every write goes to a temporary name in the same directory and is moved into place with
-`os.replace`, so a reader never sees half a file.
+`os.replace` (`store/atomic.py`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -175,6 +177,19 @@ class Workspace:
         if models:
             return f"{spec} is extracted in this workspace for another model ({models[0]}): pass it with --model"
         return None
+
+    def readout_path(self, model_slug: str, name: str) -> Path:
+        """Where `readout train` writes a readout named `name` by default."""
+        return self.trait_dir(model_slug, "readouts") / f"{name}.safetensors"
+
+    def readout_files(self) -> list[Path]:
+        """The readout files in their default place, for every model (sorted)."""
+        return sorted(self.root.glob("*/readouts/*.safetensors")) if self.root.is_dir() else []
+
+    def chat_transcript_path(self, model_slug: str, label: str) -> Path:
+        """A new chat transcript, beside the artifacts of the vector labelled `label`."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.trait_dir(model_slug, label) / f"chat-{stamp}-{os.getpid()}.json"
 
     def steer_run_path(self, model_slug: str, label: str) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
