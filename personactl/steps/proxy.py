@@ -11,14 +11,22 @@ used to build it; it does not say that adding it steers well.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
 import torch
 
+from personactl.core.ranges import check_in_range
 from personactl.core.stats import cohens_d
 from personactl.errors import InputError
+from personactl.model.loading import resolve_model
+from personactl.steps.skeleton import StepArtifact
+from personactl.store.responses import fingerprint_of
+from personactl.store.vectors import load_for_model
 
 if TYPE_CHECKING:
+    from personactl.backends import Sampling
     from personactl.model.loading import LoadedModel
     from personactl.settings import Settings
     from personactl.store.traits import Trait
@@ -157,46 +165,50 @@ def proxy_fingerprint(
     }
 
 
+PROXY_SCHEMA = {
+    "layer": pl.Int32,
+    "cohens_d": pl.Float64,
+    "pos_mean": pl.Float64,
+    "neg_mean": pl.Float64,
+    "n_pos": pl.Int32,
+    "n_neg": pl.Int32,
+}
+
+
 def proxy_step(
     *,
     settings: Settings,
     workspace: Workspace,
     trait: Trait,
-    load: Callable[[], Any],
+    load: Callable[[], LoadedModel],
     layers: Sequence[int] | None,
     position: str,
     aggregator: str,
     questions: int | None,
-    sampling: Any,
+    sampling: Sampling,
     vector_spec: str | None = None,
     plots: bool = True,
     force: bool = False,
     on_phase: Callable[[str, int | None], None] = lambda what, total: None,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Skip when a proxy sweep with the same inputs exists; else sweep, save table, plot, manifest."""
-
-    import polars as pl
-
-    from personactl.core.ranges import check_in_range
-    from personactl.model.loading import resolve_model
-    from personactl.settings import masked_dump
-    from personactl.store.responses import fingerprint_of
-    from personactl.store.vectors import PersonaVector
-    from personactl.store.workspace import atomic_path
-
     if getattr(settings, "backend", "hf") != "hf":
         raise InputError("--proxy reads activations, so it needs --backend hf")
     slug = resolve_model(settings.model).slug
-    vector_path = workspace.find_vector(vector_spec or trait.name, slug)
+    vector_path = workspace.find_vector(vector_spec or trait.name, slug)  # before loading: the fingerprint hashes it
     fingerprint = proxy_fingerprint(settings, trait, vector_path, layers, position, aggregator, questions, sampling)
-    output = workspace.eval_path(slug, trait.name, "proxy-" + fingerprint_of(fingerprint))
-    base = {"artifact": str(output), "trait": trait.name, "vector": str(vector_path), "label": PROXY_LABEL}
-    if not force and workspace.finished(output, fingerprint):
-        manifest = workspace.read_manifest(output)
-        return pl.read_parquet(output), {**base, "skipped": True, **manifest["summary"], "files": manifest["files"]}
+    out = StepArtifact(
+        workspace,
+        workspace.eval_path(slug, trait.name, "proxy-" + fingerprint_of(fingerprint)),
+        "eval-proxy",
+        fingerprint,
+        {"trait": trait.name, "vector": str(vector_path), "label": PROXY_LABEL},
+    )
+    if out.current(force):
+        manifest = out.manifest()
+        return pl.read_parquet(out.path), out.skipped(**{**manifest["summary"], "files": manifest["files"]})
     lm = load()
-    vector = PersonaVector.load(vector_path)
-    vector.check_compatible(lm.describe())
+    vector = load_for_model(workspace, str(vector_path), lm).vector
     chosen = check_in_range(list(layers), lm.num_layers) if layers else [r for r in vector.rows if r > 0]
     rows = proxy_sweep(
         lm,
@@ -211,43 +223,34 @@ def proxy_step(
         batch_size=settings.batch_size,
         on_phase=on_phase,
     )
-    table = pl.DataFrame(
-        rows,
-        schema={
-            "layer": pl.Int32,
-            "cohens_d": pl.Float64,
-            "pos_mean": pl.Float64,
-            "neg_mean": pl.Float64,
-            "n_pos": pl.Int32,
-            "n_neg": pl.Int32,
-        },
-    )
-    with atomic_path(output) as tmp:
-        table.write_parquet(tmp)
-    scored = [r for r in rows if r["cohens_d"] is not None]
-    best = max(scored, key=lambda r: (r["cohens_d"], -r["layer"])) if scored else None
-    summary = {"label": PROXY_LABEL, "layers": rows, "best_layer": best["layer"] if best else None, "best": best}
-    files: dict[str, Any] = {"table": str(output), "plots": []}
+    table = pl.DataFrame(rows, schema=PROXY_SCHEMA)
+    summary = _sweep_summary(rows)
+    files: dict[str, Any] = {"table": str(out.path), "plots": []}
     if plots:
-        from personactl.steps.plots import plot_proxy
-
-        stem = output.name.removesuffix(".parquet")
-        path = plot_proxy(
-            rows,
-            output.with_name(f"{stem}.png"),
-            f"{trait.name} · {position}/{aggregator} · {PROXY_LABEL}",
-            f"model {settings.model}",
-        )
-        files["plots"].append(str(path))
-    workspace.write_manifest(
-        output,
-        "eval-proxy",
-        fingerprint=fingerprint,
+        title = f"{trait.name} · {position}/{aggregator} · {PROXY_LABEL}"
+        files["plots"].append(str(_plot(out.path, rows, title, f"model {settings.model}")))
+    out.commit(
+        table.write_parquet,
+        settings=settings,
         model=lm.describe(),
-        settings=masked_dump(settings),
         trait={"name": trait.name, "sha256": trait.sha256},
         vector={"path": str(vector_path), "sha256": fingerprint["vector_sha256"]},
         summary=summary,
         files=files,
     )
-    return table, {**base, "skipped": False, **summary, "files": files}
+    return table, out.done(**summary, files=files)
+
+
+def _sweep_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep's rows and its best layer: the largest Cohen's d (ties: the lower layer)."""
+    scored = [r for r in rows if r["cohens_d"] is not None]
+    best = max(scored, key=lambda r: (r["cohens_d"], -r["layer"])) if scored else None
+    return {"label": PROXY_LABEL, "layers": list(rows), "best_layer": best["layer"] if best else None, "best": best}
+
+
+def _plot(output: Path, rows: Sequence[dict[str, Any]], title: str, subtitle: str) -> Path:
+    """Cohen's d per layer, as `<artifact stem>.png` beside the table."""
+    from personactl.steps.plots import plot_proxy
+
+    stem = output.name.removesuffix(".parquet")
+    return plot_proxy(rows, output.with_name(f"{stem}.png"), title, subtitle)
