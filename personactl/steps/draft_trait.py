@@ -222,7 +222,7 @@ def server_message(exc: Any, secrets: Sequence[str | None] = ()) -> str:
     return shorten(redact(str(message), secrets), 400)
 
 
-def openai_chat(settings: Any, timeout: float, max_tokens: int = MAX_TOKENS) -> tuple[Chat, str]:
+def openai_chat(settings: Settings, timeout: float, max_tokens: int = MAX_TOKENS) -> tuple[Chat, str]:
     """A chat function on the judge's endpoint (base URL, key and model resolved by `make_judge`)."""
     import openai
 

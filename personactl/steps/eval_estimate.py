@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from personactl.steps.evaluate import EvalSpec
     from personactl.store.traits import Trait
     from personactl.store.workspace import Workspace
 
 
-def grid_generations(spec: Any, n_questions: int, n_layers: int) -> int:
+def grid_generations(spec: EvalSpec, n_questions: int, n_layers: int) -> int:
     """Rows the eval generates: unsteered and prompted baselines, then per variant, layer and α ≠ 0
     one steered row per (question, sample), and as many random-vector rows when K > 0."""
     items = n_questions * spec.samples
@@ -39,7 +40,7 @@ def measured_tokens_per_second(workspace: Workspace, model_slug: str) -> float |
 
 
 def estimate_eval(
-    *, trait: Trait, spec: Any, num_layers: int, max_new_tokens: int, tokens_per_second: float | None
+    *, trait: Trait, spec: EvalSpec, num_layers: int, max_new_tokens: int, tokens_per_second: float | None
 ) -> dict[str, Any]:
     from personactl.steps.evaluate import default_layers
 

@@ -12,6 +12,7 @@ from personactl.steps.eval_estimate import estimate_eval, measured_tokens_per_se
 
 if TYPE_CHECKING:
     from personactl.settings import Settings
+    from personactl.steps.evaluate import EvalSpec
     from personactl.store.traits import Trait
     from personactl.store.workspace import Workspace
 
@@ -44,7 +45,7 @@ def config_num_layers(settings: Settings) -> int | None:
 
 
 def estimate_run(
-    *, settings: Settings, workspace: Workspace, trait: Trait, spec: Any, max_questions: int | None, proxy: bool
+    *, settings: Settings, workspace: Workspace, trait: Trait, spec: EvalSpec, max_questions: int | None, proxy: bool
 ) -> dict[str, Any]:
     """Per step: `skipped` (finished with the same inputs) or what it needs; totals for the run."""
     from personactl.model.loading import resolve_model
@@ -102,7 +103,7 @@ def estimate_run(
     }
 
 
-def _eval_finished(settings: Any, workspace: Any, trait: Any, spec: Any, proxy: bool) -> bool:
+def _eval_finished(settings: Settings, workspace: Workspace, trait: Trait, spec: EvalSpec, proxy: bool) -> bool:
     """Whether the eval `run` would do is already in the workspace with the same inputs (the vector
     as it is now: the caller checks that nothing upstream will rewrite it). The same fingerprint as
     `eval_step` / `proxy_step`, so the dry run and the run agree on what is skipped."""
