@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from personactl.cli.app import app
 from personactl.errors import VectorFileError
 from personactl.store.pair_diffs_file import load_pair_diffs, save_pair_diffs
-from personactl.store.readout_file import Readout
+from personactl.store.readout_file import Readout, readout_metadata
 from personactl.store.tagged_file import read_tagged, write_tagged
 
 runner = CliRunner()
@@ -117,6 +117,14 @@ def test_corrupt_readout_file_in_chat(isolated_env, tmp_path, kept_pairs, corrup
     args = ["chat", "--vector", "plain", "--model", model, "-w", ws, "--readout", path, "--json"]
     result = runner.invoke(app, [str(a) for a in args], "hello\n")
     assert_one_line_error(result, f"{path} is not a readable safetensors file")
+
+
+def test_readout_metadata_alone(tmp_path):
+    path = write_readout(tmp_path / "r.safetensors")
+    assert readout_metadata(path) == {"concepts": ["calm", "angry"], "rows": [1, 2]}
+    garbage(path)
+    with pytest.raises(VectorFileError, match="is not a readable safetensors file"):
+        readout_metadata(path)
 
 
 def test_ls_lists_a_corrupt_readout_as_unreadable(isolated_env, tmp_path):

@@ -21,6 +21,12 @@ FORMAT = "personactl.readout/1"
 RETRAIN = "retrain it: personactl readout train DIR -o FILE"
 
 
+def readout_metadata(path: Path) -> dict[str, Any]:
+    """A readout file's metadata alone (no tensors read), e.g. for listing; a VectorFileError when
+    the file is corrupt or not a readout."""
+    return read_tagged(path, FORMAT, RETRAIN, what="personactl readout file", keys=()).metadata
+
+
 @dataclass
 class Readout:
     tensors: dict[str, torch.Tensor]
