@@ -10,8 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from personactl.steps.eval_any import eval_or_proxy
+from personactl.steps.extract import extract_step
+from personactl.steps.generate import generate_step
+from personactl.steps.score import score_step
+
 if TYPE_CHECKING:
+    from personactl.model.loading import ModelHandle
     from personactl.settings import Settings
+    from personactl.steps.evaluate import EvalSpec
     from personactl.store.traits import Trait
     from personactl.store.workspace import Workspace
 
@@ -21,8 +28,8 @@ def run_pipeline(
     settings: Settings,
     workspace: Workspace,
     trait: Trait,
-    spec: Any,
-    load: Callable[[], Any],
+    spec: EvalSpec,
+    load: Callable[[], ModelHandle],
     load_judge: Callable[[str], Any] | None,
     max_questions: int | None,
     eval_questions: int | None,
@@ -35,11 +42,6 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run the four steps; return each step's summary and the recommendation. `eval_questions` is
     unused: the eval reads `spec.questions` (the CLI builds the spec with the same value)."""
-    from personactl.steps.eval_any import eval_or_proxy
-    from personactl.steps.extract import extract_step
-    from personactl.steps.generate import generate_step
-    from personactl.steps.score import score_step
-
     steps: dict[str, Any] = {}
     on_step("generate")
     steps["generate"] = generate_step(
