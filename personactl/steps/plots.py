@@ -17,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from personactl.store.workspace import atomic_path
+from personactl.store.atomic import atomic_path
 
 STEERED, RANDOM, UNSTEERED, PROMPTED, LIMIT = "#1f77b4", "#7f7f7f", "#000000", "#e377c2", "#d62728"
 SCORE_LIMITS = (0.0, 100.0)
@@ -100,6 +100,31 @@ def _baseline(ax: Any, cell: dict[str, Any] | None, metric: str, color: str, sty
         ax.axhspan(_clip(cell[f"{metric}_low"]), _clip(cell[f"{metric}_high"]), color=color, alpha=0.07, zorder=0)
 
 
+def _score_panel(
+    ax: Any,
+    rows: list[dict[str, Any]],
+    layer: int,
+    metric: str,
+    unsteered: dict[str, Any] | None,
+    prompted: dict[str, Any] | None,
+    threshold: float,
+) -> None:
+    """One layer's trait or coherence vs α: the baselines as lines (prompting with its band), the
+    coherence threshold, then the random-vector and steered curves with their bands."""
+    _baseline(ax, prompted, metric, PROMPTED, "-.")
+    if unsteered and unsteered[f"{metric}_mean"] is not None:
+        ax.axhline(unsteered[f"{metric}_mean"], color=UNSTEERED, linestyle=":", linewidth=1.0, zorder=2)
+    if metric == "coherence":
+        ax.axhline(threshold, color=LIMIT, linewidth=1.0, zorder=2)
+    random = _curve(rows, "random", layer, unsteered)
+    if random:
+        _band(ax, random, metric, RANDOM, "--", 0.12)
+    _band(ax, _curve(rows, "steered", layer, unsteered), metric, STEERED, "-", 0.2)
+    ax.set_ylim(-2, 102)
+    ax.set_yticks([0, 25, 50, 75, 100])
+    ax.grid(alpha=0.25, linewidth=0.5)
+
+
 def _kl_panel(ax: Any, rows: list[dict[str, Any]], layer: int, max_kl: float | None) -> None:
     """kl_neutral vs α for the steered and random-vector cells of one layer, the budget as a line."""
     for condition, color, style in (("steered", STEERED, "-"), ("random", RANDOM, "--")):
@@ -177,19 +202,7 @@ def curves_figure(
         axes[0][j].set_title(head, fontsize=10)
     for i, layer in enumerate(layers):
         for j, metric in enumerate(("trait", "coherence")):
-            ax = axes[i][j]
-            _baseline(ax, prompted, metric, PROMPTED, "-.")
-            if unsteered and unsteered[f"{metric}_mean"] is not None:
-                ax.axhline(unsteered[f"{metric}_mean"], color=UNSTEERED, linestyle=":", linewidth=1.0, zorder=2)
-            if metric == "coherence":
-                ax.axhline(threshold, color=LIMIT, linewidth=1.0, zorder=2)
-            random = _curve(rows, "random", layer, unsteered)
-            if random:
-                _band(ax, random, metric, RANDOM, "--", 0.12)
-            _band(ax, _curve(rows, "steered", layer, unsteered), metric, STEERED, "-", 0.2)
-            ax.set_ylim(-2, 102)
-            ax.set_yticks([0, 25, 50, 75, 100])
-            ax.grid(alpha=0.25, linewidth=0.5)
+            _score_panel(axes[i][j], rows, layer, metric, unsteered, prompted, threshold)
         _kl_panel(axes[i][2], rows, layer, max_kl)
         axes[i][2].grid(alpha=0.25, linewidth=0.5)
         axes[i][0].set_ylabel(f"layer {layer}", fontsize=10, fontweight="bold")
@@ -246,20 +259,7 @@ def heatmap_figure(cells: pl.DataFrame, threshold: float, title: str, subtitle: 
     axes = fig.subplots(1, 2, squeeze=False)[0]
     for ax, metric, cmap_name in ((axes[0], "trait", "viridis"), (axes[1], "coherence", "magma")):
         cmap = mpl.colormaps[cmap_name]
-        grid = np.full((len(layers), len(alphas)), np.nan)
-        texts: dict[tuple[int, int], str] = {}
-        for layer in layers:
-            for alpha in alphas:
-                cell = next((r for r in rows if r["layer"] == layer and r["coefficient"] == alpha), None)
-                if cell is None and alpha == 0 and unsteered is not None:
-                    cell = unsteered
-                if cell is None:
-                    continue
-                y, x = layers.index(layer), alphas.index(alpha)
-                value = cell[f"{metric}_mean"]
-                if value is not None:
-                    grid[y, x] = value
-                texts[(y, x)] = "—" if value is None else f"{value:.0f}" + (" ×" if cell["coherent"] is False else "")
+        grid, texts = _heatmap_cells(rows, unsteered, layers, alphas, metric)
         image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=100, origin="lower")
         size = 8 if len(alphas) <= 12 and len(layers) <= 24 else 0
         for (y, x), text in texts.items() if size else ():
@@ -275,6 +275,30 @@ def heatmap_figure(cells: pl.DataFrame, threshold: float, title: str, subtitle: 
         bar.set_label(f"mean {metric} score (0–100)", fontsize=8)
     _suptitle(fig, title, _join(subtitle, _n_text(rows)), 100)
     return fig
+
+
+def _heatmap_cells(
+    rows: list[dict[str, Any]], unsteered: dict[str, Any] | None, layers: list[int], alphas: list[float], metric: str
+) -> tuple[Any, dict[tuple[int, int], str]]:
+    """The layer × α grid of mean `metric` (NaN where unmeasured; α = 0 from the unsteered cell) and
+    the text of each measured cell: its mean, "×" when broken, "—" when it has no score."""
+    import numpy as np
+
+    grid = np.full((len(layers), len(alphas)), np.nan)
+    texts: dict[tuple[int, int], str] = {}
+    for layer in layers:
+        for alpha in alphas:
+            cell = next((r for r in rows if r["layer"] == layer and r["coefficient"] == alpha), None)
+            if cell is None and alpha == 0 and unsteered is not None:
+                cell = unsteered
+            if cell is None:
+                continue
+            y, x = layers.index(layer), alphas.index(alpha)
+            value = cell[f"{metric}_mean"]
+            if value is not None:
+                grid[y, x] = value
+            texts[(y, x)] = "—" if value is None else f"{value:.0f}" + (" ×" if cell["coherent"] is False else "")
+    return grid, texts
 
 
 # ---------------------------------------------------------------- eval --proxy
