@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,7 @@ def reference(lm, messages, steering=None, max_new_tokens=NEW_TOKENS):
     """Greedy `model.generate` on the templated messages, optionally under a Steerer: the ground truth."""
     from transformers import GenerationConfig
 
+    assert no_hooks(lm)  # the server's last batch is over: its hooks would steer this run too
     prompt = encode_prompt(lm.tokenizer, messages)
     ids = torch.tensor([prompt])
     stops = stop_token_ids(lm.model, lm.tokenizer)
@@ -156,8 +158,15 @@ def raw(url, data=None):
         return error.code, json.loads(error.read())
 
 
-def no_hooks(lm):
-    return not lm.model._forward_pre_hooks and all(not b._forward_hooks for b in lm.layers)
+def no_hooks(lm, within=10.0):
+    """No steering hook left on the model. A reply ends as soon as its own row does, and the batch's
+    hooks come off when the whole batch ends, so wait (bounded) for that."""
+    deadline = time.monotonic() + within
+    while lm.model._forward_pre_hooks or any(b._forward_hooks for b in lm.layers):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def ask(client, messages, **extra):
@@ -313,6 +322,45 @@ def test_bad_requests_are_openai_errors_with_clear_messages(client, lm, tmp_path
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert ask(client, user("hello"), alpha=3)["text"]  # the edge of the range is allowed; the server went on
     assert no_hooks(lm)
+
+
+def test_unknown_request_keys_are_refused_by_name(client, server):
+    error = bad(client, alpah=1.0)  # a typo must not pass silently as "no steering"
+    assert error.status_code == 400 and "unknown request field 'alpah'" in error.body["message"]
+    body = json.dumps({"messages": user("hi"), "extra_body": {"alpha": 1}, "temprature": 0}).encode()
+    status, answer = raw(server.url + "/chat/completions", body)
+    assert status == 400 and "unknown request fields 'extra_body', 'temprature'" in answer["error"]["message"]
+    assert "top level" in answer["error"]["hint"]
+    for name, value in (("frequency_penalty", 0.5), ("tool_choice", "auto"), ("logit_bias", {"1": 2})):
+        error = bad(client, **{name: value})
+        assert error.status_code == 400 and f"'{name}' is not supported" in error.body["message"]
+    assert ask(client, user("hello"), alpha=0, user="someone", frequency_penalty=0)["text"] is not None
+
+
+def test_a_full_queue_answers_429_with_retry_after(lm, workspace, vector_path):
+    engine = make_engine(lm, workspace, vector_path, max_batch=1, max_queue=1)
+    body = json.dumps({"messages": user("hello"), "max_tokens": 4}).encode()
+    with running(engine) as server, ThreadPoolExecutor(2) as pool:
+        url = server.url + "/chat/completions"
+        with engine.backend._busy:  # hold the model: the scheduler takes a batch, then waits for it
+            first = pool.submit(raw, url, body)
+            wait_for(lambda: engine.backend.queued == 0 and engine._running)  # taken, waiting to run
+            second = pool.submit(raw, url, body)
+            wait_for(lambda: engine.backend.queued == 1)  # the queue is full
+            request = urllib.request.Request(url, data=body)
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request)
+            assert info.value.code == 429 and int(info.value.headers["Retry-After"]) >= 1
+            error = json.loads(info.value.read())["error"]
+            assert error["type"] == "rate_limit_error" and "busy" in error["message"]
+        assert first.result(timeout=60)[0] == 200 and second.result(timeout=60)[0] == 200
+
+
+def wait_for(condition, within=10.0):
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def test_api_key_is_enforced(lm, workspace, vector_path):

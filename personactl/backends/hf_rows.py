@@ -30,6 +30,7 @@ class RowRequest:
     on_token: Callable[[int], None]
     stop: threading.Event = field(default_factory=threading.Event)
     steering: Steering | None = None
+    on_done: Callable[[list[int]], None] = lambda tokens: None  # called once, as soon as the row ends
 
 
 class RowSampler:
@@ -80,7 +81,9 @@ class RowStops:
 
 class RowStreamer:
     """A transformers streamer that hands each row's tokens to that row, up to and including its
-    end-of-turn token or its budget (what `generate` adds for a finished row is padding)."""
+    end-of-turn token or its budget (what `generate` adds for a finished row is padding), and tells
+    the row it is done as soon as it ends, not when the whole batch does. A row whose `stop` is set
+    gets no token after that (the one in flight is dropped)."""
 
     def __init__(self, rows: Sequence[RowRequest], stop_ids: Sequence[int]):
         self.rows, self.stop_ids = rows, set(stop_ids)
@@ -96,10 +99,20 @@ class RowStreamer:
             if self.finished[b]:
                 continue
             row = self.rows[b]
+            if row.stop.is_set():
+                self._done(b)
+                continue
             self.tokens[b].append(int(token))
             row.on_token(int(token))
-            if token in self.stop_ids or len(self.tokens[b]) >= row.sampling.max_new_tokens or row.stop.is_set():
-                self.finished[b] = True
+            if token in self.stop_ids or len(self.tokens[b]) >= row.sampling.max_new_tokens:
+                self._done(b)
+
+    def _done(self, b: int) -> None:
+        self.finished[b] = True
+        self.rows[b].on_done(self.tokens[b])
 
     def end(self) -> None:
-        pass
+        """transformers' end of generation: every row still open is done."""
+        for b, finished in enumerate(self.finished):
+            if not finished:
+                self._done(b)

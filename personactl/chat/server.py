@@ -2,18 +2,18 @@
 
 Each request becomes a one-turn `ChatSession` carrying that request's steering (persona, α, layers,
 positions, norm; the command line gives the defaults), so validation, chat templating, streaming
-and finish reasons are exactly the chat's, on either backend (`chat.session.chat_backend`).
-Generations run one at a time: the backend holds one lock from steering-in to steering-out (HF
-hooks, or the vLLM engine's steering buffers), so a request's α never touches another's tokens.
-(Batching requests with per-row coefficients would be faster, but on CPU a row of a batch differs
-from the same run alone in the last bits, so a greedy reply would depend on what else was in flight.)
+and finish reasons are exactly the chat's. Requests that arrive together are generated together
+when the engine can mix rows (`chat.batching.BatchingChat`: each row its own steering, sampling
+and seed; in float32 a reply equals the same request alone); an engine that cannot mix rows runs
+them one at a time (`Engine.max_stream_batch`).
 
-The transport is the standard library's `ThreadingHTTPServer` (a thread per connection; no new
-dependency); streaming replies are server-sent events over chunked transfer encoding.
+The transport is FastAPI on uvicorn; request bodies are checked against `ChatRequest` (unknown keys
+refused by name); streamed replies are server-sent events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
@@ -23,15 +23,20 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from personactl.backends import Sampling
-from personactl.chat.session import ChatSession, TurnStream, chat_backend
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from personactl.backends import Sampling, engine_for
+from personactl.chat.batching import BatchingChat, QueueFull
+from personactl.chat.session import ChatSession, TurnStream
 from personactl.core.ranges import parse_ranges
 from personactl.errors import InputError, PersonactlError
 from personactl.store.vectors import LoadedVector, load_for_model
@@ -57,12 +62,23 @@ def is_loopback(host: str) -> bool:
 class APIError(Exception):
     """An error answered as OpenAI's JSON error object with an HTTP status."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None, hint=None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        hint: str | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.hint = status, message, code, param, hint
+        self.retry_after = retry_after  # seconds, for 429 (sent as the Retry-After header)
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+        kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+        kind = kinds.get(self.status, "invalid_request_error")
         if self.status >= 500:
             kind = "server_error"
         error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
@@ -101,8 +117,63 @@ class Completion:
     started: float = field(default_factory=time.perf_counter)
 
 
+class ChatRequest(BaseModel):
+    """The keys a chat-completion body may hold: OpenAI's that personactl reads or refuses with a
+    reason, and personactl's steering keys. Any other key is refused by name (a typo must not pass
+    silently as "no steering"). Values are checked by `SteeredEngine`, which words the errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Any = None
+    messages: Any = None
+    stream: Any = None
+    stream_options: Any = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    temperature: Any = None
+    top_p: Any = None
+    seed: Any = None
+    user: Any = None  # an end-user id: accepted, not used
+    # OpenAI's, refused unless left at their defaults
+    n: Any = None
+    stop: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    # personactl's steering
+    persona: Any = None
+    alpha: Any = None
+    layers: Any = None
+    positions: Any = None
+    norm: Any = None
+    position: Any = None
+    aggregator: Any = None
+
+
+def check_keys(body: Mapping[str, Any]) -> None:
+    """400 naming every key `ChatRequest` does not know."""
+    unknown = sorted(set(body) - set(ChatRequest.model_fields))
+    if not unknown:
+        return
+    hint = None
+    if "extra_body" in unknown:
+        hint = (
+            "the OpenAI client sends extra_body's keys at the top level of the request; "
+            "a raw request puts alpha, persona, layers ... there itself"
+        )
+    names = ", ".join(repr(k) for k in unknown)
+    raise APIError(400, f"unknown request field{'s' if len(unknown) > 1 else ''} {names}", param=unknown[0], hint=hint)
+
+
 class SteeredEngine:
-    """Turns OpenAI request bodies into steered generations on one model, one generation at a time."""
+    """Turns OpenAI request bodies into steered generations on one model, in mixed batches of up to
+    `max_batch` rows (fewer where the engine mixes fewer; at most `max_queue` wait, more get 429)."""
 
     def __init__(
         self,
@@ -111,7 +182,9 @@ class SteeredEngine:
         defaults: ServeDefaults,
         *,
         model_id: str | None = None,
-        exposed=False,
+        exposed: bool = False,
+        max_batch: int = 8,
+        max_queue: int = 64,
     ):
         self.lm = lm
         self.workspace = workspace
@@ -119,8 +192,7 @@ class SteeredEngine:
         self.model_id = model_id or lm.source.spec
         self.exposed = exposed
         self.created = int(time.time())
-        self.lock = threading.Lock()
-        self.backend = chat_backend(lm, self.lock)
+        self.backend = BatchingChat(engine_for(lm), max_batch=max_batch, max_queue=max_queue)
         self._vectors: dict[tuple[Path, int, int], LoadedVector] = {}
         self._cache_lock = threading.Lock()
         self._running: set[TurnStream] = set()
@@ -186,16 +258,20 @@ class SteeredEngine:
         """Validate a chat-completion request and start generating its reply (400/404 on bad input)."""
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        check_keys(body)
         model = body.get("model")
         if model not in (None, "", self.model_id):
             raise APIError(
                 404, f"the model {model!r} does not exist; this server serves {self.model_id!r}", code="model_not_found"
             )
-        if body.get("n", 1) != 1:
+        if body.get("n", 1) not in (None, 1):
             raise APIError(400, "only n = 1 is supported", param="n")
-        for name in ("stop", "tools", "logprobs", "functions"):
+        for name in ("stop", "tools", "tool_choice", "logprobs", "top_logprobs", "functions", "logit_bias"):
             if body.get(name):
                 raise APIError(400, f"{name!r} is not supported by this server", param=name)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if body.get(name) not in (None, 0):
+                raise APIError(400, f"{name!r} is not supported by this server (only 0)", param=name)
         if (body.get("response_format") or {"type": "text"}) != {"type": "text"}:
             raise APIError(400, "only text replies are supported (response_format)", param="response_format")
         messages = _messages(body.get("messages"))
@@ -204,6 +280,8 @@ class SteeredEngine:
             session = self._session(body)
             session.history = messages[:-1]
             stream = session.send(messages[-1]["content"])
+        except QueueFull as exc:
+            raise APIError(429, exc.message, hint=exc.hint, retry_after=exc.retry_after) from None
         except PersonactlError as exc:
             raise APIError(400, exc.message, hint=exc.hint) from None
         completion = Completion(
@@ -320,8 +398,8 @@ class SteeredEngine:
             running = list(self._running)
         for stream in running:
             stream.stop()
-        if self.lock.acquire(timeout=timeout):
-            self.lock.release()
+        self.backend.close()
+        self.backend.idle(timeout)
 
 
 def _get(body: Mapping[str, Any], name: str, kinds: Any, default: Any) -> Any:
@@ -384,14 +462,120 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"  # "interrupted" only happens at shutdown
 
 
-# -------------------------------------------------------------------- HTTP
+# -------------------------------------------------------------------- HTTP (FastAPI on uvicorn)
 
 
-class SteeredHTTPServer(ThreadingHTTPServer):
-    """A thread per connection; requests share the engine, which runs generations one at a time."""
+def _quiet(message: str) -> None:
+    pass
 
-    daemon_threads = True
-    allow_reuse_address = True
+
+def create_app(engine: SteeredEngine, api_key: str | None = None, log: Callable[[str], None] = _quiet) -> Any:
+    """The OpenAI-compatible routes over `engine`: JSON errors in OpenAI's shape, an API key when
+    given, streamed replies as server-sent events, one log line per request."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:  # the server goes on
+        log("".join(traceback.format_exception(exc)))
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+
+    @app.exception_handler(404)
+    async def no_route(request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse(APIError(404, f"no route {request.method} {request.url.path}").body(), status_code=404)
+
+    def authorize(request: Request) -> None:
+        given = request.headers.get("Authorization", "")
+        if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return engine.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        if model_id != engine.model_id:
+            raise APIError(404, f"the model {model_id!r} does not exist", code="model_not_found")
+        return engine.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await _json_body(request)
+        authorize(request)
+        completion = await run_in_threadpool(engine.start, body)
+        if body.get("stream"):
+            return StreamingResponse(_events(engine, completion, log), media_type="text/event-stream")
+        document = await run_in_threadpool(engine.complete, completion)
+        log(request_line(completion))
+        return JSONResponse(document)
+
+    return app
+
+
+async def _json_body(request: Any) -> Any:
+    length = request.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        raise APIError(413, f"the request body is larger than {MAX_BODY} bytes")
+    data = await request.body()
+    if len(data) > MAX_BODY:
+        raise APIError(413, f"the request body is larger than {MAX_BODY} bytes")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+async def _events(engine: SteeredEngine, completion: Completion, log: Callable[[str], None]) -> AsyncIterator[bytes]:
+    """Server-sent events, one per chunk, then `[DONE]`; a client that leaves stops its generation
+    (the chunks are closed in a thread: the reply drains there, not in the event loop)."""
+    chunks = engine.chunks(completion)
+    finished = False
+    try:
+        while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
+            yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+        finished = True
+    except Exception as exc:  # headers are gone: report in the stream, then end it
+        log("".join(traceback.format_exception(exc)))
+        error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}").body()
+        yield b"data: " + json.dumps(error).encode() + b"\n\n"
+    finally:
+        if not finished:
+            completion.stream.stop()
+            threading.Thread(target=chunks.close, daemon=True).start()
+    if finished:
+        log(request_line(completion))
+    yield b"data: [DONE]\n\n"
+
+
+def request_line(completion: Completion) -> str:
+    """One line per finished request: when, which, how long it queued, how fast it generated."""
+    turn, session = completion.stream.turn, completion.session
+    waited = completion.stream.waited_s
+    seconds = time.perf_counter() - completion.started
+    generating = max(seconds - waited, 1e-9)
+    tokens = turn.n_tokens if turn else 0
+    return (
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {completion.id} persona={session.vector.label} "
+        f"α={session.alpha:g} layers={session.layers} {turn.n_prompt_tokens if turn else 0}+{tokens} tokens "
+        f"queued {waited:.2f}s, {seconds:.2f}s in all, {tokens / generating:.1f} tokens/s"
+    )
+
+
+class SteeredHTTPServer:
+    """uvicorn serving `create_app(engine)` on a socket bound at construction (so `url` is known,
+    even for port 0, before serving starts). `serve_forever` blocks (in the main thread it stops on
+    Ctrl-C / SIGTERM); `shutdown` from another thread stops it and waits."""
 
     def __init__(
         self,
@@ -399,126 +583,53 @@ class SteeredHTTPServer(ThreadingHTTPServer):
         host: str = "127.0.0.1",
         port: int = 8000,
         api_key: str | None = None,
-        log: Callable[[str], None] = lambda message: None,
+        log: Callable[[str], None] = _quiet,
     ):
         self.engine, self.api_key, self.log = engine, api_key or None, log
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host.strip("[]"), port), _Handler)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host.strip("[]"), port))
+            self.socket.listen(2048)  # connections wait in the backlog until uvicorn accepts them
+        except OSError:
+            self.socket.close()
+            raise
+        app = create_app(engine, self.api_key, log)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+        self._server = _Uvicorn(config, engine)
+        self._stopped = threading.Event()
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.socket.getsockname()[:2]
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.server_address
         return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "personactl"
-    server: SteeredHTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.log(f"{self.address_string()} {format % args}")
-
-    def do_GET(self) -> None:
-        self._dispatch(self._get)
-
-    def do_POST(self) -> None:
-        self._dispatch(self._post)
-
-    def _dispatch(self, action: Callable[[str], None]) -> None:
-        path = urlsplit(self.path).path.rstrip("/")
+    def serve_forever(self) -> None:
         try:
-            action(path)
-        except APIError as exc:
-            self._json(exc.status, exc.body())
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as exc:  # the request fails, the server goes on
-            self.server.log(traceback.format_exc())
-            self._json(500, APIError(500, f"internal error: {type(exc).__name__}: {exc}").body())
+            self._server.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
 
-    def _authorize(self) -> None:
-        key = self.server.api_key
-        if key is None:
-            return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+    def shutdown(self, timeout: float = 60.0) -> None:
+        self._server.should_exit = True
+        self._stopped.wait(timeout)
 
-    def _get(self, path: str) -> None:
-        engine = self.server.engine
-        if path == "/health":
-            self._json(200, {"status": "ok"})
-            return
-        self._authorize()
-        if path == "/v1/models":
-            self._json(200, engine.models())
-        elif path == f"/v1/models/{engine.model_id}":
-            self._json(200, engine.model_card())
-        else:
-            raise APIError(404, f"no route GET {path}")
+    def server_close(self) -> None:
+        self.socket.close()
 
-    def _post(self, path: str) -> None:
-        body = self._body()
-        self._authorize()
-        if path != "/v1/chat/completions":
-            raise APIError(404, f"no route POST {path}")
-        completion = self.server.engine.start(body)
-        if body.get("stream"):
-            self._stream(completion)
-        else:
-            self._json(200, self.server.engine.complete(completion))
-        turn = completion.stream.turn
-        if turn is not None:
-            steering = completion.session
-            self.server.log(
-                f"{completion.id} α={steering.alpha:g} persona={steering.vector.label} layers={steering.layers} "
-                f"{turn.n_prompt_tokens}+{turn.n_tokens} tokens {time.perf_counter() - completion.started:.2f}s"
-            )
 
-    def _body(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise APIError(411, "a Content-Length header is required")
-        if int(length) > MAX_BODY:
-            self.close_connection = True
-            raise APIError(413, f"the request body is larger than {MAX_BODY} bytes")
-        try:
-            return json.loads(self.rfile.read(int(length)))
-        except ValueError as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, stopping the replies being generated before it waits for connections."""
 
-    def _json(self, status: int, document: Any) -> None:
-        data = json.dumps(document, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def __init__(self, config: uvicorn.Config, engine: SteeredEngine):
+        super().__init__(config)
+        self.engine = engine
 
-    def _stream(self, completion: Completion) -> None:
-        """Server-sent events, one per chunk, then `[DONE]`; a client that leaves stops its generation."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        try:
-            with contextlib.closing(self.server.engine.chunks(completion)) as chunks:
-                for chunk in chunks:
-                    self._chunk(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-            return
-        except Exception as exc:  # headers are gone: report in the stream, then end it
-            self.server.log(traceback.format_exc())
-            error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}").body()
-            self._chunk(b"data: " + json.dumps(error).encode() + b"\n\n")
-        self._chunk(b"data: [DONE]\n\n")
-        self._chunk(b"")
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
+    async def shutdown(self, sockets: Any = None) -> None:
+        await asyncio.to_thread(self.engine.shutdown)
+        await super().shutdown(sockets)

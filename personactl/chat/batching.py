@@ -1,0 +1,148 @@
+"""Replies requested from many threads at once, generated together: the server's engine.
+
+A scheduler thread takes up to `max_batch` waiting replies whenever the engine is free and runs
+them as one mixed batch (`Engine.stream_batch`: each row its own steering, sampling, seed and
+budget), so a new batch forms when the running one ends. Before it starts a batch that is not full
+it waits `gather_s` (20 ms) for more: requests a client sends together start together. Replies that
+arrive while a batch runs wait for the next one; the queue holds at most `max_queue` of them and a
+request beyond that is refused (`QueueFull`: the server answers 429 with Retry-After).
+
+Why not join rows at every decoding step (continuous batching)? On HF that means splicing KV caches
+of different lengths into a running `generate`; vLLM's own scheduler does this for its engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+from personactl.backends import Engine, Sampling, Steering
+from personactl.backends.hf_rows import RowRequest
+from personactl.chat.session import TokenStream
+from personactl.errors import PersonactlError
+
+
+class QueueFull(PersonactlError):
+    """More replies are waiting than the queue holds."""
+
+    exit_code = 2
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"the server is busy: {waiting} requests are waiting", hint=f"retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Waiting:
+    row: RowRequest
+    tokens: TokenStream
+    queued: float = field(default_factory=time.perf_counter)
+    ended: bool = False
+
+    def finish(self, tokens: list[int]) -> None:
+        if not self.ended:
+            self.ended = True
+            self.tokens.finish(tokens)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.ended:
+            self.ended = True
+            self.tokens.fail(error)
+
+
+class BatchingChat:
+    """A chat backend (`chat.session.ChatBackend`) whose replies run in mixed batches."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, gather_s: float = 0.02):
+        self.engine = engine
+        self.name = engine.name
+        self.stop_ids = list(engine.stop_ids)
+        self.position_modes = engine.position_modes
+        self.max_batch = max(1, min(max_batch, engine.max_stream_batch))
+        self.max_queue, self.gather_s = max_queue, gather_s
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._wake = threading.Condition()
+        self._busy = threading.Lock()  # held while a batch runs
+        self._closed = False
+        self._last_batch_s = 1.0
+        self._worker = threading.Thread(target=self._loop, name="personactl-batches", daemon=True)
+        self._worker.start()
+
+    def stream(
+        self, prompt: list[int], steering: Steering | None, sampling: Sampling, seed: int, stop: threading.Event
+    ) -> TokenStream:
+        if steering is not None:
+            self.engine.check_positions(steering.positions)
+        tokens = TokenStream()
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                batches_ahead = len(self._waiting) // self.max_batch + 1
+                raise QueueFull(len(self._waiting), max(1, round(batches_ahead * self._last_batch_s)))
+            waiting = _Waiting(RowRequest(prompt, sampling, seed, tokens.push, stop, steering), tokens)
+            waiting.row.on_done = waiting.finish
+            self._waiting.append(waiting)
+            self._wake.notify()
+        return tokens
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            with self._busy:
+                self._run(batch)
+
+    def _next_batch(self) -> list[_Waiting] | None:
+        with self._wake:
+            while not self._waiting and not self._closed:
+                self._wake.wait()
+            if self._closed:
+                return None
+            if len(self._waiting) < self.max_batch:
+                self._wake.wait(self.gather_s)  # requests sent together start together
+            batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+        return batch
+
+    def _run(self, batch: list[_Waiting]) -> None:
+        start = time.perf_counter()
+        live = []
+        for waiting in batch:
+            waiting.tokens.waited_s = start - waiting.queued
+            if waiting.row.stop.is_set():  # the client left while it waited
+                waiting.finish([])
+            else:
+                live.append(waiting)
+        if not live:
+            return
+        try:
+            results = self.engine.stream_batch([w.row for w in live])
+        except BaseException as exc:  # handed to each consumer, which re-raises it in its own thread
+            for waiting in live:
+                waiting.fail(exc)
+            return
+        for waiting, tokens in zip(live, results, strict=True):
+            waiting.finish(tokens)  # rows end as they finish (`on_done`); this catches any left
+        self._last_batch_s = time.perf_counter() - start
+
+    def idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no batch is running; True when none is."""
+        if self._busy.acquire(timeout=timeout):
+            self._busy.release()
+            return True
+        return False
+
+    def close(self) -> None:
+        """Stop taking batches; replies still waiting end as interrupted (empty)."""
+        with self._wake:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._wake.notify_all()
+        for w in waiting:
+            w.row.stop.set()
+            w.finish([])
