@@ -63,6 +63,7 @@ class Engine(Protocol):
     stop_ids: list[int]
     position_modes: tuple[str, ...]  # the steering position modes it can apply
     full_distributions: bool  # whether it gives full next-token distributions (kl_neutral needs them)
+    reads_activations: bool  # whether this process can read its residual stream (readout, proxy)
     max_stream_batch: int  # how many rows `stream_batch` mixes in one batch (1: one at a time)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> list[Generation]:
@@ -110,6 +111,26 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the engine's processes and memory now."""
         ...
+
+
+def engine_class(backend: str) -> type:
+    """The engine class the `backend` setting names (vllm itself is not imported)."""
+    if backend == "vllm":
+        from personactl.backends.vllm import VLLMBackend
+
+        return VLLMBackend
+    from personactl.backends.hf import HFBackend
+
+    return HFBackend
+
+
+def require_activations(backend: str, message: str, hint: str | None = None) -> None:
+    """Refuse, before any engine starts, work that reads activations in this process on an engine
+    that has none here (vLLM's run inside its worker processes)."""
+    if not engine_class(backend).reads_activations:
+        from personactl.errors import InputError
+
+        raise InputError(message, hint=hint)
 
 
 def _quiet(message: str) -> None:

@@ -83,6 +83,7 @@ class HFBackend:
     name = "hf"
     position_modes = POSITION_MODES
     full_distributions = True
+    reads_activations = True
 
     def __init__(self, model: Any, tokenizer: Any):
         self.model = model

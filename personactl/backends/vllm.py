@@ -88,6 +88,7 @@ class VLLMBackend:
     name = "vllm"
     position_modes = ("all",)  # the buffers add to every position (see the module docstring)
     full_distributions = False  # no full next-token distributions: kl_neutral loads the HF model
+    reads_activations = False  # the residual stream lives in vLLM's worker processes
     max_stream_batch = 1  # the steering buffers are global to the engine: one steered reply at a time
 
     def stream_batch(self, rows: Sequence[Any]) -> list[list[int]]:

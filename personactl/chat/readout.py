@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from personactl.errors import InputError, VectorFileError
+from personactl.backends import require_activations
+from personactl.errors import VectorFileError
 from personactl.model.chat_format import EncodedExample
 from personactl.steps.monitor import Probe, probe_from_readout, probe_from_vector, project
 
@@ -39,7 +40,7 @@ class LiveReadout:
         require_hf(getattr(lm, "name", "hf"))
         if spec == VECTOR:
             return cls(VECTOR, None)
-        from personactl.steps.readout import Readout
+        from personactl.store.readout_file import Readout
 
         readout = Readout.load(Path(spec))
         mine = (readout.metadata.get("hidden_size"), readout.metadata.get("num_layers"))
@@ -69,11 +70,11 @@ class LiveReadout:
 
 
 def require_hf(backend: str) -> None:
-    if backend != "hf":
-        raise InputError(
-            f"the live readout reads activations with the Hugging Face model; the {backend} backend has none",
-            hint="use --backend hf for --readout, or run `personactl monitor` on a saved transcript",
-        )
+    require_activations(
+        backend,
+        f"the live readout reads activations with the Hugging Face model; the {backend} backend has none",
+        hint="use --backend hf for --readout, or run `personactl monitor` on a saved transcript",
+    )
 
 
 def readout_line(record: dict[str, Any]) -> str:

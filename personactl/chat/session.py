@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import queue
 import threading
 import time
@@ -653,9 +652,7 @@ class ChatSession:
         if not self.transcript:
             raise InputError("nothing to save yet", hint="send a message first")
         if self.saved_to is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            directory = self.workspace.trait_dir(self.lm.source.slug, self.vector.label)
-            self.saved_to = directory / f"chat-{stamp}-{os.getpid()}.json"
+            self.saved_to = self.workspace.chat_transcript_path(self.lm.source.slug, self.vector.label)
         document = self.transcript_document()
         atomic_write_text(self.saved_to, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         self.saved_turns = len(self.transcript)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 import torch
 
+from personactl.backends import require_activations
 from personactl.core.ranges import check_in_range
 from personactl.core.stats import cohens_d
 from personactl.errors import InputError
@@ -192,8 +193,7 @@ def proxy_step(
     on_phase: Callable[[str, int | None], None] = lambda what, total: None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Skip when a proxy sweep with the same inputs exists; else sweep, save table, plot, manifest."""
-    if getattr(settings, "backend", "hf") != "hf":
-        raise InputError("--proxy reads activations, so it needs --backend hf")
+    require_activations(settings.backend, "--proxy reads activations, so it needs --backend hf")
     slug = resolve_model(settings.model).slug
     vector_path = workspace.find_vector(vector_spec or trait.name, slug)  # before loading: the fingerprint hashes it
     fingerprint = proxy_fingerprint(settings, trait, vector_path, layers, position, aggregator, questions, sampling)
