@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 
 from personactl.backends import Sampling
 from personactl.backends.hf import stop_token_ids
+from personactl.chat.commands import one_line, run_command
 from personactl.chat.session import ChatSession, chat_backend
 from personactl.cli.app import app
-from personactl.cli.chat import one_line, run_command, slider
+from personactl.cli.chat import slider
 from personactl.errors import InputError, VectorFileError
 from personactl.model.chat_format import encode_prompt
 from personactl.model.loading import load_model
@@ -402,8 +403,8 @@ def test_bad_options_exit_2(isolated_env, model_dir, vector_path, lm, tmp_path):
         (["--max-alpha", "0"], "must be positive"),
         (["--layers", "0"], "layer 0 is the embeddings"),
         (["--layers", "7"], "out of range"),
-        (["--norm", "huge"], "unknown norm"),
-        (["--position", "middle"], "--position 'middle'"),
+        (["--norm", "huge"], "'huge' is not one of"),  # a choice: typer's usage error
+        (["--position", "middle"], "'middle' is not one of"),
     ]:
         result = runner.invoke(app, chat_args(model_dir, vector_path, "ws", *extra), "hi\n")
         assert result.exit_code == 2 and needle in result.output, (extra, result.output)

@@ -289,6 +289,15 @@ def test_steer_and_compare_through_the_cli(isolated_env, tmp_path, tiny_factory)
     assert all(r["effective_norm"] == pytest.approx(2 * r["vector_norm"]) for r in stream)
     table = invoke("steer", "--vector", vector_path, "--prompt", "hello world", "--layers", "2", *common)
     assert table.exit_code == 0 and "baseline" in table.stdout
+    one = ["steer", "--vector", "optimistic", "--prompt", "hi", "--layers", "2", "--coefficients=1", "--json", *common]
+    renamed = invoke(*one, "--steer-positions", "prompt")
+    assert renamed.exit_code == 0, renamed.output
+    assert {json.loads(line)["positions"] for line in renamed.stdout.splitlines()} == {"prompt"}
+    assert "deprecated" not in renamed.stderr
+    old_spelling = invoke(*one, "--positions", "response")  # the steering mode's old name: still works, with a note
+    assert old_spelling.exit_code == 0, old_spelling.output
+    assert {json.loads(line)["positions"] for line in old_spelling.stdout.splitlines()} == {"response"}
+    assert "--positions is deprecated here" in old_spelling.stderr and "--steer-positions" in old_spelling.stderr
     assert {a["kind"] for a in json.loads(invoke("ls", "-w", ws, "--json").stdout)["artifacts"]} >= {"steer"}
 
     same = json.loads(
@@ -323,7 +332,7 @@ def test_steer_and_compare_bad_inputs(isolated_env, tmp_path, tiny_factory):
     expect_error(invoke("steer", "--vector", "optimistic", "--model", model, "-w", ws, "--prompt", " "), "empty prompt")
     expect_error(invoke("steer", "--vector", "optimistic", "--model", model, "-w", ws), "no prompt given")
     expect_error(invoke("steer", "--vector", "nosuchtrait", *base), "no vectors for 'nosuchtrait'")
-    expect_error(invoke("steer", "--vector", "optimistic", "--norm", "huge", *base), "--norm 'huge'")
+    expect_error(invoke("steer", "--vector", "optimistic", "--norm", "huge", *base), "'huge' is not one of")
 
     wide = PersonaVector.load(vector_path)
     wide.tensors = {k: torch.zeros(v.shape[0], 48) if v.dim() == 2 else v for k, v in wide.tensors.items()}

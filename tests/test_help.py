@@ -50,3 +50,35 @@ def test_ranges_and_defaults_shown_once_in_the_metavar_and_help():
     assert "FLOAT 0–100" in out and "INT ≥1" in out
     out = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
     assert out.count("(default: 0.5,1,2,4)") == 1 and "--alpha-cap" in out and "--max-alpha" not in out
+
+
+def test_choice_options_offer_the_library_lists():
+    """A choice option's values are the library's own list, in its order (cli/options.py writes
+    them out because the modules that define them import torch, which --help must not)."""
+    from typing import get_args
+
+    from personactl.cli import options as o
+    from personactl.core.directions import NORM_MODES
+    from personactl.judging.remote import JUDGE_MODES
+    from personactl.model.activations import AGGREGATORS, POSITIONS
+    from personactl.model.steering import POSITION_MODES
+    from personactl.settings import Settings
+    from personactl.store.interop.foreign import INDEX_KINDS
+
+    def values(choice):
+        return tuple(member.value for member in choice)
+
+    def setting(name):
+        return get_args(Settings.model_fields[name].annotation)
+
+    assert values(o.NormMode) == NORM_MODES and values(o.SteerMode) == POSITION_MODES
+    assert values(o.PositionChoice) == POSITIONS and values(o.AggregatorChoice) == AGGREGATORS
+    assert values(o.JudgeModeChoice) == JUDGE_MODES == setting("judge_mode")
+    assert values(o.DtypeChoice) == setting("dtype") and values(o.BackendChoice) == setting("backend")
+    assert values(o.IndexKindChoice) == INDEX_KINDS
+
+
+def test_a_bad_choice_is_a_usage_error_naming_the_choices():
+    args = ["steer", "--vector", "x", "--prompt", "hi", "--steer-positions", "middle"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "'middle' is not one of 'all', 'prompt', 'response'" in result.output

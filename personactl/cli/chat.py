@@ -17,14 +17,13 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TextIO
 
 import typer
 
+from personactl.chat.commands import HELP, Outcome, one_line, run_command, split_line, turn_record
 from personactl.cli import options as o
 from personactl.cli.common import (
-    check_choices,
     guarded,
     load_engine,
     log,
@@ -34,54 +33,63 @@ from personactl.cli.common import (
     stdout_console,
 )
 
-HELP = (
-    ("/alpha A", "set α within the slider's range (Alt-←/→ move it, Alt-0 resets it)"),
-    ("/layer L", "steer at layer(s) L, e.g. /layer 14 or /layer 12,14-16"),
-    ("/vector V", "switch to a vector file, or a trait extracted for this model"),
-    ("/positions M", "where to add: all, prompt (the conversation so far) or response"),
-    ("/norm N", "raw, unit or stream: α keeps its push (‖α·v‖), the slider takes that mode's range"),
-    ("/reset", "clear the conversation (settings stay)"),
-    ("/compare [A,B,…]", "regenerate the last reply at several α, side by side"),
-    ("/save", "write the transcript, with each turn's settings, into the workspace"),
-    ("/help", "this list"),
-    ("/quit", "leave (Ctrl-D too)"),
-)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from personactl.chat.session import ChatSession, TurnStream
+
+Alpha = Annotated[float, typer.Option("--alpha", "-a", help="Starting α (the steering strength).")]
+MaxAlpha = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-alpha",
+        help="The slider runs from −max to +max; α outside it is refused. Default: it follows the norm "
+        "mode: raw ±3, stream ±0.5 (α is then ‖α·v‖ over the layer's stream norm), unit half the "
+        "layers' stream norm. Given, it holds in every mode.",
+        show_default=False,
+    ),
+]
+AlphaStep = Annotated[
+    Optional[float],
+    typer.Option(
+        "--alpha-step",
+        help="How far one Alt-←/→ moves α. Default: about a twelfth of the range (raw 0.25, stream 0.05).",
+        show_default=False,
+    ),
+]
+SystemPrompt = Annotated[Optional[str], typer.Option("--system", help="System prompt.", show_default=False)]
+Temperature = Annotated[
+    float, typer.Option("--temperature", min=0.0, help="0 = greedy (the default: same input, same reply).")
+]
+Readout = Annotated[
+    Optional[str],
+    typer.Option(
+        "--readout",
+        help="After each reply, show a readout: a file from `readout train` (top concepts), or `vector` "
+        "(the projection on the steering vector).",
+        show_default=False,
+    ),
+]
+JsonLines = Annotated[
+    bool, typer.Option("--json", help="Line mode with JSON lines out: message, reply, alpha, layers, …")
+]
 
 
 @guarded
 def chat(
-    vector: Annotated[
-        str, typer.Option("--vector", "-v", help="Vector file, or a trait name extracted in the workspace for --model.")
-    ],
+    vector: o.VectorSpec,
     layers: o.MiddleLayer = None,
-    alpha: Annotated[float, typer.Option("--alpha", "-a", help="Starting α (the steering strength).")] = 1.0,
-    max_alpha: Annotated[
-        Optional[float],
-        typer.Option(
-            "--max-alpha",
-            help="The slider runs from −max to +max; α outside it is refused. Default: it follows the norm "
-            "mode: raw ±3, stream ±0.5 (α is then ‖α·v‖ over the layer's stream norm), unit half the "
-            "layers' stream norm. Given, it holds in every mode.",
-            show_default=False,
-        ),
-    ] = None,
-    alpha_step: Annotated[
-        Optional[float],
-        typer.Option(
-            "--alpha-step",
-            help="How far one Alt-←/→ moves α. Default: about a twelfth of the range (raw 0.25, stream 0.05).",
-            show_default=False,
-        ),
-    ] = None,
-    position: o.VectorPosition = "response_avg",
-    aggregator: o.Aggregator = "mean_diff",
-    positions: o.SteerPositions = "all",
-    norm: o.Norm = "raw",
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.", show_default=False)] = None,
+    alpha: Alpha = 1.0,
+    max_alpha: MaxAlpha = None,
+    alpha_step: AlphaStep = None,
+    position: o.VectorPosition = o.PositionChoice.response_avg,
+    aggregator: o.Aggregator = o.AggregatorChoice.mean_diff,
+    steer_positions: o.SteerPositions = o.SteerMode.all,
+    old_positions: o.OldSteerPositions = None,
+    norm: o.Norm = o.NormMode.raw,
+    system: SystemPrompt = None,
     max_new_tokens: o.MaxNewTokens = None,
-    temperature: Annotated[
-        float, typer.Option("--temperature", min=0.0, help="0 = greedy (the default: same input, same reply).")
-    ] = 0.0,
+    temperature: Temperature = 0.0,
     top_p: o.TopP = None,
     seed: o.Seed = None,
     model: o.Model = None,
@@ -93,35 +101,19 @@ def chat(
     trust_remote_code: o.TrustRemoteCode = None,
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
-    readout: Annotated[
-        Optional[str],
-        typer.Option(
-            "--readout",
-            help="After each reply, show a readout: a file from `readout train` (top concepts), or `vector` "
-            "(the projection on the steering vector).",
-            show_default=False,
-        ),
-    ] = None,
-    json: Annotated[
-        bool, typer.Option("--json", help="Line mode with JSON lines out: message, reply, alpha, layers, …")
-    ] = False,
+    readout: Readout = None,
+    json: JsonLines = False,
 ) -> None:
     """Chat with the steered model: an α slider in the terminal, or one reply per input line."""
     from personactl.backends import Sampling
     from personactl.chat.readout import LiveReadout, require_hf
-    from personactl.chat.session import SLIDER_RANGES, ChatSession, check_alpha
+    from personactl.chat.session import ChatSession
     from personactl.core.ranges import parse_ranges
-    from personactl.errors import InputError
-    from personactl.model.activations import AGGREGATORS, POSITIONS
     from personactl.settings import masked_dump
     from personactl.steps.steer import default_layer
 
-    check_choices((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator"))
-    if (max_alpha is not None and not max_alpha > 0) or (alpha_step is not None and not alpha_step > 0):
-        raise InputError("--max-alpha and --alpha-step must be positive")
-    bound = max_alpha if max_alpha is not None else SLIDER_RANGES.get(norm, (None,))[0]
-    if bound is not None:  # before the model loads (unit's range needs the vector)
-        check_alpha(alpha, bound, norm if max_alpha is None else None)
+    positions = o.steer_positions(steer_positions, old_positions)
+    check_slider(alpha, max_alpha, alpha_step, norm.value)
     layer_list = parse_ranges(layers) if layers else None
     settings = settings_from(
         config,
@@ -150,9 +142,9 @@ def chat(
         max_alpha=max_alpha,
         alpha_step=alpha_step,
         positions=positions,
-        norm=norm,
-        position=position,
-        aggregator=aggregator,
+        norm=norm.value,
+        position=position.value,
+        aggregator=aggregator.value,
         sampling=Sampling(settings.max_new_tokens, temperature, settings.top_p),
         seed=settings.seed,
         system=system,
@@ -161,6 +153,24 @@ def chat(
     )
     if session.vector.warning:
         log(f"warning: {session.vector.warning}")
+    run_front_end(session, json)
+
+
+def check_slider(alpha: float, max_alpha: float | None, alpha_step: float | None, norm: str) -> None:
+    """Refuse a slider that cannot hold the starting α, before the model loads (unit's range needs
+    the vector, so it is checked later)."""
+    from personactl.chat.session import SLIDER_RANGES, check_alpha
+    from personactl.errors import InputError
+
+    if (max_alpha is not None and not max_alpha > 0) or (alpha_step is not None and not alpha_step > 0):
+        raise InputError("--max-alpha and --alpha-step must be positive")
+    bound = max_alpha if max_alpha is not None else SLIDER_RANGES.get(norm, (None,))[0]
+    if bound is not None:
+        check_alpha(alpha, bound, norm if max_alpha is None else None)
+
+
+def run_front_end(session: ChatSession, json: bool) -> None:
+    """The terminal UI on a terminal, else line mode (exit 2 when a line failed, 130 on Ctrl-C)."""
     if sys.stdin.isatty() and sys.stdout.isatty() and not json:
         run_terminal(session)
         return
@@ -172,152 +182,10 @@ def chat(
         raise typer.Exit(2)  # every line was processed; the errors were reported on the way
 
 
-# ---------------------------------------------------------------- slash commands (both modes)
-
-
-@dataclass
-class Outcome:
-    """What a slash command did, for either front end to render."""
-
-    message: str = ""
-    rows: list[dict[str, Any]] | None = None  # /compare
-    help: bool = False
-    quit: bool = False
-    data: dict[str, Any] = field(default_factory=dict)  # extra JSON fields in line mode
-
-
-def run_command(session: Any, line: str, stop: threading.Event | None = None) -> Outcome:
-    """Apply one slash command to the session; a PersonactlError when it is unknown or invalid.
-    `stop` ends a running /compare early (Ctrl-C in the terminal)."""
-    from personactl.errors import InputError
-
-    name, _, arg = line.strip()[1:].partition(" ")
-    handler = _COMMANDS.get(name.lower())
-    if handler is None:
-        raise InputError(f"unknown command /{name}", hint="/help lists the commands")
-    return handler(session, arg.strip(), stop or threading.Event())
-
-
-def _need(arg: str, usage: str) -> str:
-    from personactl.errors import InputError
-
-    if not arg:
-        raise InputError(f"{usage.split()[0]} needs a value", hint=f"usage: {usage}")
-    return arg
-
-
-def _numbers(arg: str, usage: str) -> list[float]:
-    from personactl.errors import InputError
-
-    try:
-        return [float(part) for part in arg.replace(",", " ").split()]
-    except ValueError:
-        raise InputError(f"bad number in {arg!r}", hint=f"usage: {usage}") from None
-
-
-def _alpha(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    from personactl.errors import InputError
-
-    values = _numbers(_need(arg, "/alpha A"), "/alpha A")
-    if len(values) != 1:
-        raise InputError(f"/alpha takes one number, not {arg!r}", hint="usage: /alpha A")
-    session.set_alpha(values[0])
-    return Outcome(f"α = {session.alpha:+.2f} ({session.describe_push()})", data={"alpha": session.alpha})
-
-
-def _layer(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    from personactl.core.ranges import format_ranges, parse_ranges
-
-    session.set_layers(parse_ranges(_need(arg, "/layer L")))
-    return Outcome(f"layers {format_ranges(session.layers)}", data={"layers": session.layers})
-
-
-def _vector(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    warning = session.set_vector(_need(arg, "/vector FILE_OR_TRAIT"))
-    text = f"vector {session.vector.label} ({session.vector.path})"
-    return Outcome(text + (f"\nwarning: {warning}" if warning else ""), data={"vector": str(session.vector.path)})
-
-
-def _positions(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    session.set_positions(_need(arg, "/positions all|prompt|response"))
-    return Outcome(f"positions {session.positions}", data={"positions": session.positions})
-
-
-def _norm(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    session.set_norm(_need(arg, "/norm raw|unit|stream"))
-    top, step = session.slider_range()
-    text = f"norm {session.norm}: α = {session.alpha:+.3g} ({session.describe_push()}); slider ±{top:g}, step {step:g}"
-    return Outcome(text, data={"norm": session.norm, "alpha": session.alpha, "max_alpha": top, "alpha_step": step})
-
-
-def _reset(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    session.reset()
-    return Outcome("conversation cleared")
-
-
-def _compare(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    rows = session.compare(_numbers(arg, "/compare [A,B,…]") if arg else None, stop)
-    return Outcome(rows=rows, data={"layers": session.layers})
-
-
-def _save(session: Any, arg: str, stop: threading.Event) -> Outcome:
-    path = session.save()
-    return Outcome(f"saved {path}", data={"path": str(path)})
-
-
-_COMMANDS: dict[str, Callable[[Any, str, threading.Event], Outcome]] = {
-    "alpha": _alpha,
-    "layer": _layer,
-    "layers": _layer,
-    "vector": _vector,
-    "positions": _positions,
-    "norm": _norm,
-    "reset": _reset,
-    "compare": _compare,
-    "save": _save,
-    "help": lambda session, arg, stop: Outcome(help=True),
-    "quit": lambda session, arg, stop: Outcome(quit=True),
-    "exit": lambda session, arg, stop: Outcome(quit=True),
-}
-
-
-def split_line(line: str) -> tuple[str, str]:
-    """("command", line) for a slash command, else ("message", text); "//x" sends "/x"."""
-    if line.startswith("//"):
-        return "message", line[1:]
-    return ("command", line) if line.startswith("/") else ("message", line)
-
-
 # ---------------------------------------------------------------- line mode (stdin is not a terminal)
 
 
-def turn_record(turn: Any) -> dict[str, Any]:
-    steering = turn.steering
-    return {
-        "message": turn.user,
-        "reply": turn.reply,
-        "alpha": steering["alpha"],
-        "layers": steering["layers"],
-        "positions": steering["positions"],
-        "norm": steering["norm"],
-        "vector": steering["vector"],
-        "trait": steering["trait"],
-        "n_prompt_tokens": turn.n_prompt_tokens,
-        "n_tokens": turn.n_tokens,
-        "finish_reason": turn.finish_reason,
-        "seconds": turn.seconds,
-        "conversation": turn.conversation,
-        "seed": turn.seed,
-        **({"readout": turn.readout} if turn.readout is not None else {}),
-    }
-
-
-def one_line(text: str) -> str:
-    """A reply as one output line: backslashes and line breaks escaped (\\\\, \\n, \\r)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def run_lines(session: Any, lines: TextIO, as_json: bool) -> int:
+def run_lines(session: ChatSession, lines: TextIO, as_json: bool) -> int:
     """One message per input line, one reply per output line; returns how many lines failed.
 
     A message that fails still gets its output line (empty, or a JSON error), so output line i
@@ -340,7 +208,7 @@ def run_lines(session: Any, lines: TextIO, as_json: bool) -> int:
                 if as_json:
                     out(
                         jsonlib.dumps(
-                            {"command": text, "ok": True, "message": outcome.message, **_json_data(outcome)},
+                            {"command": text, "ok": True, "message": outcome.message, **outcome.json_fields()},
                             ensure_ascii=False,
                         )
                     )
@@ -369,15 +237,6 @@ def run_lines(session: Any, lines: TextIO, as_json: bool) -> int:
             elif kind == "message":
                 out("")
     return failures
-
-
-def _json_data(outcome: Outcome) -> dict[str, Any]:
-    data = dict(outcome.data)
-    if outcome.rows is not None:
-        data["rows"] = outcome.rows
-    if outcome.help:
-        data["commands"] = [usage for usage, _ in HELP]
-    return data
 
 
 # ---------------------------------------------------------------- rendering (both modes)
@@ -434,7 +293,7 @@ def format_alpha(alpha: float, step: float) -> str:
     return f"{alpha:+.{max(2, min(decimals, 4))}f}"
 
 
-def toolbar(session: Any, width: int | None = None) -> list[tuple[str, str]]:
+def toolbar(session: ChatSession, width: int | None = None) -> list[tuple[str, str]]:
     """The slider, α, ‖α·v‖, the settings and the keys; on a terminal narrower than all of it the
     keys go first, then the settings (the slider, α and its push always show)."""
     from personactl.core.ranges import format_ranges
@@ -467,7 +326,7 @@ STYLE = {
 }
 
 
-def run_terminal(session: Any) -> None:
+def run_terminal(session: ChatSession) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
@@ -550,7 +409,7 @@ def _turns(n: int) -> str:
     return f"{n} turn{'s' if n != 1 else ''}"
 
 
-def _unsaved_note(session: Any) -> str:
+def _unsaved_note(session: ChatSession) -> str:
     where = f" (rewrites {session.saved_to})" if session.saved_to else " (into the workspace)"
     return (
         f"{_turns(session.unsaved)} not saved yet: /save writes the transcript{where}; "
@@ -579,7 +438,7 @@ def _quiet_keys() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, before)
 
 
-def _stream_reply(console: Any, stream: Any) -> None:
+def _stream_reply(console: Console, stream: TurnStream) -> None:
     """Print the reply as it is generated; Ctrl-C stops it (the reply is cut where the screen shows
     it) and the chat goes on."""
     console.print("[bold #5fafff]assistant ›[/] ", end="")

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import Any
 
 import typer
@@ -85,10 +86,11 @@ def config_file(config=None):
 
 
 def settings_from(config=None, **cli: Any):
-    """Effective settings (CLI > env > toml > defaults) from a command's flags."""
+    """Effective settings (CLI > env > toml > defaults) from a command's flags (a choice as its value)."""
     from personactl.settings import load_settings
 
-    settings, _ = load_settings(cli, config_file(config))
+    flags = {key: value.value if isinstance(value, Enum) else value for key, value in cli.items()}
+    settings, _ = load_settings(flags, config_file(config))
     return settings
 
 
@@ -107,8 +109,14 @@ def trait_lock(workspace, settings, name: str):
     return workspace.lock(resolve_model(settings.model).slug, name)
 
 
+def comma_list(text: str) -> list[str]:
+    """`a, b,,c` → ["a", "b", "c"]: the items of a comma-list flag, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def check_choices(*checks: tuple[str, Sequence[str], str]) -> None:
-    """A clear error for the first flag whose value is not one of its choices: (value, allowed, flag)."""
+    """A clear error for the first flag whose value is not one of its choices: (value, allowed, flag).
+    For comma-list flags; a flag that takes one choice is a StrEnum (cli/options.py) and typer checks it."""
     from personactl.errors import InputError
 
     for value, allowed, flag in checks:

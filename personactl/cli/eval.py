@@ -206,7 +206,7 @@ def eval_cmd(
     ws = open_workspace(settings)
     sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     spec = build_spec(
-        layers, coefficients, position, aggregator, norm, positions, questions, samples, random_seeds,
+        layers, coefficients, position, aggregator.value, norm, positions, questions, samples, random_seeds,
         adaptive, rounds, alpha_start, max_alpha, plots,
     )  # fmt: skip
     if dry_run and not proxy:

@@ -26,9 +26,9 @@ def export(
     ] = None,
     layers: o.Layers = None,
     scale: Annotated[float, typer.Option("--scale", help="Multiply the vectors by this.")] = 1.0,
-    norm: o.Norm = "raw",
-    position: o.VectorPosition = "response_avg",
-    aggregator: o.Aggregator = "mean_diff",
+    norm: o.Norm = o.NormMode.raw,
+    position: o.FileVectorPosition = "response_avg",
+    aggregator: o.Aggregator = o.AggregatorChoice.mean_diff,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
@@ -45,26 +45,9 @@ def export(
     fmt = resolve_format(fmt, output)
     path = Workspace(settings.workspace).find_vector(vector, resolve_model(settings.model).slug)
     loaded = PersonaVector.load(path)
-    rows = select_rows(
-        loaded,
-        fmt,
-        parse_ranges(layers) if layers else None,
-        position=position,
-        aggregator=aggregator,
-        norm=norm,
-        scale=scale,
-    )
-    summary = export_vector(
-        loaded,
-        source=path,
-        fmt=fmt,
-        output=output,
-        rows=rows,
-        position=position,
-        aggregator=aggregator,
-        norm=norm,
-        scale=scale,
-    )
+    choice = {"position": position, "aggregator": aggregator.value, "norm": norm.value, "scale": scale}
+    rows = select_rows(loaded, fmt, parse_ranges(layers) if layers else None, **choice)
+    summary = export_vector(loaded, source=path, fmt=fmt, output=output, rows=rows, **choice)
     if json:
         emit_json(summary)
         return
@@ -72,7 +55,7 @@ def export(
 
     mapping = ", ".join(f"row {row} → {index}" for row, index in summary["file_index"].items())
     stdout_console().print(
-        f"wrote {escape(summary['output'])} ({fmt}; {aggregator}.{position}, norm {norm}, scale {scale:g}): "
+        f"wrote {escape(summary['output'])} ({fmt}; {aggregator.value}.{position}, norm {norm.value}, scale {scale:g}): "
         f"{escape(mapping)}",
         soft_wrap=True,
     )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from personactl.cli import options as o
 from personactl.cli.common import (
     LazyProgress,
+    comma_list,
     emit_json,
     guarded,
     load_model_from,
@@ -19,54 +20,63 @@ from personactl.cli.common import (
     stdout_console,
     trait_lock,
 )
-from personactl.cli.persona_options import Persona, check_persona
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.store.traits import Trait
+    from personactl.store.vectors import PersonaVector
+    from personactl.store.workspace import Workspace
 
 POSITIONS_HELP = (
     "Comma list of prompt_end, response_start, response_avg, prompt_avg "
     "(default: all; response_start,response_avg for pairs without prompts); answer_start, answer_avg "
     "read the answer after a thinking model's <think> section."
 )
+TraitOrNone = Annotated[
+    Optional[str], typer.Option("--trait", "-t", help="Trait whose generated responses to use.", show_default=False)
+]
+Pairs = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--pairs", help='JSON lines {"positive","negative"[,"prompt"]} instead of a trait.', show_default=False
+    ),
+]
+Name = Annotated[
+    Optional[str], typer.Option("--name", help="Artifact name for --pairs (default: file stem).", show_default=False)
+]
+Positions = Annotated[Optional[str], typer.Option("--positions", help=POSITIONS_HELP, show_default=False)]
+Aggregators = Annotated[str, typer.Option("--aggregators", help="mean_diff and/or pca.")]
+ShowPosition = Annotated[str, typer.Option("--show", help="Position whose norms the table shows.")]
+KeepPairs = Annotated[
+    bool,
+    typer.Option(
+        "--keep-pairs", help="Also save per-pair differences, for compare --bootstrap (size grows with pairs)."
+    ),
+]
+IThou = Annotated[
+    bool, typer.Option("--i-thou", help="Save the I-Thou vector (model minus user persona) of --trait; no model run.")
+]
 
 
 @guarded
 def extract(
-    trait: Annotated[
-        Optional[str], typer.Option("--trait", "-t", help="Trait whose generated responses to use.", show_default=False)
-    ] = None,
-    pairs: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--pairs", help='JSON lines {"positive","negative"[,"prompt"]} instead of a trait.', show_default=False
-        ),
-    ] = None,
-    name: Annotated[
-        Optional[str],
-        typer.Option("--name", help="Artifact name for --pairs (default: file stem).", show_default=False),
-    ] = None,
+    trait: TraitOrNone = None,
+    pairs: Pairs = None,
+    name: Name = None,
     model: o.Model = None,
     revision: o.Revision = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
     layers: o.AllLayers = None,
-    positions: Annotated[Optional[str], typer.Option("--positions", help=POSITIONS_HELP, show_default=False)] = None,
-    aggregators: Annotated[str, typer.Option("--aggregators", help="mean_diff and/or pca.")] = "mean_diff,pca",
-    show_position: Annotated[
-        str, typer.Option("--show", help="Position whose norms the table shows.")
-    ] = "response_avg",
+    positions: Positions = None,
+    aggregators: Aggregators = "mean_diff,pca",
+    show_position: ShowPosition = "response_avg",
     dtype: o.Dtype = None,
     device: o.Device = None,
     trust_remote_code: o.TrustRemoteCode = None,
-    persona: Persona = "model",
-    keep_pairs: Annotated[
-        bool,
-        typer.Option(
-            "--keep-pairs", help="Also save per-pair differences, for compare --bootstrap (size grows with pairs)."
-        ),
-    ] = False,
-    i_thou: Annotated[
-        bool,
-        typer.Option("--i-thou", help="Save the I-Thou vector (model minus user persona) of --trait; no model run."),
-    ] = False,
+    persona: o.Persona = o.PersonaChoice.model,
+    keep_pairs: KeepPairs = False,
+    i_thou: IThou = False,
     force: o.Force = False,
     json: o.Json = False,
 ) -> None:
@@ -88,25 +98,10 @@ def extract(
         trust_remote_code=trust_remote_code,
     )
     rows = parse_ranges(layers) if layers else None
-    position_list = [p.strip() for p in positions.split(",") if p.strip()] if positions else None
-    aggregator_list = [a.strip() for a in aggregators.split(",") if a.strip()]
     trait_obj = load_trait(trait) if trait else None
     ws = open_workspace(settings)
     if i_thou:
-        from personactl.steps.ithou import ithou_step
-
-        if trait_obj is None:
-            raise InputError("--i-thou needs --trait")
-        with trait_lock(ws, settings, trait_obj.name):
-            vector, summary = ithou_step(settings=settings, workspace=ws, trait=trait_obj)
-        if json:
-            emit_json(
-                {**summary, "positions": vector.positions, "rows": vector.rows, "recipe": vector.metadata["recipe"]}
-            )
-        else:
-            typer.echo(
-                f"wrote the I-Thou vector of {trait_obj.name} (model minus user persona) to {summary['artifact']}"
-            )
+        write_ithou(settings, ws, trait_obj, json)
         return
     label = trait_obj.name if trait_obj is not None else (name or Path(pairs).stem)
     with trait_lock(ws, settings, label), LazyProgress("extract pairs") as bar:
@@ -118,22 +113,40 @@ def extract(
             pairs_file=pairs,
             name=name,
             rows=rows,
-            positions=position_list,
-            aggregators=aggregator_list,
+            positions=comma_list(positions) if positions else None,
+            aggregators=comma_list(aggregators),
             force=force,
             on_start=bar.start,
             on_batch=bar.advance,
-            persona=check_persona(persona),
+            persona=persona.value,
             keep_pairs=keep_pairs,
         )
     if summary["skipped"]:
         log(f"skipped: {summary['artifact']} is already complete; --force to recompute")
-    show = show_position if show_position in vector.positions else vector.positions[0]
+    print_vectors(vector, summary, show_position, json)
+
+
+def write_ithou(settings: Settings, ws: Workspace, trait: Trait | None, json: bool) -> None:
+    """`extract --i-thou`: the model-minus-user vector of a trait, from its two persona files."""
+    from personactl.errors import InputError
+    from personactl.steps.ithou import ithou_step
+
+    if trait is None:
+        raise InputError("--i-thou needs --trait")
+    with trait_lock(ws, settings, trait.name):
+        vector, summary = ithou_step(settings=settings, workspace=ws, trait=trait)
+    if json:
+        emit_json({**summary, "positions": vector.positions, "rows": vector.rows, "recipe": vector.metadata["recipe"]})
+    else:
+        typer.echo(f"wrote the I-Thou vector of {trait.name} (model minus user persona) to {summary['artifact']}")
+
+
+def layer_rows(vector: PersonaVector, show: str) -> list[dict[str, Any]]:
+    """Per extracted row: ‖mean_diff‖ at `show`, the stream norm, their ratio and the diagnostics."""
     norms = vector.norms(show, "mean_diff")
     stream = vector.tensors["stream_norm"]
-    diagnostics = vector.metadata.get("diagnostics")
-    per_layer = diagnostics_by_layer(diagnostics, show)
-    layer_rows = [
+    per_layer = diagnostics_by_layer(vector.metadata.get("diagnostics"), show)
+    return [
         {
             "layer": r,
             "norm": float(norms[r]),
@@ -143,6 +156,13 @@ def extract(
         }
         for r in vector.rows
     ]
+
+
+def print_vectors(vector: PersonaVector, summary: dict[str, Any], show_position: str, json: bool) -> None:
+    """The diagnostics' warnings (stderr), then per-layer norms and diagnostics as JSON or a table."""
+    show = show_position if show_position in vector.positions else vector.positions[0]
+    rows = layer_rows(vector, show)
+    diagnostics = vector.metadata.get("diagnostics")
     for warning in (diagnostics or {}).get("warnings", []):
         log(f"warning: {warning}")
     if json:
@@ -153,7 +173,7 @@ def extract(
                 "aggregators": vector.aggregators,
                 "n_pairs": vector.metadata["n_pairs"],
                 "norms_position": show,
-                "layers": layer_rows,
+                "layers": rows,
                 "diagnostics": diagnostics,
             }
         )
@@ -169,7 +189,7 @@ def extract(
         *DIAGNOSTIC_COLUMNS.values(),
         title=escape(f"vectors {summary['name']}  ·  {vector.metadata['n_pairs']} pairs  ·  {summary['artifact']}"),
     )
-    for r in layer_rows:
+    for r in rows:
         table.add_row(
             str(r["layer"]),
             f"{r['norm']:.3f}",

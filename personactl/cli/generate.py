@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -17,7 +17,20 @@ from personactl.cli.common import (
     settings_from,
     trait_lock,
 )
-from personactl.cli.persona_options import Persona, check_persona
+
+Questions = Annotated[
+    Optional[int],
+    typer.Option("--questions", min=1, help="Use only the first N extraction questions.", show_default=False),
+]
+SamplesPerQuestion = Annotated[
+    Optional[int],
+    typer.Option(
+        "--samples", "-n", min=1, help="Responses per (instruction, question) (default: 1).", show_default=False
+    ),
+]
+Temperature = Annotated[
+    Optional[float], typer.Option("--temperature", min=0.0, help="0 = greedy (default: 1.0).", show_default=False)
+]
 
 
 @guarded
@@ -27,20 +40,10 @@ def generate(
     revision: o.Revision = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
-    questions: Annotated[
-        Optional[int],
-        typer.Option("--questions", min=1, help="Use only the first N extraction questions.", show_default=False),
-    ] = None,
-    samples: Annotated[
-        Optional[int],
-        typer.Option(
-            "--samples", "-n", min=1, help="Responses per (instruction, question) (default: 1).", show_default=False
-        ),
-    ] = None,
+    questions: Questions = None,
+    samples: SamplesPerQuestion = None,
     max_new_tokens: o.MaxNewTokens = None,
-    temperature: Annotated[
-        Optional[float], typer.Option("--temperature", min=0.0, help="0 = greedy (default: 1.0).", show_default=False)
-    ] = None,
+    temperature: Temperature = None,
     top_p: o.TopP = None,
     seed: o.Seed = None,
     batch_size: o.BatchSize = None,
@@ -49,7 +52,7 @@ def generate(
     trust_remote_code: o.TrustRemoteCode = None,
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
-    persona: Persona = "model",
+    persona: o.Persona = o.PersonaChoice.model,
     force: o.Force = False,
     json: o.Json = False,
 ) -> None:
@@ -92,8 +95,12 @@ def generate(
             force=force,
             on_start=on_start,
             on_batch=bar.advance,
-            persona=check_persona(persona),
+            persona=persona.value,
         )
+    report_summary(summary, json)
+
+
+def report_summary(summary: dict[str, Any], json: bool) -> None:
     if summary["skipped"]:
         log(f"skipped: {summary['artifact']} is already complete ({summary['rows']} rows); --force to regenerate")
     if json:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -18,42 +18,50 @@ from personactl.cli.common import (
     stdout_console,
 )
 
+if TYPE_CHECKING:
+    from personactl.store.vectors import PersonaVector
+
+
+Source = Annotated[Path, typer.Argument(help="A .gguf control vector, a .pt file, or a JSON + tensor pair.")]
+ForModel = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="The model the vectors are for (built-in name, hub id, local HF dir or .gguf file)."
+    ),
+]
+Name = Annotated[
+    Optional[str], typer.Option("--name", help="Name in the workspace (default: the file stem).", show_default=False)
+]
+PositionSlot = Annotated[
+    Optional[o.PositionChoice],
+    typer.Option("--position", help="Position slot to store it under (default: response_avg).", show_default=False),
+]
+AggregatorSlot = Annotated[
+    Optional[o.AggregatorChoice],
+    typer.Option("--aggregator", help="Aggregator slot to store it under (default: mean_diff).", show_default=False),
+]
+Layer = Annotated[
+    Optional[int], typer.Option("--layer", help="Row of a file holding one bare 1-D vector.", show_default=False)
+]
+LayerIndex = Annotated[
+    Optional[o.IndexKindChoice],
+    typer.Option(
+        "--layer-index",
+        help="How a single-vector file numbers layers: row (hidden_states index) or block (0-based block).",
+        show_default=False,
+    ),
+]
+
 
 @guarded
 def import_vector(
-    source: Annotated[Path, typer.Argument(help="A .gguf control vector, a .pt file, or a JSON + tensor pair.")],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model", "-m", help="The model the vectors are for (built-in name, hub id, local HF dir or .gguf file)."
-        ),
-    ],
-    name: Annotated[
-        Optional[str],
-        typer.Option("--name", help="Name in the workspace (default: the file stem).", show_default=False),
-    ] = None,
-    position: Annotated[
-        Optional[str],
-        typer.Option("--position", help="Position slot to store it under (default: response_avg).", show_default=False),
-    ] = None,
-    aggregator: Annotated[
-        Optional[str],
-        typer.Option(
-            "--aggregator", help="Aggregator slot to store it under (default: mean_diff).", show_default=False
-        ),
-    ] = None,
-    layer: Annotated[
-        Optional[int],
-        typer.Option("--layer", help="Row of a file holding one bare 1-D vector.", show_default=False),
-    ] = None,
-    layer_index: Annotated[
-        Optional[str],
-        typer.Option(
-            "--layer-index",
-            help="How a single-vector file numbers layers: row (hidden_states index) or block (0-based block).",
-            show_default=False,
-        ),
-    ] = None,
+    source: Source,
+    model: ForModel,
+    name: Name = None,
+    position: PositionSlot = None,
+    aggregator: AggregatorSlot = None,
+    layer: Layer = None,
+    layer_index: LayerIndex = None,
     revision: o.Revision = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
@@ -64,13 +72,8 @@ def import_vector(
     json: o.Json = False,
 ) -> None:
     """Import another tool's steering vectors as a personactl vector file (steer, compare, show)."""
-    from personactl.core.ranges import format_ranges
-    from personactl.errors import InputError
     from personactl.steps.import_vector import import_step
-    from personactl.store.interop.foreign import INDEX_KINDS
 
-    if layer_index is not None and layer_index not in INDEX_KINDS:
-        raise InputError(f"--layer-index {layer_index!r} is not one of {', '.join(INDEX_KINDS)}")
     settings = settings_from(
         config,
         workspace=workspace,
@@ -87,24 +90,30 @@ def import_vector(
         load=lambda: load_model_from(settings),
         source=source,
         name=name,
-        position=position,
-        aggregator=aggregator,
+        position=o.plain(position),
+        aggregator=o.plain(aggregator),
         layer=layer,
-        layer_index=layer_index,
+        layer_index=o.plain(layer_index),
         force=force,
     )
     for warning in summary["warnings"]:
         log(f"warning: {warning}")
     if summary["skipped"]:
         log(f"skipped: {summary['artifact']} was already imported from this file; --force to redo it")
+    print_imported(source, settings.model, vector, summary, json)
+
+
+def print_imported(source: Path, model: str, vector: PersonaVector, summary: dict[str, Any], json: bool) -> None:
+    from rich.markup import escape
+
+    from personactl.core.ranges import format_ranges
+
     if json:
         emit_json({**summary, "rows": vector.rows, "positions": vector.positions, "aggregators": vector.aggregators})
         return
-    from rich.markup import escape
-
     stdout_console().print(
         f"imported {escape(str(source))} ({summary['format']}) as {escape(summary['name'])} for "
-        f"{escape(settings.model)}: rows {format_ranges(vector.rows)} as "
+        f"{escape(model)}: rows {format_ranges(vector.rows)} as "
         f"{vector.aggregators[0]}.{vector.positions[0]} → {escape(summary['artifact'])}",
         soft_wrap=True,
     )

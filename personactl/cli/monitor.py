@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -17,63 +17,72 @@ from personactl.cli.common import (
     settings_from,
     stdout_console,
 )
-from personactl.cli.persona_options import Persona, check_persona
+
+if TYPE_CHECKING:
+    import polars as pl
+
+VectorName = Annotated[
+    Optional[str], typer.Option("--vector", "-v", help="Vector file or trait name.", show_default=False)
+]
+ReadoutFile = Annotated[
+    Optional[Path], typer.Option("--readout", help="Readout file (readout train).", show_default=False)
+]
+Texts = Annotated[
+    Optional[list[str]], typer.Option("--text", help="A user message to read (repeatable).", show_default=False)
+]
+Replies = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--reply",
+        help="The assistant's reply to the --text of the same place (repeatable, one per --text): read as response_avg.",
+        show_default=False,
+    ),
+]
+Conversation = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--conversation",
+        help="JSON list of role/content messages; a last assistant turn is the reply.",
+        show_default=False,
+    ),
+]
+Responses = Annotated[
+    Optional[str], typer.Option("--responses", help="A trait whose responses table to read.", show_default=False)
+]
+Output = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output",
+        "-o",
+        help="With --responses: write the table plus projection columns here (parquet).",
+        show_default=False,
+    ),
+]
+Position = Annotated[str, typer.Option("--position", help="Which vector of the file to project on.")]
+Tokens = Annotated[
+    bool,
+    typer.Option(
+        "--tokens",
+        help="Also project every token: a table per input, coloured by sign "
+        "(every layer when it fits, else the middle one: narrow with --layers).",
+    ),
+]
 
 
 @guarded
 def monitor(
-    vector: Annotated[
-        Optional[str], typer.Option("--vector", "-v", help="Vector file or trait name.", show_default=False)
-    ] = None,
-    readout: Annotated[
-        Optional[Path], typer.Option("--readout", help="Readout file (readout train).", show_default=False)
-    ] = None,
-    text: Annotated[
-        Optional[list[str]], typer.Option("--text", help="A user message to read (repeatable).", show_default=False)
-    ] = None,
-    reply: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--reply",
-            help="The assistant's reply to the --text of the same place (repeatable, one per --text): "
-            "read as response_avg.",
-            show_default=False,
-        ),
-    ] = None,
-    conversation: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--conversation",
-            help="JSON list of role/content messages; a last assistant turn is the reply.",
-            show_default=False,
-        ),
-    ] = None,
-    responses: Annotated[
-        Optional[str], typer.Option("--responses", help="A trait whose responses table to read.", show_default=False)
-    ] = None,
-    persona: Persona = "model",
-    output: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--output",
-            "-o",
-            help="With --responses: write the table plus projection columns here (parquet).",
-            show_default=False,
-        ),
-    ] = None,
-    position: Annotated[
-        str, typer.Option("--position", help="Which vector of the file to project on.")
-    ] = "response_avg",
-    aggregator: o.Aggregator = "mean_diff",
+    vector: VectorName = None,
+    readout: ReadoutFile = None,
+    text: Texts = None,
+    reply: Replies = None,
+    conversation: Conversation = None,
+    responses: Responses = None,
+    persona: o.Persona = o.PersonaChoice.model,
+    output: Output = None,
+    position: Position = "response_avg",
+    aggregator: o.Aggregator = o.AggregatorChoice.mean_diff,
     layers: o.Layers = None,
-    tokens: Annotated[
-        bool,
-        typer.Option(
-            "--tokens",
-            help="Also project every token: a table per input, coloured by sign "
-            "(every layer when it fits, else the middle one: narrow with --layers).",
-        ),
-    ] = False,
+    tokens: Tokens = False,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
@@ -82,8 +91,6 @@ def monitor(
     json: o.Json = False,
 ) -> None:
     """Project activations at prompt_end and response_avg (and per token) onto vectors, per layer."""
-    import json as jsonlib
-
     from personactl.core.ranges import parse_ranges
     from personactl.errors import InputError
     from personactl.steps.monitor import monitor_step
@@ -91,12 +98,7 @@ def monitor(
 
     settings = settings_from(config, workspace=workspace, model=model, dtype=dtype, device=device)
     ws = open_workspace(settings)
-    messages = None
-    if conversation is not None:
-        try:
-            messages = jsonlib.loads(conversation.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read conversation {conversation}: {exc}") from None
+    messages = read_conversation(conversation) if conversation is not None else None
     if output is not None and responses is None:
         raise InputError("--output needs --responses")
     doc, table = monitor_step(
@@ -109,21 +111,41 @@ def monitor(
         replies=list(reply or []),
         conversation=messages,
         responses=load_trait(responses) if responses else None,
-        persona=check_persona(persona),
+        persona=persona.value,
         position=position,
-        aggregator=aggregator,
+        aggregator=aggregator.value,
         rows=parse_ranges(layers) if layers else None,
         tokens=tokens,
     )
     if output is not None:
-        from personactl.store.workspace import atomic_path
-
-        with atomic_path(output) as tmp:
-            table.write_parquet(tmp)
-        log(f"wrote {table.height} rows with projection columns to {output}")
+        write_table(table, output)
     if json:
         emit_json(doc)
-        return
+    else:
+        print_projections(doc, tokens)
+
+
+def read_conversation(path: Path) -> Any:
+    import json as jsonlib
+
+    from personactl.errors import InputError
+
+    try:
+        return jsonlib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read conversation {path}: {exc}") from None
+
+
+def write_table(table: pl.DataFrame, output: Path) -> None:
+    from personactl.store.workspace import atomic_path
+
+    with atomic_path(output) as tmp:
+        table.write_parquet(tmp)
+    log(f"wrote {table.height} rows with projection columns to {output}")
+
+
+def print_projections(doc: dict[str, Any], tokens: bool) -> None:
+    """The effect table of a responses table, else one layers table (and token table) per input."""
     from personactl.cli import monitor_render as render
 
     console = stdout_console()

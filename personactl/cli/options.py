@@ -1,11 +1,100 @@
-"""Options shared by commands, written once so every command spells them the same way."""
+"""Options shared by commands, written once so every command spells them the same way.
+
+An option that takes one of a fixed set is a `StrEnum`, so typer shows the choices and refuses any
+other value (a usage error, exit 2). Each set is the library's own list: tests/test_help.py checks
+that it equals the tuple its module defines (those modules import torch, which `--help` must not, so
+the values are written here rather than imported). Commands hand the library `.value`, a plain str.
+"""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from personactl.cli.common import log
+
+# ---------------------------------------------------------------- choices (the library's lists)
+
+
+class BackendChoice(StrEnum):
+    """settings.Settings.backend"""
+
+    hf = "hf"
+    vllm = "vllm"
+
+
+class DtypeChoice(StrEnum):
+    """settings.Settings.dtype"""
+
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class NormMode(StrEnum):
+    """core.directions.NORM_MODES"""
+
+    raw = "raw"
+    unit = "unit"
+    stream = "stream"
+
+
+class SteerMode(StrEnum):
+    """model.steering.POSITION_MODES: which tokens get the vector."""
+
+    all = "all"
+    prompt = "prompt"
+    response = "response"
+
+
+class PositionChoice(StrEnum):
+    """model.activations.POSITIONS: the extracted vectors a model-persona file holds."""
+
+    prompt_end = "prompt_end"
+    response_start = "response_start"
+    response_avg = "response_avg"
+    prompt_avg = "prompt_avg"
+
+
+class AggregatorChoice(StrEnum):
+    """model.activations.AGGREGATORS"""
+
+    mean_diff = "mean_diff"
+    pca = "pca"
+
+
+class JudgeModeChoice(StrEnum):
+    """judging.remote.JUDGE_MODES"""
+
+    auto = "auto"
+    single = "single"
+    digits = "digits"
+
+
+class PersonaChoice(StrEnum):
+    """Whose turn carries the trait: the assistant's (model) or the user's (user)."""
+
+    model = "model"
+    user = "user"
+
+
+class IndexKindChoice(StrEnum):
+    """store.interop.foreign.INDEX_KINDS"""
+
+    row = "row"
+    block = "block"
+
+
+def plain(choice: StrEnum | None) -> str | None:
+    """An optional choice as the library takes it: its value, a plain str (None stays None)."""
+    return None if choice is None else choice.value
+
+
+# ---------------------------------------------------------------- where and which model
 
 Workspace = Annotated[
     Optional[Path],
@@ -31,6 +120,34 @@ Revision = Annotated[
     Optional[str],
     typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub --model.", show_default=False),
 ]
+Dtype = Annotated[
+    Optional[DtypeChoice],
+    typer.Option("--dtype", help="Model dtype; auto = bfloat16 on CPU/CUDA, float16 on MPS.", show_default=False),
+]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", show_default=False)]
+TrustRemoteCode = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--trust-remote-code", help="Allow model code from the hub (only if you trust it).", show_default=False
+    ),
+]
+Backend = Annotated[
+    Optional[BackendChoice],
+    typer.Option("--backend", help="Generation engine (default: hf).", show_default=False),
+]
+TensorParallelSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--tensor-parallel-size", min=1, help="vllm backend: GPUs to shard the model over.", show_default=False
+    ),
+]
+Persona = Annotated[
+    PersonaChoice,
+    typer.Option(
+        "--persona",
+        help="model: the assistant has the trait (I am X); user: the user's turn has it (you are X).",
+    ),
+]
 
 
 def layers_option(default: str):
@@ -52,37 +169,45 @@ MiddleLayer = layers_option("the middle row, L/2")
 EvalLayers = layers_option("about five rows over the middle half")
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout for scripts.")]
 Force = Annotated[bool, typer.Option("--force", help="Recompute even if the artifact exists.")]
-Dtype = Annotated[
-    Optional[str], typer.Option("--dtype", help="auto, bfloat16, float16 or float32.", show_default=False)
+
+# ---------------------------------------------------------------- which vector, and how it steers
+
+VectorSpec = Annotated[
+    str, typer.Option("--vector", "-v", help="Vector file, or a trait name extracted in the workspace for --model.")
 ]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", show_default=False)]
-TrustRemoteCode = Annotated[
-    Optional[bool],
-    typer.Option(
-        "--trust-remote-code", help="Allow model code from the hub (only if you trust it).", show_default=False
-    ),
-]
-Backend = Annotated[
-    Optional[str],
-    typer.Option("--backend", help="Generation engine: hf or vllm (default: hf).", show_default=False),
-]
-TensorParallelSize = Annotated[
-    Optional[int],
-    typer.Option(
-        "--tensor-parallel-size", min=1, help="vllm backend: GPUs to shard the model over.", show_default=False
-    ),
-]
+
 VectorPosition = Annotated[
+    PositionChoice, typer.Option("--position", help="Which extracted vector (the token position it was read at).")
+]
+FileVectorPosition = Annotated[  # any position the file has (a user-persona file has user_avg too)
     str,
     typer.Option("--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."),
 ]
-Aggregator = Annotated[str, typer.Option("--aggregator", help="mean_diff or pca.")]
+Aggregator = Annotated[AggregatorChoice, typer.Option("--aggregator", help="mean_diff or pca.")]
 SteerPositions = Annotated[
-    str, typer.Option("--positions", help="Where to add: all, prompt or response (see docs/commands/steer.md).")
+    SteerMode,
+    typer.Option("--steer-positions", help="Which tokens get the vector (see docs/commands/steer.md)."),
+]
+OldSteerPositions = Annotated[
+    Optional[SteerMode],
+    typer.Option("--positions", hidden=True, help="Old name of --steer-positions (deprecated).", show_default=False),
 ]
 Norm = Annotated[
-    str, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
+    NormMode, typer.Option("--norm", help="raw (as extracted), unit (norm 1) or stream (layer's mean residual norm).")
 ]
+
+
+def steer_positions(mode: SteerMode, old_spelling: SteerMode | None) -> str:
+    """The steering mode from `--steer-positions`, or from its old name `--positions` with a note:
+    `--positions` now means only extraction positions (in `extract`)."""
+    if old_spelling is None:
+        return mode.value
+    log("note: --positions is deprecated here (it names extraction positions in extract); use --steer-positions")
+    return old_spelling.value
+
+
+# ---------------------------------------------------------------- sampling
+
 MaxNewTokens = Annotated[
     Optional[int],
     typer.Option(
@@ -111,3 +236,65 @@ Seed = Annotated[
     Optional[int],
     typer.Option("--seed", help="Sampling seed: same seed and settings, same output (default: 0).", show_default=False),
 ]
+
+# ---------------------------------------------------------------- the judge (score, eval, run)
+
+JudgeModel = Annotated[
+    Optional[str],
+    typer.Option(
+        "--judge",
+        "--judge-model",
+        help="Judge model on the endpoint, or local:<model> to judge in process (offline) (default: gpt-4.1-mini).",
+        show_default=False,
+    ),
+]
+JudgeMode = Annotated[
+    Optional[JudgeModeChoice],
+    typer.Option(
+        "--judge-mode",
+        help="single (one token per number), digits (digit by digit, for Qwen/Llama-2-style tokenizers) "
+        "or auto (probe the server) (default: auto).",
+        show_default=False,
+    ),
+]
+JudgeBaseUrl = Annotated[
+    Optional[str],
+    typer.Option(
+        "--judge-base-url",
+        help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI).",
+        show_default=False,
+    ),
+]
+JudgeConcurrency = Annotated[
+    Optional[int],
+    typer.Option("--concurrency", min=1, help="Requests in flight (default: 50).", show_default=False),
+]
+JudgeTimeout = Annotated[
+    Optional[float],
+    typer.Option("--timeout", min=0.001, help="Seconds per request attempt (default: 60).", show_default=False),
+]
+JudgeMaxRetries = Annotated[
+    Optional[int],
+    typer.Option("--max-retries", min=0, help="Retries on 429/5xx/timeouts (default: 4).", show_default=False),
+]
+
+# ---------------------------------------------------------------- the eval grid (eval, run)
+
+CellCoherenceThreshold = Annotated[
+    Optional[float],
+    typer.Option(
+        "--coherence-threshold",
+        min=0,
+        max=100,
+        help="Mean coherence a cell needs to count as coherent (default: the trait file's, else 50).",
+        show_default=False,
+    ),
+]
+EvalCoefficients = Annotated[
+    str, typer.Option("--coefficients", "-c", help="Comma list of α for the grid (0 = the unsteered baseline).")
+]
+Samples = Annotated[int, typer.Option("--samples", min=1, help="Responses per question and cell.")]
+RandomSeeds = Annotated[
+    int, typer.Option("--random-seeds", min=0, help="Random directions per random-vector cell (0: no random baseline).")
+]
+Plots = Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots beside the results.")]

@@ -28,7 +28,7 @@ def train(
             show_default=False,
         ),
     ] = None,
-    aggregator: o.Aggregator = "mean_diff",
+    aggregator: o.Aggregator = o.AggregatorChoice.mean_diff,
     layers: o.AllLayers = None,
     model: o.Model = None,
     workspace: o.Workspace = None,
@@ -53,7 +53,7 @@ def train(
         concepts,
         neutral,
         rows=rows,
-        aggregator=aggregator,
+        aggregator=aggregator.value,
         batch_tokens=settings.extract_batch_tokens,
         source=str(directory),
     )
@@ -74,7 +74,7 @@ def train(
         "artifact": str(path),
         "concepts": readout.concepts,
         "rows": readout.rows,
-        "aggregator": aggregator,
+        "aggregator": aggregator.value,
         "n_neutral": len(neutral),
     }
     if json:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -18,78 +18,50 @@ from personactl.cli.common import (
     stdout_console,
     trait_lock,
 )
-from personactl.cli.persona_options import Persona, check_persona
+
+if TYPE_CHECKING:
+    import polars as pl
+
+TraitThreshold = Annotated[
+    Optional[float],
+    typer.Option(
+        "--trait-threshold",
+        min=0,
+        max=100,
+        help="Trait score a positive response needs; a negative one must stay below it "
+        "(default: the trait file's, else 50).",
+        show_default=False,
+    ),
+]
+CoherenceThreshold = Annotated[
+    Optional[float],
+    typer.Option(
+        "--coherence-threshold",
+        min=0,
+        max=100,
+        help="Coherence a response needs to be kept (default: the trait file's, else 50).",
+        show_default=False,
+    ),
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Only say how many requests and tokens it would send.")]
 
 
 @guarded
 def score(
     trait: o.TraitName,
-    judge_model: Annotated[
-        Optional[str],
-        typer.Option(
-            "--judge",
-            "--judge-model",
-            help="Judge model on the endpoint, or local:<model> to judge in process (offline) (default: gpt-4.1-mini).",
-            show_default=False,
-        ),
-    ] = None,
-    judge_mode: Annotated[
-        Optional[str],
-        typer.Option(
-            "--judge-mode",
-            help="single (one token per number), digits (digit by digit, for Qwen/Llama-2-style tokenizers) "
-            "or auto (probe the server) (default: auto).",
-            show_default=False,
-        ),
-    ] = None,
-    judge_base_url: Annotated[
-        Optional[str],
-        typer.Option(
-            "--judge-base-url",
-            help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI).",
-            show_default=False,
-        ),
-    ] = None,
-    concurrency: Annotated[
-        Optional[int],
-        typer.Option("--concurrency", min=1, help="Requests in flight (default: 50).", show_default=False),
-    ] = None,
-    timeout: Annotated[
-        Optional[float],
-        typer.Option("--timeout", min=0.001, help="Seconds per request attempt (default: 60).", show_default=False),
-    ] = None,
-    max_retries: Annotated[
-        Optional[int],
-        typer.Option("--max-retries", min=0, help="Retries on 429/5xx/timeouts (default: 4).", show_default=False),
-    ] = None,
-    trait_threshold: Annotated[
-        Optional[float],
-        typer.Option(
-            "--trait-threshold",
-            min=0,
-            max=100,
-            help="Trait score a positive response needs; a negative one must stay below it "
-            "(default: the trait file's, else 50).",
-            show_default=False,
-        ),
-    ] = None,
-    coherence_threshold: Annotated[
-        Optional[float],
-        typer.Option(
-            "--coherence-threshold",
-            min=0,
-            max=100,
-            help="Coherence a response needs to be kept (default: the trait file's, else 50).",
-            show_default=False,
-        ),
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Only say how many requests and tokens it would send.")
-    ] = False,
+    judge_model: o.JudgeModel = None,
+    judge_mode: o.JudgeMode = None,
+    judge_base_url: o.JudgeBaseUrl = None,
+    concurrency: o.JudgeConcurrency = None,
+    timeout: o.JudgeTimeout = None,
+    max_retries: o.JudgeMaxRetries = None,
+    trait_threshold: TraitThreshold = None,
+    coherence_threshold: CoherenceThreshold = None,
+    dry_run: DryRun = False,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
-    persona: Persona = "model",
+    persona: o.Persona = o.PersonaChoice.model,
     force: o.Force = False,
     json: o.Json = False,
 ) -> None:
@@ -113,53 +85,66 @@ def score(
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)
     with trait_lock(ws, settings, trait_obj.name), LazyProgress(f"score {trait_obj.name}") as bar:
-        state = {"cached": 0, "failed": 0, "done": 0}
-
-        def on_start(total: int, cached: int) -> None:
-            state["cached"] = cached
-            bar.start(total)
-
-        def on_done(judgement) -> None:
-            state["done"] += 1
-            state["failed"] += judgement.transient
-            elapsed = bar.bar.tasks[bar.task].elapsed or 1e-9
-            bar.note(
-                f"{state['done'] / elapsed:.0f} judgements/s · {state['cached']} cached · {state['failed']} failed"
-            )
-
-        def on_judge(judge) -> None:
-            if getattr(judge, "is_weak", False):
-                log(
-                    f"warning: {judge.model} is a small local judge; its scores are rough. "
-                    "Use a large judge (--judge-base-url or OpenAI) for vectors you rely on"
-                )
-
-        def load(spec: str):
-            return load_model_from(settings.model_copy(update={"model": spec}))
-
+        progress = JudgeProgress(bar)
         scores, summary = score_step(
             settings=settings,
             workspace=ws,
             trait=trait_obj,
             force=force,
             dry_run=dry_run,
-            on_start=on_start,
-            on_done=on_done,
-            load=load,
-            on_judge=on_judge,
-            persona=check_persona(persona),
+            on_start=progress.start,
+            on_done=progress.done,
+            load=lambda spec: load_model_from(settings.model_copy(update={"model": spec})),
+            on_judge=warn_if_weak,
+            persona=persona.value,
         )
     if summary.get("dry_run"):
-        if json:
-            emit_json(summary)
-        else:
-            where = "in process" if summary["local"] else f"with {summary['requests_per_judgement']} request(s) each"
-            typer.echo(
-                f"would make {summary['judgements']} judgements {where} with {settings.judge_model} "
-                f"(~{summary['estimated_prompt_tokens']} prompt tokens, 1 completion token per request); "
-                f"{summary['cached']} already cached"
-            )
+        print_dry_run(summary, settings.judge_model, json)
+    else:
+        print_scores(scores, summary, f"scores {trait_obj.name} · judge {settings.judge_model}", json)
+
+
+class JudgeProgress:
+    """The progress bar's rate column: judgements per second, cached and failed."""
+
+    def __init__(self, bar: LazyProgress) -> None:
+        self.bar = bar
+        self.cached = self.failed = self.done_count = 0
+
+    def start(self, total: int, cached: int) -> None:
+        self.cached = cached
+        self.bar.start(total)
+
+    def done(self, judgement: Any) -> None:
+        self.done_count += 1
+        self.failed += judgement.transient
+        elapsed = self.bar.bar.tasks[self.bar.task].elapsed or 1e-9
+        self.bar.note(f"{self.done_count / elapsed:.0f} judgements/s · {self.cached} cached · {self.failed} failed")
+
+
+def warn_if_weak(judge: Any) -> None:
+    if getattr(judge, "is_weak", False):
+        log(
+            f"warning: {judge.model} is a small local judge; its scores are rough. "
+            "Use a large judge (--judge-base-url or OpenAI) for vectors you rely on"
+        )
+
+
+def print_dry_run(summary: dict[str, Any], judge_model: str, json: bool) -> None:
+    """`score --dry-run`: the judgements and tokens it would send."""
+    if json:
+        emit_json(summary)
         return
+    where = "in process" if summary["local"] else f"with {summary['requests_per_judgement']} request(s) each"
+    typer.echo(
+        f"would make {summary['judgements']} judgements {where} with {judge_model} "
+        f"(~{summary['estimated_prompt_tokens']} prompt tokens, 1 completion token per request); "
+        f"{summary['cached']} already cached"
+    )
+
+
+def print_scores(scores: pl.DataFrame, summary: dict[str, Any], title: str, json: bool) -> None:
+    """What was skipped or left without a score (stderr), then the summary or a table by polarity."""
     if summary.get("skipped"):
         log(f"skipped: {summary['artifact']} is already complete; --force to rescore")
         summary["kept_pairs"] = scores.filter(scores["keep"])["pair_id"].n_unique()
@@ -172,27 +157,25 @@ def score(
     if json:
         emit_json(summary)
         return
+    if "by_polarity" in summary:
+        stdout_console().print(polarity_table(summary["by_polarity"], title))
+    typer.echo(f"{summary['kept_pairs']} of {summary['pairs']} pairs pass the filter · {summary['artifact']}")
+
+
+def polarity_table(by_polarity: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
-    if "by_polarity" in summary:
-        table = Table(
-            "polarity",
-            "rows",
-            "mean trait",
-            "mean coherence",
-            "no trait score",
-            "no coherence score",
-            title=f"scores {trait_obj.name} · judge {settings.judge_model}",
+    table = Table(
+        "polarity", "rows", "mean trait", "mean coherence", "no trait score", "no coherence score", title=title
+    )
+    fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+    for r in by_polarity:
+        table.add_row(
+            r["polarity"],
+            str(r["rows"]),
+            fmt(r["mean_trait"]),
+            fmt(r["mean_coherence"]),
+            str(r["missing_trait"]),
+            str(r["missing_coherence"]),
         )
-        for r in summary["by_polarity"]:
-            fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
-            table.add_row(
-                r["polarity"],
-                str(r["rows"]),
-                fmt(r["mean_trait"]),
-                fmt(r["mean_coherence"]),
-                str(r["missing_trait"]),
-                str(r["missing_coherence"]),
-            )
-        stdout_console().print(table)
-    typer.echo(f"{summary['kept_pairs']} of {summary['pairs']} pairs pass the filter · {summary['artifact']}")
+    return table

@@ -5,62 +5,72 @@ from __future__ import annotations
 import json as jsonlib
 import os
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import check_choices, guarded, load_engine, log, open_workspace, settings_from
+from personactl.cli.common import guarded, load_engine, log, open_workspace, settings_from
+
+if TYPE_CHECKING:
+    from personactl.chat.server import SteeredEngine, SteeredHTTPServer
 
 API_KEY_ENV = "PERSONACTL_SERVE_API_KEY"
 
 
+DefaultVector = Annotated[
+    str,
+    typer.Option(
+        "--vector", "-v", help="Default persona: a vector file, or a trait extracted in the workspace for --model."
+    ),
+]
+DefaultAlpha = Annotated[float, typer.Option("--alpha", "-a", help="Default α for requests that give none.")]
+MaxAlpha = Annotated[float, typer.Option("--max-alpha", help="Requests with |α| above it are refused with 400.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, max=2.0, help="Default temperature; 0 = greedy.")]
+Host = Annotated[
+    str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key or --insecure.")
+]
+Port = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 = any free port).")]
+ApiKey = Annotated[
+    Optional[str],
+    typer.Option(
+        "--api-key",
+        envvar=API_KEY_ENV,
+        show_envvar=False,
+        help=f"Clients must send it as a Bearer token (env {API_KEY_ENV}).",
+        show_default=False,
+    ),
+]
+Insecure = Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback --host without an API key.")]
+ServedModelName = Annotated[
+    Optional[str],
+    typer.Option("--served-model-name", help="Model id clients use (default: the --model value).", show_default=False),
+]
+AnnounceJson = Annotated[
+    bool, typer.Option("--json", help="Print one JSON line with the bound URL at start-up, for scripts.")
+]
+
+
 @guarded
 def serve(
-    vector: Annotated[
-        str,
-        typer.Option(
-            "--vector", "-v", help="Default persona: a vector file, or a trait extracted in the workspace for --model."
-        ),
-    ],
+    vector: DefaultVector,
     layers: o.MiddleLayer = None,
-    alpha: Annotated[float, typer.Option("--alpha", "-a", help="Default α for requests that give none.")] = 1.0,
-    max_alpha: Annotated[
-        float, typer.Option("--max-alpha", help="Requests with |α| above it are refused with 400.")
-    ] = 3.0,
-    position: o.VectorPosition = "response_avg",
-    aggregator: o.Aggregator = "mean_diff",
-    positions: o.SteerPositions = "all",
-    norm: o.Norm = "raw",
+    alpha: DefaultAlpha = 1.0,
+    max_alpha: MaxAlpha = 3.0,
+    position: o.VectorPosition = o.PositionChoice.response_avg,
+    aggregator: o.Aggregator = o.AggregatorChoice.mean_diff,
+    steer_positions: o.SteerPositions = o.SteerMode.all,
+    old_positions: o.OldSteerPositions = None,
+    norm: o.Norm = o.NormMode.raw,
     max_new_tokens: o.MaxNewTokens = None,
-    temperature: Annotated[
-        float, typer.Option("--temperature", min=0.0, max=2.0, help="Default temperature; 0 = greedy.")
-    ] = 0.0,
+    temperature: Temperature = 0.0,
     top_p: o.TopP = None,
     seed: o.Seed = None,
-    host: Annotated[
-        str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key or --insecure.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 = any free port).")] = 8000,
-    api_key: Annotated[
-        Optional[str],
-        typer.Option(
-            "--api-key",
-            envvar=API_KEY_ENV,
-            show_envvar=False,
-            help=f"Clients must send it as a Bearer token (env {API_KEY_ENV}).",
-            show_default=False,
-        ),
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Allow a non-loopback --host without an API key.")
-    ] = False,
-    served_model_name: Annotated[
-        Optional[str],
-        typer.Option(
-            "--served-model-name", help="Model id clients use (default: the --model value).", show_default=False
-        ),
-    ] = None,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    api_key: ApiKey = None,
+    insecure: Insecure = False,
+    served_model_name: ServedModelName = None,
     model: o.Model = None,
     revision: o.Revision = None,
     workspace: o.Workspace = None,
@@ -70,28 +80,16 @@ def serve(
     trust_remote_code: o.TrustRemoteCode = None,
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
-    json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON line with the bound URL at start-up, for scripts.")
-    ] = False,
+    json: AnnounceJson = False,
 ) -> None:
     """Serve the steered model over an OpenAI-compatible API; each request may pick persona, α and layers."""
-    from personactl.chat.server import ServeDefaults, SteeredEngine, SteeredHTTPServer, is_loopback
-    from personactl.chat.session import check_alpha
+    from personactl.chat.server import ServeDefaults, SteeredEngine
     from personactl.core.ranges import parse_ranges
-    from personactl.errors import InputError
-    from personactl.model.activations import AGGREGATORS, POSITIONS
     from personactl.steps.steer import default_layer
 
-    exposed = not is_loopback(host)
-    if exposed and not api_key and not insecure:
-        raise InputError(
-            f"refusing to serve on {host} without an API key",
-            hint=f"pass --api-key (or set {API_KEY_ENV}), or --insecure if the network is trusted",
-        )
-    check_choices((position, POSITIONS, "--position"), (aggregator, AGGREGATORS, "--aggregator"))
-    if not max_alpha > 0:
-        raise InputError("--max-alpha must be positive")
-    check_alpha(alpha, max_alpha)
+    positions = o.steer_positions(steer_positions, old_positions)
+    exposed = check_exposure(host, api_key, insecure)
+    check_alpha_bounds(alpha, max_alpha)
     layer_list = parse_ranges(layers) if layers else None
     settings = settings_from(
         config,
@@ -115,9 +113,9 @@ def serve(
         alpha=alpha,
         max_alpha=max_alpha,
         positions=positions,
-        norm=norm,
-        position=position,
-        aggregator=aggregator,
+        norm=norm.value,
+        position=position.value,
+        aggregator=aggregator.value,
         max_tokens=settings.max_new_tokens,
         temperature=temperature,
         top_p=settings.top_p,
@@ -126,14 +124,43 @@ def serve(
     engine = SteeredEngine(lm, ws, defaults, model_id=served_model_name, exposed=exposed)
     for warning in engine.warnings:
         log(f"warning: {warning}")
+    run(listen(engine, host, port, api_key), json)
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> bool:
+    """Whether `host` is reachable from other machines; refused without an API key unless --insecure."""
+    from personactl.chat.server import is_loopback
+    from personactl.errors import InputError
+
+    exposed = not is_loopback(host)
+    if exposed and not api_key and not insecure:
+        raise InputError(
+            f"refusing to serve on {host} without an API key",
+            hint=f"pass --api-key (or set {API_KEY_ENV}), or --insecure if the network is trusted",
+        )
+    return exposed
+
+
+def check_alpha_bounds(alpha: float, max_alpha: float) -> None:
+    from personactl.chat.session import check_alpha
+    from personactl.errors import InputError
+
+    if not max_alpha > 0:
+        raise InputError("--max-alpha must be positive")
+    check_alpha(alpha, max_alpha)
+
+
+def listen(engine: SteeredEngine, host: str, port: int, api_key: str | None) -> SteeredHTTPServer:
+    from personactl.chat.server import SteeredHTTPServer
+    from personactl.errors import InputError
+
     try:
-        server = SteeredHTTPServer(engine, host, port, api_key=api_key, log=log)
+        return SteeredHTTPServer(engine, host, port, api_key=api_key, log=log)
     except OSError as exc:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="pick another --port") from None
-    run(server, json)
 
 
-def run(server, json: bool) -> None:
+def run(server: SteeredHTTPServer, json: bool) -> None:
     """Announce the URL, serve until Ctrl-C (or SIGTERM), then stop generating and close cleanly."""
     import signal
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json as jsonlib
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from personactl.cli import options as o
 from personactl.cli.common import (
     LazyProgress,
-    check_choices,
     guarded,
     load_engine,
     log,
@@ -20,39 +19,48 @@ from personactl.cli.common import (
     stdout_console,
 )
 
+if TYPE_CHECKING:
+    import polars as pl
+
+Prompts = Annotated[
+    Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).", show_default=False)
+]
+PromptsFile = Annotated[
+    Optional[Path], typer.Option("--prompts-file", help="One user message per line.", show_default=False)
+]
+Coefficients = Annotated[
+    str, typer.Option("--coefficients", "-c", help="Comma list of α, e.g. --coefficients=-2,-1,0,1,2.")
+]
+SystemPrompt = Annotated[
+    Optional[str], typer.Option("--system", help="System prompt for every message.", show_default=False)
+]
+Temperature = Annotated[
+    float, typer.Option("--temperature", min=0.0, help="0 = greedy (the default, for comparability).")
+]
+RowsPerBatch = Annotated[
+    Optional[int], typer.Option("--batch-size", min=1, help="Rows per batched call (default: 32).", show_default=False)
+]
+JsonLines = Annotated[bool, typer.Option("--json", help="JSON lines, one per generation, to stdout.")]
+
 
 @guarded
 def steer(
-    vector: Annotated[
-        str, typer.Option("--vector", "-v", help="Vector file, or a trait name extracted in the workspace for --model.")
-    ],
-    prompt: Annotated[
-        Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).", show_default=False)
-    ] = None,
-    prompts_file: Annotated[
-        Optional[Path], typer.Option("--prompts-file", help="One user message per line.", show_default=False)
-    ] = None,
+    vector: o.VectorSpec,
+    prompt: Prompts = None,
+    prompts_file: PromptsFile = None,
     layers: o.MiddleLayer = None,
-    coefficients: Annotated[
-        str, typer.Option("--coefficients", "-c", help="Comma list of α, e.g. --coefficients=-2,-1,0,1,2.")
-    ] = "-1,0,1",
-    position: o.VectorPosition = "response_avg",
-    aggregator: o.Aggregator = "mean_diff",
-    positions: o.SteerPositions = "all",
-    norm: o.Norm = "raw",
-    system: Annotated[
-        Optional[str], typer.Option("--system", help="System prompt for every message.", show_default=False)
-    ] = None,
+    coefficients: Coefficients = "-1,0,1",
+    position: o.VectorPosition = o.PositionChoice.response_avg,
+    aggregator: o.Aggregator = o.AggregatorChoice.mean_diff,
+    steer_positions: o.SteerPositions = o.SteerMode.all,
+    old_positions: o.OldSteerPositions = None,
+    norm: o.Norm = o.NormMode.raw,
+    system: SystemPrompt = None,
     max_new_tokens: o.MaxNewTokens = None,
-    temperature: Annotated[
-        float, typer.Option("--temperature", min=0.0, help="0 = greedy (the default, for comparability).")
-    ] = 0.0,
+    temperature: Temperature = 0.0,
     top_p: o.TopP = None,
     seed: o.Seed = None,
-    batch_size: Annotated[
-        Optional[int],
-        typer.Option("--batch-size", min=1, help="Rows per batched call (default: 32).", show_default=False),
-    ] = None,
+    batch_size: RowsPerBatch = None,
     model: o.Model = None,
     revision: o.Revision = None,
     workspace: o.Workspace = None,
@@ -62,32 +70,17 @@ def steer(
     trust_remote_code: o.TrustRemoteCode = None,
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
-    json: Annotated[bool, typer.Option("--json", help="JSON lines, one per generation, to stdout.")] = False,
+    json: JsonLines = False,
 ) -> None:
     """Generate with α·v added at each chosen layer; the whole grid runs as batched generation."""
     from personactl.backends import Sampling
-    from personactl.core.directions import NORM_MODES
     from personactl.core.ranges import parse_floats, parse_ranges
-    from personactl.errors import InputError
-    from personactl.model.activations import AGGREGATORS, POSITIONS
-    from personactl.model.steering import POSITION_MODES
     from personactl.steps.steer import steer_step
 
-    check_choices(
-        (position, POSITIONS, "--position"),
-        (aggregator, AGGREGATORS, "--aggregator"),
-        (positions, POSITION_MODES, "--positions"),
-        (norm, NORM_MODES, "--norm"),
-    )
+    positions = o.steer_positions(steer_positions, old_positions)
     alphas = parse_floats(coefficients)
     layer_list = parse_ranges(layers) if layers else None
-    messages = list(prompt or [])
-    if prompts_file is not None:
-        from personactl.store.text_input import read_user_text
-
-        messages += [line for line in read_user_text(prompts_file, "prompts file").splitlines() if line.strip()]
-    if not messages:
-        raise InputError("no prompt given", hint="pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    messages = read_prompts(prompt, prompts_file)
     settings = settings_from(
         config,
         workspace=workspace,
@@ -105,7 +98,7 @@ def steer(
     )
     ws = open_workspace(settings)
     lm = load_engine(settings, steering=True, positions=positions)
-    sampling = Sampling(settings.max_new_tokens, temperature, settings.top_p)
+    choice = {"position": position.value, "aggregator": aggregator.value, "positions": positions}
     with LazyProgress("steer") as bar:
         table, summary = steer_step(
             settings=settings,
@@ -116,11 +109,9 @@ def steer(
             system_prompt=system,
             layers=layer_list,
             coefficients=alphas,
-            position=position,
-            aggregator=aggregator,
-            positions=positions,
-            norm=norm,
-            sampling=sampling,
+            **choice,
+            norm=norm.value,
+            sampling=Sampling(settings.max_new_tokens, temperature, settings.top_p),
             on_start=bar.start,
             on_chunk=bar.advance,
         )
@@ -128,22 +119,26 @@ def steer(
         log(f"warning: {warning}")
     if json:
         for row in table.iter_rows(named=True):
-            typer.echo(
-                jsonlib.dumps(
-                    {
-                        "vector": summary["vector"],
-                        "position": position,
-                        "aggregator": aggregator,
-                        "positions": positions,
-                        **row,
-                    }
-                )
-            )
+            typer.echo(jsonlib.dumps({"vector": summary["vector"], **choice, **row}))
         return
     _print_tables(table, summary)
 
 
-def _print_tables(table, summary) -> None:
+def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
+    """The --prompt messages, then the non-blank lines of --prompts-file; at least one."""
+    from personactl.errors import InputError
+
+    messages = list(prompts or [])
+    if prompts_file is not None:
+        from personactl.store.text_input import read_user_text
+
+        messages += [line for line in read_user_text(prompts_file, "prompts file").splitlines() if line.strip()]
+    if not messages:
+        raise InputError("no prompt given", hint="pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return messages
+
+
+def _print_tables(table: pl.DataFrame, summary: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 

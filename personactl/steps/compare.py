@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from personactl.core.directions import cosine
-from personactl.errors import VectorFileError
+from personactl.core.reliability import compare_uncertainty
+from personactl.errors import InputError, VectorFileError
+from personactl.model.loading import resolve_model
+from personactl.store.pair_diffs_file import load_pair_diffs
 from personactl.store.vectors import PersonaVector
+
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.store.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -95,3 +104,49 @@ def compare_vectors(vectors: list[tuple[VectorRef, PersonaVector]], agree: float
             for r, v in vectors
         ],
     }
+
+
+def compare_step(
+    *,
+    settings: Settings,
+    workspace: Workspace,
+    specs: Sequence[str],
+    position: str,
+    aggregator: str,
+    agree: float,
+    diverge: float,
+    bootstrap: int = 0,
+    splits: int = 50,
+    level: float = 0.95,
+    seed: int = 0,
+    plot: Path | None = None,
+) -> dict[str, Any]:
+    """Compare the vectors `specs` name (files, or traits extracted for the model, see `VectorRef`);
+    with `bootstrap` replicates, add cosine CIs and split-half reliability from the pair differences
+    `extract --keep-pairs` saved; with `plot`, write a cosine heatmap there."""
+    slug = resolve_model(settings.model).slug
+    refs = [VectorRef.parse(spec, position, aggregator) for spec in specs]
+    paths = [workspace.find_vector(ref.name, slug, ref.persona) for ref in refs]
+    vectors = [(ref, PersonaVector.load(path)) for ref, path in zip(refs, paths, strict=True)]
+    result = compare_vectors(vectors, agree, diverge)
+    if bootstrap:
+        diffs = pair_diffs_of(workspace, refs, paths)
+        result = compare_uncertainty(result, diffs, n_boot=bootstrap, n_splits=splits, level=level, seed=seed)
+    if plot is not None:
+        from personactl.steps.plots import plot_cosines
+
+        result["plot"] = str(plot_cosines(result, plot))
+    return result
+
+
+def pair_diffs_of(
+    workspace: Workspace, refs: Sequence[VectorRef], paths: Sequence[Path]
+) -> dict[str, tuple[torch.Tensor, list[int]]]:
+    """Each vector's saved pair differences at its position (`extract --keep-pairs`), with their rows."""
+    if any(ref.aggregator != "mean_diff" for ref in refs):
+        raise InputError("--bootstrap applies to mean_diff vectors only")
+    diffs = {}
+    for ref, path in zip(refs, paths, strict=True):
+        tensor, meta = load_pair_diffs(workspace.pair_diffs_path(path), ref.position)
+        diffs[ref.spec] = (tensor, meta["rows"])
+    return diffs
