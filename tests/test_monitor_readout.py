@@ -179,3 +179,16 @@ def test_monitor_reads_a_reply_and_shows_tokens_to_a_person(isolated_env, tmp_pa
     two_replies = ["--text", "a", "--reply", "b", "--reply", "c"]
     refused = runner.invoke(app, ["monitor", "--readout", str(out), *two_replies, *args])
     assert refused.exit_code == 2 and "2 --reply for 1 --text" in refused.output
+
+
+def test_monitor_refuses_a_vector_made_for_another_shape(isolated_env, tmp_path, tiny_factory):
+    from personactl.store.vectors import PersonaVector
+
+    path = tmp_path / "other.safetensors"
+    metadata = {"model": "some/other", "num_layers": 3, "hidden_size": 16, "rows": [0, 1, 2, 3]}
+    metadata |= {"positions": ["response_avg"], "aggregators": ["mean_diff"], "trait": "other"}
+    PersonaVector({"mean_diff.response_avg": torch.randn(4, 16)}, metadata).save(path)
+    args = ["--model", str(tiny_factory("llama")), "-w", str(tmp_path / "ws"), "--dtype", "float32"]
+    result = runner.invoke(app, ["monitor", "--vector", str(path), "--text", "hi", *args])
+    assert result.exit_code == 2, result.output
+    assert "hidden size 16" in result.output and "internal error" not in result.output

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personactl.core.directions import unit
-from personactl.errors import InputError
+from personactl.errors import InputError, VectorFileError
 
 if TYPE_CHECKING:
     import polars as pl
@@ -154,6 +154,17 @@ def open_probe(
     return probe_from_readout(Readout.load(readout), rows, "readout"), {"readout": str(readout)}
 
 
+def check_probe_fits(probe: Probe, lm: LoadedModel, spec: str) -> None:
+    """A clear error when the vector or readout was made for a model of another shape."""
+    hidden = probe.directions.shape[-1]
+    if hidden != lm.hidden_size or max(probe.rows, default=0) > lm.num_layers:
+        raise VectorFileError(
+            f"{spec} was made for a model with hidden size {hidden} and rows up to {max(probe.rows, default=0)}; "
+            f"{lm.source.spec} has hidden size {lm.hidden_size} and {lm.num_layers} layers",
+            hint="extract the vector (or train the readout) for this model, or pass --model with its model",
+        )
+
+
 def encode_texts(
     tokenizer: Any, texts: list[str], replies: list[str] | None
 ) -> tuple[list[dict[str, Any]], list[EncodedExample]]:
@@ -254,6 +265,7 @@ def monitor_step(
     slug = resolve_model(settings.model).slug
     probe, source = open_probe(workspace, slug, vector, readout, position=position, aggregator=aggregator, rows=rows)
     lm = load()
+    check_probe_fits(probe, lm, vector or str(readout))
     table = None
     if texts:
         items, examples = encode_texts(lm.tokenizer, texts, replies)
