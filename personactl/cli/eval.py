@@ -10,6 +10,7 @@ from personactl.cli import options as o
 from personactl.cli.common import (
     LazyProgress,
     check_choices,
+    comma_list,
     emit_json,
     guarded,
     load_engine,
@@ -22,43 +23,35 @@ from personactl.cli.common import (
 
 if TYPE_CHECKING:
     from personactl.settings import Settings
+    from personactl.steps.evaluate import EvalSpec
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
 
-JudgeModel = Annotated[
+TraitVector = Annotated[
     Optional[str],
-    typer.Option(
-        "--judge",
-        "--judge-model",
-        help="Judge model on the endpoint, or local:<model> in process (default: gpt-4.1-mini).",
-        show_default=False,
-    ),
+    typer.Option("--vector", "-v", help="Vector file to evaluate (default: the trait's vectors).", show_default=False),
 ]
-JudgeBaseUrl = Annotated[
-    Optional[str],
-    typer.Option("--judge-base-url", help="OpenAI-compatible endpoint (default: OpenAI).", show_default=False),
+PositionList = Annotated[
+    str, typer.Option("--position", help="Vector position(s), comma list: each is a variant of the grid.")
 ]
-JudgeMode = Annotated[
-    Optional[str], typer.Option("--judge-mode", help="single, digits or auto (default: auto).", show_default=False)
-]
-CoherenceThreshold = Annotated[
-    Optional[float],
-    typer.Option(
-        "--coherence-threshold",
-        min=0,
-        max=100,
-        help="Mean coherence a cell needs to count as coherent (default: the trait file's, else 50).",
-        show_default=False,
-    ),
-]
-Coefficients = Annotated[
-    str, typer.Option("--coefficients", "-c", help="Comma list of α for the grid (0 = the unsteered baseline).")
-]
+NormList = Annotated[str, typer.Option("--norm", help="Norm mode(s), comma list of raw, unit, stream.")]
 Questions = Annotated[
     Optional[int],
     typer.Option(
         "--questions", min=1, help="First N held-out evaluation questions (default: all).", show_default=False
     ),
 ]
-Samples = Annotated[int, typer.Option("--samples", min=1, help="Responses per question and cell.")]
+Adaptive = Annotated[
+    bool, typer.Option("--adaptive", help="Search per layer for the largest coherent α instead of a grid.")
+]
+Rounds = Annotated[int, typer.Option("--rounds", min=1, help="Adaptive: probes per layer.")]
+AlphaStart = Annotated[float, typer.Option("--alpha-start", help="Adaptive: first α probed.")]
+AlphaCap = Annotated[
+    float, typer.Option("--alpha-cap", help="Adaptive: the largest α the search probes (doubling stops here).")
+]
+Proxy = Annotated[
+    bool, typer.Option("--proxy", help="No judge: Cohen's d of held-out pos vs neg projections per layer.")
+]
 MaxKL = Annotated[
     Optional[float],
     typer.Option(
@@ -67,8 +60,12 @@ MaxKL = Annotated[
         show_default=False,
     ),
 ]
-RandomSeeds = Annotated[
-    int, typer.Option("--random-seeds", min=0, help="Random directions per random-vector cell (0: no random baseline).")
+Temperature = Annotated[
+    Optional[float],
+    typer.Option("--temperature", min=0.0, help="0 = greedy (default: 1.0, the setting).", show_default=False),
+]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Only say how many generations and judgements it needs, and how long.")
 ]
 
 
@@ -118,49 +115,30 @@ def weak_judge_warning(judge: Any) -> None:
 @guarded
 def eval_cmd(
     trait: o.TraitName,
-    vector: Annotated[
-        Optional[str],
-        typer.Option(
-            "--vector", "-v", help="Vector file to evaluate (default: the trait's vectors).", show_default=False
-        ),
-    ] = None,
+    vector: TraitVector = None,
     layers: o.EvalLayers = None,
-    coefficients: Coefficients = "0.5,1,2,4",
-    position: Annotated[
-        str, typer.Option("--position", help="Vector position(s), comma list: each is a variant of the grid.")
-    ] = "response_avg",
-    aggregator: o.Aggregator = "mean_diff",
-    norm: Annotated[str, typer.Option("--norm", help="Norm mode(s), comma list of raw, unit, stream.")] = "raw",
-    positions: Annotated[str, typer.Option("--positions", help="Where to add: all, prompt or response.")] = "all",
+    coefficients: o.EvalCoefficients = "0.5,1,2,4",
+    position: PositionList = "response_avg",
+    aggregator: o.Aggregator = o.AggregatorChoice.mean_diff,
+    norm: NormList = "raw",
+    steer_positions: o.SteerPositions = o.SteerMode.all,
+    old_positions: o.OldSteerPositions = None,
     questions: Questions = None,
-    samples: Samples = 1,
-    random_seeds: RandomSeeds = 2,
-    adaptive: Annotated[
-        bool, typer.Option("--adaptive", help="Search per layer for the largest coherent α instead of a grid.")
-    ] = False,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Adaptive: probes per layer.")] = 5,
-    alpha_start: Annotated[float, typer.Option("--alpha-start", help="Adaptive: first α probed.")] = 1.0,
-    max_alpha: Annotated[
-        float,
-        typer.Option(
-            "--alpha-cap",
-            help="Adaptive: the largest α the search probes (doubling stops here).",
-        ),
-    ] = 16.0,
-    proxy: Annotated[
-        bool, typer.Option("--proxy", help="No judge: Cohen's d of held-out pos vs neg projections per layer.")
-    ] = False,
-    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots beside the results.")] = True,
-    judge_model: JudgeModel = None,
-    judge_base_url: JudgeBaseUrl = None,
-    judge_mode: JudgeMode = None,
-    coherence_threshold: CoherenceThreshold = None,
+    samples: o.Samples = 1,
+    random_seeds: o.RandomSeeds = 2,
+    adaptive: Adaptive = False,
+    rounds: Rounds = 5,
+    alpha_start: AlphaStart = 1.0,
+    max_alpha: AlphaCap = 16.0,
+    proxy: Proxy = False,
+    plots: o.Plots = True,
+    judge_model: o.JudgeModel = None,
+    judge_base_url: o.JudgeBaseUrl = None,
+    judge_mode: o.JudgeMode = None,
+    coherence_threshold: o.CellCoherenceThreshold = None,
     max_kl: MaxKL = None,
     max_new_tokens: o.MaxNewTokens = None,
-    temperature: Annotated[
-        Optional[float],
-        typer.Option("--temperature", min=0.0, help="0 = greedy (default: 1.0, the setting).", show_default=False),
-    ] = None,
+    temperature: Temperature = None,
     seed: o.Seed = None,
     batch_size: o.BatchSize = None,
     model: o.Model = None,
@@ -171,14 +149,10 @@ def eval_cmd(
     device: o.Device = None,
     backend: o.Backend = None,
     force: o.Force = False,
-    dry_run: Annotated[
-        bool,
-        typer.Option("--dry-run", help="Only say how many generations and judgements it needs, and how long."),
-    ] = False,
+    dry_run: DryRun = False,
     json: o.Json = False,
 ) -> None:
     """Which layer and α: judged steering on held-out questions vs unsteered, random-vector and prompting baselines."""
-    from personactl.backends import Sampling
     from personactl.store.traits import load_trait
 
     settings = settings_from(
@@ -198,20 +172,47 @@ def eval_cmd(
         judge_mode=judge_mode,
         coherence_threshold=coherence_threshold,
     )
-    if max_kl is not None:
-        from personactl.core.eval_summary import check_max_kl
-
-        check_max_kl(max_kl)
+    check_kl_budget(max_kl)
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)
-    sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     spec = build_spec(
-        layers, coefficients, position, aggregator.value, norm, positions, questions, samples, random_seeds,
-        adaptive, rounds, alpha_start, max_alpha, plots,
+        layers=layers, coefficients=coefficients, position=position, aggregator=aggregator.value, norm=norm,
+        positions=o.steer_positions(steer_positions, old_positions), questions=questions, samples=samples,
+        random_seeds=random_seeds, adaptive=adaptive, rounds=rounds, alpha_start=alpha_start, max_alpha=max_alpha,
+        plots=plots,
     )  # fmt: skip
     if dry_run and not proxy:
         report_estimate(settings, ws, trait_obj, spec, vector, json)
         return
+    summary = evaluate(settings, ws, trait_obj, spec, vector_spec=vector, proxy=proxy, max_kl=max_kl, force=force)
+    if json:
+        emit_json(summary if proxy else with_cells(summary))
+    else:
+        print_proxy(summary) if proxy else print_eval(summary)
+
+
+def check_kl_budget(max_kl: float | None) -> None:
+    if max_kl is not None:
+        from personactl.core.eval_summary import check_max_kl
+
+        check_max_kl(max_kl)
+
+
+def evaluate(
+    settings: Settings,
+    ws: Workspace,
+    trait: Trait,
+    spec: EvalSpec,
+    *,
+    vector_spec: str | None,
+    proxy: bool,
+    max_kl: float | None,
+    force: bool,
+) -> dict[str, Any]:
+    """The judged eval of `spec`, or with `proxy` the judge-free sweep (`steps.eval_any`), showing a
+    progress bar per phase; its summary."""
+    from personactl.steps.eval_any import eval_or_proxy
+
     loaded: dict[str, Any] = {}
 
     def load():
@@ -220,54 +221,32 @@ def eval_cmd(
 
     phases = Phases()
     try:
-        if proxy:
-            from personactl.steps.proxy import proxy_step
-
-            _, summary = proxy_step(
-                settings=settings,
-                workspace=ws,
-                trait=trait_obj,
-                load=load,
-                layers=spec.layers,
-                position=spec.variants[0].position,
-                aggregator=spec.variants[0].aggregator,
-                questions=questions,
-                sampling=sampling,
-                vector_spec=vector,
-                plots=plots,
-                force=force,
-                on_phase=phases.phase,
-            )
-        else:
-            from personactl.steps.evaluate import eval_step
-
-            _, summary = eval_step(
-                settings=settings,
-                workspace=ws,
-                trait=trait_obj,
-                spec=spec,
-                load=load,
-                load_judge=judge_loader(settings, loaded),
-                vector_spec=vector,
-                sampling=sampling,
-                max_kl=max_kl,
-                force=force,
-                on_phase=phases.phase,
-                on_chunk=phases.advance,
-                on_judged=phases.judged,
-                on_judge=weak_judge_warning,
-            )
+        _, summary = eval_or_proxy(
+            settings=settings,
+            workspace=ws,
+            trait=trait,
+            spec=spec,
+            load=load,
+            proxy=proxy,
+            load_judge=judge_loader(settings, loaded),
+            vector_spec=vector_spec,
+            max_kl=max_kl,
+            force=force,
+            on_phase=phases.phase,
+            on_chunk=phases.advance,
+            on_judged=phases.judged,
+            on_judge=weak_judge_warning,
+        )
     finally:
         phases.close()
     if summary.get("skipped"):
         log(f"skipped: {summary['artifact']} is already complete; --force to rerun")
-    if json:
-        emit_json(summary if proxy else with_cells(summary))
-        return
-    print_proxy(summary) if proxy else print_eval(summary)
+    return summary
 
 
-def report_estimate(settings, ws, trait_obj, spec, vector_spec, json: bool) -> None:
+def report_estimate(
+    settings: Settings, ws: Workspace, trait_obj: Trait, spec: EvalSpec, vector_spec: str | None, json: bool
+) -> None:
     """`eval --dry-run`: counts from the trait and the vector file's layer count, time from speed
     measured earlier in this workspace. No model is loaded."""
     from personactl.model.loading import resolve_model
@@ -296,20 +275,34 @@ def with_cells(summary: dict[str, Any]) -> dict[str, Any]:
     return {**summary, "cells": pl.read_parquet(summary["files"]["cells"]).to_dicts()}
 
 
-def build_spec(layers, coefficients, position, aggregator, norm, positions, questions, samples, random_seeds,
-               adaptive, rounds, alpha_start, max_alpha, plots):  # fmt: skip
-    """Parse and check the grid flags into an EvalSpec."""
+def build_spec(
+    *,
+    layers: str | None,
+    coefficients: str,
+    questions: int | None,
+    samples: int,
+    random_seeds: int,
+    adaptive: bool,
+    plots: bool,
+    position: str = "response_avg",
+    aggregator: str = "mean_diff",
+    norm: str = "raw",
+    positions: str = "all",
+    rounds: int = 5,
+    alpha_start: float = 1.0,
+    max_alpha: float = 16.0,
+) -> EvalSpec:
+    """Parse and check the grid flags into an EvalSpec (`position` and `norm` are comma lists: one
+    variant per pair)."""
     from personactl.core.directions import NORM_MODES
     from personactl.core.ranges import parse_floats, parse_ranges
-    from personactl.model.activations import AGGREGATORS, POSITIONS
-    from personactl.model.steering import POSITION_MODES
+    from personactl.model.activations import POSITIONS
     from personactl.steps.evaluate import EvalSpec, Variant
 
-    position_list = [p.strip() for p in position.split(",") if p.strip()]
-    norm_list = [n.strip() for n in norm.split(",") if n.strip()]
-    checks = [(p, POSITIONS, "--position") for p in position_list] + [(n, NORM_MODES, "--norm") for n in norm_list]
-    checks += [(aggregator, AGGREGATORS, "--aggregator"), (positions, POSITION_MODES, "--positions")]
-    check_choices(*checks)
+    position_list, norm_list = comma_list(position), comma_list(norm)
+    check_choices(
+        *[(p, POSITIONS, "--position") for p in position_list], *[(n, NORM_MODES, "--norm") for n in norm_list]
+    )
     return EvalSpec(
         coefficients=tuple(parse_floats(coefficients)),
         layers=tuple(parse_ranges(layers)) if layers else None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -18,14 +18,7 @@ from personactl.cli.common import (
     trait_lock,
 )
 from personactl.cli.eval import (
-    Coefficients,
-    CoherenceThreshold,
-    JudgeBaseUrl,
-    JudgeMode,
-    JudgeModel,
     Phases,
-    RandomSeeds,
-    Samples,
     build_spec,
     judge_loader,
     print_eval,
@@ -33,51 +26,58 @@ from personactl.cli.eval import (
     weak_judge_warning,
 )
 
+if TYPE_CHECKING:
+    from personactl.settings import Settings
+    from personactl.steps.evaluate import EvalSpec
+    from personactl.store.traits import Trait
+    from personactl.store.workspace import Workspace
+
+GenerateQuestions = Annotated[
+    Optional[int],
+    typer.Option(
+        "--questions", min=1, help="generate: first N extraction questions (default: all).", show_default=False
+    ),
+]
+EvalQuestions = Annotated[
+    Optional[int],
+    typer.Option(
+        "--eval-questions", min=1, help="eval: first N held-out questions (default: all).", show_default=False
+    ),
+]
+Adaptive = Annotated[bool, typer.Option("--adaptive", help="eval: search the largest coherent α per layer.")]
+Proxy = Annotated[bool, typer.Option("--proxy", help="No judge: skip score, eval by the projection proxy.")]
+DryRun = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Only say, per step, how many generations and judgements it needs, and how long."),
+]
+
 
 @guarded
 def run(
     trait: o.TraitName,
-    questions: Annotated[
-        Optional[int],
-        typer.Option(
-            "--questions", min=1, help="generate: first N extraction questions (default: all).", show_default=False
-        ),
-    ] = None,
-    eval_questions: Annotated[
-        Optional[int],
-        typer.Option(
-            "--eval-questions", min=1, help="eval: first N held-out questions (default: all).", show_default=False
-        ),
-    ] = None,
-    samples: Samples = 1,
+    questions: GenerateQuestions = None,
+    eval_questions: EvalQuestions = None,
+    samples: o.Samples = 1,
     layers: o.EvalLayers = None,
-    coefficients: Coefficients = "0.5,1,2,4",
-    random_seeds: RandomSeeds = 2,
-    adaptive: Annotated[
-        bool, typer.Option("--adaptive", help="eval: search the largest coherent α per layer.")
-    ] = False,
-    proxy: Annotated[bool, typer.Option("--proxy", help="No judge: skip score, eval by the projection proxy.")] = False,
-    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
-    judge_model: JudgeModel = None,
-    judge_base_url: JudgeBaseUrl = None,
-    judge_mode: JudgeMode = None,
-    coherence_threshold: CoherenceThreshold = None,
+    coefficients: o.EvalCoefficients = "0.5,1,2,4",
+    random_seeds: o.RandomSeeds = 2,
+    adaptive: Adaptive = False,
+    proxy: Proxy = False,
+    plots: o.Plots = True,
+    judge_model: o.JudgeModel = None,
+    judge_base_url: o.JudgeBaseUrl = None,
+    judge_mode: o.JudgeMode = None,
+    coherence_threshold: o.CellCoherenceThreshold = None,
     max_new_tokens: o.MaxNewTokens = None,
     model: o.Model = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run", help="Only say, per step, how many generations and judgements it needs, and how long."
-        ),
-    ] = False,
+    dry_run: DryRun = False,
     json: o.Json = False,
 ) -> None:
     """generate → score → extract → eval for one trait; finished steps are skipped."""
-    from personactl.steps.run import run_pipeline
     from personactl.store.traits import load_trait
 
     settings = settings_from(
@@ -95,20 +95,55 @@ def run(
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)
     spec = build_spec(
-        layers, coefficients, "response_avg", "mean_diff", "raw", "all", eval_questions, samples, random_seeds,
-        adaptive, 5, 1.0, 16.0, plots,
-    )  # fmt: skip
+        layers=layers,
+        coefficients=coefficients,
+        questions=eval_questions,
+        samples=samples,
+        random_seeds=random_seeds,
+        adaptive=adaptive,
+        plots=plots,
+    )
     if dry_run:
-        from personactl.steps.run_estimate import describe_run_estimate, estimate_run
-
-        estimate = estimate_run(
-            settings=settings, workspace=ws, trait=trait_obj, spec=spec, max_questions=questions, proxy=proxy
-        )
-        if json:
-            emit_json(estimate)
-        else:
-            typer.echo(describe_run_estimate(estimate, settings.judge_model))
+        print_estimate(settings, ws, trait_obj, spec, questions, proxy, json)
         return
+    result = run_all(settings, ws, trait_obj, spec, questions=questions, eval_questions=eval_questions, proxy=proxy)
+    for name, summary in result["steps"].items():
+        if summary.get("skipped"):
+            log(f"{name}: skipped, {summary['artifact']} is already complete")
+    if json:
+        emit_json(result)
+    else:
+        print_result(result, trait_obj.name, proxy)
+
+
+def print_estimate(
+    settings: Settings, ws: Workspace, trait: Trait, spec: EvalSpec, questions: int | None, proxy: bool, json: bool
+) -> None:
+    """`run --dry-run`: per step, the generations and judgements it needs; no model is loaded."""
+    from personactl.steps.run_estimate import describe_run_estimate, estimate_run
+
+    estimate = estimate_run(
+        settings=settings, workspace=ws, trait=trait, spec=spec, max_questions=questions, proxy=proxy
+    )
+    if json:
+        emit_json(estimate)
+    else:
+        typer.echo(describe_run_estimate(estimate, settings.judge_model))
+
+
+def run_all(
+    settings: Settings,
+    ws: Workspace,
+    trait: Trait,
+    spec: EvalSpec,
+    *,
+    questions: int | None,
+    eval_questions: int | None,
+    proxy: bool,
+) -> dict[str, Any]:
+    """The four steps under the trait's lock, loading the model once, when a step first needs it."""
+    from personactl.steps.run import run_pipeline
+
     loaded: dict[str, Any] = {}
 
     def load():
@@ -117,12 +152,12 @@ def run(
         return loaded["lm"]
 
     phases = Phases()
-    with trait_lock(ws, settings, trait_obj.name):
+    with trait_lock(ws, settings, trait.name):
         try:
-            result = run_pipeline(
+            return run_pipeline(
                 settings=settings,
                 workspace=ws,
-                trait=trait_obj,
+                trait=trait,
                 spec=spec,
                 load=load,
                 load_judge=judge_loader(settings, loaded),
@@ -137,12 +172,10 @@ def run(
             )
         finally:
             phases.close()
-    for name, summary in result["steps"].items():
-        if summary.get("skipped"):
-            log(f"{name}: skipped, {summary['artifact']} is already complete")
-    if json:
-        emit_json(result)
-        return
+
+
+def print_result(result: dict[str, Any], trait_name: str, proxy: bool) -> None:
+    """The eval's tables, then the recommendation as a command to run."""
     (print_proxy if proxy else print_eval)(result["steps"]["eval"])
     rec = result["recommendation"]
     console = stdout_console()
@@ -156,7 +189,7 @@ def run(
         console.print(f"best layer {rec['layer']}, but no α > 0 stayed coherent: {why}", markup=False)
     else:
         console.print(
-            f"recommended: personactl steer --vector {trait_obj.name} --layers {rec['layer']} "
+            f"recommended: personactl steer --vector {trait_name} --layers {rec['layer']} "
             f"--coefficients={rec['alpha']:g}",
             markup=False,
             soft_wrap=True,
