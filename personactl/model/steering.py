@@ -243,8 +243,16 @@ def plan_grid(n_prompts: int, layers: Sequence[int], coefficients: Sequence[floa
     return rows
 
 
+class BatchGenerator(Protocol):
+    """What a grid needs of an engine: its model (to hook) and one batched, seeded generate."""
+
+    model: Any
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Any, seed: int) -> list[Any]: ...
+
+
 def run_grid(
-    backend: Any,
+    backend: BatchGenerator,
     prompts: Sequence[Sequence[int]],
     rows: Sequence[GridRow],
     directions: Mapping[int, torch.Tensor],

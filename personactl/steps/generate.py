@@ -26,6 +26,7 @@ from personactl.store.responses import RESPONSE_SCHEMA, PlannedRow, fingerprint_
 from personactl.store.traits import Trait
 
 if TYPE_CHECKING:
+    from personactl.backends import Engine
     from personactl.settings import Settings
     from personactl.store.workspace import Workspace
 
@@ -101,7 +102,7 @@ class ShardStore:
 def run_generation(
     *,
     trait: Trait,
-    backend: Any,
+    backend: Engine,
     tokenizer: Any,
     model_info: dict[str, Any],
     sampling: Sampling,

@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 PROXY_LABEL = "proxy: Cohen's d of held-out pos vs neg answer projections onto the vector (no judge, no steering)"
 
 
-def held_out_pairs(lm: LoadedModel, trait: Trait, questions: int | None, sampling: Any, seed: int, batch_size: int):
+def held_out_pairs(
+    lm: LoadedModel, trait: Trait, questions: int | None, sampling: Sampling, seed: int, batch_size: int
+):
     """Encoded (pos, neg) answers to the evaluation questions, generated unsteered."""
     from personactl.backends.hf import HFBackend
     from personactl.model.chat_format import chat_messages, encode_example, encode_prompt
@@ -103,7 +105,7 @@ def proxy_sweep(
     position: str,
     aggregator: str,
     questions: int | None,
-    sampling: Any,
+    sampling: Sampling,
     seed: int,
     batch_size: int,
     on_phase: Callable[[str, int | None], None] = lambda what, total: None,
@@ -135,14 +137,14 @@ def proxy_sweep(
 
 
 def proxy_fingerprint(
-    settings: Any,
-    trait: Any,
-    vector_path: Any,
+    settings: Settings,
+    trait: Trait,
+    vector_path: Path,
     layers: Sequence[int] | None,
     position: str,
     aggregator: str,
     questions: int | None,
-    sampling: Any,
+    sampling: Sampling,
 ) -> dict[str, Any]:
     """Everything a proxy sweep depends on (`proxy_step` skips a finished one, `run --dry-run` says so)."""
     from dataclasses import asdict
