@@ -116,7 +116,7 @@ def comma_list(text: str) -> list[str]:
 
 def check_choices(*checks: tuple[str, Sequence[str], str]) -> None:
     """A clear error for the first flag whose value is not one of its choices: (value, allowed, flag).
-    For comma-list flags; a flag that takes one choice is a StrEnum (cli/options.py) and typer checks it."""
+    For comma-list flags; a flag that takes one choice is a str Enum (cli/options.py) and typer checks it."""
     from personactl.errors import InputError
 
     for value, allowed, flag in checks:

@@ -34,7 +34,13 @@ Name = Annotated[
 ]
 PositionSlot = Annotated[
     Optional[o.PositionChoice],
-    typer.Option("--position", help="Position slot to store it under (default: response_avg).", show_default=False),
+    typer.Option(
+        "--position",
+        metavar="POSITION",
+        help="Position slot to store it under: prompt_end, response_start, response_avg, prompt_avg "
+        "(default: response_avg).",
+        show_default=False,
+    ),
 ]
 AggregatorSlot = Annotated[
     Optional[o.AggregatorChoice],

@@ -1,6 +1,6 @@
 """Options shared by commands, written once so every command spells them the same way.
 
-An option that takes one of a fixed set is a `StrEnum`, so typer shows the choices and refuses any
+An option that takes one of a fixed set is a `str, Enum`, so typer shows the choices and refuses any
 other value (a usage error, exit 2). Each set is the library's own list: tests/test_help.py checks
 that it equals the tuple its module defines (those modules import torch, which `--help` must not, so
 the values are written here rather than imported). Commands hand the library `.value`, a plain str.
@@ -8,7 +8,7 @@ the values are written here rather than imported). Commands hand the library `.v
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,14 +19,14 @@ from personactl.cli.common import log
 # ---------------------------------------------------------------- choices (the library's lists)
 
 
-class BackendChoice(StrEnum):
+class BackendChoice(str, Enum):
     """settings.Settings.backend"""
 
     hf = "hf"
     vllm = "vllm"
 
 
-class DtypeChoice(StrEnum):
+class DtypeChoice(str, Enum):
     """settings.Settings.dtype"""
 
     auto = "auto"
@@ -35,7 +35,7 @@ class DtypeChoice(StrEnum):
     float32 = "float32"
 
 
-class NormMode(StrEnum):
+class NormMode(str, Enum):
     """core.directions.NORM_MODES"""
 
     raw = "raw"
@@ -43,7 +43,7 @@ class NormMode(StrEnum):
     stream = "stream"
 
 
-class SteerMode(StrEnum):
+class SteerMode(str, Enum):
     """model.steering.POSITION_MODES: which tokens get the vector."""
 
     all = "all"
@@ -51,7 +51,7 @@ class SteerMode(StrEnum):
     response = "response"
 
 
-class PositionChoice(StrEnum):
+class PositionChoice(str, Enum):
     """model.activations.POSITIONS: the extracted vectors a model-persona file holds."""
 
     prompt_end = "prompt_end"
@@ -60,14 +60,14 @@ class PositionChoice(StrEnum):
     prompt_avg = "prompt_avg"
 
 
-class AggregatorChoice(StrEnum):
+class AggregatorChoice(str, Enum):
     """model.activations.AGGREGATORS"""
 
     mean_diff = "mean_diff"
     pca = "pca"
 
 
-class JudgeModeChoice(StrEnum):
+class JudgeModeChoice(str, Enum):
     """judging.remote.JUDGE_MODES"""
 
     auto = "auto"
@@ -75,21 +75,21 @@ class JudgeModeChoice(StrEnum):
     digits = "digits"
 
 
-class PersonaChoice(StrEnum):
+class PersonaChoice(str, Enum):
     """Whose turn carries the trait: the assistant's (model) or the user's (user)."""
 
     model = "model"
     user = "user"
 
 
-class IndexKindChoice(StrEnum):
+class IndexKindChoice(str, Enum):
     """store.interop.foreign.INDEX_KINDS"""
 
     row = "row"
     block = "block"
 
 
-def plain(choice: StrEnum | None) -> str | None:
+def plain(choice: Enum | None) -> str | None:
     """An optional choice as the library takes it: its value, a plain str (None stays None)."""
     return None if choice is None else choice.value
 
@@ -120,9 +120,14 @@ Revision = Annotated[
     Optional[str],
     typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub --model.", show_default=False),
 ]
-Dtype = Annotated[
+Dtype = Annotated[  # a long list of choices: in the help text, so the metavar column stays narrow
     Optional[DtypeChoice],
-    typer.Option("--dtype", help="Model dtype; auto = bfloat16 on CPU/CUDA, float16 on MPS.", show_default=False),
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE",
+        help="auto, bfloat16, float16 or float32 (auto: bfloat16 on CPU/CUDA, float16 on MPS).",
+        show_default=False,
+    ),
 ]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", show_default=False)]
 TrustRemoteCode = Annotated[
@@ -176,8 +181,13 @@ VectorSpec = Annotated[
     str, typer.Option("--vector", "-v", help="Vector file, or a trait name extracted in the workspace for --model.")
 ]
 
-VectorPosition = Annotated[
-    PositionChoice, typer.Option("--position", help="Which extracted vector (the token position it was read at).")
+VectorPosition = Annotated[  # a long list of choices: in the help text, so the metavar column stays narrow
+    PositionChoice,
+    typer.Option(
+        "--position",
+        metavar="POSITION",
+        help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg.",
+    ),
 ]
 FileVectorPosition = Annotated[  # any position the file has (a user-persona file has user_avg too)
     str,

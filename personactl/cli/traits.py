@@ -137,10 +137,7 @@ def new(
     judge_model: Annotated[
         Optional[str], typer.Option("--judge-model", help="Model that drafts (the judge setting).", show_default=False)
     ] = None,
-    judge_base_url: Annotated[
-        Optional[str],
-        typer.Option("--judge-base-url", help="OpenAI-compatible endpoint (default: OpenAI).", show_default=False),
-    ] = None,
+    judge_base_url: o.JudgeBaseUrl = None,
     max_tokens: Annotated[
         int,
         typer.Option(
