@@ -23,10 +23,11 @@ from personactl.chat.commands import one_line, run_command
 from personactl.chat.session import ChatSession, chat_backend
 from personactl.cli.app import app
 from personactl.cli.chat import slider
+from personactl.core.choices import POSITION_MODES
 from personactl.errors import InputError, VectorFileError
 from personactl.model.chat_format import encode_prompt
 from personactl.model.loading import load_model
-from personactl.model.steering import POSITION_MODES, Steerer
+from personactl.model.steering import Steerer
 from personactl.store.vectors import PersonaVector
 from personactl.store.workspace import Workspace
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import ARCHES
 
-from personactl.model.activations import POSITIONS, collate, extract_vectors
+from personactl.core.choices import POSITIONS
+from personactl.model.activations import collate, extract_vectors
 from personactl.model.chat_format import EncodedExample, PairExample, chat_messages, encode_example
 from personactl.model.loading import load_model
 

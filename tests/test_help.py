@@ -53,17 +53,13 @@ def test_ranges_and_defaults_shown_once_in_the_metavar_and_help():
 
 
 def test_choice_options_offer_the_library_lists():
-    """A choice option's values are the library's own list, in its order (cli/options.py writes
-    them out because the modules that define them import torch, which --help must not)."""
+    """A choice option's values are the library's own list (core/choices.py, which the library checks
+    against), in its order; the settings' Literal types spell the same lists."""
     from typing import get_args
 
     from personactl.cli import options as o
-    from personactl.core.directions import NORM_MODES
-    from personactl.judging.remote import JUDGE_MODES
-    from personactl.model.activations import AGGREGATORS, POSITIONS
-    from personactl.model.steering import POSITION_MODES
+    from personactl.core import choices
     from personactl.settings import Settings
-    from personactl.store.interop.foreign import INDEX_KINDS
 
     def values(choice):
         return tuple(member.value for member in choice)
@@ -71,11 +67,12 @@ def test_choice_options_offer_the_library_lists():
     def setting(name):
         return get_args(Settings.model_fields[name].annotation)
 
-    assert values(o.NormMode) == NORM_MODES and values(o.SteerMode) == POSITION_MODES
-    assert values(o.PositionChoice) == POSITIONS and values(o.AggregatorChoice) == AGGREGATORS
-    assert values(o.JudgeModeChoice) == JUDGE_MODES == setting("judge_mode")
-    assert values(o.DtypeChoice) == setting("dtype") and values(o.BackendChoice) == setting("backend")
-    assert values(o.IndexKindChoice) == INDEX_KINDS
+    assert values(o.NormMode) == choices.NORM_MODES and values(o.SteerMode) == choices.POSITION_MODES
+    assert values(o.PositionChoice) == choices.POSITIONS and values(o.AggregatorChoice) == choices.AGGREGATORS
+    assert values(o.JudgeModeChoice) == choices.JUDGE_MODES == setting("judge_mode")
+    assert values(o.DtypeChoice) == choices.DTYPES == setting("dtype")
+    assert values(o.BackendChoice) == choices.BACKENDS == setting("backend")
+    assert values(o.IndexKindChoice) == choices.INDEX_KINDS
 
 
 def test_a_bad_choice_is_a_usage_error_naming_the_choices():

@@ -13,9 +13,10 @@ import torch
 from personactl.backends import Sampling, Steering
 from personactl.backends.hf import HFBackend
 from personactl.backends.hf_rows import RowRequest
+from personactl.core.choices import POSITION_MODES
 from personactl.model.chat_format import chat_messages, encode_prompt
 from personactl.model.loading import load_model
-from personactl.model.steering import POSITION_MODES, Steerer
+from personactl.model.steering import Steerer
 
 QUESTIONS = ["what about the weather today?", "tell me about your plans", "why?", "hello world, how are you"]
 

@@ -8,10 +8,11 @@ import torch
 
 from personactl.backends import Sampling
 from personactl.backends.hf import HFBackend
+from personactl.core.choices import POSITION_MODES
 from personactl.errors import InputError
 from personactl.model.chat_format import chat_messages, encode_prompt
 from personactl.model.loading import load_model
-from personactl.model.steering import POSITION_MODES, Steerer, plan_grid, run_grid
+from personactl.model.steering import Steerer, plan_grid, run_grid
 
 GREEDY = Sampling(max_new_tokens=12, temperature=0.0)
 QUESTIONS = ["what about the weather today?", "tell me about your plans", "why do they matter?", "hello world"]

@@ -12,8 +12,9 @@ import torch
 
 from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
 from personactl.backends.hf_rows import RowRequest, RowSampler, RowStops, RowStreamer
+from personactl.core.choices import POSITION_MODES
 from personactl.errors import InputError
-from personactl.model.steering import POSITION_MODES, GridRow, Steerer, run_grid
+from personactl.model.steering import GridRow, Steerer, run_grid
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -30,12 +30,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from personactl.backends import Engine, Sampling, Steering, engine_for
-from personactl.core.directions import NORM_MODES
+from personactl.core.choices import NORM_MODES, POSITION_MODES
 from personactl.core.ranges import check_steering_layers
 from personactl.errors import InputError, VectorFileError
 from personactl.model.chat_format import encode_prompt
 from personactl.model.loading import context_limit
-from personactl.model.steering import POSITION_MODES
 from personactl.store.vectors import LoadedVector, load_for_model
 
 if TYPE_CHECKING:

@@ -294,9 +294,8 @@ def build_spec(
 ) -> EvalSpec:
     """Parse and check the grid flags into an EvalSpec (`position` and `norm` are comma lists: one
     variant per pair)."""
-    from personactl.core.directions import NORM_MODES
+    from personactl.core.choices import NORM_MODES, POSITIONS
     from personactl.core.ranges import parse_floats, parse_ranges
-    from personactl.model.activations import POSITIONS
     from personactl.steps.evaluate import EvalSpec, Variant
 
     position_list, norm_list = comma_list(position), comma_list(norm)

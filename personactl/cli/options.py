@@ -15,78 +15,27 @@ from typing import Annotated, Optional
 import typer
 
 from personactl.cli.common import log
+from personactl.core import choices
 
 # ---------------------------------------------------------------- choices (the library's lists)
 
 
-class BackendChoice(str, Enum):
-    """settings.Settings.backend"""
-
-    hf = "hf"
-    vllm = "vllm"
-
-
-class DtypeChoice(str, Enum):
-    """settings.Settings.dtype"""
-
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
+def _choices(name: str, values: tuple[str, ...], doc: str) -> type[Enum]:
+    """A `str` Enum of `values` (member name = value): Typer lists and checks them."""
+    choice = Enum(name, {value: value for value in values}, type=str)
+    choice.__doc__ = doc
+    return choice
 
 
-class NormMode(str, Enum):
-    """core.directions.NORM_MODES"""
-
-    raw = "raw"
-    unit = "unit"
-    stream = "stream"
-
-
-class SteerMode(str, Enum):
-    """model.steering.POSITION_MODES: which tokens get the vector."""
-
-    all = "all"
-    prompt = "prompt"
-    response = "response"
-
-
-class PositionChoice(str, Enum):
-    """model.activations.POSITIONS: the extracted vectors a model-persona file holds."""
-
-    prompt_end = "prompt_end"
-    response_start = "response_start"
-    response_avg = "response_avg"
-    prompt_avg = "prompt_avg"
-
-
-class AggregatorChoice(str, Enum):
-    """model.activations.AGGREGATORS"""
-
-    mean_diff = "mean_diff"
-    pca = "pca"
-
-
-class JudgeModeChoice(str, Enum):
-    """judging.remote.JUDGE_MODES"""
-
-    auto = "auto"
-    single = "single"
-    digits = "digits"
-
-
-class PersonaChoice(str, Enum):
-    """Whose turn carries the trait: the assistant's (model) or the user's (user)."""
-
-    model = "model"
-    user = "user"
-
-
-class IndexKindChoice(str, Enum):
-    """store.interop.foreign.INDEX_KINDS"""
-
-    row = "row"
-    block = "block"
+BackendChoice = _choices("BackendChoice", choices.BACKENDS, "settings.Settings.backend")
+DtypeChoice = _choices("DtypeChoice", choices.DTYPES, "settings.Settings.dtype")
+NormMode = _choices("NormMode", choices.NORM_MODES, "what α multiplies")
+SteerMode = _choices("SteerMode", choices.POSITION_MODES, "which tokens get the vector")
+PositionChoice = _choices("PositionChoice", choices.POSITIONS, "the extracted vectors a model-persona file holds")
+AggregatorChoice = _choices("AggregatorChoice", choices.AGGREGATORS, "how pair differences become a direction")
+JudgeModeChoice = _choices("JudgeModeChoice", choices.JUDGE_MODES, "how a remote judge is asked")
+PersonaChoice = _choices("PersonaChoice", choices.PERSONAS, "whose turn carries the trait")
+IndexKindChoice = _choices("IndexKindChoice", choices.INDEX_KINDS, "how a foreign file numbers its layers")
 
 
 def plain(choice: Enum | None) -> str | None:

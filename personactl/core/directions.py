@@ -53,9 +53,6 @@ def _oriented(top: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor) -
     return out
 
 
-NORM_MODES = ("raw", "unit", "stream")
-
-
 def scale_direction(vector: torch.Tensor, mode: str, stream_norm: float | None = None) -> torch.Tensor:
     """`raw`: as extracted; `unit`: norm 1; `stream`: norm = the layer's mean residual-stream norm,
     so that α = 1 means "one typical residual-stream length" at any layer of any model."""

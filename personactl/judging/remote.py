@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personactl.core.choices import JUDGE_MODES
 from personactl.core.redaction import redact
 from personactl.errors import ConfigError, JudgeError
 
@@ -39,7 +40,6 @@ FAILED = "transient: "  # the reason of a judgement that is a failure, not an an
 NO_LOGPROBS = FAILED + "no logprobs in the response"
 LEGACY_FAILURES = ("no logprobs in the response",)  # failures that older versions cached as answers
 TOP_LOGPROBS = 20
-JUDGE_MODES = ("auto", "single", "digits")
 PRUNE_BELOW = 0.01  # digit-tree branches rarer than this are not expanded (their mass counts as lost)
 PROBE_PROMPT = "Reply with the number 87 and nothing else."
 

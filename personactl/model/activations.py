@@ -19,17 +19,16 @@ from typing import Any
 
 import torch
 
+from personactl.core.choices import POSITIONS
 from personactl.core.diagnostics import sample_slots, summarize, unit_rows, warnings_for
 from personactl.core.directions import principal_direction, principal_direction_of_rows
 from personactl.core.sinks import median_span_norm, sink_mask, without_sinks
 from personactl.errors import InputError
 from personactl.model.chat_format import EncodedExample, PairExample
 
-POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg")
 # the answer after a thinking section (`<think>…</think>`); the response itself when there is none
 THINKING_POSITIONS = ("answer_start", "answer_avg")
 ALL_POSITIONS = POSITIONS + THINKING_POSITIONS
-AGGREGATORS = ("mean_diff", "pca")
 
 
 class _StopForward(Exception):

@@ -20,9 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
+from personactl.core.choices import POSITION_MODES
 from personactl.errors import InputError
-
-POSITION_MODES = ("all", "prompt", "response")
 
 
 def _as_coefficient(value: float | torch.Tensor, device: Any) -> torch.Tensor:

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from personactl import __version__
+from personactl.core.choices import AGGREGATORS, POSITIONS
 from personactl.core.sinks import SINK_RULE, STREAM_NORM_RULE
 from personactl.errors import InputError
-from personactl.model.activations import AGGREGATORS, POSITIONS, extract_vectors
+from personactl.model.activations import extract_vectors
 from personactl.model.chat_format import (
     EncodedExample,
     PairExample,

@@ -45,7 +45,7 @@ def choose_names(
 ) -> tuple[str, str, str]:
     """The vector's name, position and aggregator: as given, else as exported, else the defaults;
     refused when not a valid name or not a known position or aggregator."""
-    from personactl.model.activations import AGGREGATORS, POSITIONS
+    from personactl.core.choices import AGGREGATORS, POSITIONS
 
     name = name or default_name(source)
     if not NAME_PATTERN.match(name):

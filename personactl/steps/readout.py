@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personactl import __version__
+from personactl.core.choices import AGGREGATORS
 from personactl.core.directions import principal_direction_of_rows, unit
 from personactl.core.sinks import SINK_RULE
 from personactl.errors import InputError
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from personactl.model.loading import LoadedModel
 
 READOUT_PROMPT = "Describe yourself in a sentence or two."
-AGGREGATORS = ("mean_diff", "pca")
 
 
 def read_concept_dir(directory: Path) -> tuple[dict[str, list[str]], list[str]]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from personactl import __version__
-from personactl.core.directions import NORM_MODES
+from personactl.core.choices import NORM_MODES
 from personactl.errors import InputError, VectorFileError
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
 

@@ -14,7 +14,6 @@ import torch
 from personactl.errors import InputError
 
 IndexKind = Literal["row", "block"]
-INDEX_KINDS = ("row", "block")
 INDEX_MEANING = {
     "row": "index l = personactl row l = HF hidden_states[l] (0 = embeddings, l = output of block l)",
     "block": "index k = output of 0-based decoder block k = personactl row k+1",

@@ -1,0 +1,14 @@
+"""The fixed sets of names the library accepts, written once: the library checks against them and
+the command line offers them as choices (this module imports nothing, so `--help` stays fast)."""
+
+from __future__ import annotations
+
+NORM_MODES = ("raw", "unit", "stream")  # what α multiplies: see core.directions.scale_direction
+POSITION_MODES = ("all", "prompt", "response")  # which tokens a steering term adds to (model.steering)
+POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg")  # extraction positions
+AGGREGATORS = ("mean_diff", "pca")  # how pairs' differences become one direction
+JUDGE_MODES = ("auto", "single", "digits")  # how a remote judge is asked for a score
+INDEX_KINDS = ("row", "block")  # how a foreign vector file numbers its layers (store.interop)
+PERSONAS = ("model", "user")  # whose turn carries the trait
+BACKENDS = ("hf", "vllm")  # generation engines (settings.Settings.backend)
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # settings.Settings.dtype
