@@ -266,7 +266,7 @@ def test_bad_input_in_chat(make_session, lm, tmp_path, model_dir):
 
 
 def write_readout(path: Path, lm, rows=(1, 2), hidden: int | None = None) -> Path:
-    from personactl.steps.readout import Readout
+    from personactl.store.readout_file import Readout
 
     gen = torch.Generator().manual_seed(3)
     hidden = hidden or lm.hidden_size
@@ -307,7 +307,7 @@ def naive_projection(lm, prompt, reply_ids, rows, directions, centres=None):
 
 def test_live_readout_reads_the_turn_unsteered_as_a_naive_forward_does(make_session, lm, vector_path, tmp_path):
     from personactl.chat.readout import LiveReadout, readout_line
-    from personactl.steps.readout import Readout
+    from personactl.store.readout_file import Readout
 
     path = write_readout(tmp_path / "concepts.safetensors", lm)
     readout = Readout.load(path)

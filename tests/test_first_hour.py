@@ -394,7 +394,7 @@ def wide_vector(path: Path, lm, model_dir) -> Path:
 
 @pytest.mark.parametrize("columns", ["80", "200"])
 def test_show_compare_ls_and_traits_list_cut_nothing(isolated_env, lm, model_dir, vector_path, columns):
-    from personactl.steps.readout import Readout
+    from personactl.store.readout_file import Readout
 
     wide = wide_vector(isolated_env / "widemood.safetensors", lm, model_dir)
     env = {"COLUMNS": columns}

@@ -87,7 +87,7 @@ def test_ithou_end_to_end(ithou_workspace):
     assert model_vec.metadata["n_pairs"] == 9
 
     # the sidecars average to the vectors, at every position
-    from personactl.steps.pair_diffs import load_pair_diffs
+    from personactl.store.pair_diffs_file import load_pair_diffs
 
     for vec, name in ((model_vec, "model"), (user_vec, "user")):
         for position in vec.positions:

@@ -106,7 +106,7 @@ def test_one_vs_rest_and_cohens_d_reference():
 def test_readout_and_monitor_cli(isolated_env, tmp_path, tiny_factory):
     from pathlib import Path
 
-    from personactl.steps.readout import Readout
+    from personactl.store.readout_file import Readout
 
     model, ws = str(tiny_factory("llama")), tmp_path / "ws"
     data = Path(__file__).parent / "data" / "readout"

@@ -73,18 +73,16 @@ def _below(path: str, root: Path) -> str:
 
 def _unlisted_readouts(ws: Any, listed: set[str]) -> list[dict[str, Any]]:
     """Readout files without a manifest (trained before `readout train` wrote one), from their metadata."""
-    import json as jsonlib
-
-    from safetensors import safe_open
+    from personactl.errors import VectorFileError
+    from personactl.store.readout_file import readout_metadata
 
     rows = []
-    for path in sorted(ws.root.glob("*/readouts/*.safetensors")) if ws.root.is_dir() else []:
+    for path in ws.readout_files():
         if str(path) in listed:
             continue
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = {k: jsonlib.loads(v) for k, v in (f.metadata() or {}).items()}
-        except Exception:  # a corrupt file is still listed, as such
+            meta = readout_metadata(path)
+        except VectorFileError:  # a corrupt file (or not a readout) is still listed, as such
             meta = {}
         concepts, layers = meta.get("concepts") or [], meta.get("rows") or []
         rows.append(

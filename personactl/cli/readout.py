@@ -58,7 +58,7 @@ def train(
         source=str(directory),
     )
     path = (
-        output or ws.trait_dir(resolve_model(settings.model).slug, "readouts") / f"{Path(directory).name}.safetensors"
+        output or ws.readout_path(resolve_model(settings.model).slug, Path(directory).name)
     )
     readout.save(path)
     from personactl.settings import masked_dump

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from personactl.model.chat_format import EncodedExample
     from personactl.model.loading import LoadedModel
     from personactl.settings import Settings
-    from personactl.steps.readout import Readout
+    from personactl.store.readout_file import Readout
     from personactl.store.traits import Trait
     from personactl.store.vectors import PersonaVector
     from personactl.store.workspace import Workspace
@@ -142,7 +142,7 @@ def open_probe(
 ) -> tuple[Probe, dict[str, Any]]:
     """The probe from a vector (a path or a trait name in the workspace) or a readout file, and the
     document's record of where it came from. Read before the model loads, so a bad file fails fast."""
-    from personactl.steps.readout import Readout
+    from personactl.store.readout_file import Readout
     from personactl.store.vectors import PersonaVector
 
     if vector is not None:

@@ -17,7 +17,7 @@ import torch
 
 from personactl.model.chat_format import PairExample
 from personactl.model.example_activations import read_examples
-from personactl.store.pair_diffs_file import load_pair_diffs, save_pair_diffs
+from personactl.store.pair_diffs_file import save_pair_diffs
 
 if TYPE_CHECKING:
     from personactl.model.loading import LoadedModel
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from personactl.store.workspace import Workspace
 
 # load_pair_diffs and save_pair_diffs are re-exported for cli/compare and the tests
-__all__ = ["keep_pair_diffs", "load_pair_diffs", "pair_differences", "save_pair_diffs"]
 
 
 def pair_differences(

@@ -7,7 +7,7 @@ is read as `response_avg`. Each concept is trained one-vs-rest (its texts agains
 concept's texts plus the neutral pool) by mean difference, or by PCA (the uncentred first principal
 direction of each positive text minus the negatives' mean, sign aligned with the mean difference).
 
-The file it makes, and its reader, are `store/readout_file.py` (`Readout`, re-exported here).
+The file it makes, and its reader, are `store/readout_file.py` (`Readout`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from personactl.core.choices import AGGREGATORS
 from personactl.core.directions import principal_direction_of_rows, unit
 from personactl.core.sinks import SINK_RULE
 from personactl.errors import InputError
-from personactl.store.readout_file import Readout  # re-exported: monitor and chat import it from here
+from personactl.store.readout_file import Readout
 from personactl.store.text_input import read_user_text
 from personactl.store.vectors import LAYER_CONVENTION
 
