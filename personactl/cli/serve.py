@@ -46,6 +46,15 @@ ServedModelName = Annotated[
     Optional[str],
     typer.Option("--served-model-name", help="Model id clients use (default: the --model value).", show_default=False),
 ]
+MaxBatch = Annotated[
+    int,
+    typer.Option(
+        "--max-batch", min=1, help="Requests generated together in one mixed batch (each with its own steering)."
+    ),
+]
+MaxQueue = Annotated[
+    int, typer.Option("--max-queue", min=0, help="Requests that may wait for a batch; more get 429 with Retry-After.")
+]
 AnnounceJson = Annotated[
     bool, typer.Option("--json", help="Print one JSON line with the bound URL at start-up, for scripts.")
 ]
@@ -71,6 +80,8 @@ def serve(
     api_key: ApiKey = None,
     insecure: Insecure = False,
     served_model_name: ServedModelName = None,
+    max_batch: MaxBatch = 8,
+    max_queue: MaxQueue = 64,
     model: o.Model = None,
     revision: o.Revision = None,
     workspace: o.Workspace = None,
@@ -121,7 +132,8 @@ def serve(
         top_p=settings.top_p,
         seed=settings.seed,
     )
-    engine = SteeredEngine(lm, ws, defaults, model_id=served_model_name, exposed=exposed)
+    limits = {"max_batch": max_batch, "max_queue": max_queue}
+    engine = SteeredEngine(lm, ws, defaults, model_id=served_model_name, exposed=exposed, **limits)
     for warning in engine.warnings:
         log(f"warning: {warning}")
     run(listen(engine, host, port, api_key), json)
@@ -177,7 +189,8 @@ def run(server: SteeredHTTPServer, json: bool) -> None:
     auth = "API key required" if server.api_key else "no API key"
     log(
         f"serving {engine.model_id} at {server.url} ({auth}); default persona {card['persona']}, "
-        f"α={card['alpha']:g} (max ±{card['max_alpha']:g}), layers {card['layers']}; Ctrl-C stops"
+        f"α={card['alpha']:g} (max ±{card['max_alpha']:g}), layers {card['layers']}; requests generated in "
+        f"batches of up to {engine.backend.max_batch} ({engine.backend.max_queue} may wait); Ctrl-C stops"
     )
     try:
         server.serve_forever()
