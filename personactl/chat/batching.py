@@ -3,9 +3,11 @@
 A scheduler thread takes up to `max_batch` waiting replies whenever the engine is free and runs
 them as one mixed batch (`Engine.stream_batch`: each row its own steering, sampling, seed and
 budget), so a new batch forms when the running one ends. Before it starts a batch that is not full
-it waits `gather_s` (20 ms) for more: requests a client sends together start together. Replies that
-arrive while a batch runs wait for the next one; the queue holds at most `max_queue` of them and a
-request beyond that is refused (`QueueFull`: the server answers 429 with Retry-After).
+it waits until no request has arrived for `quiet_s` (50 ms), at most `gather_s` (250 ms): requests a
+client sends together start together (a burst reaches the server over tens of milliseconds, more while
+a batch is generating). Replies that arrive while a batch runs wait for the next one; the queue holds
+at most `max_queue` of them and a request beyond that is refused (`QueueFull`: the server answers
+429 with Retry-After).
 
 Why not join rows at every decoding step (continuous batching)? On HF that means splicing KV caches
 of different lengths into a running `generate`; vLLM's own scheduler does this for its engine.
@@ -55,13 +57,16 @@ class _Waiting:
 class BatchingChat:
     """A chat backend (`chat.session.ChatBackend`) whose replies run in mixed batches."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, gather_s: float = 0.02):
+    def __init__(
+        self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, quiet_s: float = 0.05, gather_s: float = 0.25
+    ):
         self.engine = engine
         self.name = engine.name
         self.stop_ids = list(engine.stop_ids)
         self.position_modes = engine.position_modes
         self.max_batch = max(1, min(max_batch, engine.max_stream_batch))
-        self.max_queue, self.gather_s = max_queue, gather_s
+        self.max_queue, self.quiet_s, self.gather_s = max_queue, quiet_s, gather_s
+        self._arrived = 0  # requests ever queued: tells the gathering wait that another came
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._wake = threading.Condition()
         self._busy = threading.Lock()  # held while a batch runs
@@ -83,6 +88,7 @@ class BatchingChat:
             waiting = _Waiting(RowRequest(prompt, sampling, seed, tokens.push, stop, steering), tokens)
             waiting.row.on_done = waiting.finish
             self._waiting.append(waiting)
+            self._arrived += 1
             self._wake.notify()
         return tokens
 
@@ -104,10 +110,23 @@ class BatchingChat:
                 self._wake.wait()
             if self._closed:
                 return None
-            if len(self._waiting) < self.max_batch:
-                self._wake.wait(self.gather_s)  # requests sent together start together
+            self._gather()
             batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
         return batch
+
+    def _gather(self) -> None:
+        """Hold a batch that is not full until requests stop arriving (`quiet_s` without a new one),
+        at most `gather_s`: a burst of requests (which reach the server over tens of milliseconds)
+        starts together; a lone request waits `quiet_s`. Called with `_wake` held."""
+        deadline = time.perf_counter() + self.gather_s
+        while len(self._waiting) < self.max_batch and not self._closed:
+            seen = self._arrived
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wake.wait(min(self.quiet_s, remaining))
+            if self._arrived == seen:
+                return
 
     def _run(self, batch: list[_Waiting]) -> None:
         start = time.perf_counter()
