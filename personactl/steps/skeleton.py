@@ -64,7 +64,11 @@ class StepArtifact:
             from personactl.settings import masked_dump
 
             fields = {"settings": masked_dump(settings), **fields}
-        return self.workspace.write_manifest(self.path, self.kind, fingerprint=self.fingerprint, **fields)
+        return self.workspace.write_manifest(self.path, self.kind, **self._identity(), **fields)
+
+    def _identity(self) -> dict[str, Any]:
+        """What the manifest records to decide, next time, whether the artifact is current."""
+        return {"fingerprint": self.fingerprint}
 
     def skipped(self, **extra: Any) -> dict[str, Any]:
         """The summary of a run that found the artifact current."""
@@ -91,19 +95,5 @@ class RunArtifact(StepArtifact):
     def current(self, force: bool = False) -> bool:
         return False
 
-    def commit(
-        self,
-        write: Callable[[Path], object] | None,
-        *,
-        settings: Settings | None = None,
-        **fields: Any,
-    ) -> dict[str, Any]:
-        """`StepArtifact.commit` without the fingerprint."""
-        if write is not None:
-            with atomic_path(self.path) as tmp:
-                write(tmp)
-        if settings is not None:
-            from personactl.settings import masked_dump
-
-            fields = {"settings": masked_dump(settings), **fields}
-        return self.workspace.write_manifest(self.path, self.kind, **fields)
+    def _identity(self) -> dict[str, Any]:
+        return {}
