@@ -135,8 +135,9 @@ class EngineChat:
     thread and streamed token by token.
 
     `lock`, when given, is held for each whole generation (steering in, generate, steering out), so
-    streams started from several threads (the server) run one at a time and never see each other's
-    steering; without one the chat's one-reply-at-a-time rule suffices."""
+    streams started from several threads run one at a time and never see each other's steering;
+    without one the chat's one-reply-at-a-time rule suffices. (The server mixes replies in batches
+    instead: `chat.batching.BatchingChat`.)"""
 
     def __init__(self, engine: Engine, lock: threading.Lock | None = None):
         self.engine = engine
