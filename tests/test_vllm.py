@@ -10,8 +10,13 @@ comparison cannot tell a bug from rounding; fp32 can. `bench/vllm_bench.py` repo
 Engines are expensive on 2 CPU cores (a compiled start is ~100 s, an eager one ~50 s), so there are
 two: a module-scoped compiled one with the plugin's steering buffers (the default path), and the
 eager one that `personactl chat --backend vllm` starts without the plugin, which gets its hooks
-through `apply_model` (the fallback). Every test that needs an engine is skipped, with the reason,
-when vLLM cannot be imported."""
+through the worker extension (the fallback). Every test that needs an engine is skipped, with the
+reason, when vLLM cannot be imported.
+
+Per-request steering (each request its own (layer, α) inside one engine run) is tested as the issue
+states it, in float32: a row of a mixed batch equals the same request alone token for token, α = 0
+rows equal unsteered ones, two opposite α in one batch each equal their own reference, and a grid
+in one engine call equals the per-configuration batches."""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from personactl.backends import Sampling
+from personactl.backends import Sampling, Steering
 from personactl.errors import InputError
 
 LAYER = 15
@@ -177,19 +182,25 @@ def test_prefix_cache_never_serves_unsteered_prompt_states_to_a_steered_request(
     # The trap is real: the same steered request without its salt reuses the unsteered prompt states.
     llm.reset_prefix_cache()
     engine.generate(prompts, GREEDY, 0)
-    with engine.steering(steer, -2.0):
-        unsalted = llm.generate([{"prompt_token_ids": p} for p in prompts], _greedy_params(engine), use_tqdm=False)
+    config = engine.config_of(Steering(steer, -2.0, "all"))
+    with engine._using([config]):
+        params = engine._params(GREEDY, 0, config)  # steered through extra_args, but no cache_salt
+        unsalted = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [engine._finish(list(o.outputs[0].token_ids)).token_ids for o in unsalted] != fresh
 
 
-def _greedy_params(engine):
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=GREEDY.max_new_tokens, temperature=0.0, stop_token_ids=engine.stop_ids)
+def per_configuration(engine, prompts, directions, configurations, sampling):
+    """(layer, α) → tokens of each prompt, one batch per configuration (the grid as it ran before
+    per-request steering); (None, 0.0) is the unsteered batch."""
+    expected = {(None, 0.0): tokens(engine.generate(prompts, sampling, 0))}
+    for layer, alpha in configurations:
+        with engine.steering({layer: directions[layer]}, alpha):
+            expected[(layer, alpha)] = tokens(engine.generate(prompts, sampling, 0))
+    return expected
 
 
 @pytest.mark.slow
-def test_grid_runs_one_batch_per_configuration_in_row_order(engine, hf):
+def test_grid_runs_in_one_engine_call_and_equals_the_per_configuration_batches(engine, hf):
     from personactl.model.steering import plan_grid
 
     prompts = hf["prompts"][:3]
@@ -201,15 +212,93 @@ def test_grid_runs_one_batch_per_configuration_in_row_order(engine, hf):
         engine.run_grid(prompts, rows, directions, sampling=sampling, seed=0, on_chunk=lambda n, t: calls.append(n))
     )
     assert [row for row, _ in grid] == rows
-    assert calls == [3, 3, 3, 3, 3]  # baseline + 2 layers × 2 non-zero α, each one batch of 3 prompts
-    expected = {(None, 0.0): tokens(engine.generate(prompts, sampling, 0))}
-    for layer in (10, LAYER):
-        for alpha in (-2.0, 1.0):
-            with engine.steering({layer: directions[layer]}, alpha):
-                expected[(layer, alpha)] = tokens(engine.generate(prompts, sampling, 0))
+    assert calls == [len(rows)]  # baseline + 2 layers × 3 α, every row in one engine call
+    configurations = [(layer, alpha) for layer in (10, LAYER) for alpha in (-2.0, 1.0)]
+    expected = per_configuration(engine, prompts, directions, configurations, sampling)
     for row, gen in grid:
-        assert gen.token_ids == expected[(row.layer, row.coefficient)][row.prompt_index], row
+        key = (None, 0.0) if row.coefficient == 0 else (row.layer, row.coefficient)
+        assert gen.token_ids == expected[key][row.prompt_index], row
     assert len({tuple(g.token_ids) for _, g in grid}) > len(prompts)
+
+
+@pytest.mark.slow
+def test_a_grid_with_more_configurations_than_table_rows_runs_in_several_calls(engine, hf):
+    """16 table rows (max_num_seqs): 18 distinct configurations take two calls; the second call's
+    configurations replace the first's in the rows and still steer as their own."""
+    from personactl.model.steering import plan_grid
+
+    prompts = hf["prompts"][:1]
+    directions = {LAYER: hf["vector"], 10: hf["vector"]}
+    alphas = [-2.0, -1.5, -1.0, -0.75, -0.5, 0.5, 0.75, 1.0, 1.5]
+    rows = plan_grid(1, [10, LAYER], alphas)
+    sampling = Sampling(max_new_tokens=6, temperature=0.0)
+    calls = []
+    grid = dict(
+        ((r.layer, r.coefficient), g.token_ids)
+        for r, g in engine.run_grid(
+            prompts, rows, directions, sampling=sampling, seed=0, on_chunk=lambda n, t: calls.append(n)
+        )
+    )
+    assert calls == [17, 2]  # the baseline and 16 configurations, then the last 2
+    checked = [(10, -2.0), (LAYER, -2.0), (LAYER, 1.0), (LAYER, 1.5)]  # first call, rows reused, last call
+    expected = per_configuration(engine, prompts, directions, checked, sampling)
+    assert {key: grid[key] for key in checked} == {key: expected[key][0] for key in checked}
+    assert grid[(LAYER, -2.0)] != grid[(None, 0.0)] != grid[(LAYER, 1.5)]
+
+
+def row_request(prompt, alpha, vector, sampling=GREEDY, seed=0):
+    """A mixed-batch row (alpha None: unsteered) that records what it is handed."""
+    from personactl.backends.hf_rows import RowRequest
+
+    steering = Steering({LAYER: vector}, alpha, "all") if alpha is not None else None
+    row = RowRequest(prompt, sampling, seed, lambda token: None, steering=steering)
+    row.streamed, row.done = [], []
+    row.on_token, row.on_done = row.streamed.append, row.done.append
+    return row
+
+
+@pytest.mark.slow
+def test_a_row_of_a_mixed_batch_equals_the_same_request_alone(engine, hf):
+    """One engine run of 12 rows over 6 prompts: α = -2 beside α = 1 on the same prompt, α = 1 beside
+    α = 0, unsteered beside α = -2. Each row's tokens equal the same request alone (a one-row batch)
+    token for token; α = 0 and unsteered rows equal plain unsteered generation; each steered row
+    equals HF's reply under its own α (a row that saw its neighbour's steering would not); tokens
+    were handed to each row as they came, and each row ended once."""
+    vector, prompts = hf["vector"], hf["prompts"][:6]
+    pairs = ((-2.0, 1.0), (1.0, 0.0), (None, -2.0))
+    jobs = [(i, alpha) for i in range(len(prompts)) for alpha in pairs[i % 3]]
+    rows = [row_request(prompts[i], alpha, vector) for i, alpha in jobs]
+    mixed = engine.stream_batch(rows)
+    assert len(rows) <= engine.max_stream_batch == 16
+
+    alone = [engine.stream_batch([row_request(prompts[i], alpha, vector)])[0] for i, alpha in jobs]
+    assert mixed == alone
+    for row, got in zip(rows, mixed, strict=True):
+        assert row.streamed == got and row.done == [got]
+
+    unsteered = tokens(engine.generate(prompts, GREEDY, 0))
+    replies = {job: engine._finish(got).token_ids for job, got in zip(jobs, mixed, strict=True)}
+    assert all(replies[i, alpha] == unsteered[i] for i, alpha in jobs if not alpha)
+    for alpha in (-2.0, 1.0):
+        steered = [(replies[i, a], hf["outputs"][alpha][i]) for i, a in jobs if a == alpha]
+        same = sum(ours == reference for ours, reference in steered) / len(steered)
+        print(f"\nα={alpha:g} rows of the mixed batch vs HF, {DTYPE}: {same:.0%} identical")
+        assert same >= 0.75 and len(steered) == 4, (alpha, same)
+    assert all(replies[i, -2.0] != replies[i, 1.0] for i in (0, 3))  # opposite α, one batch, one prompt
+
+
+@pytest.mark.slow
+def test_a_mixed_batch_stops_one_row_and_finishes_the_others(engine, hf):
+    vector, prompt = hf["vector"], hf["prompts"][7]
+    long = Sampling(48, 0.0)
+    rows = [row_request(prompt, alpha, vector, long) for alpha in (1.0, None, -2.0)]
+    stopping = rows[1]
+    stopping.on_token = lambda token: (stopping.streamed.append(token), stopping.stop.set())
+    got = engine.stream_batch(rows)
+    assert len(got[1]) == 1 and stopping.done == [got[1]]  # nothing after its stop
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    assert got[0] == engine.stream_batch([row_request(prompt, 1.0, vector, long)])[0]
+    assert got[2] == engine.stream_batch([row_request(prompt, -2.0, vector, long)])[0]
 
 
 @pytest.mark.slow
@@ -485,3 +574,104 @@ def test_steer_refuses_prompt_and_response_positions_on_vllm_before_starting_an_
         assert result.exit_code == 2 and "not supported by the vllm backend" in result.output, result.output
     result = CliRunner().invoke(app, ["generate", "--trait", "optimistic", "--backend", "tgi"])
     assert result.exit_code == 2 and "backend" in result.output
+
+
+def test_steering_tables_add_each_tokens_row_and_zero_past_the_batch():
+    """The plugin's hook and token index, on a stand-in layer: each token gets its request's row,
+    unknown keys and unsteered requests row 0, and nothing is left past the current batch."""
+    import numpy as np
+
+    from personactl.backends.vllm_plugin import INDEX, TABLE, SteeringTables, _add_steering
+
+    layer = torch.nn.Identity()
+    index, table = torch.zeros(8, dtype=torch.int64), torch.zeros(3, 2)
+    layer.register_buffer(TABLE, table)
+    layer.register_buffer(INDEX, index)
+    layer.register_forward_hook(_add_steering)
+    state = SteeringTables(index, {1: table})
+    state.put(1, "a", {1: torch.tensor([1.0, 2.0])})
+    state.put(2, "b", {})  # a layer this configuration does not steer: zeros
+    state.map_tokens(["a", None, "b", "unknown", "a"], np.array([2, 1, 1, 1, 2]))
+    assert index.tolist() == [1, 1, 0, 2, 0, 1, 1, 0]
+    out = layer(torch.zeros(7, 2))
+    assert out.tolist() == [[1, 2], [1, 2], [0, 0], [0, 0], [0, 0], [1, 2], [1, 2]]
+    state.map_tokens(["a"], np.array([3]))
+    assert index.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    state.map_tokens([None, None], np.array([1, 1]))
+    assert index.tolist() == [0] * 8 and state.dirty == 0
+    state.put(1, "c", {1: torch.tensor([5.0, 5.0])})  # a row taken over forgets its old key
+    assert state.row_of("a") == 0 and state.row_of("c") == 1
+
+
+def test_configuration_rows_keep_rows_in_use_and_evict_the_least_recent():
+    from personactl.backends.vllm_configs import ConfigRows, SteeringConfig
+    from personactl.errors import ModelError
+
+    def config(alpha):
+        return SteeringConfig.of({3: torch.full((4,), alpha)})
+
+    assert SteeringConfig.of({3: torch.zeros(4)}) is None  # α = 0: no key, no salt, no row
+    a, b, c = config(1.0), config(2.0), config(3.0)
+    assert a.key != b.key and a.key == config(1.0).key
+    rows = ConfigRows(3)  # rows 1 and 2 (0 stays zero)
+    assert [e[0] for e in rows.place([a, b, a])] == [1, 2] and rows.available == 0
+    with pytest.raises(ModelError, match="more than 2 distinct steering configurations"):
+        rows.place([c])
+    rows.release([a, b])
+    assert rows.place([b]) == []  # still in its row: nothing to write
+    assert [e[:2] for e in rows.place([c])] == [[1, c.key]]  # a was least recently used
+    rows.release([c])
+    assert [e[:2] for e in rows.place([a])] == [[1, a.key]]  # b is in use, c is not
+
+
+def test_a_grid_is_cut_only_where_it_holds_more_configurations_than_rows():
+    from personactl.backends.vllm import _chunks_within
+
+    keys = [None, "a", "b", None, "a", "c", "b", "d"]
+    assert list(_chunks_within(keys, 4)) == [list(range(8))]
+    assert list(_chunks_within(keys, 2)) == [[0, 1, 2, 3, 4], [5, 6], [7]]
+
+
+def test_steering_refuses_model_runner_v2_and_unsupported_engine_settings(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from personactl.backends.vllm import _v1_model_runner, steering_refusal
+    from personactl.errors import ModelError
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ModelError, match="V1 model runner") as refused:
+        with _v1_model_runner(True):
+            pass
+    assert "--backend hf" in refused.value.hint
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    with _v1_model_runner(True):
+        assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+
+    if vllm_unavailable():
+        pytest.skip(vllm_unavailable())
+
+    def vllm_config(**parallel):
+        settings = {"data_parallel_size": 1, "pipeline_parallel_size": 1, **parallel}
+        return SimpleNamespace(
+            parallel_config=SimpleNamespace(**settings),
+            speculative_config=None,
+            compilation_config=SimpleNamespace(inductor_compile_config={}),
+        )
+
+    assert steering_refusal(vllm_config()) is None
+    assert "pipeline parallelism" in steering_refusal(vllm_config(pipeline_parallel_size=2))
+    assert "dual-batch overlap" in steering_refusal(vllm_config(use_ubatching=True))
+    assert "data parallelism" in steering_refusal(vllm_config(data_parallel_size=2))
+
+
+def test_steer_refuses_model_runner_v2_before_starting_an_engine(isolated_env, monkeypatch):
+    from typer.testing import CliRunner
+
+    from personactl.cli.app import app
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    result = CliRunner().invoke(app, ["steer", "--vector", "x", "--prompt", "hi", "--backend", "vllm"])
+    assert result.exit_code == 2, result.output
+    assert "V1 model runner" in result.output and "--backend hf" in result.output

@@ -1,27 +1,28 @@
 """The vLLM engine (`personactl.backends.Engine`, as `hf.HFBackend` is for transformers), which is
 also the model handle of a vLLM run (`personactl.model.loading.ModelHandle`). `open_vllm` starts it.
 
-Steering uses the buffers that `personactl.backends.vllm_plugin` puts on every decoder layer before vLLM
-compiles the model: a steering configuration (layer → α·v) is written into them in place through
-`llm.apply_model`, so it acts in compiled mode, and it applies to every request until changed.
-A sweep therefore runs one large batch per (layer, α). Prefix caching stays on: every steering
-configuration gets its own `cache_salt`, so a steered request never reuses prompt KV computed
-without (or with other) steering. Only the `all` position mode exists here: vLLM batches do not
-tell a layer which tokens belong to the prompt.
+Every request carries its own steering. `personactl.backends.vllm_plugin` gives every decoder layer a
+static table of steering rows before vLLM compiles the model, and maps each token of each forward to
+its request's row; a request names its configuration (layer → α·v) by a key in
+`SamplingParams.extra_args`, and the configuration is written into a row of every worker's tables
+beforehand (`vllm_worker`, through `collective_rpc`; `vllm_configs.ConfigRows` decides the rows). So
+a sweep is one engine call whatever its (layer, α), and `stream_batch` mixes rows with different
+steering in one continuous batch. The key is also the request's `cache_salt`, so prefix caching never
+reuses one configuration's prompt KV for another; unsteered (α = 0) requests have neither and share
+the unsteered cache. Only the `all` position mode exists here.
 
-Layer convention as everywhere: steering at layer `l` adds to the output of decoder block `l`.
+Steering runs on vLLM's V1 model runner (the CPU runner is one); a steering engine starts with
+`VLLM_USE_V2_MODEL_RUNNER=0`, and setups the token mapping cannot follow are refused at start-up
+(`steering_refusal`). Layer convention as everywhere: layer `l` adds to the output of decoder block `l`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import itertools
 import os
 import random
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -29,24 +30,30 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
-from personactl.backends.vllm_plugin import FLAG
+from personactl.backends.vllm_configs import ConfigRows, SteeringConfig, salt_for
+from personactl.backends.vllm_plugin import FLAG, KEY, flag_value
 from personactl.errors import InputError, ModelError
 
 if TYPE_CHECKING:
+    import threading
+
+    from personactl.backends.hf_rows import RowRequest
+    from personactl.model.steering import GridRow
     from personactl.settings import Settings
 
+__all__ = ["VLLMBackend", "check_positions", "open_vllm", "open_vllm_from", "salt_for", "steering_refusal"]
+
 DEFAULT_CPU_KV_CACHE_GIB = 2  # vLLM's CPU default (a fraction of host RAM) fails on small machines
+WORKER_EXTENSION = "personactl.backends.vllm_worker.SteeringWorkerExtension"
 
-
-_stream_ids = itertools.count()
+_request_ids = itertools.count()
 
 
 def _quiet_vllm_env() -> None:
-    """Before vLLM is imported: its logs go to stderr (stdout carries data), warnings only, and
-    `apply_model` may send functions to the workers. The user's own settings win."""
+    """Before vLLM is imported: its logs go to stderr (stdout carries data), warnings only. The
+    user's own settings win."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
 def _row_seed(seed: int, index: int) -> int:
@@ -65,16 +72,19 @@ def _stop_ids(directory_or_id: str, config: Any, tokenizer: Any, **kwargs: Any) 
     return end_of_turn_ids(ids, tokenizer)
 
 
-def salt_for(deltas: Mapping[int, torch.Tensor]) -> str | None:
-    """A prefix-cache salt unique to a steering configuration; None when nothing is added."""
-    active = {layer: d for layer, d in sorted(deltas.items()) if bool(d.ne(0).any())}
-    if not active:
-        return None
-    h = hashlib.sha256(b"personactl-steering-v1")
-    for layer, delta in active.items():
-        h.update(f"{layer}:{delta.dtype}:".encode())
-        h.update(delta.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _chunks_within(keys: Sequence[str | None], capacity: int) -> Iterator[list[int]]:
+    """Consecutive runs of indices, each holding at most `capacity` distinct keys (None is free)."""
+    chunk: list[int] = []
+    seen: set[str] = set()
+    for i, key in enumerate(keys):
+        if key is not None and key not in seen and len(seen) == capacity:
+            yield chunk
+            chunk, seen = [], set()
+        chunk.append(i)
+        if key is not None:
+            seen.add(key)
+    if chunk:
+        yield chunk
 
 
 class VLLMBackend:
@@ -82,23 +92,14 @@ class VLLMBackend:
     `LoadedModel` gives them for HF).
 
     `generate` has the HF backend's signature and output; `steering(...)` is a context manager
-    like `Steerer`; `run_grid` is `personactl.model.steering.run_grid` for this engine. Create it with
-    `open_vllm` (`open_vllm_from` for a `Settings`); `close()` (or `with`) shuts the engine's processes down."""
+    like `Steerer` (for `generate` calls inside it); `run_grid` and `stream_batch` give each request
+    its own steering. Create it with `open_vllm` (`open_vllm_from` for a `Settings`); `close()` (or
+    `with`) shuts the engine's processes down."""
 
     name = "vllm"
-    position_modes = ("all",)  # the buffers add to every position (see the module docstring)
+    position_modes = ("all",)  # the tables add to every position of a request (see the module docstring)
     full_distributions = False  # no full next-token distributions: kl_neutral loads the HF model
     reads_activations = False  # the residual stream lives in vLLM's worker processes
-    max_stream_batch = 1  # the steering buffers are global to the engine: one steered reply at a time
-
-    def stream_batch(self, rows: Sequence[Any]) -> list[list[int]]:
-        """Rows one at a time (`max_stream_batch` is 1): each with its own steering in the buffers."""
-        results = []
-        for row in rows:
-            tokens = self.stream(row.prompt, row.sampling, row.seed, row.on_token, row.stop, row.steering)
-            row.on_done(tokens)
-            results.append(tokens)
-        return results
 
     def __init__(self, llm: Any, tokenizer: Any, source: Any, config: Any, fingerprint: str, dtype: str, **info: Any):
         self.llm = llm
@@ -111,9 +112,11 @@ class VLLMBackend:
         self.steerable: bool = info.get("steerable", False)
         self.enforce_eager: bool = info.get("enforce_eager", False)
         self.tensor_parallel_size: int = info.get("tensor_parallel_size", 1)
+        self.max_model_len: int | None = info.get("max_model_len")
+        self.max_stream_batch: int = info.get("max_num_seqs", 1)  # rows `stream_batch` mixes: the engine's batch
         self.notes: list[str] = info.get("notes", [])
-        self._salt: str | None = None
-        self._deltas: dict[int, torch.Tensor] = {}
+        self._rows: ConfigRows | None = None  # the engine's table rows, once `enable_steering` found them
+        self._active: SteeringConfig | None = None  # what `generate` adds inside `steering(...)`
 
     # --- what commands need to know about the model -------------------------------------------
     @property
@@ -137,12 +140,8 @@ class VLLMBackend:
             "tensor_parallel_size": self.tensor_parallel_size,
         }
 
-    # --- generation ----------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> list[Generation]:
-        """One batched call; row `i` samples with a seed derived from (`seed`, `i`)."""
-        return self._generate(prompts, sampling, [_row_seed(seed, i) for i in range(len(prompts))])
-
-    def _params(self, sampling: Sampling, seed: int, **extra: Any) -> Any:
+    # --- requests ------------------------------------------------------------------------------
+    def _params(self, sampling: Sampling, seed: int, config: SteeringConfig | None = None, **extra: Any) -> Any:
         from vllm import SamplingParams
 
         greedy = sampling.temperature == 0
@@ -154,18 +153,37 @@ class VLLMBackend:
             seed=None if greedy else seed,
             stop_token_ids=self.stop_ids,
             detokenize=False,  # decoded here with the HF tokenizer, exactly as the HF backend does
+            extra_args={KEY: config.key} if config is not None else None,
             **extra,
         )
 
-    def _request(self, prompt: Sequence[int]) -> dict[str, Any]:
+    @staticmethod
+    def _request(prompt: Sequence[int], config: SteeringConfig | None = None) -> dict[str, Any]:
+        """A token prompt; a steered one is salted with its configuration's key (see `vllm_configs`)."""
         request: dict[str, Any] = {"prompt_token_ids": list(prompt)}
-        if self._salt is not None:
-            request["cache_salt"] = self._salt
+        if config is not None:
+            request["cache_salt"] = config.key
         return request
 
-    def _generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int]) -> list[Generation]:
-        params = [self._params(sampling, seed) for seed in seeds]
-        outputs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
+    # --- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> list[Generation]:
+        """One batched call (steered as the enclosing `steering(...)` says); row `i` samples with a
+        seed derived from (`seed`, `i`)."""
+        seeds = [_row_seed(seed, i) for i in range(len(prompts))]
+        return self._generate(prompts, sampling, seeds, [self._active] * len(prompts))
+
+    def _generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        seeds: Sequence[int],
+        configs: Sequence[SteeringConfig | None],
+    ) -> list[Generation]:
+        """One `llm.generate` call, each request with its own seed and steering configuration (whose
+        rows must be placed: `_using`)."""
+        params = [self._params(sampling, seed, config) for seed, config in zip(seeds, configs, strict=True)]
+        requests = [self._request(p, config) for p, config in zip(prompts, configs, strict=True)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [self._finish(list(out.outputs[0].token_ids)) for out in outputs]
 
     def stream(
@@ -173,44 +191,50 @@ class VLLMBackend:
         prompt: Sequence[int],
         sampling: Sampling,
         seed: int,
-        on_token: Any,
+        on_token: Callable[[int], None],
         stop: threading.Event,
         steering: Steering | None = None,
     ) -> list[int]:
-        """Generate one reply with `steering` written into the engine's buffers (None: unsteered),
-        calling `on_token(id)` as each token is produced; `stop` aborts it. Returns every generated
-        token (the end-of-turn one included).
+        """Generate one reply with `steering` (None: unsteered), calling `on_token(id)` as each token
+        is produced; `stop` aborts it. Returns every generated token (the end-of-turn one included).
+        A one-row `stream_batch`: no other call may use the engine meanwhile (callers serialise)."""
+        from personactl.backends.hf_rows import RowRequest
 
-        Drives the engine step by step (what `LLM.generate` does inside), so no other call may use
-        the engine meanwhile: callers serialise (the chat has one reply at a time, serve a lock)."""
+        return self.stream_batch([RowRequest(prompt, sampling, seed, on_token, stop, steering)])[0]
+
+    def stream_batch(self, rows: Sequence[RowRequest]) -> list[list[int]]:
+        """Generate `backends.hf_rows.RowRequest` rows in one engine run, each with its own steering,
+        sampling, seed (as `stream` derives it), budget and stop signal; tokens reach each row's
+        `on_token` as vLLM produces them and `on_done` as soon as the row ends. Every row is checked
+        before any starts. Returns each row's generated tokens (end of turn included)."""
         from vllm.sampling_params import RequestOutputKind
 
-        if steering is not None:
-            check_positions(steering.positions)
-        self.set_steering(self.deltas(steering.directions, steering.alpha) if steering is not None else {})
+        from personactl.backends.vllm_stream import step_rows
 
-        engine = self.llm.llm_engine
-        params = self._params(sampling, _row_seed(seed, 0), output_kind=RequestOutputKind.DELTA)
-        request_id = f"personactl-stream-{next(_stream_ids)}"
+        configs = [self.config_of(row.steering) for row in rows]
+        for row in rows:
+            self._check_prompt(row.prompt)
         # rendered as `LLM.generate` renders its prompts (vLLM 0.32 deprecates raw prompts here)
         render = getattr(self.llm, "_preprocess_cmpl_one", lambda request: request)
-        engine.add_request(request_id, render(self._request(prompt)), params)
-        tokens: list[int] = []
-        try:
-            while engine.has_unfinished_requests():
-                if stop.is_set():
-                    engine.abort_request([request_id])
-                    break
-                for output in engine.step():
-                    if output.request_id != request_id:
-                        continue
-                    for token in output.outputs[0].token_ids:
-                        tokens.append(int(token))
-                        on_token(int(token))
-        except BaseException:
-            engine.abort_request([request_id])
-            raise
-        return tokens
+        with self._using(configs):
+            requests = [
+                (
+                    f"personactl-{next(_request_ids)}",
+                    render(self._request(row.prompt, config)),
+                    self._params(row.sampling, _row_seed(row.seed, 0), config, output_kind=RequestOutputKind.DELTA),
+                )
+                for row, config in zip(rows, configs, strict=True)
+            ]
+            return step_rows(self.llm.llm_engine, requests, rows)
+
+    def _check_prompt(self, prompt: Sequence[int]) -> None:
+        """Refuse here what vLLM would refuse when the request is added (which would fail the batch)."""
+        limit = self.max_model_len
+        if not prompt or (limit is not None and len(prompt) >= limit):
+            raise InputError(
+                f"the prompt has {len(prompt)} tokens; this vLLM engine takes 1 to {(limit or 1) - 1}",
+                hint="shorten the conversation, or start the engine with a larger max_model_len",
+            )
 
     def _finish(self, tokens: list[int]) -> Generation:
         return finish_generation(tokens, self.stop_ids, self.tokenizer)
@@ -236,34 +260,57 @@ class VLLMBackend:
             out[layer] = coef.to(self.dtype) * direction.to("cpu", self.dtype)
         return out
 
-    def enable_steering(self) -> None:
-        """Check that the steering buffers are there; on an eager engine, add them if they are not
-        (hooks added after loading act only without compilation: the fallback without the plugin)."""
-        from personactl.backends.vllm_plugin import install, installed_layers
+    def config_of(self, steering: Steering | None) -> SteeringConfig | None:
+        """A request's steering as a configuration, checked here (None: nothing is added)."""
+        if steering is None:
+            return None
+        check_positions(steering.positions)
+        return SteeringConfig.of(self.deltas(steering.directions, steering.alpha))
 
-        if self.enforce_eager:
-            self.llm.apply_model(install)  # a no-op where the plugin already installed them
-        if min(self.llm.apply_model(installed_layers)) != self.num_layers:
+    def enable_steering(self) -> None:
+        """Find every worker's steering tables (on an eager engine, add them if the plugin did not:
+        hooks added after loading act only without compilation) and make the runners map tokens."""
+        try:
+            reports = self.llm.collective_rpc("personactl_steering_enable", args=(self.enforce_eager,))
+        except Exception as exc:  # the worker extension is missing (e.g. replaced through engine_kwargs)
+            raise ModelError(
+                f"personactl's vLLM worker extension does not answer ({type(exc).__name__}: {str(exc)[:160]})",
+                hint=f"do not override worker_extension_cls ({WORKER_EXTENSION} is needed), or use --backend hf",
+            ) from None
+        not_v1 = [r["runner"] for r in reports if not r["v1"]]
+        if not_v1:
+            raise ModelError(
+                f"per-request steering needs vLLM's V1 model runner; this engine runs {not_v1[0]}",
+                hint="leave VLLM_USE_V2_MODEL_RUNNER unset (personactl sets 0 for steering), or use --backend hf",
+            )
+        if min(r["layers"] for r in reports) == 0:
             raise ModelError(
                 "this compiled vLLM engine has no steering buffers (personactl's vLLM plugin did not run)",
                 hint="open it with steering=True; if it was, reinstall personactl so vLLM finds the entry point "
                 "`personactl_steering` (and keep it in VLLM_PLUGINS if you set that), or use enforce_eager=True",
             )
+        self._rows = ConfigRows(min(r["rows"] for r in reports))
         self.steerable = True
 
-    def set_steering(self, deltas: Mapping[int, torch.Tensor]) -> None:
-        """Make the engine add `deltas[l]` at layer `l` for every following request (empty: none)."""
-        from personactl.backends.vllm_plugin import set_steering
-
-        if not self.steerable:
-            raise InputError("this vLLM engine was opened without steering", hint="open_vllm(..., steering=True)")
-        deltas = dict(deltas)
-        same = deltas.keys() == self._deltas.keys() and all(torch.equal(deltas[k], self._deltas[k]) for k in deltas)
-        if same:
+    @contextlib.contextmanager
+    def _using(self, configs: Sequence[SteeringConfig | None]) -> Iterator[None]:
+        """Have every configuration in `configs` in a table row of every worker while the block runs."""
+        steered = [c for c in configs if c is not None]
+        if not steered:
+            yield
             return
-        self.llm.apply_model(functools.partial(set_steering, deltas=deltas))
-        self._deltas = deltas
-        self._salt = salt_for(deltas)
+        if self._rows is None:
+            raise InputError("this vLLM engine was opened without steering", hint="open_vllm(..., steering=True)")
+        entries = self._rows.place(steered)
+        try:
+            if entries:
+                written = self.llm.collective_rpc("personactl_steering_put", args=(entries,))
+                if min(written) != len(entries):
+                    self._rows.forget(entries)
+                    raise ModelError("a vLLM worker did not take the steering configurations (see its log)")
+            yield
+        finally:
+            self._rows.release(steered)
 
     @contextlib.contextmanager
     def steering(
@@ -272,18 +319,22 @@ class VLLMBackend:
         coefficient: float | Mapping[int, float] = 1.0,
         positions: str = "all",
     ) -> Iterator[VLLMBackend]:
-        """Steer every request generated inside the block; back to unsteered on exit."""
+        """Steer every `generate` call inside the block; back to unsteered on exit."""
         check_positions(positions)
-        self.set_steering(self.deltas(directions, coefficient))
-        try:
-            yield self
-        finally:
-            self.set_steering({})
+        if not self.steerable:
+            raise InputError("this vLLM engine was opened without steering", hint="open_vllm(..., steering=True)")
+        config = SteeringConfig.of(self.deltas(directions, coefficient))
+        with self._using([config]):
+            previous, self._active = self._active, config
+            try:
+                yield self
+            finally:
+                self._active = previous
 
     def run_grid(
         self,
         prompts: Sequence[Sequence[int]],
-        rows: Sequence[Any],
+        rows: Sequence[GridRow],
         directions: Mapping[int, torch.Tensor],
         *,
         sampling: Sampling,
@@ -291,27 +342,44 @@ class VLLMBackend:
         batch_size: int = 0,
         positions: str = "all",
         on_chunk: Any = None,
-    ) -> Iterator[tuple[Any, Generation]]:
-        """Every grid row (`personactl.model.steering.GridRow`), one batched call per (layer, α); rows come
-        back in order. Row `i` samples with a seed derived from (`seed`, `i`), so results do not
-        depend on the grouping. `batch_size` is unused: vLLM schedules its own batches."""
+    ) -> Iterator[tuple[GridRow, Generation]]:
+        """Every grid row (`personactl.model.steering.GridRow`) in one `llm.generate` call, each
+        request with its own (layer, α); rows come back in order. Row `i` samples with a seed derived
+        from (`seed`, `i`). A grid with more distinct configurations than the engine's table rows
+        runs as several calls. `batch_size` is unused: vLLM schedules its own batches."""
         check_positions(positions)
-        groups: dict[tuple[int | None, float], list[int]] = {}
-        for i, row in enumerate(rows):
-            key = (None, 0.0) if row.layer is None or row.coefficient == 0 else (row.layer, row.coefficient)
-            groups.setdefault(key, []).append(i)
+        configs = self._grid_configs(rows, directions)
+        capacity = self._rows.available if self._rows is not None else len(rows)
         results: list[Generation | None] = [None] * len(rows)
-        for (layer, coef), indices in groups.items():
-            context = self.steering({layer: directions[layer]}, coef) if layer is not None else contextlib.nullcontext()
-            with context:
+        for chunk in _chunks_within([c.key if c else None for c in configs], max(capacity, 1)):
+            with self._using([configs[i] for i in chunk]):
                 outputs = self._generate(
-                    [prompts[rows[i].prompt_index] for i in indices], sampling, [_row_seed(seed, i) for i in indices]
+                    [prompts[rows[i].prompt_index] for i in chunk],
+                    sampling,
+                    [_row_seed(seed, i) for i in chunk],
+                    [configs[i] for i in chunk],
                 )
-            for i, gen in zip(indices, outputs, strict=True):
+            for i, gen in zip(chunk, outputs, strict=True):
                 results[i] = gen
             if on_chunk:
-                on_chunk(len(indices), sum(len(g.token_ids) for g in outputs))
+                on_chunk(len(chunk), sum(len(g.token_ids) for g in outputs))
         yield from zip(rows, results, strict=True)
+
+    def _grid_configs(
+        self, rows: Sequence[GridRow], directions: Mapping[int, torch.Tensor]
+    ) -> list[SteeringConfig | None]:
+        """Each grid row's configuration (None for the baseline and α = 0), one per (layer, α)."""
+        made: dict[tuple[int, float], SteeringConfig | None] = {}
+        configs = []
+        for row in rows:
+            if row.layer is None or row.coefficient == 0:
+                configs.append(None)
+                continue
+            key = (row.layer, row.coefficient)
+            if key not in made:
+                made[key] = SteeringConfig.of(self.deltas({row.layer: directions[row.layer]}, row.coefficient))
+            configs.append(made[key])
+        return configs
 
     def check_positions(self, positions: str) -> None:
         check_positions(positions)
@@ -388,12 +456,15 @@ def open_vllm(
 ) -> VLLMBackend:
     """Start a vLLM engine for `--model spec` (built-in, hub id or local directory).
 
-    `steering=True` asks the plugin for steering buffers before compilation. `enforce_eager=True`
-    skips compilation and installs them through `apply_model` instead (the fallback when the
-    plugin's entry point is not installed). `engine_kwargs` go to `vllm.LLM` as they are."""
+    `steering=True` asks the plugin for steering tables before compilation and starts vLLM's V1
+    model runner. `enforce_eager=True` skips compilation; the worker extension then installs the
+    tables itself if the plugin's entry point did not run (the fallback when personactl was never
+    pip-installed). `engine_kwargs` go to `vllm.LLM` as they are."""
     from personactl.model.loading import model_fingerprint, prepare_tokenizer, resolve_model
     from personactl.settings import _default_cache_dir
 
+    if steering:
+        _refuse_v2_model_runner()
     source = resolve_model(spec)
     location = _model_location(source, Path(cache_dir) if cache_dir else _default_cache_dir(), log)
     if dtype == "auto":
@@ -419,7 +490,8 @@ def open_vllm(
         **engine_kwargs,
     }
     log(f"starting vLLM for {spec} ({'eager' if enforce_eager else 'compiling the model: minutes on a CPU'})")
-    llm = vllm.LLM(**arguments)
+    with _v1_model_runner(steering):
+        llm = vllm.LLM(**arguments)
     backend = VLLMBackend(
         llm,
         tokenizer,
@@ -432,6 +504,7 @@ def open_vllm(
         enforce_eager=enforce_eager,
         tensor_parallel_size=tensor_parallel_size,
         notes=notes,
+        **_engine_limits(llm),
     )
     if steering:
         _enable_steering_or_close(backend)
@@ -465,19 +538,94 @@ def _import_vllm() -> tuple[Any, bool]:
 
 
 def _steering_and_memory_arguments(steering: bool, on_cpu: bool) -> dict[str, Any]:
-    """`vllm.LLM` arguments beyond the model's: the plugin's flag that asks for steering buffers,
-    and on CPU a KV cache that fits a small machine (unless VLLM_CPU_KVCACHE_SPACE sets one)."""
+    """`vllm.LLM` arguments beyond the model's: the plugin's flag that asks for steering tables and
+    the worker extension that fills them; on CPU a KV cache that fits a small machine (unless
+    VLLM_CPU_KVCACHE_SPACE sets one)."""
     arguments: dict[str, Any] = {}
     if steering:
-        arguments["additional_config"] = {FLAG: True}
+        arguments["additional_config"] = {FLAG: flag_value()}
+        arguments["worker_extension_cls"] = WORKER_EXTENSION
     if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         arguments["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_GIB << 30
     return arguments
 
 
-def _enable_steering_or_close(backend: VLLMBackend) -> None:
-    """Install the steering buffers' hooks; an engine that cannot steer is shut down, not leaked."""
+def _engine_limits(llm: Any) -> dict[str, Any]:
+    """What the started engine holds: the longest sequence and the most requests in one batch."""
+    vllm_config = llm.llm_engine.vllm_config
+    return {
+        "max_model_len": int(vllm_config.model_config.max_model_len),
+        "max_num_seqs": int(vllm_config.scheduler_config.max_num_seqs),
+    }
+
+
+@contextlib.contextmanager
+def _v1_model_runner(steering: bool) -> Iterator[None]:
+    """Start a steering engine on vLLM's V1 model runner (`VLLM_USE_V2_MODEL_RUNNER=0` while the
+    engine's processes start; they keep it): the plugin maps tokens to steering rows there, in the
+    method the CPU runner inherits and the tests exercise. Model Runner V2, the GPU default, is refused."""
+    name = "VLLM_USE_V2_MODEL_RUNNER"
+    before = os.environ.get(name)
+    if not steering:
+        yield
+        return
+    _refuse_v2_model_runner()
+    os.environ[name] = "0"
     try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _refuse_v2_model_runner() -> None:
+    """Refuse, before anything starts, a steering engine that the environment puts on Model Runner V2."""
+    name = "VLLM_USE_V2_MODEL_RUNNER"
+    value = os.environ.get(name)
+    if value is not None and value.strip().lower() in ("1", "true"):
+        raise ModelError(
+            f"per-request steering needs vLLM's V1 model runner, and {name}={value} asks for V2",
+            hint=f"unset {name} for a steering engine, or use --backend hf",
+        )
+
+
+def steering_refusal(vllm_config: Any) -> str | None:
+    """Why per-request steering cannot run on this engine's configuration (None: it can). Each
+    setting refused here breaks the token → request mapping or the tables' static contents."""
+    from vllm.platforms import current_platform
+
+    parallel = vllm_config.parallel_config
+    speculative = vllm_config.speculative_config
+    inductor = vllm_config.compilation_config.inductor_compile_config or {}
+    refused = [
+        (getattr(parallel, "use_ubatching", False), "dual-batch overlap / micro-batching (--enable-dbo)"),
+        (getattr(parallel, "prefill_context_parallel_size", 1) > 1, "prefill context parallelism"),
+        (parallel.data_parallel_size > 1, "data parallelism (run one personactl process per engine instead)"),
+        (parallel.pipeline_parallel_size > 1, "pipeline parallelism (use tensor parallelism)"),
+        (
+            getattr(speculative, "enable_adaptive_verification", False),
+            "adaptive speculative verification (its token counts are decided on the GPU)",
+        ),
+        (
+            current_platform.is_cpu() and bool(inductor.get("max_autotune")),
+            "inductor max_autotune on CPU (it freezes the steering tables into constants)",
+        ),
+    ]
+    return next((what for refuse, what in refused if refuse), None)
+
+
+def _enable_steering_or_close(backend: VLLMBackend) -> None:
+    """Check the engine can steer per request and find its steering tables; an engine that cannot
+    steer is shut down, not leaked."""
+    try:
+        refusal = steering_refusal(backend.llm.llm_engine.vllm_config)
+        if refusal is not None:
+            raise ModelError(
+                f"per-request steering inside vLLM does not support {refusal}",
+                hint="start the engine without that setting, or use --backend hf",
+            )
         backend.enable_steering()
     except ModelError:
         backend.close()

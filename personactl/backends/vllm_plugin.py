@@ -1,13 +1,26 @@
-"""Steering buffers on vLLM's decoder layers, installed before vLLM compiles the model.
+"""Per-request steering inside stock vLLM: static tables on the decoder layers, and a per-token index
+that maps every token of each forward to its request's steering configuration.
 
-vLLM traces its model once; a forward hook added afterwards (`llm.apply_model`) is silently left
-out of the compiled graph. So `register`, the `vllm.general_plugins` entry point that vLLM calls in
-every process, wraps the model loader: right after an engine's weights are loaded, and only for an
-engine created with `additional_config={"personactl_steering": True}`, every decoder layer gets a
-zero `[hidden]` buffer and a forward hook that adds it to the layer's output. The compiled graph
-reads the buffer, so `set_steering` changes the steering by `copy_` without recompiling. The flag
-is part of vLLM's compile-cache key, so a graph compiled without the hooks is never reused for an
-engine that needs them (and the other way round). Engines without the flag are left untouched.
+vLLM traces its model once; a forward hook added afterwards (`llm.apply_model`) is silently left out
+of the compiled graph. So `register`, the `vllm.general_plugins` entry point that vLLM calls in every
+process, wraps the model loader: right after an engine's weights are loaded, and only for an engine
+created with `additional_config={"personactl_steering": {"v": 2}}`, `install` preallocates
+
+- one int64 index `[T]` (T = the most tokens one forward takes), shared by every layer, and
+- per decoder layer of this rank a table `[R, hidden]` (R = max_num_seqs + 1) whose row 0 is zeros,
+
+and hooks each layer to add `table.index_select(0, index[:tokens])` to its output. The compiled
+graph (and a CUDA graph) reads these buffers by address; only their contents change, by `copy_`.
+
+Before each forward, vLLM's V1 model runner builds the flattened batch in `_prepare_inputs` (the CPU
+runner inherits it); `patch_v1_runner` wraps that method so that, after it returns, each token's
+index entry is its request's table row: the request carries a configuration key in
+`SamplingParams.extra_args["personactl_steering"]`, which `SteeringTables.rows` maps to a row. Rows
+are written beforehand through the worker extension (`vllm_worker`). No key, an unknown key, padding
+and the start-up's dummy runs all read row 0: nothing is added. Nothing here raises for a request.
+
+The flag is part of vLLM's compile-cache key, so a graph compiled without the hooks (or with an
+older hook) is never reused for an engine that needs these. Engines without the flag are untouched.
 
 This module is imported in vLLM's worker processes and must not import personactl's heavy modules.
 """
@@ -15,11 +28,27 @@ This module is imported in vLLM's worker processes and must not import personact
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-FLAG = "personactl_steering"  # the additional_config key that asks for steering buffers
-BUFFER = "personactl_steering"  # the buffer's name on each decoder layer
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+FLAG = "personactl_steering"  # the additional_config key that asks for steering tables
+FLAG_VERSION = 2  # bump when the hook's arithmetic changes (the flag keys vLLM's compile cache)
+KEY = "personactl_steering"  # the SamplingParams.extra_args key naming a request's configuration
+TABLE = "personactl_steering_table"  # the `[R, hidden]` buffer on each decoder layer
+INDEX = "personactl_steering_index"  # the shared `[T]` token → row buffer, also on each layer
+STATE = "personactl_steering_state"  # the model attribute holding the `SteeringTables`
+
+log = logging.getLogger("personactl.vllm")
+
+
+def flag_value() -> dict[str, int]:
+    """What personactl puts under `additional_config[FLAG]` when it opens a steering engine."""
+    return {"v": FLAG_VERSION}
 
 
 def register() -> None:
@@ -35,7 +64,8 @@ def register() -> None:
         model = original(self, vllm_config, model_config, *args, **kwargs)
         # the engine's own model only (a speculative-decoding drafter has its own model_config)
         if wants_steering(vllm_config) and model_config is vllm_config.model_config:
-            install(model, text_config(model_config.hf_config), model_config.dtype)
+            install(model, vllm_config)
+            patch_v1_runner()
         return model
 
     load_model._personactl_wrapped = True  # type: ignore[attr-defined]
@@ -66,50 +96,183 @@ def decoder_layers(model: Any, num_layers: int) -> Any:
     raise RuntimeError(f"personactl: cannot find the {num_layers} decoder layers of {type(model).__name__}")
 
 
+def _own_layers(layers: Any) -> dict[int, Any]:
+    """Decoder block number (1-based, personactl's layer convention) → block, for the blocks this
+    rank runs (pipeline parallelism leaves the others as `PPMissingLayer` placeholders)."""
+    try:
+        from vllm.model_executor.models.utils import PPMissingLayer
+    except ImportError:  # pragma: no cover - every vLLM 0.32 has it
+        PPMissingLayer = ()  # noqa: N806
+    return {number: layer for number, layer in enumerate(layers, start=1) if not isinstance(layer, PPMissingLayer)}
+
+
 def _add_steering(module: Any, _args: Any, output: Any) -> Any:
-    """Add the layer's buffer to its output. vLLM decoder layers return `(hidden, residual)` and the
-    residual stream is their sum, so adding to `hidden` adds to the stream."""
-    if isinstance(output, tuple):
-        return (output[0] + getattr(module, BUFFER), *output[1:])
-    return output + getattr(module, BUFFER)
+    """Add each token's row of the layer's table to the layer's output. vLLM decoder layers return
+    `(hidden, residual)` over the flattened tokens of the batch, and the residual stream is their
+    sum, so adding to `hidden` adds to the stream. Pure tensor ops on static buffers: traced once."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    added = hidden + getattr(module, TABLE).index_select(0, getattr(module, INDEX)[: hidden.shape[0]])
+    return (added, *output[1:]) if isinstance(output, tuple) else added
 
 
-def install(model: Any, config: Any = None, dtype: Any = None) -> int:
-    """Give every decoder layer a zero steering buffer and the hook that adds it. Idempotent.
+class SteeringTables:
+    """One engine rank's steering state: the token index, the per-layer tables and which
+    configuration key sits in which row. Lives in the worker process."""
 
-    Returns the number of layers. Called by the loader wrapper (compiled engines) or through
-    `llm.apply_model` on an `enforce_eager=True` engine, where hooks added late still act."""
+    def __init__(self, index: torch.Tensor, tables: dict[int, torch.Tensor]):
+        self.index = index  # [T] int64: each token's row (0 = nothing added)
+        self.tables = tables  # block number → [R, hidden], row 0 all zeros
+        self.rows: dict[str, int] = {}  # configuration key → row
+        self.dirty = 0  # index[:dirty] may hold non-zero rows; index[dirty:] is zero
+        self.unknown_warned: set[str] = set()
+
+    @property
+    def num_rows(self) -> int:
+        return max((table.shape[0] for table in self.tables.values()), default=0)
+
+    def put(self, row: int, key: str, deltas: Mapping[int, torch.Tensor]) -> None:
+        """Write one configuration into `row` (every own layer: its delta, or zeros) and name it `key`."""
+        for old in [k for k, r in self.rows.items() if r == row]:
+            del self.rows[old]
+        for number, table in self.tables.items():
+            delta = deltas.get(number)
+            if delta is None:
+                table[row].zero_()
+            else:
+                table[row].copy_(delta.to(device=table.device, dtype=table.dtype))
+        self.rows[key] = row
+
+    def row_of(self, key: Any) -> int:
+        """The row of a request's configuration key; 0 (nothing added) for no key or an unknown one."""
+        if key is None:
+            return 0
+        row = self.rows.get(key) if isinstance(key, str) else None
+        if row is None:
+            if key not in self.unknown_warned and len(self.unknown_warned) < 100:
+                self.unknown_warned.add(str(key))
+                log.warning("personactl: unknown steering configuration %r: request runs unsteered", key)
+            return 0
+        return row
+
+    def map_tokens(self, keys: Sequence[Any], num_scheduled_tokens: np.ndarray) -> None:
+        """Point each token of the flattened batch (request `i` owns `num_scheduled_tokens[i]`
+        consecutive tokens) at its request's row; keep every entry past the batch at 0."""
+        import numpy as np
+
+        rows = np.fromiter((self.row_of(key) for key in keys), dtype=np.int64, count=len(keys))
+        n = int(num_scheduled_tokens.sum())
+        if not rows.any():
+            n = 0
+        else:
+            _copy_to(self.index[:n], np.repeat(rows, num_scheduled_tokens))
+        if self.dirty > n:
+            self.index[n : self.dirty].zero_()
+        self.dirty = n
+
+
+def _copy_to(out: torch.Tensor, values: np.ndarray) -> None:
+    """Host → `out` (CPU or accelerator), without waiting for the device: staged through fresh pinned
+    memory, copied on the current stream, so it lands after the previous forward and before the next."""
     import torch
 
-    config = text_config(config if config is not None else model.config)
-    layers = decoder_layers(model, config.num_hidden_layers)
+    source = torch.from_numpy(values)
+    if out.device.type == "cpu":
+        out.copy_(source)
+    else:
+        out.copy_(source.pin_memory(), non_blocking=True)
+
+
+def table_sizes(vllm_config: Any) -> tuple[int, int]:
+    """(T, R): the most tokens one forward takes, and the table rows (one per request a step can hold,
+    plus the zero row)."""
+    scheduler = vllm_config.scheduler_config
+    capture = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+    return max(int(scheduler.max_num_batched_tokens), int(capture)), int(scheduler.max_num_seqs) + 1
+
+
+def install(model: Any, vllm_config: Any) -> SteeringTables:
+    """Give every decoder layer of this rank its zero table, the shared index and the hook that adds
+    them. Idempotent. Called by the loader wrapper (before compilation) or, on an eager engine without
+    the plugin, through the worker extension (hooks added late act only without compilation)."""
+    import torch
+
+    existing = steering_state(model)
+    if existing is not None:
+        return existing
+    config = text_config(vllm_config.model_config.hf_config)
     param = next(p for p in model.parameters() if p.is_floating_point())  # not a quantized weight
-    dtype = dtype or param.dtype
-    for layer in layers:
-        if BUFFER in layer._buffers:
-            continue
-        layer.register_buffer(BUFFER, torch.zeros(config.hidden_size, dtype=dtype, device=param.device), False)
+    dtype, device = vllm_config.model_config.dtype, param.device
+    num_tokens, num_rows = table_sizes(vllm_config)
+    index = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    tables = {}
+    for number, layer in _own_layers(decoder_layers(model, config.num_hidden_layers)).items():
+        tables[number] = torch.zeros(num_rows, config.hidden_size, dtype=dtype, device=device)
+        layer.register_buffer(TABLE, tables[number], persistent=False)
+        layer.register_buffer(INDEX, index, persistent=False)
         layer.register_forward_hook(_add_steering)
-    return len(layers)
+    state = SteeringTables(index, tables)
+    object.__setattr__(model, STATE, state)  # a plain attribute, not a submodule
+    return state
 
 
-def installed_layers(model: Any) -> int:
-    """How many modules carry a steering buffer (0: the plugin did not run for this engine)."""
-    return sum(1 for module in model.modules() if BUFFER in module._buffers)
+def steering_state(model: Any) -> SteeringTables | None:
+    """The tables `install` put on `model` (or on a module inside a wrapper), if any."""
+    state = getattr(model, STATE, None)
+    if state is None and hasattr(model, "modules"):
+        state = next((getattr(m, STATE) for m in model.modules() if hasattr(m, STATE)), None)
+    return state
 
 
-def set_steering(model: Any, deltas: Mapping[int, Any]) -> int:
-    """Set what each decoder layer adds, in place: `deltas[l]` (a `[hidden]` tensor) goes to the
-    output of block `l` (1-based, personactl's layer convention); every other layer adds zero.
-    Run in each worker through `llm.apply_model(functools.partial(set_steering, deltas=...))`."""
-    blocks = [module for module in model.modules() if BUFFER in module._buffers]
-    if not blocks:
-        raise RuntimeError("personactl: this vLLM engine has no steering buffers")
-    for index, block in enumerate(blocks, start=1):
-        buffer = block._buffers[BUFFER]
-        delta = deltas.get(index)
-        if delta is None:
-            buffer.zero_()
-        else:
-            buffer.copy_(delta.to(device=buffer.device, dtype=buffer.dtype))
-    return len(blocks)
+def _runner_state(runner: Any) -> SteeringTables | None:
+    """The runner's tables, looked up once found (None for engines that do not steer)."""
+    state = runner.__dict__.get("_personactl_tables")
+    if state is not None:
+        return state
+    if not wants_steering(getattr(runner, "vllm_config", None)):
+        return None
+    state = steering_state(runner.get_model()) if hasattr(runner, "model") else None
+    if state is not None:
+        runner.__dict__["_personactl_tables"] = state
+    return state
+
+
+def _request_keys(runner: Any) -> list[Any]:
+    """Each batch row's configuration key, in the order `_prepare_inputs` flattens the batch."""
+    batch = runner.input_batch
+    keys = []
+    for req_id in batch.req_ids[: batch.num_reqs]:
+        params = runner.requests[req_id].sampling_params
+        extra = getattr(params, "extra_args", None)
+        keys.append(extra.get(KEY) if isinstance(extra, Mapping) else None)
+    return keys
+
+
+def v1_runner_class() -> Any:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def patch_v1_runner() -> None:
+    """Wrap the V1 model runner's `_prepare_inputs` (once per process) so each forward's token index
+    follows its batch. Any failure here only leaves the batch unsteered; it never fails a step."""
+    runner_class = v1_runner_class()
+    original = runner_class._prepare_inputs
+    if getattr(original, "_personactl_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        state = _runner_state(self)
+        if state is not None:
+            try:
+                state.map_tokens(_request_keys(self), num_scheduled_tokens)
+            except Exception:  # never fail the engine for steering: this forward runs unsteered
+                log.exception("personactl: steering index not updated; this step runs unsteered")
+                state.index.zero_()
+                state.dirty = 0
+        return result
+
+    _prepare_inputs._personactl_wrapped = True  # type: ignore[attr-defined]
+    runner_class._prepare_inputs = _prepare_inputs
