@@ -1,4 +1,5 @@
-"""vLLM backend benchmarks: steered vs unsteered, compiled buffers vs eager hooks, vLLM vs HF.
+"""vLLM backend benchmarks: steered vs unsteered, per-request steering (P10), compiled tables vs
+eager hooks, vLLM vs HF.
 
 `bench_vllm(results)` returns (name, goal, value) rows for bench/run.py's table and stores raw
 timings in `results["vllm"]`; `python bench/vllm_bench.py` runs it alone. Every comparison is
@@ -8,6 +9,10 @@ alive, so machine drift hits both; HF is timed with no engine alive (its process
 from the HF side on a small machine), once before the engines start and once after they stop.
 It also reports how often greedy bf16 outputs agree (vLLM vs HF, and HF batched vs HF one prompt
 at a time: the bf16 noise floor).
+
+P10 (issue 21): the same prompts, each with its own (layer, α), as one engine call (per-request
+steering) against unsteered vLLM and against one batch per configuration (how sweeps ran before).
+A small check of the code paths: `BENCH_REPEATS=1 BENCH_VLLM_PROMPTS=8 python bench/vllm_bench.py`.
 """
 
 from __future__ import annotations
@@ -38,22 +43,77 @@ def bench_prompts(tokenizer, n: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, chat_messages(None, questions[i % len(questions)])) for i in range(n)]
 
 
-def fixed_length_run(backend, prompts, new_tokens: int = NEW_TOKENS):
-    """One batched call generating exactly `new_tokens` per prompt, salted as the backend salts."""
+def fixed_length_run(backend, prompts, configs=None, new_tokens: int = NEW_TOKENS, reset: bool = True):
+    """One batched call generating exactly `new_tokens` per prompt, request `i` steered by
+    `configs[i]` (a `SteeringConfig`; None, or no `configs`: as `backend.steering(...)` says, else
+    unsteered), with its key and salt as the backend sends them."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0)
-    requests = [{"prompt_token_ids": list(p)} for p in prompts]
-    if backend._salt is not None:
-        for request in requests:
-            request["cache_salt"] = backend._salt
+    from personactl.backends.vllm_plugin import KEY
+
+    configs = list(configs) if configs is not None else [backend._active] * len(prompts)
+    params = [
+        SamplingParams(
+            max_tokens=new_tokens,
+            min_tokens=new_tokens,
+            ignore_eos=True,
+            temperature=0.0,
+            extra_args={KEY: c.key} if c is not None else None,
+        )
+        for c in configs
+    ]
+    requests = [backend._request(p, c) for p, c in zip(prompts, configs, strict=True)]
 
     def run():
-        backend.llm.reset_prefix_cache()  # no run reuses another's prompt states
-        outputs = backend.llm.generate(requests, params, use_tqdm=False)
+        if reset:
+            backend.llm.reset_prefix_cache()  # no run reuses another's prompt states
+        with backend._using(configs):
+            outputs = backend.llm.generate(requests, params, use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == new_tokens for o in outputs)
 
     return run
+
+
+def own_configurations(backend, vector, n: int) -> list:
+    """`n` distinct steering configurations, one (layer, α) each: layers 5.., α in 0.25 steps."""
+    from personactl.backends.vllm_configs import SteeringConfig
+
+    layers = max(1, min(16, backend.num_layers - 5))
+    return [SteeringConfig.of(backend.deltas({5 + i % layers: vector}, 0.25 * (1 + i // layers))) for i in range(n)]
+
+
+def per_configuration_batches(backend, prompts, configs):
+    """One `llm.generate` call per configuration, each with that configuration's prompts (the
+    sweep before per-request steering: the engine held one configuration at a time)."""
+    groups: dict[str | None, tuple[list, list]] = {}
+    for prompt, config in zip(prompts, configs, strict=True):
+        same_prompts, same_configs = groups.setdefault(config.key if config is not None else None, ([], []))
+        same_prompts.append(prompt)
+        same_configs.append(config)
+    runs = [fixed_length_run(backend, ps, cs, reset=False) for ps, cs in groups.values()]
+
+    def run():
+        backend.llm.reset_prefix_cache()
+        for one in runs:
+            one()
+
+    return run
+
+
+def bench_per_request(stock, steer, prompts, vector, seconds: dict) -> None:
+    """P10: every prompt its own (layer, α), one engine call, against unsteered vLLM (the stock
+    engine) and against one batch per configuration; per-configuration is timed fewer times (it
+    is the slow side by design)."""
+    from timing import REPEATS, interleaved_median_seconds, median_seconds
+
+    configs = own_configurations(steer, vector, len(prompts))
+    assert len({c.key for c in configs}) == len(prompts)
+    seconds["compiled_stock_p10"], seconds["compiled_own_configuration_each"] = interleaved_median_seconds(
+        fixed_length_run(stock, prompts), fixed_length_run(steer, prompts, configs)
+    )
+    seconds["compiled_one_batch_per_configuration"] = median_seconds(
+        per_configuration_batches(steer, prompts, configs), repeats=max(1, REPEATS // 3), warmup=False
+    )
 
 
 def timed_open(**kwargs):
@@ -119,6 +179,7 @@ def bench_vllm(results: dict) -> list[tuple]:
                 plain_run, fixed_length_run(steer, prompts)
             )
         seconds["compiled_steering_alpha0"] = paired_median_seconds(fixed_length_run(steer, prompts), plain_run)[0]
+        bench_per_request(stock, steer, prompts, vector, seconds)
         vllm_stock = greedy_tokens(stock.generate, agree)
         vllm_steering_engine = greedy_tokens(steer.generate, agree)
     finally:
@@ -153,7 +214,21 @@ def bench_vllm(results: dict) -> list[tuple]:
         "greedy_agreement_bf16": {"prompts": AGREE_PROMPTS, "tokens": AGREE_TOKENS, **agreement},
     }
     return [
-        ("vLLM steered vs unsteered, compiled, 64×64 (tok/s)", 0.9, tps["compiled_steered"] / tps["compiled_stock"]),
+        (
+            "vLLM steered, one configuration, vs unsteered, compiled, 64×64 (tok/s)",
+            0.95,
+            tps["compiled_steered"] / tps["compiled_stock"],
+        ),
+        (
+            "P10 vLLM, each prompt its own (layer, α), one call, vs unsteered",
+            0.85,
+            tps["compiled_own_configuration_each"] / tps["compiled_stock_p10"],
+        ),
+        (
+            "P10 vLLM, each prompt its own (layer, α), one call, vs a batch per configuration",
+            5.0,
+            tps["compiled_own_configuration_each"] / tps["compiled_one_batch_per_configuration"],
+        ),
         (
             "vLLM compiled buffers vs eager hooks, steered (tok/s)",
             1.0,
