@@ -144,7 +144,7 @@ def test_alpha_zero_equals_unsteered_token_for_token(engine, hf):
     """Compiled: α=0 equals the engine's own unsteered state, and leaving the context unsteers. (A
     compiled engine *without* the buffers is a different inductor graph, whose GEMM and fusion
     choices round differently; it agrees only as bf16/fp32 kernels do, see the bench.) The eager
-    fallback (hooks added through apply_model) is `test_chat_command_on_vllm_in_line_mode`."""
+    fallback (tables added by the worker extension) is `test_chat_command_on_vllm_in_line_mode`."""
     unsteered = tokens(engine.generate(hf["prompts"], GREEDY, 0))
     with engine.steering({LAYER: hf["vector"], 3: hf["vector"]}, 0.0):
         assert tokens(engine.generate(hf["prompts"], GREEDY, 0)) == unsteered
@@ -512,10 +512,11 @@ def test_serve_on_vllm_keeps_concurrent_requests_with_mixed_alpha_apart(engine, 
 def test_chat_command_on_vllm_in_line_mode(engine, hf, mood_vector, isolated_env):
     """`personactl chat --backend vllm`, piped, as a user runs it, on the fallback path: eager (the
     `vllm_eager` setting) and without personactl's vLLM plugin (`VLLM_PLUGINS=""`, as when personactl
-    runs from a source tree that was never pip-installed), so the steering hooks arrive through
-    `apply_model`. Its replies at α = -2, 1 and 0 equal HF's in float32 token for token (the HF
-    references of the first question); /positions prompt is refused. One engine start serves both
-    the CLI and the fallback path (each costs about a minute on 2 cores)."""
+    runs from a source tree that was never pip-installed), so the steering tables and hooks arrive
+    through the worker extension after start-up. Its replies at α = -2, 1 and 0 equal HF's in
+    float32 token for token (the HF references of the first question); /positions prompt is
+    refused. One engine start serves both the CLI and the fallback path (each costs about a minute
+    on 2 cores)."""
     import json
     import os
     import subprocess
