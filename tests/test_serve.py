@@ -316,6 +316,8 @@ def test_bad_requests_are_openai_errors_with_clear_messages(client, lm, tmp_path
         assert error.body["type"] == "invalid_request_error"
     error = bad(client, messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}])
     assert error.status_code == 400 and "last message must be the user's" in error.body["message"]
+    error = bad(client, messages=user("word " * 2000))  # refused before it is queued: it cannot fail a batch
+    assert error.status_code == 400 and "exceeds the model's context" in error.body["message"]
     error = bad(client, model="gpt-4o")
     assert error.status_code == 404 and error.body["code"] == "model_not_found"
     status, body = raw(str(client.base_url) + "chat/completions", b"{not json")

@@ -299,11 +299,13 @@ class ModelHandle(Protocol):
 
 
 def context_limit(lm: ModelHandle) -> int | None:
-    """The model's context length (max_position_embeddings), when its config states one."""
+    """The model's context length (max_position_embeddings), when its config states one, or the
+    engine's own limit when it is smaller (a vLLM engine started with a shorter max_model_len)."""
     config = getattr(lm, "config", None) or lm.model.config  # VLLMBackend carries the text config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) else None
+    limits = [getattr(text_config, "max_position_embeddings", None), getattr(lm, "max_model_len", None)]
+    limits = [limit for limit in limits if isinstance(limit, int)]
+    return min(limits) if limits else None
 
 
 def model_fingerprint(source: ModelSource, model: Any, directory: Path | None) -> str:
