@@ -247,11 +247,11 @@ def test_a_grid_with_more_configurations_than_table_rows_runs_in_several_calls(e
     assert grid[(LAYER, -2.0)] != grid[(None, 0.0)] != grid[(LAYER, 1.5)]
 
 
-def row_request(prompt, alpha, vector, sampling=GREEDY, seed=0):
+def row_request(prompt, alpha, vector, sampling=GREEDY, seed=0, layer=LAYER):
     """A mixed-batch row (alpha None: unsteered) that records what it is handed."""
     from personactl.backends.hf_rows import RowRequest
 
-    steering = Steering({LAYER: vector}, alpha, "all") if alpha is not None else None
+    steering = Steering({layer: vector}, alpha, "all") if alpha is not None else None
     row = RowRequest(prompt, sampling, seed, lambda token: None, steering=steering)
     row.streamed, row.done = [], []
     row.on_token, row.on_done = row.streamed.append, row.done.append
@@ -564,6 +564,68 @@ def test_a_pipeline_parallel_engine_steers_as_the_one_rank_engine(engine, hf):
     assert got == expected
     assert expected[LAYER] != expected["unsteered"] != expected[second_rank_layer]
     assert expected["mixed"][0] != expected["mixed"][1]
+
+
+def tiny_llama(directory: Path, tokenizer) -> Path:
+    """A random 8-layer Llama with 4 attention heads (2 key/value heads), so two tensor-parallel ranks
+    can split it (SmolLM2-135M's 9 heads cannot be split in two), with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_engine_steers_as_transformers(hf, tmp_path):
+    """Tensor parallelism (2 ranks, eager, on a random tiny Llama): every rank holds the same tables
+    and adds the same rows to its full-width stream. In float32 its greedy replies equal transformers'
+    under the same steering: unsteered, steered at one layer, and a mixed batch of two opposite α.
+    One engine start (the reference is the HF model, cheap at this size)."""
+    from personactl.backends.hf import HFBackend
+    from personactl.backends.vllm import open_vllm
+    from personactl.model.loading import load_model
+    from personactl.model.steering import Steerer
+
+    directory = tiny_llama(tmp_path / "tiny", hf["lm"].tokenizer)
+    layer, prompt = 4, hf["prompts"][0]
+    vector = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    vector = vector / vector.norm() * 4
+    lm = load_model(str(directory), dtype=DTYPE, log=lambda m: None)
+    reference = HFBackend(lm.model, lm.tokenizer)
+    expected = {0.0: reference.generate([prompt], GREEDY, 0)[0].token_ids}
+    for alpha in (-2.0, 2.0):
+        with Steerer(lm.model, vector, layers=[layer], coefficient=alpha):
+            expected[alpha] = reference.generate([prompt], GREEDY, 0)[0].token_ids
+
+    def rows(*alphas):
+        return [row_request(prompt, alpha, vector, layer=layer) for alpha in alphas]
+
+    with cpu_threads_bound_one_per_rank(2):
+        sharded = open_vllm(str(directory), dtype=DTYPE, tensor_parallel_size=2, enforce_eager=True, max_model_len=1024)
+    try:
+        got = {0.0: sharded.generate([prompt], GREEDY, 0)[0].token_ids}
+        with sharded.steering({layer: vector}, 2.0):
+            got[2.0] = sharded.generate([prompt], GREEDY, 0)[0].token_ids
+        mixed = [sharded._finish(tokens).token_ids for tokens in sharded.stream_batch(rows(-2.0, 2.0))]
+    finally:
+        sharded.close()
+    assert got == {0.0: expected[0.0], 2.0: expected[2.0]}
+    assert mixed == [expected[-2.0], expected[2.0]]
+    assert len({tuple(t) for t in expected.values()}) == 3
 
 
 @pytest.mark.slow
