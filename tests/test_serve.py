@@ -358,6 +358,19 @@ def test_a_full_queue_answers_429_with_retry_after(lm, workspace, vector_path):
         assert first.result(timeout=60)[0] == 200 and second.result(timeout=60)[0] == 200
 
 
+def test_the_queue_admits_more_waiting_requests_than_the_default_worker_threads(lm, workspace, vector_path):
+    """A request waiting for its reply holds one of the server's worker threads (40 by default):
+    the server makes room for every request its queue admits, so they reach the queue."""
+    engine = make_engine(lm, workspace, vector_path, max_batch=1, max_queue=48)
+    body = json.dumps({"messages": user("hello"), "max_tokens": 2}).encode()
+    with running(engine) as server, ThreadPoolExecutor(49) as pool:
+        url = server.url + "/chat/completions"
+        with engine.backend._busy:  # hold the model: every request but the first waits in the queue
+            replies = [pool.submit(raw, url, body) for _ in range(49)]
+            wait_for(lambda: engine.backend.queued == 48, within=30)
+        assert all(reply.result(timeout=120)[0] == 200 for reply in replies)
+
+
 def wait_for(condition, within=10.0):
     deadline = time.monotonic() + within
     while not condition():

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -472,7 +473,15 @@ def _quiet(message: str) -> None:
 def create_app(engine: SteeredEngine, api_key: str | None = None, log: Callable[[str], None] = _quiet) -> Any:
     """The OpenAI-compatible routes over `engine`: JSON errors in OpenAI's shape, an API key when
     given, streamed replies as server-sent events, one log line per request."""
-    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # a request waiting for its reply holds a worker thread: room for every one the queue admits
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, engine.backend.max_batch + engine.backend.max_queue + 8)
+        yield
+
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> JSONResponse:
