@@ -478,7 +478,9 @@ class Terminal:
         return next((line for line in self.screen.display if "├" in line and "┤" in line), "")
 
     def wait_alpha(self, alpha: float, max_alpha: float):
-        """The toolbar shows the value and the bar with its marker at α."""
+        """The toolbar shows the value and the bar with its marker at α (after the start-up, which
+        loads the model: slow while the other test worker starts a multi-rank vLLM engine)."""
+        self.wait(lambda _: self.toolbar(), 180, "the chat to start (model loading)")
         expected = f"{slider(alpha, max_alpha)} +{max_alpha:g}  α {alpha:+.2f}"
         self.wait(lambda _: expected in self.toolbar(), 30, f"toolbar {expected!r}")
 
