@@ -47,11 +47,22 @@ class Settings(BaseSettings):
         "auto", description="model dtype; auto = bfloat16 on CPU/CUDA, float16 on MPS"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    device_map: str | None = Field(
+        None,
+        description="hf backend: spread the model's blocks over devices with accelerate (auto, balanced, "
+        "balanced_low_0, sequential); overrides device",
+    )
+    max_memory: str | None = Field(
+        None, description="hf backend with device_map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"
+    )
     trust_remote_code: bool = Field(False, description="run model code from the hub (opt-in only)")
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="converted built-in models")
     hf_token: SecretStr | None = Field(None, description="token for gated hub models (never written)")
     backend: Literal["hf", "vllm"] = Field("hf", description="generation engine: hf (transformers) or vllm")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs to shard the model over")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="vllm backend: pipeline stages (GPUs or nodes) to split the layers over"
+    )
     vllm_eager: bool = Field(
         False, description="vllm backend: skip compilation (starts in about half the time on a CPU; decodes slower)"
     )

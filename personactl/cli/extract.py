@@ -73,6 +73,8 @@ def extract(
     show_position: ShowPosition = "response_avg",
     dtype: o.Dtype = None,
     device: o.Device = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     trust_remote_code: o.TrustRemoteCode = None,
     persona: o.Persona = o.PersonaChoice.model,
     keep_pairs: KeepPairs = False,
@@ -95,6 +97,8 @@ def extract(
         revision=revision,
         dtype=dtype,
         device=device,
+        device_map=device_map,
+        max_memory=max_memory,
         trust_remote_code=trust_remote_code,
     )
     rows = parse_ranges(layers) if layers else None

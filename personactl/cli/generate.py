@@ -49,9 +49,12 @@ def generate(
     batch_size: o.BatchSize = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     trust_remote_code: o.TrustRemoteCode = None,
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
+    pipeline_parallel_size: o.PipelineParallelSize = None,
     persona: o.Persona = o.PersonaChoice.model,
     force: o.Force = False,
     json: o.Json = False,
@@ -73,9 +76,12 @@ def generate(
         batch_size=batch_size,
         dtype=dtype,
         device=device,
+        device_map=device_map,
+        max_memory=max_memory,
         trust_remote_code=trust_remote_code,
         backend=backend,
         tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
     )
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)

@@ -73,6 +73,8 @@ def import_vector(
     config: o.ConfigFile = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     trust_remote_code: o.TrustRemoteCode = None,
     force: o.Force = False,
     json: o.Json = False,
@@ -87,6 +89,8 @@ def import_vector(
         revision=revision,
         dtype=dtype,
         device=device,
+        device_map=device_map,
+        max_memory=max_memory,
         trust_remote_code=trust_remote_code,
     )
     ws = open_workspace(settings)

@@ -88,6 +88,8 @@ def monitor(
     config: o.ConfigFile = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     json: o.Json = False,
 ) -> None:
     """Project activations at prompt_end and response_avg (and per token) onto vectors, per layer."""
@@ -96,7 +98,15 @@ def monitor(
     from personactl.steps.monitor import monitor_step
     from personactl.store.traits import load_trait
 
-    settings = settings_from(config, workspace=workspace, model=model, dtype=dtype, device=device)
+    settings = settings_from(
+        config,
+        workspace=workspace,
+        model=model,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+    )
     ws = open_workspace(settings)
     messages = read_conversation(conversation) if conversation is not None else None
     if output is not None and responses is None:

@@ -95,6 +95,32 @@ TensorParallelSize = Annotated[
         "--tensor-parallel-size", min=1, help="vllm backend: GPUs to shard the model over.", show_default=False
     ),
 ]
+PipelineParallelSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--pipeline-parallel-size",
+        min=1,
+        help="vllm backend: pipeline stages to split the layers over (GPUs, or nodes with Ray).",
+        show_default=False,
+    ),
+]
+DeviceMap = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device-map",
+        help="hf backend: spread the blocks over devices with accelerate (auto, balanced, balanced_low_0, "
+        "sequential); overrides --device.",
+        show_default=False,
+    ),
+]
+MaxMemory = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-memory",
+        help="hf backend with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+        show_default=False,
+    ),
+]
 Persona = Annotated[
     PersonaChoice,
     typer.Option(

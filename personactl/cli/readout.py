@@ -35,6 +35,8 @@ def train(
     config: o.ConfigFile = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     json: o.Json = False,
 ) -> None:
     """Train one unit vector per concept and layer, one-vs-rest, on the assistant turn (response_avg)."""
@@ -42,7 +44,15 @@ def train(
     from personactl.model.loading import resolve_model
     from personactl.steps.readout import read_concept_dir, train_readout
 
-    settings = settings_from(config, workspace=workspace, model=model, dtype=dtype, device=device)
+    settings = settings_from(
+        config,
+        workspace=workspace,
+        model=model,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+    )
     concepts, neutral = read_concept_dir(directory)
     ws = open_workspace(settings)
     lm = load_model_from(settings)
@@ -57,9 +67,7 @@ def train(
         batch_tokens=settings.extract_batch_tokens,
         source=str(directory),
     )
-    path = (
-        output or ws.readout_path(resolve_model(settings.model).slug, Path(directory).name)
-    )
+    path = output or ws.readout_path(resolve_model(settings.model).slug, Path(directory).name)
     readout.save(path)
     from personactl.settings import masked_dump
 

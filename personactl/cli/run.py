@@ -74,6 +74,8 @@ def run(
     config: o.ConfigFile = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     dry_run: DryRun = False,
     json: o.Json = False,
 ) -> None:
@@ -87,6 +89,8 @@ def run(
         max_new_tokens=max_new_tokens,
         dtype=dtype,
         device=device,
+        device_map=device_map,
+        max_memory=max_memory,
         judge_model=judge_model,
         judge_base_url=judge_base_url,
         judge_mode=judge_mode,

@@ -88,9 +88,12 @@ def serve(
     config: o.ConfigFile = None,
     dtype: o.Dtype = None,
     device: o.Device = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     trust_remote_code: o.TrustRemoteCode = None,
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
+    pipeline_parallel_size: o.PipelineParallelSize = None,
     json: AnnounceJson = False,
 ) -> None:
     """Serve the steered model over an OpenAI-compatible API; each request may pick persona, α and layers."""
@@ -112,9 +115,12 @@ def serve(
         seed=seed,
         dtype=dtype,
         device=device,
+        device_map=device_map,
+        max_memory=max_memory,
         trust_remote_code=trust_remote_code,
         backend=backend,
         tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
     )
     ws = open_workspace(settings)
     lm = load_engine(settings, steering=True, positions=positions)
