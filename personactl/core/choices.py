@@ -5,6 +5,7 @@ from __future__ import annotations
 
 NORM_MODES = ("raw", "unit", "stream")  # what α multiplies: see core.directions.scale_direction
 POSITION_MODES = ("all", "prompt", "response")  # which tokens a steering term adds to (model.steering)
+STEER_OPS = ("add", "ablate", "cap", "mean-ablate")  # what a steering plan term does (core.steer_plan)
 POSITIONS = ("prompt_end", "response_start", "response_avg", "prompt_avg")  # extraction positions
 AGGREGATORS = ("mean_diff", "pca")  # how pairs' differences become one direction
 JUDGE_MODES = ("auto", "single", "digits")  # how a remote judge is asked for a score
