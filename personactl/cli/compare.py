@@ -25,7 +25,7 @@ Vectors = Annotated[
 ]
 DefaultPosition = Annotated[str, typer.Option("--position", help="Default position for vectors without @position.")]
 DefaultAggregator = Annotated[
-    o.AggregatorChoice, typer.Option("--aggregator", help="Default aggregator (mean_diff or pca).")
+    o.AggregatorChoice, typer.Option("--aggregator", help="Default aggregator (mean_diff, pca or probe).")
 ]
 Agree = Annotated[float, typer.Option("--agree", help="Cosine at or above which layers count as agreeing.")]
 Diverge = Annotated[float, typer.Option("--diverge", help="|cosine| below which layers count as diverging.")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -10,6 +11,7 @@ import typer
 from personactl.cli import options as o
 from personactl.cli.common import (
     LazyProgress,
+    check_choices,
     comma_list,
     emit_json,
     guarded,
@@ -20,6 +22,7 @@ from personactl.cli.common import (
     stdout_console,
     trait_lock,
 )
+from personactl.core.choices import AGGREGATORS, DEFAULT_AGGREGATORS
 
 if TYPE_CHECKING:
     from personactl.settings import Settings
@@ -45,7 +48,11 @@ Name = Annotated[
     Optional[str], typer.Option("--name", help="Artifact name for --pairs (default: file stem).", show_default=False)
 ]
 Positions = Annotated[Optional[str], typer.Option("--positions", help=POSITIONS_HELP, show_default=False)]
-Aggregators = Annotated[str, typer.Option("--aggregators", help="mean_diff and/or pca.")]
+AGGREGATORS_HELP = (
+    "Comma list of mean_diff, pca, probe (mean_diff is always saved). probe: a logistic-regression "
+    "direction per layer with its held-out accuracy; it reads the pairs a second time."
+)
+Aggregators = Annotated[str, typer.Option("--aggregators", help=AGGREGATORS_HELP)]
 ShowPosition = Annotated[str, typer.Option("--show", help="Position whose norms the table shows.")]
 KeepPairs = Annotated[
     bool,
@@ -69,7 +76,7 @@ def extract(
     config: o.ConfigFile = None,
     layers: o.AllLayers = None,
     positions: Positions = None,
-    aggregators: Aggregators = "mean_diff,pca",
+    aggregators: Aggregators = ",".join(DEFAULT_AGGREGATORS),
     show_position: ShowPosition = "response_avg",
     dtype: o.Dtype = None,
     device: o.Device = None,
@@ -82,7 +89,7 @@ def extract(
     force: o.Force = False,
     json: o.Json = False,
 ) -> None:
-    """Per-layer mean-difference and PCA vectors at exact token positions, saved as safetensors."""
+    """Per-layer mean-difference, PCA (and probe) vectors at exact token positions, saved as safetensors."""
     from personactl.core.ranges import parse_ranges
     from personactl.errors import InputError
     from personactl.steps.extract import extract_step
@@ -90,6 +97,8 @@ def extract(
 
     if (trait is None) == (pairs is None):
         raise InputError("pass exactly one of --trait or --pairs")
+    aggregator_list = comma_list(aggregators)
+    check_choices(*((a, AGGREGATORS, "--aggregators") for a in aggregator_list))
     settings = settings_from(
         config,
         workspace=workspace,
@@ -118,12 +127,13 @@ def extract(
             name=name,
             rows=rows,
             positions=comma_list(positions) if positions else None,
-            aggregators=comma_list(aggregators),
+            aggregators=aggregator_list,
             force=force,
             on_start=bar.start,
             on_batch=bar.advance,
             persona=persona.value,
             keep_pairs=keep_pairs,
+            on_note=log,
         )
     if summary["skipped"]:
         log(f"skipped: {summary['artifact']} is already complete; --force to recompute")
@@ -146,10 +156,12 @@ def write_ithou(settings: Settings, ws: Workspace, trait: Trait | None, json: bo
 
 
 def layer_rows(vector: PersonaVector, show: str) -> list[dict[str, Any]]:
-    """Per extracted row: ‖mean_diff‖ at `show`, the stream norm, their ratio and the diagnostics."""
+    """Per extracted row: ‖mean_diff‖ at `show`, the stream norm, their ratio, the diagnostics and,
+    with a probe, its held-out accuracy."""
     norms = vector.norms(show, "mean_diff")
     stream = vector.tensors["stream_norm"]
     per_layer = diagnostics_by_layer(vector.metadata.get("diagnostics"), show)
+    probe = probe_accuracy_by_layer(vector.metadata.get("probe"), show)
     return [
         {
             "layer": r,
@@ -157,9 +169,16 @@ def layer_rows(vector: PersonaVector, show: str) -> list[dict[str, Any]]:
             "stream_norm": float(stream[r]),
             "relative": float(norms[r] / stream[r]),
             **per_layer.get(r, {}),
+            **({"probe_accuracy": probe.get(r)} if probe else {}),
         }
         for r in vector.rows
     ]
+
+
+def probe_accuracy_by_layer(probe: dict | None, position: str) -> dict[int, float | None]:
+    """`{layer: held-out accuracy}` of the probe at `position` (empty without a probe there)."""
+    stats = (probe or {}).get("positions", {}).get(position)
+    return dict(zip(probe["rows"], stats["accuracy"], strict=True)) if stats else {}
 
 
 def print_vectors(vector: PersonaVector, summary: dict[str, Any], show_position: str, json: bool) -> None:
@@ -185,12 +204,14 @@ def print_vectors(vector: PersonaVector, summary: dict[str, Any], show_position:
     from rich.markup import escape
     from rich.table import Table
 
+    probe = any("probe_accuracy" in r for r in rows)
     table = Table(
         "layer",
         f"‖mean_diff‖ ({show})",
         "stream norm",
         "relative",
         *DIAGNOSTIC_COLUMNS.values(),
+        *(["probe acc"] if probe else []),
         title=escape(f"vectors {summary['name']}  ·  {vector.metadata['n_pairs']} pairs  ·  {summary['artifact']}"),
     )
     for r in rows:
@@ -200,6 +221,7 @@ def print_vectors(vector: PersonaVector, summary: dict[str, Any], show_position:
             f"{r['stream_norm']:.2f}",
             f"{r['relative']:.3f}",
             *diagnostic_cells(r),
+            *(diagnostic_cells(r, ["probe_accuracy"]) if probe else []),
         )
     stdout_console().print(table)
 
@@ -220,6 +242,7 @@ def diagnostics_by_layer(diagnostics: dict | None, position: str) -> dict[int, d
     return {row: {key: values[i] for key, values in stats.items()} for i, row in enumerate(diagnostics["rows"])}
 
 
-def diagnostic_cells(row: dict) -> list[str]:
+def diagnostic_cells(row: dict, keys: Sequence[str] = tuple(DIAGNOSTIC_COLUMNS)) -> list[str]:
+    """Two-decimal cells of `keys` (the diagnostics by default), a dash where a value is missing."""
     cell = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-    return [cell(row.get(key)) for key in DIAGNOSTIC_COLUMNS]
+    return [cell(row.get(key)) for key in keys]

@@ -168,7 +168,7 @@ FileVectorPosition = Annotated[  # any position the file has (a user-persona fil
     str,
     typer.Option("--position", help="Which extracted vector: prompt_end, response_start, response_avg, prompt_avg."),
 ]
-Aggregator = Annotated[AggregatorChoice, typer.Option("--aggregator", help="mean_diff or pca.")]
+Aggregator = Annotated[AggregatorChoice, typer.Option("--aggregator", help="mean_diff, pca or probe.")]
 SteerPositions = Annotated[
     SteerMode,
     typer.Option("--steer-positions", help="Which tokens get the vector (see docs/commands/steer.md)."),

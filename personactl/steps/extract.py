@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from personactl import __version__
-from personactl.core.choices import AGGREGATORS, POSITIONS
+from personactl.core.choices import AGGREGATORS, DEFAULT_AGGREGATORS, POSITIONS
 from personactl.core.sinks import SINK_RULE, STREAM_NORM_RULE
 from personactl.errors import InputError
-from personactl.model.activations import extract_vectors
+from personactl.model.activations import ExtractionResult, extract_vectors
 from personactl.model.chat_format import (
     EncodedExample,
     PairExample,
@@ -108,19 +108,20 @@ def build_vector(
     *,
     rows: Sequence[int] | None,
     positions: Sequence[str] = POSITIONS,
-    aggregators: Sequence[str] = AGGREGATORS,
+    aggregators: Sequence[str] = DEFAULT_AGGREGATORS,
     batch_tokens: int,
     provenance: dict[str, Any],
     on_batch: Callable[[int], None] | None = None,
     user_pairs: Sequence[PairExample] | None = None,
+    seed: int = 0,
+    note: Callable[[str], None] = lambda message: None,
 ) -> tuple[PersonaVector, dict[str, Any]]:
     """Run extraction and wrap the result as a self-describing PersonaVector.
 
     `user_avg` (user persona only) is extracted from `user_pairs`, the prompts cut after the user
-    message with the message as the span (see `personactl.steps.user_persona`)."""
-    unknown = set(aggregators) - set(AGGREGATORS)
-    if unknown:
-        raise InputError(f"unknown aggregator(s) {sorted(unknown)}", hint=f"choose from {', '.join(AGGREGATORS)}")
+    message with the message as the span (see `personactl.steps.user_persona`). `probe` reads the
+    pairs a second time (`personactl.steps.extract_probe`); `seed` splits its held-out pairs."""
+    check_aggregators(aggregators)
     if "user_avg" in positions and user_pairs is None:
         raise InputError("user_avg exists only for the user persona", hint="extract --persona user")
     main_positions = [p for p in positions if p != "user_avg"]
@@ -140,21 +141,16 @@ def build_vector(
     tensors = {"stream_norm": result.stream_norm}
     diagnostics = result.diagnostics
     if "user_avg" in positions:
-        user = extract_vectors(
-            lm.model,
-            lm.layers,
-            user_pairs,
-            pad_id=lm.tokenizer.pad_token_id,
-            rows=rows,
-            positions=["response_avg"],
-            pca="pca" in aggregators,
-            batch_tokens=batch_tokens,
-        )
+        user = add_user_avg(lm, user_pairs, rows, aggregators, batch_tokens, tensors)
         n_tokens += user.n_tokens
         diagnostics = merge_user_diagnostics(diagnostics, user.diagnostics, main_positions)
-        for kind in ("mean_diff", "pos_mean", "neg_mean", *(["pca"] if "pca" in aggregators else [])):
-            tensors[f"{kind}.user_avg"] = getattr(user, kind)["response_avg"]
     seconds = time.perf_counter() - start
+    timing = {"seconds": round(seconds, 3), "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1)}
+    probe_meta = None
+    if "probe" in aggregators:
+        probe_meta, timing["probe_seconds"] = add_probe(
+            lm, pairs, positions, result.rows, tensors, seed, batch_tokens, user_pairs, note
+        )
     for position in main_positions:
         tensors[f"mean_diff.{position}"] = result.mean_diff[position]
         tensors[f"pos_mean.{position}"] = result.pos_mean[position]
@@ -172,12 +168,64 @@ def build_vector(
         "stream_norm": STREAM_NORM_RULE,
         "sinks": SINK_RULE,
         "diagnostics": diagnostics,
+        **({"probe": probe_meta} if probe_meta is not None else {}),
         "personactl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **provenance,
     }
-    timing = {"seconds": round(seconds, 3), "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1)}
     return PersonaVector(tensors, metadata), timing
+
+
+def add_user_avg(
+    lm: LoadedModel,
+    user_pairs: Sequence[PairExample],
+    rows: Sequence[int] | None,
+    aggregators: Sequence[str],
+    batch_tokens: int,
+    tensors: dict[str, Any],
+) -> ExtractionResult:
+    """The user persona's pass: `<kind>.user_avg` tensors added to `tensors` (its `response_avg`)."""
+    user = extract_vectors(
+        lm.model,
+        lm.layers,
+        user_pairs,
+        pad_id=lm.tokenizer.pad_token_id,
+        rows=rows,
+        positions=["response_avg"],
+        pca="pca" in aggregators,
+        batch_tokens=batch_tokens,
+    )
+    for kind in ("mean_diff", "pos_mean", "neg_mean", *(["pca"] if "pca" in aggregators else [])):
+        tensors[f"{kind}.user_avg"] = getattr(user, kind)["response_avg"]
+    return user
+
+
+def check_aggregators(aggregators: Sequence[str]) -> None:
+    unknown = set(aggregators) - set(AGGREGATORS)
+    if unknown:
+        raise InputError(f"unknown aggregator(s) {sorted(unknown)}", hint=f"choose from {', '.join(AGGREGATORS)}")
+
+
+def add_probe(
+    lm: LoadedModel,
+    pairs: Sequence[PairExample],
+    positions: Sequence[str],
+    rows: list[int],
+    tensors: dict[str, Any],
+    seed: int,
+    batch_tokens: int,
+    user_pairs: Sequence[PairExample] | None,
+    note: Callable[[str], None],
+) -> tuple[dict[str, Any], float]:
+    """The `probe.<position>` tensors added to `tensors`; their metadata and the seconds they took."""
+    from personactl.steps.extract_probe import probe_vectors
+
+    start = time.perf_counter()
+    probes, meta = probe_vectors(
+        lm, pairs, positions, rows, seed=seed, batch_tokens=batch_tokens, user_pairs=user_pairs, note=note
+    )
+    tensors.update(probes)
+    return meta, round(time.perf_counter() - start, 3)
 
 
 def merge_user_diagnostics(main: dict[str, Any], user: dict[str, Any], kept: Sequence[str]) -> dict[str, Any]:
@@ -229,8 +277,8 @@ def extract_fingerprint(
     persona: str,
     keep_pairs: bool,
 ) -> dict[str, Any]:
-    """The inputs a vector file is made from (persona and keep_pairs only when not the default, so
-    earlier files stay current)."""
+    """The inputs a vector file is made from (persona, keep_pairs and the probe's settings only when
+    not the default, so earlier files stay current)."""
     fingerprint = {
         **input_id,
         "model": settings.model,
@@ -240,6 +288,10 @@ def extract_fingerprint(
         "positions": list(positions) if positions is not None else "default",
         "aggregators": list(aggregators),
     }
+    if "probe" in aggregators:
+        from personactl.steps.extract_probe import probe_settings
+
+        fingerprint["probe"] = probe_settings(settings.seed)
     if persona != "model":
         fingerprint["persona"] = persona
     if keep_pairs:
@@ -337,6 +389,17 @@ def input_from_pairs_file(
     return ExtractionInput(pairs, [f"line-{i}" for i in range(len(pairs))], positions, provenance)
 
 
+def load_for_extraction(load: Callable[[], LoadedModel], settings: Settings, rows: list[int] | None) -> LoadedModel:
+    """The model, its tokenizer set to re-encode prompts as they were generated, `rows` checked against it."""
+    from personactl.core.ranges import check_in_range
+
+    lm = load()
+    apply_thinking(lm.tokenizer, getattr(settings, "thinking", "auto"))
+    if rows is not None:
+        check_in_range(rows, lm.num_layers)
+    return lm
+
+
 def extract_step(
     *,
     settings: Settings,
@@ -353,14 +416,15 @@ def extract_step(
     on_batch: Callable[[int], None] | None = None,
     persona: str = "model",
     keep_pairs: bool = False,
+    on_note: Callable[[str], None] = lambda message: None,
 ) -> tuple[PersonaVector | None, dict[str, Any]]:
     """`personactl extract`: from the trait's responses table or a pairs file to a vector file.
 
     `positions=None` means every position the data has: all four, or only the response positions
     for plain-text pairs (which have no prompt)."""
-    from personactl.core.ranges import check_in_range
     from personactl.model.loading import resolve_model
 
+    check_aggregators(aggregators)  # before the model loads
     source = resolve_model(settings.model)
     label = trait.name if trait is not None else (name or Path(pairs_file).stem)
     if persona != "model" and trait is None:
@@ -386,10 +450,7 @@ def extract_step(
     if out.current(force):
         return PersonaVector.load(out.path), out.skipped()
 
-    lm = load()
-    apply_thinking(lm.tokenizer, getattr(settings, "thinking", "auto"))  # prompts re-encode as they were generated
-    if rows is not None:
-        check_in_range(rows, lm.num_layers)
+    lm = load_for_extraction(load, settings, rows)
     if scored is not None:
         job = input_from_responses(scored, trait, persona, positions, lm.tokenizer)
     else:
@@ -405,6 +466,8 @@ def extract_step(
         provenance=job.provenance,
         on_batch=on_batch,
         user_pairs=job.user_pairs,
+        seed=settings.seed,
+        note=on_note,
     )
     vector.save(out.path)
     if keep_pairs:

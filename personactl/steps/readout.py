@@ -4,8 +4,9 @@ A concept directory holds one text file per concept (`calm.txt`: descriptions se
 lines); files starting with `_` are a neutral pool added to every concept's negatives. Each text
 is the assistant's reply to a fixed question (`READOUT_PROMPT`) in the model's chat template and
 is read as `response_avg`. Each concept is trained one-vs-rest (its texts against every other
-concept's texts plus the neutral pool) by mean difference, or by PCA (the uncentred first principal
-direction of each positive text minus the negatives' mean, sign aligned with the mean difference).
+concept's texts plus the neutral pool) by mean difference, by PCA (the uncentred first principal
+direction of each positive text minus the negatives' mean, sign aligned with the mean difference),
+or by a logistic-regression probe (`core.probe.direction`, fitted on all texts, no held-out split).
 
 The file it makes, and its reader, are `store/readout_file.py` (`Readout`).
 """
@@ -21,6 +22,7 @@ import torch
 from personactl import __version__
 from personactl.core.choices import AGGREGATORS
 from personactl.core.directions import principal_direction_of_rows, unit
+from personactl.core.probe import direction as probe_direction
 from personactl.core.sinks import SINK_RULE
 from personactl.errors import InputError
 from personactl.store.readout_file import Readout
@@ -63,7 +65,7 @@ def text_example(tokenizer: Any, text: str):
 def one_vs_rest(values: torch.Tensor, labels: list[int], n_concepts: int, aggregator: str) -> torch.Tensor:
     """`values` `[N, R, H]` with a concept index per text (-1 = neutral) → unit `[R, C, H]`."""
     if aggregator not in AGGREGATORS:
-        raise InputError(f"unknown aggregator {aggregator!r}", hint="mean_diff or pca")
+        raise InputError(f"unknown aggregator {aggregator!r}", hint=", ".join(AGGREGATORS))
     label = torch.tensor(labels)
     out = []
     for c in range(n_concepts):
@@ -72,6 +74,8 @@ def one_vs_rest(values: torch.Tensor, labels: list[int], n_concepts: int, aggreg
         if aggregator == "pca":
             centred = pos - neg.mean(0)  # [n_c, R, H]
             diff = principal_direction_of_rows(centred.transpose(0, 1), diff).double()
+        elif aggregator == "probe":
+            diff = probe_direction(values.transpose(0, 1), (label == c).double()).double()
         out.append(unit(diff))
     return torch.stack(out, dim=1).float()
 

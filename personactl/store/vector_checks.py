@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from personactl.core.choices import AGGREGATORS
 from personactl.core.ranges import format_ranges
 from personactl.errors import VectorFileError
 
-DIRECTIONS = ("mean_diff", "pca")  # the tensors that steer; their rows must have finite norms
+DIRECTIONS = AGGREGATORS  # the tensors that steer; their rows must have finite norms
 REMAKE = "the file was changed after it was written: re-extract it (personactl extract --force) or re-import it"
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from personactl.core.choices import AGGREGATORS
 from personactl.store.vectors import PersonaVector
 
-DIRECTION_PREFIXES = ("mean_diff.", "pca.")  # tensors that are directions; pos_mean/neg_mean are means
+DIRECTION_PREFIXES = tuple(f"{a}." for a in AGGREGATORS)  # directions; pos_mean/neg_mean are means
 
 
 def _number(value: float) -> float | None:
