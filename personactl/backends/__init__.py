@@ -163,6 +163,8 @@ def open_model(
             settings.model,
             dtype=settings.dtype,
             device=settings.device,
+            device_map=settings.device_map,
+            max_memory=settings.max_memory,
             revision=settings.revision,
             trust_remote_code=settings.trust_remote_code,
             cache_dir=settings.cache_dir,

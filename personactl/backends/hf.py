@@ -14,6 +14,7 @@ from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids,
 from personactl.backends.hf_rows import RowRequest, RowSampler, RowStops, RowStreamer
 from personactl.core.choices import POSITION_MODES
 from personactl.errors import InputError
+from personactl.model.loading import input_device
 from personactl.model.steering import GridRow, Steerer, run_grid
 
 
@@ -93,7 +94,7 @@ class HFBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> list[Generation]:
         """One batched `generate` call. Same prompts, sampling and seed give the same tokens."""
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         width = max(len(p) for p in prompts)
         ids, mask = left_padded(prompts, self.tokenizer.pad_token_id)
         torch.manual_seed(seed)
@@ -157,7 +158,7 @@ class HFBackend:
         """One reply, steered by `Steerer` (hooks only for the call), handed over token by token."""
         from transformers import StoppingCriteriaList
 
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         ids = torch.tensor([list(prompt)], device=device)
         steerer = (
             Steerer(self.model, steering.directions, coefficient=steering.alpha, positions=steering.positions)
@@ -183,7 +184,7 @@ class HFBackend:
         each row's generated tokens (its end-of-turn token included)."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         width = max(len(row.prompt) for row in rows)
         ids, mask = left_padded([row.prompt for row in rows], self.tokenizer.pad_token_id)
         streamer = RowStreamer(rows, self.stop_ids)

@@ -25,6 +25,7 @@ from personactl.core.directions import principal_direction, principal_direction_
 from personactl.core.sinks import median_span_norm, sink_mask, without_sinks
 from personactl.errors import InputError
 from personactl.model.chat_format import EncodedExample, PairExample
+from personactl.model.loading import input_device
 
 # the answer after a thinking section (`<think>…</think>`); the response itself when there is none
 THINKING_POSITIONS = ("answer_start", "answer_avg")
@@ -301,7 +302,7 @@ def extract_vectors(
     rows = _checked_request(pairs, positions, rows, n_rows)
     if not stream_norm and set(positions) <= set(TOKEN_POSITIONS):
         pairs = cut_after_read_tokens(pairs, positions)
-    device = next(model.parameters()).device
+    device = input_device(model)  # the batch and the sums; a block elsewhere hands its rows over (`on_row`)
     hidden_size = int(model.get_input_embeddings().weight.shape[1])
     sums = _PairSums.allocate(len(positions), len(rows), hidden_size, len(pairs), pca, diagnostics, device)
     n_tokens = _stream_batches(
@@ -430,6 +431,7 @@ def _stream_batches(
 
     def on_row(row: int, hidden: torch.Tensor) -> None:
         assert current is not None
+        hidden = hidden.to(device)  # once per row: under a device map the block may run elsewhere
         values, norms = reduce_positions(hidden, current.batch, positions, norms=stream_norm)  # [P, 2k, H]
         sums.add(row_index[row], values, norms, current)
 

@@ -26,6 +26,7 @@ from personactl.model.activations import (
     token_sinks,
 )
 from personactl.model.chat_format import EncodedExample
+from personactl.model.loading import input_device
 
 
 @dataclass
@@ -69,7 +70,7 @@ def read_examples(
     if not examples:
         raise InputError("no texts to read")
     rows = sorted(set(rows))
-    device = next(model.parameters()).device
+    device = input_device(model)  # the batch; a block elsewhere (a device map) hands its rows over (`on_row`)
     hidden_size = int(model.get_input_embeddings().weight.shape[1])
     values = torch.zeros(len(examples), len(positions), len(rows), hidden_size)
     tokens: list[torch.Tensor | None] = [None] * len(examples)
@@ -80,6 +81,7 @@ def read_examples(
 
     def on_row(row: int, hidden: torch.Tensor) -> None:
         batch, index = state["batch"], state["index"]
+        hidden = hidden.to(device)  # once per row: under a device map the block may run elsewhere
         reduced, _ = reduce_positions(hidden, batch, positions, norms=False)  # [P, B, H]
         values[index, :, row_index[row]] = reduced.transpose(0, 1).cpu()
         if dirs is not None:

@@ -9,6 +9,7 @@ and vLLM can read it.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import json
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
-from personactl.errors import ModelError
+from personactl.errors import InputError, ModelError
 
 if TYPE_CHECKING:
     from personactl.model.loading import ModelHandle
@@ -174,6 +175,116 @@ def ensure_builtin(name: str, cache_dir: Path, log: Log = _stderr) -> Path:
     return target
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(GIB|MIB|KIB|GB|MB|KB|B)?$", re.IGNORECASE)
+_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+_MAX_MEMORY_HINT = (
+    "write device=size pairs: --max-memory 0=20GiB,1=20GiB,cpu=64GiB (devices: GPU index, cpu, mps, disk)"
+)
+
+
+def check_device_map(device_map: str | None, max_memory: str | None, device: str) -> dict[int | str, int] | None:
+    """The accelerate `max_memory` dict for a device map, after refusing what cannot work: an unknown
+    strategy, memory limits without a map, or an explicit `device` beside the map (the map places
+    every block itself; quietly ignoring `--device cuda:1` would hide what the user meant)."""
+    if device_map is None:
+        if max_memory is not None:
+            raise InputError("--max-memory needs --device-map", hint="add --device-map auto, or drop --max-memory")
+        return None
+    if device_map not in DEVICE_MAPS:
+        raise InputError(f"unknown device map {device_map!r}", hint=f"choose {', '.join(DEVICE_MAPS)}")
+    if device != "auto":
+        raise InputError(
+            f"--device {device} and --device-map {device_map} both given: the map places every block itself",
+            hint="drop --device (keep a device out of the map with --max-memory, e.g. 0=0GiB), or drop --device-map",
+        )
+    return parse_max_memory(max_memory) if max_memory is not None else None
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """'0=20GiB,cpu=64GiB' as accelerate's `max_memory` ({0: bytes, "cpu": bytes}). Sizes are bytes
+    whatever the case of the unit (accelerate would read a lowercase 'gb' as gigabits)."""
+    limits: dict[int | str, int] = {}
+    for part in text.split(","):
+        key, sep, size = (piece.strip() for piece in part.partition("="))
+        key = key.lower().removeprefix("cuda:")
+        match = _SIZE.match(size)
+        if not sep or not match or not (key.isdigit() or key in ("cpu", "mps", "disk")):
+            raise InputError(f"cannot read --max-memory {text!r} at {part.strip()!r}", hint=_MAX_MEMORY_HINT)
+        device: int | str = int(key) if key.isdigit() else key
+        if device in limits:
+            raise InputError(f"--max-memory names {key} twice", hint=_MAX_MEMORY_HINT)
+        limits[device] = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    return limits
+
+
+def _check_gpus(limits: dict[int | str, int] | None) -> None:
+    import torch
+
+    gpus = [key for key in (limits or {}) if isinstance(key, int)]
+    count = torch.cuda.device_count()
+    missing = [gpu for gpu in gpus if gpu >= count]
+    if missing:
+        raise ModelError(
+            f"--max-memory names GPU {missing[0]}, but this machine has {count} GPU(s)",
+            hint="number GPUs from 0 as torch.cuda sees them (CUDA_VISIBLE_DEVICES renumbers them)",
+        )
+
+
+def _offload_folder(cache_dir: Path) -> Path:
+    """A fresh folder for weights a device map sends to disk (only those that must be re-saved, such
+    as a GGUF's: safetensors weights are read where they are). Removed when the process ends; a
+    killed process's folder is removed by the next load."""
+    root = Path(cache_dir) / "offload"
+    if root.is_dir():
+        for stale in root.iterdir():
+            pid = stale.name.split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+    folder = root / f"{os.getpid()}-{os.urandom(4).hex()}"
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def input_device(model: Any):
+    """Where a model's inputs go: its input embedding's device. Under an accelerate device map that is
+    the device the embedding runs on (its hook's execution device: an offloaded weight is on `meta`),
+    and not necessarily that of `model.parameters()`'s first tensor."""
+    import torch
+
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    for one in [hook, *getattr(hook, "hooks", ())]:  # a SequentialHook holds several
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return embedding.weight.device
+
+
+def block_placement(model: Any, layers: Any) -> dict[str, int]:
+    """How many decoder blocks each device of the model's accelerate device map holds ('disk': read
+    from disk on every forward pass)."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    names = {id(module): name for name, module in model.named_modules()}
+    counts: dict[str, int] = {}
+    for block in layers:
+        name = names.get(id(block), "")
+        owners = [key for key in placement if key == "" or name == key or name.startswith(key + ".")]
+        device = str(placement[max(owners, key=len)]) if owners else "unknown"
+        counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
 def default_dtype(device: str) -> str:
     if device.startswith("mps"):
         return "float16"
@@ -252,6 +363,7 @@ class LoadedModel:
     fingerprint: str
     layers: Any = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    device_map: str | None = None  # the accelerate strategy it was loaded with, if any
 
     @property
     def num_layers(self) -> int:
@@ -263,14 +375,15 @@ class LoadedModel:
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        """Where inputs go (`input_device`); under a device map the blocks may sit elsewhere."""
+        return input_device(self.model)
 
     @property
     def dtype(self):
         return next(self.model.parameters()).dtype
 
     def describe(self) -> dict[str, Any]:
-        return {
+        info = {
             "model": self.source.spec,
             "model_kind": self.source.kind,
             "model_fingerprint": self.fingerprint,
@@ -279,6 +392,9 @@ class LoadedModel:
             "hidden_size": self.hidden_size,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+        if self.device_map is not None:  # only then, so other models' metadata stays as it was
+            info["device_map"] = {"strategy": self.device_map, "blocks": block_placement(self.model, self.layers)}
+        return info
 
 
 class ModelHandle(Protocol):
@@ -339,13 +455,19 @@ def load_model(
     *,
     dtype: str = "auto",
     device: str = "auto",
+    device_map: str | None = None,
+    max_memory: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: Path | str | None = None,
     token: str | None = None,
     log: Log = _stderr,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode, on `device`, with decoder layers located."""
+    """Load a causal LM and its tokenizer in eval mode, on `device`, with decoder layers located.
+
+    With `device_map` (an accelerate strategy, `DEVICE_MAPS`) the blocks are spread over the
+    machine's devices within `max_memory` ('0=20GiB,cpu=64GiB'); what fits nowhere is read from disk."""
+    limits = check_device_map(device_map, max_memory, device)
     source = resolve_model(spec)
     if cache_dir is None:
         from personactl.settings import _default_cache_dir
@@ -359,6 +481,10 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = getattr(torch, default_dtype(device) if dtype == "auto" else dtype)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        _check_gpus(limits)
+        placement = {"device_map": device_map, "max_memory": limits, "offload_folder": str(_offload_folder(cache_dir))}
     directory: Path | None = None
     if source.kind == "builtin":
         directory = ensure_builtin(spec, Path(cache_dir), log)
@@ -374,18 +500,24 @@ def load_model(
     try:
         AutoConfig.from_pretrained(location, **kwargs)  # fails fast on remote code, before any weights
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs, **placement)
     except Exception as exc:  # noqa: BLE001 - only the model's own files run here: truncated weights raise
         # SafetensorError, a cut GGUF struct.error/EOFError/IndexError; each is the model's fault, not ours
         raise _load_error(spec, source, exc) from None
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     notes: list[str] = []
     prepare_tokenizer(tokenizer, notes)
+    layers = decoder_layers(model)
+    if device_map is not None:
+        blocks = ", ".join(f"{n} on {where}" for where, n in block_placement(model, layers).items())
+        notes.append(f"device map {device_map}: decoder blocks {blocks}")
     for note in notes:
         log(f"note: {note}")
     fingerprint = model_fingerprint(source, model, directory)
-    return LoadedModel(model, tokenizer, source, fingerprint, decoder_layers(model), notes)
+    return LoadedModel(model, tokenizer, source, fingerprint, layers, notes, device_map)
 
 
 def _load_error(spec: str, source: ModelSource, exc: Exception) -> ModelError:
@@ -394,6 +526,11 @@ def _load_error(spec: str, source: ModelSource, exc: Exception) -> ModelError:
     if "trust_remote_code" in text:
         return ModelError(
             f"{spec} needs custom code from its repository", hint="pass --trust-remote-code only if you trust that code"
+        )
+    if any(word in text for word in ("device_map", "max_memory", "offload")):
+        return ModelError(
+            f"cannot place {spec!r} with the device map: {first[:200]}",
+            hint="check --device-map and --max-memory (0=20GiB,cpu=64GiB), or load without --device-map",
         )
     if source.kind == "hub":
         return ModelError(

@@ -67,14 +67,16 @@ class Steerer:
         decoder_layers: Any = None,
     ):
         from personactl.model.loading import decoder_layers as find_layers
+        from personactl.model.loading import input_device
 
         _check_mode(positions)
         self.model = model
         self.blocks = decoder_layers if decoder_layers is not None else find_layers(model)
         self.positions = positions
         self.row_modes: torch.Tensor | None = None  # [B] codes of MODE_CODES, set by `per_row`
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # made where inputs go; a layer whose block runs elsewhere (an accelerate device map) moves
+        # its own tensors there at its first forward (`_place`), never again per step
+        self.device, self.dtype = input_device(model), next(model.parameters()).dtype
         if isinstance(vector, Mapping):
             directions = dict(vector)
         else:
@@ -84,6 +86,8 @@ class Steerer:
         for layer, direction in directions.items():
             self._check_direction(layer, direction)
         self.directions = {layer: d.to(self.device, self.dtype) for layer, d in sorted(directions.items())}
+        self._placed = dict.fromkeys(self.directions, self.device)  # {layer: device its tensors are on}
+        self._modes_on: dict[Any, torch.Tensor] = {}  # `row_modes` per device
         self.coefficients: dict[int, torch.Tensor] = {}
         self.row_deltas: dict[int, torch.Tensor] | None = None  # {layer: [B, H]}, set by `per_row`
         self.set_coefficients(coefficient)
@@ -136,7 +140,7 @@ class Steerer:
         """Change coefficients in place (a new tensor only when the batch size changes)."""
         for layer in self.directions:
             value = coefficient.get(layer, 0.0) if isinstance(coefficient, Mapping) else coefficient
-            new = _as_coefficient(value, self.device)
+            new = _as_coefficient(value, self._placed[layer])
             old = self.coefficients.get(layer)
             if old is not None and old.shape == new.shape:
                 old.copy_(new)
@@ -165,7 +169,9 @@ class Steerer:
     def _row_position_mask(self, length: int, device: Any) -> torch.Tensor:
         """`[B, T, 1]`: each row's own mode (rows share the prompt width: prompts are left-padded)."""
         positions = torch.arange(self._offset, self._offset + length, device=device)[None, :]
-        modes = self.row_modes.to(device)[:, None]
+        if device not in self._modes_on:
+            self._modes_on[device] = self.row_modes.to(device)
+        modes = self._modes_on[device][:, None]
         prompt = positions < self._prompt_width
         response = positions >= self._prompt_width - 1
         keep = torch.where(modes == MODE_CODES["prompt"], prompt, response)
@@ -184,9 +190,19 @@ class Steerer:
             raise InputError(f"{coef.numel()} steering coefficients for a batch of {batch}")
         return coef.to(dtype)[:, None, None] * self.directions[layer]
 
+    def _place(self, layer: int, device: Any) -> None:
+        """Move what `layer` adds to `device`, where its block's output is (once per layer)."""
+        self.directions[layer] = self.directions[layer].to(device)
+        self.coefficients[layer] = self.coefficients[layer].to(device)
+        if self.row_deltas is not None:
+            self.row_deltas[layer] = self.row_deltas[layer].to(device)
+        self._placed[layer] = device
+
     def _hook(self, layer: int):
         def hook(_module: Any, _args: Any, output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple) else output
+            if self._placed[layer] != hidden.device:
+                self._place(layer, hidden.device)
             delta = self._delta(layer, hidden.shape[0], hidden.dtype)
             mask = self._position_mask(hidden.shape[1], hidden.device)
             if mask is not None:

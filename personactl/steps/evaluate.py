@@ -434,6 +434,8 @@ def kl_model(settings: Settings, lm: ModelHandle) -> Any:
         settings.model,
         dtype=str(lm.dtype).removeprefix("torch."),
         device=settings.device,
+        device_map=settings.device_map,
+        max_memory=settings.max_memory,
         revision=settings.revision,
         trust_remote_code=settings.trust_remote_code,
         cache_dir=settings.cache_dir,
