@@ -196,7 +196,7 @@ def check_device_map(device_map: str | None, max_memory: str | None, device: str
     if device != "auto":
         raise InputError(
             f"--device {device} and --device-map {device_map} both given: the map places every block itself",
-            hint="drop --device (keep a device out of the map with --max-memory, e.g. 0=0GiB), or drop --device-map",
+            hint="drop --device (to keep a device out, leave it out of --max-memory), or drop --device-map",
         )
     return parse_max_memory(max_memory) if max_memory is not None else None
 
