@@ -137,6 +137,31 @@ def test_default_extraction_makes_no_second_pass(isolated_env, tiny_factory, mon
     assert asked.exit_code != 0 and "read_examples ran" in asked.stderr  # the patch does see a probe run
 
 
+def test_probe_read_one_position_a_pass_and_fitted_row_by_row_is_the_same(tiny_factory, monkeypatch):
+    """Past the memory budgets the readings come one position a pass and the fits a row at a time:
+    the same directions (to L-BFGS's tolerance) and accuracies, and a note that says so."""
+    from personactl.model.loading import load_model
+    from personactl.steps import extract_probe
+    from personactl.steps.extract import pairs_from_jsonl
+
+    lm = load_model(str(tiny_factory("llama")), dtype="float32", device="cpu", log=lambda m: None)
+    pairs, _ = pairs_from_jsonl(MOOD_PAIRS, lm.tokenizer)
+    positions, rows = ["response_start", "response_avg"], [0, 1, 2, 3]
+    whole, meta = extract_probe.probe_vectors(lm, pairs, positions, rows, seed=0, batch_tokens=4096)
+    monkeypatch.setattr(extract_probe, "READ_BYTES", 1)
+    monkeypatch.setattr(extract_probe, "FIT_BYTES", 1)
+    notes = []
+    split, split_meta = extract_probe.probe_vectors(
+        lm, pairs, positions, rows, seed=0, batch_tokens=4096, note=notes.append
+    )
+    assert "read in 2 passes, one per position" in notes[0]
+    assert split_meta["n_tokens"] == 2 * meta["n_tokens"]
+    assert sorted(split) == ["probe.response_avg", "probe.response_start"]
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=0, atol=1e-5, equal_nan=True)
+    assert split_meta["positions"] == meta["positions"]
+
+
 def test_unknown_aggregator_is_refused_before_the_model_loads(isolated_env, tmp_path):
     """One line, exit 2, before anything else is checked or loaded (the model here does not exist)."""
     result = runner.invoke(
