@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     device_map: str | None = Field(
         None,
         description="hf backend: spread the model's blocks over devices with accelerate (auto, balanced, "
-        "balanced_low_0, sequential); overrides device",
+        "balanced_low_0, sequential); not with device",
     )
     max_memory: str | None = Field(
         None, description="hf backend with device_map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"

@@ -273,3 +273,19 @@ def test_two_gpus_equal_one_device(plain, prompts):
     torch.testing.assert_close(
         results[0].mean_diff["response_avg"], results[1].mean_diff["response_avg"], equal_nan=True
     )
+
+
+def test_kl_neutral_equals_the_plain_model(plain, mapped):
+    """The capability cost reuses saved block outputs below the steered layer and steers the rest:
+    through accelerate's hooks too, exactly as on the plain model."""
+    from personactl.model.capability_cost import NeutralKL
+
+    v = direction(plain, 3)
+    cells = [(CPU_LAYER, 2.0), (DISK_LAYER, -2.0), (DISK_LAYER, 0.0)]
+    texts = ["The weather was mild and the market was busy.", "Water boils at a lower temperature up high."]
+    kls = [
+        NeutralKL(lm.model, lm.tokenizer, texts)({CPU_LAYER: v[CPU_LAYER], DISK_LAYER: v[DISK_LAYER]}, cells)
+        for lm in (plain, mapped)
+    ]
+    assert kls[0] == kls[1]
+    assert kls[0][0] > 0 and kls[0][1] > 0 and kls[0][2] == 0.0

@@ -28,6 +28,7 @@ from personactl.cli.common import (
     load_engine,
     log,
     open_workspace,
+    placement,
     report,
     settings_from,
     stdout_console,
@@ -127,13 +128,9 @@ def chat(
         top_p=top_p,
         seed=seed,
         dtype=dtype,
-        device=device,
-        device_map=device_map,
-        max_memory=max_memory,
+        **placement(device, device_map, max_memory, tensor_parallel_size, pipeline_parallel_size),
         trust_remote_code=trust_remote_code,
         backend=backend,
-        tensor_parallel_size=tensor_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size,
     )
     ws = open_workspace(settings)
     if readout:

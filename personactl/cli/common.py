@@ -94,6 +94,18 @@ def settings_from(config=None, **cli: Any):
     return settings
 
 
+def placement(device=None, device_map=None, max_memory=None, tensor_parallel_size=None, pipeline_parallel_size=None):
+    """The flags that say where the model runs (devices, accelerate map, vLLM parallelism), as
+    `settings_from` keywords."""
+    return {
+        "device": device,
+        "device_map": device_map,
+        "max_memory": max_memory,
+        "tensor_parallel_size": tensor_parallel_size,
+        "pipeline_parallel_size": pipeline_parallel_size,
+    }
+
+
 def open_workspace(settings):
     from personactl.store.workspace import Workspace
 

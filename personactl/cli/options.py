@@ -109,7 +109,7 @@ DeviceMap = Annotated[
     typer.Option(
         "--device-map",
         help="hf backend: spread the blocks over devices with accelerate (auto, balanced, balanced_low_0, "
-        "sequential); overrides --device.",
+        "sequential); not with --device.",
         show_default=False,
     ),
 ]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import guarded, load_engine, log, open_workspace, settings_from
+from personactl.cli.common import guarded, load_engine, log, open_workspace, placement, settings_from
 
 if TYPE_CHECKING:
     from personactl.chat.server import SteeredEngine, SteeredHTTPServer
@@ -114,13 +114,9 @@ def serve(
         top_p=top_p,
         seed=seed,
         dtype=dtype,
-        device=device,
-        device_map=device_map,
-        max_memory=max_memory,
+        **placement(device, device_map, max_memory, tensor_parallel_size, pipeline_parallel_size),
         trust_remote_code=trust_remote_code,
         backend=backend,
-        tensor_parallel_size=tensor_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size,
     )
     ws = open_workspace(settings)
     lm = load_engine(settings, steering=True, positions=positions)

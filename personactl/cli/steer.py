@@ -15,6 +15,7 @@ from personactl.cli.common import (
     load_engine,
     log,
     open_workspace,
+    placement,
     settings_from,
     stdout_console,
 )
@@ -94,13 +95,9 @@ def steer(
         seed=seed,
         batch_size=batch_size,
         dtype=dtype,
-        device=device,
-        device_map=device_map,
-        max_memory=max_memory,
+        **placement(device, device_map, max_memory, tensor_parallel_size, pipeline_parallel_size),
         trust_remote_code=trust_remote_code,
         backend=backend,
-        tensor_parallel_size=tensor_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size,
     )
     ws = open_workspace(settings)
     lm = load_engine(settings, steering=True, positions=positions)

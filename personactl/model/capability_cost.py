@@ -112,14 +112,14 @@ class NeutralKL:
     `rows_per_forward` bounds a forward's batch (it holds ⌊rows / #texts⌋ cells, at least one)."""
 
     def __init__(self, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, rows_per_forward: int = 32):
-        from personactl.model.loading import decoder_layers
+        from personactl.model.loading import decoder_layers, input_device
 
         self.model = model
         self.blocks = decoder_layers(model)
         self.texts = tuple(texts if texts is not None else neutral_texts())
         self.batch = encode_texts(tokenizer, self.texts)
         self.cells_per_forward = max(1, rows_per_forward // self.batch.n_texts)
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # where inputs go (logits may come back elsewhere: a device map)
         self._reference: torch.Tensor | None = None
         self._block_outputs: list[Any] = []
 
@@ -152,7 +152,7 @@ class NeutralKL:
                     handle.remove()
             self._block_outputs = outputs
             n = self.batch.n_texts
-            self._reference = torch.log_softmax(logits[:n][self.batch.mask.to(self.device)].float(), dim=-1)
+            self._reference = torch.log_softmax(logits[:n][self.batch.mask.to(logits.device)].float(), dim=-1)
         return self._reference
 
     def __call__(self, directions: Mapping[int, torch.Tensor], cells: Sequence[tuple[int, float]]) -> list[float]:
@@ -163,7 +163,7 @@ class NeutralKL:
             return []
         reference = self.reference()
         n, k = self.batch.n_texts, self.cells_per_forward
-        mask = self.batch.mask.to(self.device)
+        mask = self.batch.mask.to(reference.device)  # the logits' device, as the reference's
         layers = sorted({layer for layer, _ in cells})
         order = sorted(range(len(cells)), key=lambda i: cells[i][0])  # a forward's cells share low layers
         out: dict[int, float] = {}

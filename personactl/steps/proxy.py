@@ -78,6 +78,7 @@ def projections(
     state: dict[str, Any] = {}
 
     def on_row(row: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.to(lm.device)  # a block elsewhere (an accelerate device map): to the batch's device
         values, _ = reduce_positions(hidden, state["batch"], [position], norms=False)  # the extraction's own reduction
         out[row] += project(values[0], directions[row].to(values.device)).tolist()
 
