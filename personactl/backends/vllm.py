@@ -100,6 +100,7 @@ class VLLMBackend:
     position_modes = ("all",)  # the tables add to every position of a request (see the module docstring)
     full_distributions = False  # no full next-token distributions: kl_neutral loads the HF model
     reads_activations = False  # the residual stream lives in vLLM's worker processes
+    joins_running_batch = True  # `serve_rows`: new requests join the running engine at its next step
 
     def __init__(self, llm: Any, tokenizer: Any, source: Any, config: Any, fingerprint: str, dtype: str, **info: Any):
         self.llm = llm
@@ -112,6 +113,7 @@ class VLLMBackend:
         self.steerable: bool = info.get("steerable", False)
         self.enforce_eager: bool = info.get("enforce_eager", False)
         self.tensor_parallel_size: int = info.get("tensor_parallel_size", 1)
+        self.pipeline_parallel_size: int = info.get("pipeline_parallel_size", 1)
         self.max_model_len: int | None = info.get("max_model_len")
         self.max_stream_batch: int = info.get("max_num_seqs", 1)  # rows `stream_batch` mixes: the engine's batch
         self.notes: list[str] = info.get("notes", [])
@@ -138,6 +140,7 @@ class VLLMBackend:
             "dtype": str(self.dtype).removeprefix("torch."),
             "backend": "vllm",
             "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
         }
 
     # --- requests ------------------------------------------------------------------------------
@@ -207,25 +210,44 @@ class VLLMBackend:
         sampling, seed (as `stream` derives it), budget and stop signal; tokens reach each row's
         `on_token` as vLLM produces them and `on_done` as soon as the row ends. Every row is checked
         before any starts. Returns each row's generated tokens (end of turn included)."""
-        from vllm.sampling_params import RequestOutputKind
-
         from personactl.backends.vllm_stream import step_rows
 
         configs = [self.config_of(row.steering) for row in rows]
         for row in rows:
             self._check_prompt(row.prompt)
+        with self._using(configs):
+            requests = [self._engine_request(row, config) for row, config in zip(rows, configs, strict=True)]
+            return step_rows(self.llm.llm_engine, requests, rows)
+
+    def serve_rows(
+        self,
+        take: Callable[[bool, int], list[RowRequest] | None],
+        fail: Callable[[RowRequest, BaseException], None],
+        max_rows: int | None = None,
+    ) -> None:
+        """Serve rows continuously, until `take` says it is closed and every row has ended: rows that
+        `take(block, room)` hands over (at most `room`; it blocks only when `block`, i.e. nothing is
+        running) join vLLM's running engine at its next step, each with its own steering (a table row
+        of its own while it runs), sampling, seed and budget, as `stream_batch` runs them. A row that
+        cannot run (bad steering, a prompt too long, the engine refusing it) goes to `fail(row, error)`
+        alone. At most `max_rows` (and the engine's `max_num_seqs`) run at once. See `vllm_stream`."""
+        from personactl.backends.vllm_stream import ContinuousRows
+
+        limit = self.max_stream_batch if max_rows is None else max(1, min(max_rows, self.max_stream_batch))
+        ContinuousRows(self, take, fail, limit).run()
+
+    def _engine_request(self, row: RowRequest, config: SteeringConfig | None) -> tuple[str, Any, Any]:
+        """A row as the engine's `add_request` takes it: (request id, rendered prompt, parameters
+        that hand back each step's new tokens)."""
+        from vllm.sampling_params import RequestOutputKind
+
         # rendered as `LLM.generate` renders its prompts (vLLM 0.32 deprecates raw prompts here)
         render = getattr(self.llm, "_preprocess_cmpl_one", lambda request: request)
-        with self._using(configs):
-            requests = [
-                (
-                    f"personactl-{next(_request_ids)}",
-                    render(self._request(row.prompt, config)),
-                    self._params(row.sampling, _row_seed(row.seed, 0), config, output_kind=RequestOutputKind.DELTA),
-                )
-                for row, config in zip(rows, configs, strict=True)
-            ]
-            return step_rows(self.llm.llm_engine, requests, rows)
+        return (
+            f"personactl-{next(_request_ids)}",
+            render(self._request(row.prompt, config)),
+            self._params(row.sampling, _row_seed(row.seed, 0), config, output_kind=RequestOutputKind.DELTA),
+        )
 
     def _check_prompt(self, prompt: Sequence[int]) -> None:
         """Refuse here what vLLM would refuse when the request is added (which would fail the batch)."""
@@ -295,22 +317,40 @@ class VLLMBackend:
     @contextlib.contextmanager
     def _using(self, configs: Sequence[SteeringConfig | None]) -> Iterator[None]:
         """Have every configuration in `configs` in a table row of every worker while the block runs."""
+        self._hold(configs)
+        try:
+            yield
+        finally:
+            self._let_go(configs)
+
+    def _hold(self, configs: Sequence[SteeringConfig | None]) -> None:
+        """Put every configuration in `configs` in a table row of every worker (writing the new ones)
+        and keep its row until `_let_go`; nothing is held when this raises."""
         steered = [c for c in configs if c is not None]
         if not steered:
-            yield
             return
         if self._rows is None:
             raise InputError("this vLLM engine was opened without steering", hint="open_vllm(..., steering=True)")
         entries = self._rows.place(steered)
+        if not entries:
+            return
         try:
-            if entries:
-                written = self.llm.collective_rpc("personactl_steering_put", args=(entries,))
-                if min(written) != len(entries):
-                    self._rows.forget(entries)
-                    raise ModelError("a vLLM worker did not take the steering configurations (see its log)")
-            yield
-        finally:
+            written = self.llm.collective_rpc("personactl_steering_put", args=(entries,))
+            if min(written) != len(entries):
+                raise ModelError("a vLLM worker did not take the steering configurations (see its log)")
+        except BaseException:
+            self._rows.forget(entries)
             self._rows.release(steered)
+            raise
+
+    def _let_go(self, configs: Sequence[SteeringConfig | None]) -> None:
+        steered = [c for c in configs if c is not None]
+        if steered and self._rows is not None:
+            self._rows.release(steered)
+
+    def has_room(self, config: SteeringConfig | None) -> bool:
+        """Whether `config` can have a table row now (see `ConfigRows.has_room`)."""
+        return self._rows is None or self._rows.has_room(config)
 
     @contextlib.contextmanager
     def steering(
@@ -420,10 +460,17 @@ def _model_location(source: Any, cache_dir: Path, log: Any) -> str:
     return source.location
 
 
-def open_vllm_from(settings: Settings, *, steering: bool, log: Any = lambda message: None) -> VLLMBackend:
-    """`open_vllm` with the model, dtype, revision, seed, parallelism and eagerness of a `Settings` object."""
+def open_vllm_from(
+    settings: Settings, *, steering: bool, log: Any = lambda message: None, **engine_kwargs: Any
+) -> VLLMBackend:
+    """`open_vllm` with the model, dtype, revision, seed, parallelism (tensor and pipeline) and
+    eagerness of a `Settings` object; `engine_kwargs` go to `vllm.LLM` as they are."""
     if settings.device not in ("auto", "cpu") and not settings.device.startswith("cuda"):
         raise InputError(f"--device {settings.device} is not available with the vllm backend", hint="use --backend hf")
+    # "ray" for several machines (vLLM refuses more ranks than local GPUs otherwise); None: vLLM chooses
+    executor = getattr(settings, "distributed_executor_backend", None)
+    if executor:
+        engine_kwargs.setdefault("distributed_executor_backend", executor)
     return open_vllm(
         settings.model,
         dtype=settings.dtype,
@@ -432,10 +479,12 @@ def open_vllm_from(settings: Settings, *, steering: bool, log: Any = lambda mess
         cache_dir=settings.cache_dir,
         token=settings.hf_token.get_secret_value() if settings.hf_token else None,
         tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
         steering=steering,
         enforce_eager=settings.vllm_eager,
         seed=settings.seed,
         log=log,
+        **engine_kwargs,
     )
 
 
@@ -448,6 +497,7 @@ def open_vllm(
     cache_dir: Path | str | None = None,
     token: str | None = None,
     tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
     steering: bool = True,
     enforce_eager: bool = False,
     seed: int = 0,
@@ -484,6 +534,7 @@ def open_vllm(
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
         "tensor_parallel_size": tensor_parallel_size,
+        "pipeline_parallel_size": pipeline_parallel_size,
         "enforce_eager": enforce_eager,
         "seed": seed,
         **_steering_and_memory_arguments(steering, on_cpu),
@@ -503,6 +554,7 @@ def open_vllm(
         steerable=steering,
         enforce_eager=enforce_eager,
         tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
         notes=notes,
         **_engine_limits(llm),
     )

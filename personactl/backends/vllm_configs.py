@@ -84,6 +84,10 @@ class ConfigRows:
         """How many more distinct configurations can be in use at once."""
         return self.capacity - len(self._in_use)
 
+    def has_room(self, config: SteeringConfig | None) -> bool:
+        """Whether `place([config])` can give it a row now (it is unsteered, in use, or a row is free)."""
+        return config is None or config.key in self._in_use or self.available > 0
+
     def release(self, configs: Iterable[SteeringConfig]) -> None:
         for key in {c.key for c in configs}:
             self._in_use[key] -= 1

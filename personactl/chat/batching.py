@@ -1,16 +1,23 @@
 """Replies requested from many threads at once, generated together: the server's engine.
 
-A scheduler thread takes up to `max_batch` waiting replies whenever the engine is free and runs
-them as one mixed batch (`Engine.stream_batch`: each row its own steering, sampling, seed and
-budget), so a new batch forms when the running one ends. Before it starts a batch that is not full
-it waits until no request has arrived for `quiet_s` (50 ms), at most `gather_s` (250 ms): requests a
-client sends together start together (a burst reaches the server over tens of milliseconds, more while
-a batch is generating). Replies that arrive while a batch runs wait for the next one; the queue holds
-at most `max_queue` of them and a request beyond that is refused (`QueueFull`: the server answers
-429 with Retry-After).
+On an engine whose requests can join a running batch (`joins_running_batch`: vLLM), one scheduler
+thread hands the engine every waiting reply, up to `max_batch` at once, and each joins the engine's
+running batch at its next step (`serve_rows`: vLLM's own scheduler does the continuous batching, each
+request with its own steering); a reply that arrives while others generate starts within one engine
+step, and a finished one frees its place at once. A request that cannot run (bad steering, a prompt
+too long) fails alone.
 
-Why not join rows at every decoding step (continuous batching)? On HF that means splicing KV caches
-of different lengths into a running `generate`; vLLM's own scheduler does this for its engine.
+Otherwise (Hugging Face transformers) the scheduler thread takes up to `max_batch` waiting replies
+whenever the engine is free and runs them as one mixed batch (`Engine.stream_batch`: each row its own
+steering, sampling, seed and budget), so a new batch forms when the running one ends. Before it starts
+a batch that is not full it waits until no request has arrived for `quiet_s` (50 ms), at most
+`gather_s` (250 ms): requests a client sends together start together (a burst reaches the server over
+tens of milliseconds, more while a batch is generating). Replies that arrive while a batch runs wait
+for the next one. Why not join rows at every decoding step there? On HF that means splicing KV caches
+of different lengths into a running `generate`.
+
+Either way the queue holds at most `max_queue` waiting replies and a request beyond that is refused
+(`QueueFull`: the server answers 429 with Retry-After).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class _Waiting:
     row: RowRequest
     tokens: TokenStream
     queued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
     ended: bool = False
 
     def finish(self, tokens: list[int]) -> None:
@@ -55,7 +63,8 @@ class _Waiting:
 
 
 class BatchingChat:
-    """A chat backend (`chat.session.ChatBackend`) whose replies run in mixed batches."""
+    """A chat backend (`chat.session.ChatBackend`) whose replies run in mixed batches, or join the
+    engine's running batch where it can take them (`joins_running_batch`)."""
 
     def __init__(
         self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, quiet_s: float = 0.05, gather_s: float = 0.25
@@ -71,7 +80,9 @@ class BatchingChat:
         self._wake = threading.Condition()
         self._busy = threading.Lock()  # held while a batch runs
         self._closed = False
-        self._last_batch_s = 1.0
+        self._last_batch_s = 1.0  # the last batch's duration (continuous: the last reply's)
+        self.continuous = bool(getattr(engine, "joins_running_batch", False))
+        self._in_engine: dict[int, _Waiting] = {}  # continuous: id(row) → reply the engine holds
         self._worker = threading.Thread(target=self._loop, name="personactl-batches", daemon=True)
         self._worker.start()
 
@@ -86,7 +97,10 @@ class BatchingChat:
                 batches_ahead = len(self._waiting) // self.max_batch + 1
                 raise QueueFull(len(self._waiting), max(1, round(batches_ahead * self._last_batch_s)))
             waiting = _Waiting(RowRequest(prompt, sampling, seed, tokens.push, stop, steering), tokens)
-            waiting.row.on_done = waiting.finish
+            waiting.row.on_done = (lambda ids, w=waiting: self._ended(w, ids)) if self.continuous else waiting.finish
+            if self._closed:  # nobody takes it any more: interrupted, as the queue's replies at close
+                waiting.finish([])
+                return tokens
             self._waiting.append(waiting)
             self._arrived += 1
             self._wake.notify()
@@ -97,6 +111,9 @@ class BatchingChat:
         return len(self._waiting)
 
     def _loop(self) -> None:
+        if self.continuous:
+            self._serve()
+            return
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -149,8 +166,60 @@ class BatchingChat:
             waiting.finish(tokens)  # rows end as they finish (`on_done`); this catches any left
         self._last_batch_s = time.perf_counter() - start
 
+    # --- continuous: the engine's loop takes replies between its steps -----------------------------
+    def _serve(self) -> None:
+        try:
+            self.engine.serve_rows(self._take, self._failed, self.max_batch)
+        except BaseException as exc:  # the engine's loop broke: no reply may wait for it forever
+            self._fail_all(exc)
+
+    def _take(self, block: bool, room: int) -> list[RowRequest] | None:
+        """Up to `room` waiting replies for the engine (waiting for one when `block`); None once closed."""
+        with self._wake:
+            while block and not self._waiting and not self._closed:
+                self._wake.wait()
+            if self._closed:
+                return None
+            taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            now = time.perf_counter()
+            for waiting in taken:
+                waiting.started = now
+                waiting.tokens.waited_s = now - waiting.queued
+                self._in_engine[id(waiting.row)] = waiting
+        return [waiting.row for waiting in taken]
+
+    def _ended(self, waiting: _Waiting, tokens: list[int], error: BaseException | None = None) -> None:
+        with self._wake:
+            self._in_engine.pop(id(waiting.row), None)
+            if waiting.started:
+                self._last_batch_s = time.perf_counter() - waiting.started
+            self._wake.notify_all()  # `idle` waits for the engine to hold none
+        if error is None:
+            waiting.finish(tokens)
+        else:
+            waiting.fail(error)
+
+    def _failed(self, row: RowRequest, error: BaseException) -> None:
+        with self._wake:
+            waiting = self._in_engine.get(id(row))
+        if waiting is not None:
+            self._ended(waiting, [], error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._wake:
+            self._closed = True
+            replies = [*self._in_engine.values(), *self._waiting]
+            self._in_engine, self._waiting = {}, collections.deque()
+            self._wake.notify_all()
+        for waiting in replies:
+            waiting.fail(error)
+
     def idle(self, timeout: float) -> bool:
-        """Wait (bounded) until no batch is running; True when none is."""
+        """Wait (bounded) until no batch is running (continuous: the engine holds no reply); True
+        when none is."""
+        if self.continuous:
+            with self._wake:
+                return self._wake.wait_for(lambda: not self._in_engine, timeout)
         if self._busy.acquire(timeout=timeout):
             self._busy.release()
             return True
