@@ -47,11 +47,13 @@ class Generation:
 
 @dataclass(frozen=True)
 class Steering:
-    """What one generation adds: α · direction at each layer, at the positions of `positions`."""
+    """What one generation adds: α · direction at each layer, at the positions of `positions`, then
+    the terms of a steering plan (`plan`: layer → `personactl.model.steering_ops` terms, in order)."""
 
     directions: Mapping[int, torch.Tensor]
     alpha: float
     positions: str
+    plan: Mapping[int, Sequence[Any]] | None = None
 
 
 @runtime_checkable

@@ -22,6 +22,10 @@ import torch
 
 from personactl.core.choices import POSITION_MODES
 from personactl.errors import InputError
+from personactl.model.steering_ops import AddTerm, Term, change, fold_adds, slots, to_device
+
+# layer → a plan's terms there, in order (`personactl.model.steering_ops`); what a row adds beyond α·v
+Plan = Mapping[int, Sequence[Term]]
 
 
 def _as_coefficient(value: float | torch.Tensor, device: Any) -> torch.Tensor:
@@ -41,6 +45,8 @@ class RowSteering(Protocol):
     def alpha(self) -> float: ...
     @property
     def positions(self) -> str: ...
+    @property
+    def plan(self) -> Plan | None: ...
 
 
 class Steerer:
@@ -54,8 +60,11 @@ class Steerer:
     mapping `{layer: float | [B]}`. Coefficients live in tensors updated in place
     (`set_coefficients`), so a compiled model does not recompile when they change.
 
-    `Steerer.per_row(model, rows)` gives every batch row its own configuration instead (its own
-    vectors, layers, α and position mode); a row of `None` or α = 0 is left exactly unsteered."""
+    `plan` adds a steering plan's terms (adds, ablations, caps at their layers, applied in order
+    after α·v at the same positions); `set_plans` changes them, one plan for every row or one per
+    row. `Steerer.per_row(model, rows)` gives every batch row its own configuration instead (its own
+    vectors, layers, α, plan and position mode); a row of `None` or α = 0 without a plan is left
+    exactly unsteered."""
 
     def __init__(
         self,
@@ -65,6 +74,7 @@ class Steerer:
         coefficient: float | torch.Tensor | Mapping[int, float | torch.Tensor] = 1.0,
         positions: str = "all",
         decoder_layers: Any = None,
+        plan: Plan | None = None,
     ):
         from personactl.model.loading import decoder_layers as find_layers
         from personactl.model.loading import input_device
@@ -91,6 +101,12 @@ class Steerer:
         self.coefficients: dict[int, torch.Tensor] = {}
         self.row_deltas: dict[int, torch.Tensor] | None = None  # {layer: [B, H]}, set by `per_row`
         self.set_coefficients(coefficient)
+        self.plan_layers = sorted(plan or {})  # hooked for plan terms, fixed for the steerer's life
+        for layer in self.plan_layers:
+            self._check_direction(layer, torch.zeros(1))
+            self._placed.setdefault(layer, self.device)
+        self.terms: dict[int, list[Term]] = {}  # {layer: batched terms}, set by `set_plans`
+        self.set_plans(plan)
         self._handles: list[Any] = []
         self._offset = 0
         self._prompt_width = 0
@@ -104,7 +120,10 @@ class Steerer:
             layer: next(r.directions[layer] for r in rows if r is not None and layer in r.directions)
             for layer in layers
         }
-        steerer = cls(model, unit, coefficient=0.0, decoder_layers=decoder_layers)
+        plans = [_plan_of(row) for row in rows]
+        plan_layers = {layer: [] for plan in plans if plan for layer in plan}
+        steerer = cls(model, unit, coefficient=0.0, decoder_layers=decoder_layers, plan=plan_layers)
+        steerer.set_plans(plans)
         for row in rows:
             if row is not None:
                 _check_mode(row.positions)
@@ -126,6 +145,37 @@ class Steerer:
                 alpha = _as_coefficient(row.alpha, self.device).to(self.dtype)
                 deltas[b] = alpha * row.directions[layer].to(self.device, self.dtype)
         return deltas
+
+    def set_plans(self, plans: Plan | Sequence[Plan | None] | None) -> None:
+        """The plan terms of the next forwards: one plan for every row, or one per row (None: none);
+        only at the layers the steerer was made with (`plan`)."""
+        if plans is None or isinstance(plans, Mapping):
+            terms = {layer: fold_adds((plans or {}).get(layer, ())) for layer in self.plan_layers}
+            self._check_plan_layers([plans] if plans else [])
+        else:
+            self._check_plan_layers(plans)
+            terms = {layer: self._row_slots(layer, plans) for layer in self.plan_layers}
+        self.terms = {
+            layer: [to_device(t, self._placed.get(layer, self.device)) for t in layer_terms]
+            for layer, layer_terms in terms.items()
+            if layer_terms
+        }
+
+    def _row_slots(self, layer: int, plans: Sequence[Plan | None]) -> list[Term]:
+        """Each row's own terms at `layer` as batched slots (none when no row has terms there)."""
+        rows = [list(plan.get(layer, ())) if plan else [] for plan in plans]
+        first = next((t for row in rows for t in row), None)
+        if first is None:
+            return []
+        hidden = first.delta.shape[-1] if isinstance(first, AddTerm) else first.unit.shape[-1]
+        return slots(rows, hidden, self.dtype)
+
+    def _check_plan_layers(self, plans: Sequence[Plan | None]) -> None:
+        extra = sorted({layer for plan in plans if plan for layer in plan} - set(self.plan_layers))
+        if extra:
+            raise InputError(f"plan terms at layer {extra[0]}, which this steerer was not made for")
+        for layer in {layer for plan in plans if plan for layer in plan}:
+            self._check_direction(layer, torch.zeros(1))
 
     def _check_direction(self, layer: int, direction: torch.Tensor) -> None:
         if not 1 <= layer <= len(self.blocks):
@@ -192,10 +242,13 @@ class Steerer:
 
     def _place(self, layer: int, device: Any) -> None:
         """Move what `layer` adds to `device`, where its block's output is (once per layer)."""
-        self.directions[layer] = self.directions[layer].to(device)
-        self.coefficients[layer] = self.coefficients[layer].to(device)
-        if self.row_deltas is not None:
+        if layer in self.directions:
+            self.directions[layer] = self.directions[layer].to(device)
+            self.coefficients[layer] = self.coefficients[layer].to(device)
+        if self.row_deltas is not None and layer in self.row_deltas:
             self.row_deltas[layer] = self.row_deltas[layer].to(device)
+        if layer in self.terms:
+            self.terms[layer] = [to_device(t, device) for t in self.terms[layer]]
         self._placed[layer] = device
 
     def _hook(self, layer: int):
@@ -203,19 +256,30 @@ class Steerer:
             hidden = output[0] if isinstance(output, tuple) else output
             if self._placed[layer] != hidden.device:
                 self._place(layer, hidden.device)
-            delta = self._delta(layer, hidden.shape[0], hidden.dtype)
             mask = self._position_mask(hidden.shape[1], hidden.device)
-            if mask is not None:
-                delta = delta * mask
-            steered = hidden + delta
+            steered = hidden
+            if layer in self.directions:
+                delta = self._delta(layer, hidden.shape[0], hidden.dtype)
+                steered = hidden + (delta if mask is None else delta * mask)
+            if self.terms.get(layer):
+                steered = self._apply_terms(layer, steered, mask)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook
 
+    def _apply_terms(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The plan's terms at `layer`, in order, at the positions of `mask` (all when None)."""
+        out = hidden
+        for term in self.terms[layer]:
+            if isinstance(term, AddTerm) and term.delta.dim() == 2 and term.delta.shape[0] != hidden.shape[0]:
+                raise InputError(f"plan terms for {term.delta.shape[0]} rows given to a batch of {hidden.shape[0]}")
+            out = out + change(out, term)
+        return out if mask is None else torch.where(mask, out, hidden)
+
     def __enter__(self) -> Steerer:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._clock, with_kwargs=True))
-            for layer in self.directions:
+            for layer in sorted({*self.directions, *self.plan_layers}):
                 self._handles.append(self.blocks[layer - 1].register_forward_hook(self._hook(layer)))
         except BaseException:
             self.remove()
@@ -229,6 +293,10 @@ class Steerer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _plan_of(row: RowSteering | None) -> Plan | None:
+    return getattr(row, "plan", None) if row is not None else None
 
 
 def _check_mode(positions: str) -> None:
