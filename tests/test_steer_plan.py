@@ -18,6 +18,7 @@ from personactl.errors import InputError
         ("evil:4,8-9:0:ablate", PlanTerm("evil", (4, 8, 9), "ablate", 0.0)),
         ("evil@response_avg:10-11:p25:cap", PlanTerm("evil", (10, 11), "cap", None, 25.0, "response_avg")),
         ("evil@prompt_end/pca:3:7.5:cap", PlanTerm("evil", (3,), "cap", 7.5, None, "prompt_end", "pca")),
+        ("kind:user@user_avg/probe:3:2", PlanTerm("kind:user", (3,), "add", 2.0, None, "user_avg", "probe")),
         ("vectors/a:b.safetensors:2:1:mean-ablate", PlanTerm("vectors/a:b.safetensors", (2,), "mean-ablate", 1.0)),
     ],
 )
@@ -38,7 +39,8 @@ def test_specs_parse_from_the_right(spec: str, term: PlanTerm) -> None:
         ("evil:12", "bad --steer"),
         ("evil::4", "bad --steer"),
         (":12:4", "no vector"),
-        ("evil@middle:12:4", "unknown position 'middle'"),
+        ("evil@:12:4", "bad position ''"),
+        ("evil@Prompt End:12:4", "bad position 'Prompt End'"),
         ("evil@response_avg/median:12:4", "unknown aggregator 'median'"),
     ],
 )

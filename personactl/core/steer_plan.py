@@ -80,12 +80,15 @@ def _vector_part(text: str, spec: str) -> tuple[str, str | None, str | None]:
     """`name[@position[/aggregator]]` → its three parts, each checked."""
     if not text:
         raise InputError(f"no vector in --steer {spec!r}", hint=f"write {_GRAMMAR}")
-    vector, _, where = text.partition("@")
-    if not where:
+    vector, at, where = text.partition("@")
+    if not at:
         return vector, None, None
     position, _, aggregator = where.partition("/")
-    if position not in POSITIONS:
-        raise InputError(f"unknown position {position!r} in --steer {spec!r}", hint=f"use {', '.join(POSITIONS)}")
+    if not re.fullmatch(r"[a-z][a-z_]*", position):  # which positions exist is the vector file's to say
+        raise InputError(
+            f"bad position {position!r} in --steer {spec!r}",
+            hint=f"e.g. {', '.join(POSITIONS)} (user_avg: user persona)",
+        )
     if aggregator and aggregator not in AGGREGATORS:
         raise InputError(f"unknown aggregator {aggregator!r} in --steer {spec!r}", hint=f"use {', '.join(AGGREGATORS)}")
     return vector, position, aggregator or None
