@@ -1,4 +1,5 @@
-"""`personactl import`: a llama.cpp/repeng GGUF, steering-vectors, .pt or JSON vector into the workspace."""
+"""`personactl import`: a llama.cpp/repeng GGUF, steering-vectors, assistant-axis, .pt or JSON vector into
+the workspace."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ if TYPE_CHECKING:
     from personactl.store.vectors import PersonaVector
 
 
-Source = Annotated[Path, typer.Argument(help="A .gguf control vector, a .pt file, or a JSON + tensor pair.")]
+Source = Annotated[
+    Path,
+    typer.Argument(
+        help="A .gguf control vector, a .pt file (steering-vectors, a tensor, an assistant-axis axis or capping "
+        "config), or a JSON + tensor pair."
+    ),
+]
 ForModel = Annotated[
     str,
     typer.Option(
@@ -58,6 +65,16 @@ LayerIndex = Annotated[
     ),
 ]
 
+Experiment = Annotated[
+    Optional[str],
+    typer.Option(
+        "--experiment",
+        help="An assistant-axis capping config's experiment to import (its capped vectors and thresholds τ); "
+        "needed when the config holds more than one.",
+        show_default=False,
+    ),
+]
+
 
 @guarded
 def import_vector(
@@ -68,6 +85,7 @@ def import_vector(
     aggregator: AggregatorSlot = None,
     layer: Layer = None,
     layer_index: LayerIndex = None,
+    experiment: Experiment = None,
     revision: o.Revision = None,
     workspace: o.Workspace = None,
     config: o.ConfigFile = None,
@@ -105,6 +123,7 @@ def import_vector(
         layer=layer,
         layer_index=o.plain(layer_index),
         force=force,
+        experiment=experiment,
     )
     for warning in summary["warnings"]:
         log(f"warning: {warning}")
@@ -121,6 +140,10 @@ def print_imported(source: Path, model: str, vector: PersonaVector, summary: dic
     if json:
         emit_json({**summary, "rows": vector.rows, "positions": vector.positions, "aggregators": vector.aggregators})
         return
+    caps = summary.get("cap_thresholds")
+    if caps:
+        shown = ", ".join(f"row {row}: {tau:g}" for row, tau in caps.items())
+        log(f"cap thresholds τ (experiment {summary['experiment']}; projection on the unit direction): {shown}")
     stdout_console().print(
         f"imported {escape(str(source))} ({summary['format']}) as {escape(summary['name'])} for "
         f"{escape(model)}: rows {format_ranges(vector.rows)} as "

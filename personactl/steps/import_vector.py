@@ -18,7 +18,7 @@ import torch
 from personactl import __version__
 from personactl.errors import InputError
 from personactl.steps.skeleton import StepArtifact
-from personactl.store.interop.foreign import INDEX_MEANING, ForeignVector, IndexKind
+from personactl.store.interop.foreign import HOOK_SITE, INDEX_MEANING, ForeignVector, IndexKind
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from personactl.store.workspace import Workspace
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+CAP_THRESHOLDS = "cap_thresholds"  # metadata key: τ per row for `cap`, as a capping config gave them
 
 
 def default_name(source: Path) -> str:
@@ -78,8 +79,9 @@ def imported_metadata(
     source_sha256: str,
     model: str,
 ) -> dict[str, Any]:
-    """The vector file's metadata, as `extract` writes it, plus where the file was imported from."""
-    return {
+    """The vector file's metadata, as `extract` writes it, plus where the file was imported from and
+    where (and, for a capping config, how) its rows act."""
+    metadata = {
         **info,
         "layer_convention": LAYER_CONVENTION,
         "rows": sorted(rows),
@@ -101,8 +103,28 @@ def imported_metadata(
             "model_hint": foreign.model_hint,
             "details": foreign.details,
         },
+        "hook_site": HOOK_SITE,
+        "operation": "cap" if foreign.caps else "add",
         "personactl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if foreign.caps:
+        metadata[CAP_THRESHOLDS] = cap_thresholds(foreign, info["num_layers"], model, f"{aggregator}.{position}")
+    return metadata
+
+
+def cap_thresholds(foreign: ForeignVector, num_layers: int, model: str, slot: str) -> dict[str, Any]:
+    """The `cap_thresholds` metadata entry: τ per row (JSON keys are strings) and what τ means."""
+    from personactl.store.interop.assistant_axis import CAP_UNIT_MEANING
+
+    return {
+        "rows": {str(row): tau for row, tau in foreign.cap_rows(num_layers, model).items()},
+        "unit": "projection",
+        "meaning": CAP_UNIT_MEANING,
+        "positions": "all",
+        "slot": slot,
+        "source": foreign.format,
+        "experiment": foreign.details.get("experiment"),
     }
 
 
@@ -118,13 +140,15 @@ def import_step(
     layer: int | None,
     layer_index: IndexKind | None,
     force: bool,
+    experiment: str | None = None,
 ) -> tuple[PersonaVector, dict[str, Any]]:
     """`personactl import`: read the foreign file (before loading a model), place its layers on the
     model's rows, save it as a vector file with its manifest."""
     from personactl.model.loading import resolve_model
     from personactl.store.interop.detect import read_foreign
 
-    foreign = read_foreign(source, layer=layer, layer_index=layer_index)  # fail on the file before loading a model
+    # fail on the file before loading a model
+    foreign = read_foreign(source, layer=layer, layer_index=layer_index, experiment=experiment)
     exported = exported_details(foreign)
     name, position, aggregator = choose_names(source, name, position, aggregator, exported)
     output = workspace.vectors_path(resolve_model(settings.model).slug, name, "model")
@@ -137,6 +161,7 @@ def import_step(
         "aggregator": aggregator,
         "layer": layer,
         "layer_index": foreign.index,
+        **({"experiment": experiment} if experiment is not None else {}),
     }
     summary = {"name": name, "model": settings.model, "format": foreign.format}
     out = StepArtifact(workspace, output, "vectors", fingerprint, summary)
@@ -163,4 +188,6 @@ def import_step(
     vector = PersonaVector({f"{aggregator}.{position}": table}, metadata)
     vector.save(output)
     out.commit(None, settings=settings, model=info, counts={"rows": len(rows)}, metadata=metadata)
-    return vector, out.done(rows=sorted(rows), warnings=warnings)
+    caps = metadata.get(CAP_THRESHOLDS)
+    extra = {"cap_thresholds": caps["rows"], "experiment": caps["experiment"]} if caps else {}
+    return vector, out.done(rows=sorted(rows), warnings=warnings, **extra)

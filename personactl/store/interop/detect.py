@@ -9,7 +9,12 @@ from pathlib import Path
 from personactl.errors import InputError
 from personactl.store.interop.foreign import ForeignVector, IndexKind
 
-FIXED_INDEX = {"gguf", "steering-vectors"}  # formats whose layer numbering is part of the format
+FIXED_INDEX = {
+    "gguf",
+    "steering-vectors",
+    "assistant-axis",
+    "assistant-axis-caps",
+}  # formats whose layer numbering is part of the format
 
 
 def sniff(path: Path) -> str:
@@ -31,11 +36,13 @@ def sniff(path: Path) -> str:
     raise InputError(
         f"{path}: unknown vector file format",
         hint="personactl imports llama.cpp/repeng .gguf control vectors, torch .pt files "
-        "(steering-vectors, [L+1, hidden] tensors) and JSON + tensor pairs",
+        "(steering-vectors, [L+1, hidden] tensors, assistant-axis axes and capping configs) and JSON + tensor pairs",
     )
 
 
-def read_foreign(path: Path, *, layer: int | None = None, layer_index: IndexKind | None = None) -> ForeignVector:
+def read_foreign(
+    path: Path, *, layer: int | None = None, layer_index: IndexKind | None = None, experiment: str | None = None
+) -> ForeignVector:
     """Read any supported foreign vector file (nothing here knows the target model yet)."""
     kind = sniff(path)
     if kind == "safetensors":
@@ -46,6 +53,11 @@ def read_foreign(path: Path, *, layer: int | None = None, layer_index: IndexKind
                 fmt = json.loads((f.metadata() or {}).get("format", "null"))
         except Exception:  # safetensors raises its own error types; a bad header is simply not ours
             fmt = None
+        if isinstance(fmt, str) and fmt.startswith("personactl.plan"):
+            raise InputError(
+                f"{path} is a personactl steering plan (export --steer), not one vector",
+                hint="import takes a vector file; a plan's terms are listed in its metadata",
+            )
         if fmt:
             raise InputError(
                 f"{path} is already a personactl vector file ({fmt})",
@@ -54,6 +66,8 @@ def read_foreign(path: Path, *, layer: int | None = None, layer_index: IndexKind
         raise InputError(
             f"{path} is a safetensors file without personactl metadata", hint="describe it with a JSON pair"
         )
+    if experiment is not None and kind != "torch":
+        raise InputError("--experiment applies only to an assistant-axis capping config (a .pt file)")
     if kind == "gguf":
         from personactl.store.interop.gguf_cv import read_control_vector
 
@@ -65,7 +79,7 @@ def read_foreign(path: Path, *, layer: int | None = None, layer_index: IndexKind
     else:
         from personactl.store.interop.torch_files import read_torch_file
 
-        foreign = read_torch_file(path, layer=layer, layer_index=layer_index)
+        foreign = read_torch_file(path, layer=layer, layer_index=layer_index, experiment=experiment)
     if foreign.format in FIXED_INDEX and layer_index is not None:
         raise InputError(f"--layer-index does not apply to {foreign.format} files: their numbering is fixed")
     if layer is not None and not foreign.details.get("layer_from_cli"):

@@ -14,6 +14,8 @@ import torch
 from personactl.errors import InputError
 
 IndexKind = Literal["row", "block"]
+# where a personactl vector row acts, written into vector files and exports that have room for it
+HOOK_SITE = "output of decoder block l (the residual stream after block l, HF hidden_states[l]) for row l"
 INDEX_MEANING = {
     "row": "index l = personactl row l = HF hidden_states[l] (0 = embeddings, l = output of block l)",
     "block": "index k = output of 0-based decoder block k = personactl row k+1",
@@ -42,7 +44,8 @@ class ForeignVector:
     index: IndexKind
     model_hint: str | None = None
     details: dict[str, Any] = field(default_factory=dict)  # the file's own metadata, kept as provenance
-    full_rows: int | None = None  # rows of an `[R, H]` tensor, which must be L+1
+    full_rows: int | None = None  # rows of an `[R, H]` tensor: L+1 when indexed by row, L by block
+    caps: dict[int, float] | None = None  # a cap threshold per vector, keyed like `vectors` (assistant-axis)
 
     def __post_init__(self) -> None:
         if not self.vectors:
@@ -62,15 +65,7 @@ class ForeignVector:
                 f"the vectors have {self.hidden_size} dimensions but {model} has hidden size {hidden_size}",
                 hint="import them with --model set to the model they were made for",
             )
-        if self.full_rows is not None and self.full_rows != num_layers + 1:
-            hint = "a full vector has one row per hidden_states entry: the embeddings plus one per block"
-            if self.full_rows == num_layers:
-                hint = "this looks like one row per block without the embeddings row; save it with row 0 first"
-            raise InputError(
-                f"the tensor has {self.full_rows} rows but {model} has {num_layers} layers, so a full vector "
-                f"is [{num_layers + 1}, {hidden_size}] (row 0 = embeddings)",
-                hint=hint,
-            )
+        self._check_full_rows(num_layers, hidden_size, model)
         rows: dict[int, torch.Tensor] = {}
         for key, vector in sorted(self.vectors.items()):
             row = self.row_of(key, num_layers, model)
@@ -78,6 +73,30 @@ class ForeignVector:
                 raise InputError(f"the {self.format} file has two vectors for row {row}")
             rows[row] = vector
         return rows
+
+    def _check_full_rows(self, num_layers: int, hidden_size: int, model: str) -> None:
+        """A full table must have one row per row (L+1) or one per block (L), as its index says."""
+        if self.full_rows is None:
+            return
+        if self.index == "block" and self.full_rows != num_layers:
+            raise InputError(
+                f"the {self.format} file has {self.full_rows} rows (one per decoder block) but {model} has "
+                f"{num_layers} blocks",
+                hint="import it with --model set to the model it was made for",
+            )
+        if self.index == "row" and self.full_rows != num_layers + 1:
+            hint = "a full vector has one row per hidden_states entry: the embeddings plus one per block"
+            if self.full_rows == num_layers:
+                hint = "this looks like one row per block without the embeddings row: pass --layer-index block"
+            raise InputError(
+                f"the tensor has {self.full_rows} rows but {model} has {num_layers} layers, so a full vector "
+                f"is [{num_layers + 1}, {hidden_size}] (row 0 = embeddings)",
+                hint=hint,
+            )
+
+    def cap_rows(self, num_layers: int, model: str) -> dict[int, float]:
+        """The cap thresholds keyed by personactl row (empty when the file has none)."""
+        return {self.row_of(k, num_layers, model): tau for k, tau in sorted((self.caps or {}).items())}
 
     def row_of(self, key: int, num_layers: int, model: str) -> int:
         """The personactl row of the file's index `key` (negative indices count from the end)."""

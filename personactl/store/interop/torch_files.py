@@ -1,9 +1,11 @@
 """Files written with `torch.save`, read with `torch.load(weights_only=True)`: never unpickled code.
 
-Recognised contents: an `[L+1, H]` tensor (persona_vectors' layout, row = `hidden_states` index);
+Recognised contents: an `[L+1, H]` tensor (persona_vectors' layout, row = `hidden_states` index;
+`[L, H]` with one row per block when the user says `block`);
 a 1-D tensor (its layer given by the user); a steering-vectors `SteeringVector`, pickled whole or as
 `{"layer_activations": {block: [H]}, "layer_type": "decoder_block"}` (block k = personactl row
-k+1: it hooks the output of the k-th decoder block); a dict `{"vector", "layer", "model", ...}`."""
+k+1: it hooks the output of the k-th decoder block); a dict `{"vector", "layer", "model", ...}`;
+assistant-axis axes and capping configs (`assistant_axis`)."""
 
 from __future__ import annotations
 
@@ -90,8 +92,18 @@ def single_vector(
     return ForeignVector("json", {number: values}, kind, model_hint=record.get("model"), details=details)
 
 
-def read_torch_file(path: Path, *, layer: int | None, layer_index: IndexKind | None) -> ForeignVector:
+def read_torch_file(
+    path: Path, *, layer: int | None, layer_index: IndexKind | None, experiment: str | None = None
+) -> ForeignVector:
+    from personactl.store.interop import assistant_axis
+
     obj = load_weights_only(path)
+    if assistant_axis.is_capping_config(obj):
+        return assistant_axis.read_capping_config(obj, path, experiment)
+    if experiment is not None:
+        raise InputError("--experiment applies only to an assistant-axis capping config")
+    if assistant_axis.is_axis(obj):
+        return assistant_axis.read_axis(obj, path)
     if isinstance(obj, SteeringVectorFields):
         return _from_steering_vector(vars(obj), path)
     if isinstance(obj, dict) and "layer_activations" in obj:
@@ -106,7 +118,7 @@ def read_torch_file(path: Path, *, layer: int | None, layer_index: IndexKind | N
         vectors = {r: as_vector(table[r], f"{path}: row {r}") for r in range(table.shape[0]) if not absent[r]}
         if not vectors:
             raise InputError(f"{path}: every row is NaN")
-        return ForeignVector("pt", vectors, "row", full_rows=table.shape[0])
+        return ForeignVector("pt", vectors, layer_index or "row", full_rows=table.shape[0])
     if isinstance(obj, torch.Tensor) and obj.dim() == 1:
         if layer is None:
             raise InputError(
@@ -119,5 +131,6 @@ def read_torch_file(path: Path, *, layer: int | None, layer_index: IndexKind | N
     raise InputError(
         f"{path} holds {shape}, which is not a vector file personactl knows",
         hint="expected an [L+1, hidden] tensor, a 1-D tensor with --layer, a steering-vectors SteeringVector "
-        'or its {"layer_activations", "layer_type"} dict, or a {"vector", "layer", "model"} dict',
+        'or its {"layer_activations", "layer_type"} dict, a {"vector", "layer", "model"} dict, '
+        "or an assistant-axis axis or capping config",
     )
