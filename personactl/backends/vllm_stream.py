@@ -165,8 +165,9 @@ class ContinuousRows:
         self.pending.extend(rows)
 
     def _admit_pending(self) -> None:
-        """Start the waiting rows in arrival order; a row whose configuration needs a table row while
-        every row is in use waits for one to end (none of ours running: the rows are held elsewhere)."""
+        """Start the waiting rows in arrival order. A row whose configuration needs a table row while
+        every row is in use waits for one of ours to end; with none of ours running (the rows are held
+        outside this loop) it fails."""
         while self.pending:
             row = self.pending[0]
             if row.stop.is_set():  # its client left before it started
