@@ -135,6 +135,18 @@ def require_activations(backend: str, message: str, hint: str | None = None) -> 
         raise InputError(message, hint=hint)
 
 
+def check_plan_ops(engine: Engine, ops: set[str]) -> None:
+    """Refuse a steering plan whose operations this engine does not apply (`plan_ops`)."""
+    missing = sorted(ops - set(getattr(engine, "plan_ops", ())))
+    if missing:
+        from personactl.errors import InputError
+
+        raise InputError(
+            f"the {engine.name} backend does not apply steering plans with {', '.join(missing)} yet",
+            hint="use --backend hf for steering plans",
+        )
+
+
 def _quiet(message: str) -> None:
     pass
 

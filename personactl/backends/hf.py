@@ -12,10 +12,10 @@ import torch
 
 from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
 from personactl.backends.hf_rows import RowRequest, RowSampler, RowStops, RowStreamer
-from personactl.core.choices import POSITION_MODES
+from personactl.core.choices import POSITION_MODES, STEER_OPS
 from personactl.errors import InputError
 from personactl.model.loading import input_device
-from personactl.model.steering import GridRow, Steerer, run_grid
+from personactl.model.steering import GridRow, Plan, Steerer, run_grid
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -84,6 +84,7 @@ class HFBackend:
 
     name = "hf"
     position_modes = POSITION_MODES
+    plan_ops = STEER_OPS  # every steering-plan operation (`model.steering_ops`, in the Steerer's hooks)
     full_distributions = True
     reads_activations = True
 
@@ -132,8 +133,10 @@ class HFBackend:
         batch_size: int = 0,
         positions: str = "all",
         on_chunk: Any = None,
+        plan: Plan | None = None,
     ) -> Iterator[tuple[GridRow, Generation]]:
-        """`personactl.model.steering.run_grid` with this engine: per-row coefficients, batches of `batch_size`."""
+        """`personactl.model.steering.run_grid` with this engine: per-row coefficients, batches of
+        `batch_size`, `plan` on the rows marked `planned`."""
         return run_grid(
             self,
             prompts,
@@ -144,6 +147,7 @@ class HFBackend:
             batch_size=batch_size,
             positions=positions,
             on_chunk=on_chunk,
+            plan=plan,
         )
 
     def stream(

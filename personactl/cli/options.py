@@ -156,6 +156,17 @@ VectorSpec = Annotated[
     str, typer.Option("--vector", "-v", help="Vector file, or a trait name extracted in the workspace for --model.")
 ]
 
+SteerPlan = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--steer",
+        help="A steering-plan term, repeatable, applied in order: VECTOR[@position[/aggregator]]:LAYERS:VALUE[:OP], "
+        "OP add (VALUE = α, the default), ablate (c: the projection kept), cap (τ: the most projection kept) or "
+        "mean-ablate (× the trait-free mean); e.g. --steer evil:10-14:0:ablate.",
+        show_default=False,
+    ),
+]
+
 VectorPosition = Annotated[  # a long list of choices: in the help text, so the metavar column stays narrow
     PositionChoice,
     typer.Option(

@@ -42,11 +42,22 @@ RowsPerBatch = Annotated[
     Optional[int], typer.Option("--batch-size", min=1, help="Rows per batched call (default: 32).", show_default=False)
 ]
 JsonLines = Annotated[bool, typer.Option("--json", help="JSON lines, one per generation, to stdout.")]
+SweptVector = Annotated[
+    Optional[str],
+    typer.Option(
+        "--vector",
+        "-v",
+        help="Vector file, or a trait name extracted in the workspace for --model: swept over --layers × "
+        "--coefficients (optional with --steer).",
+        show_default=False,
+    ),
+]
 
 
 @guarded
 def steer(
-    vector: o.VectorSpec,
+    vector: SweptVector = None,
+    plan: o.SteerPlan = None,
     prompt: Prompts = None,
     prompts_file: PromptsFile = None,
     layers: o.MiddleLayer = None,
@@ -115,16 +126,20 @@ def steer(
             **choice,
             norm=norm.value,
             sampling=Sampling(settings.max_new_tokens, temperature, settings.top_p),
+            plan_specs=plan or (),
             on_start=bar.start,
             on_chunk=bar.advance,
         )
     for warning in summary["warnings"]:
         log(f"warning: {warning}")
     if json:
-        for row in table.iter_rows(named=True):
-            typer.echo(jsonlib.dumps({"vector": summary["vector"], **choice, **row}))
-        return
+        return _print_json(table, summary, choice)
     _print_tables(table, summary)
+
+
+def _print_json(table: pl.DataFrame, summary: dict[str, Any], choice: dict[str, str]) -> None:
+    for row in table.iter_rows(named=True):
+        typer.echo(jsonlib.dumps({"vector": summary["vector"], **choice, **row}))
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
@@ -159,7 +174,7 @@ def _print_tables(table: pl.DataFrame, summary: dict[str, Any]) -> None:
             title_justify="left",
         )
         for row in group.iter_rows(named=True):
-            layer = "baseline" if row["baseline"] else str(row["layer"])
+            layer = "baseline" if row["baseline"] else "plan" if row["layer"] is None else str(row["layer"])
             t.add_row(
                 layer,
                 f"{row['coefficient']:g}",
@@ -169,12 +184,11 @@ def _print_tables(table: pl.DataFrame, summary: dict[str, Any]) -> None:
                 style="dim" if row["baseline"] else None,
             )
         console.print(t)
-    console.print(
-        f"norm mode {summary['norm']}: ‖v‖ per layer "
-        + ", ".join(
-            f"{r['layer']}={r['vector_norm']:.2f}"
-            for r in table.filter(~table["baseline"]).unique("layer", maintain_order=True).iter_rows(named=True)
-        )
-        + f"  ·  saved {summary['artifact']}",
-        soft_wrap=True,
-    )
+    swept = table.filter(table["layer"].is_not_null()).unique("layer", maintain_order=True)
+    norms = ", ".join(f"{r['layer']}={r['vector_norm']:.2f}" for r in swept.iter_rows(named=True))
+    plan = summary.get("plan")
+    if plan:
+        terms = "; ".join(f"{t['spec']} (applied {t['applied']})" for t in plan["terms"])
+        console.print(f"plan rows also follow: {escape(terms)}", soft_wrap=True)
+    where = f"norm mode {summary['norm']}: ‖v‖ per layer {norms}  ·  " if norms else ""
+    console.print(f"{where}saved {summary['artifact']}", soft_wrap=True)

@@ -311,18 +311,25 @@ class GridRow:
     prompt_index: int
     layer: int | None
     coefficient: float
+    planned: bool = False  # the run's steering plan applies too (after α·v at `layer`)
 
     @property
     def baseline(self) -> bool:
-        return self.layer is None
+        return self.layer is None and not self.planned
 
 
-def plan_grid(n_prompts: int, layers: Sequence[int], coefficients: Sequence[float]) -> list[GridRow]:
-    """Prompts × layers × coefficients; α = 0 is the same at every layer, so it runs once per prompt."""
+def plan_grid(
+    n_prompts: int, layers: Sequence[int], coefficients: Sequence[float], planned: bool = False
+) -> list[GridRow]:
+    """Prompts × layers × coefficients; α = 0 is the same at every layer, so it runs once per prompt.
+    With a steering plan (`planned`) every steered row follows it too, and without layers each prompt
+    gets one row of the plan alone; the baseline stays unsteered."""
     rows = []
     for p in range(n_prompts):
         rows.append(GridRow(p, None, 0.0))
-        rows.extend(GridRow(p, layer, float(a)) for layer in layers for a in coefficients if a != 0)
+        if planned and not layers:
+            rows.append(GridRow(p, None, 0.0, planned=True))
+        rows.extend(GridRow(p, layer, float(a), planned) for layer in layers for a in coefficients if a != 0)
     return rows
 
 
@@ -345,16 +352,21 @@ def run_grid(
     batch_size: int,
     positions: str = "all",
     on_chunk: Any = None,
+    plan: Plan | None = None,
 ) -> Iterator[tuple[GridRow, Any]]:
     """Generate every grid row in batches of `batch_size`: one batched call per chunk, each row
-    steered at its own layer with its own coefficient (zero at every other hooked layer)."""
+    steered at its own layer with its own coefficient (zero at every other hooked layer), then by
+    `plan` where the row is `planned`."""
     used = sorted({r.layer for r in rows if r.layer is not None})
-    with Steerer(backend.model, {k: directions[k] for k in used}, coefficient=0.0, positions=positions) as steerer:
+    hooked = {k: directions[k] for k in used}
+    with Steerer(backend.model, hooked, coefficient=0.0, positions=positions, plan=plan) as steerer:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             steerer.set_coefficients(
                 {k: torch.tensor([r.coefficient if r.layer == k else 0.0 for r in chunk]) for k in used}
             )
+            if plan:
+                steerer.set_plans([plan if r.planned else None for r in chunk])
             outputs = backend.generate([prompts[r.prompt_index] for r in chunk], sampling, seed + start // batch_size)
             if on_chunk:
                 on_chunk(len(chunk), sum(len(o.token_ids) for o in outputs))

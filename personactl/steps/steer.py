@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from personactl.backends import Sampling, open_engine
+from personactl.backends import Sampling, check_plan_ops, open_engine
 from personactl.core.ranges import check_steering_layers
 from personactl.errors import InputError
 from personactl.model.chat_format import chat_messages, encode_prompt
 from personactl.model.steering import plan_grid
+from personactl.steps.plan import resolve_plan
 from personactl.steps.skeleton import RunArtifact
 from personactl.store.vectors import load_for_model
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from personactl.model.loading import ModelHandle
     from personactl.model.steering import GridRow
     from personactl.settings import Settings
+    from personactl.store.vectors import LoadedVector
     from personactl.store.workspace import Workspace
 
 STEER_SCHEMA = {
@@ -39,6 +41,7 @@ STEER_SCHEMA = {
     "n_prompt_tokens": pl.Int32,
     "n_tokens": pl.Int32,
     "finish_reason": pl.String,
+    "plan": pl.String,  # the steering plan this row followed too (`--steer` flags), null for none
 }
 
 
@@ -52,7 +55,7 @@ def steer_step(
     settings: Settings,
     workspace: Workspace,
     lm: ModelHandle,
-    vector_spec: str,
+    vector_spec: str | None,
     prompts: Sequence[str],
     system_prompt: str | None,
     layers: list[int] | None,
@@ -62,21 +65,26 @@ def steer_step(
     positions: str,
     norm: str,
     sampling: Sampling,
+    plan_specs: Sequence[str] = (),
     on_start: Callable[[int], None] = lambda n: None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Answer every prompt unsteered and at each layer × α with the vector `vector_spec` names; save
+    """Answer every prompt unsteered and at each layer × α with the vector `vector_spec` names, and
+    by the steering plan of `plan_specs` (with the swept vector, or alone when there is none); save
     the table as a new `steer-<time>` artifact and return it with a summary (warnings included)."""
     if not prompts or any(not p.strip() for p in prompts):
         raise InputError("empty prompt", hint="pass --prompt TEXT (or --prompts-file with one prompt per line)")
-    loaded = load_for_model(workspace, vector_spec, lm)
-    layers = check_steering_layers(layers or [default_layer(lm.num_layers)], lm.num_layers)
-    directions = {layer: loaded.vector.direction(layer, position, aggregator, norm) for layer in layers}
+    if vector_spec is None and not plan_specs:
+        raise InputError("nothing to steer with", hint="pass --vector NAME (a sweep) and/or --steer SPEC (a plan)")
+    engine = open_engine(settings, lm)
+    plan = resolve_plan(plan_specs, workspace=workspace, lm=lm, position=position, aggregator=aggregator, norm=norm)
+    check_plan_ops(engine, plan.ops)
+    loaded, layers, directions = _swept(workspace, lm, vector_spec, layers, position, aggregator, norm)
     prompt_ids = [encode_prompt(lm.tokenizer, chat_messages(system_prompt, p)) for p in prompts]
-    rows = plan_grid(len(prompts), layers, coefficients)
+    rows = plan_grid(len(prompts), layers, coefficients, planned=bool(plan.terms))
     on_start(len(rows))
     start = time.perf_counter()
-    grid = open_engine(settings, lm).run_grid(
+    grid = engine.run_grid(
         prompt_ids,
         rows,
         directions,
@@ -85,13 +93,15 @@ def steer_step(
         batch_size=settings.batch_size,
         positions=positions,
         on_chunk=on_chunk,
+        **({"plan": plan.by_layer()} if plan.terms else {}),
     )
-    records = [_record(row, gen, prompts, prompt_ids, system_prompt, norm, directions) for row, gen in grid]
+    spec = plan.spec() or None
+    records = [_record(row, gen, prompts, prompt_ids, system_prompt, norm, directions, spec) for row, gen in grid]
     seconds = time.perf_counter() - start
     table = pl.DataFrame(records, schema=STEER_SCHEMA)
     run_info = {
-        "vector": str(loaded.path),
-        "vector_trait": loaded.vector.metadata.get("trait"),
+        "vector": str(loaded.path) if loaded else None,
+        "vector_trait": loaded.vector.metadata.get("trait") if loaded else None,
         "layers": layers,
         "coefficients": coefficients,
         "position": position,
@@ -100,8 +110,10 @@ def steer_step(
         "norm": norm,
         "sampling": sampling.__dict__,
         "seed": settings.seed,
+        **({"plan": plan.describe()} if plan.terms else {}),
     }
-    out = RunArtifact(workspace, workspace.steer_run_path(lm.source.slug, loaded.label), "steer", summary=run_info)
+    label = loaded.label if loaded else plan.terms[0].label
+    out = RunArtifact(workspace, workspace.steer_run_path(lm.source.slug, label), "steer", summary=run_info)
     out.commit(
         table.write_parquet,
         settings=settings,
@@ -113,8 +125,25 @@ def steer_step(
             "tokens_per_second": round(int(table["n_tokens"].sum()) / max(seconds, 1e-9), 1),
         },
     )
-    warnings = [loaded.warning] if loaded.warning else []
+    warnings = ([loaded.warning] if loaded and loaded.warning else []) + plan.warnings
     return table, out.done(rows=table.height, seconds=round(seconds, 2), warnings=warnings)
+
+
+def _swept(
+    workspace: Workspace,
+    lm: ModelHandle,
+    vector_spec: str | None,
+    layers: list[int] | None,
+    position: str,
+    aggregator: str,
+    norm: str,
+) -> tuple[LoadedVector | None, list[int], dict[int, torch.Tensor]]:
+    """The swept vector, its checked layers and its directions there (none without a vector)."""
+    if vector_spec is None:
+        return None, [], {}
+    loaded = load_for_model(workspace, vector_spec, lm)
+    layers = check_steering_layers(layers or [default_layer(lm.num_layers)], lm.num_layers)
+    return loaded, layers, {layer: loaded.vector.direction(layer, position, aggregator, norm) for layer in layers}
 
 
 def _record(
@@ -125,6 +154,7 @@ def _record(
     system_prompt: str | None,
     norm: str,
     directions: Mapping[int, torch.Tensor],
+    plan: str | None = None,
 ) -> dict[str, Any]:
     """One table row (`STEER_SCHEMA`): the prompt, where and how hard it was steered, the reply."""
     norm_value = float(directions[row.layer].float().norm()) if row.layer is not None else 0.0
@@ -142,4 +172,5 @@ def _record(
         "n_prompt_tokens": len(prompt_ids[row.prompt_index]),
         "n_tokens": len(gen.token_ids),
         "finish_reason": gen.finish_reason,
+        "plan": plan if row.planned else None,
     }

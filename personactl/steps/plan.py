@@ -1,0 +1,174 @@
+"""Steering plans resolved for a loaded model: each `--steer` term's vector found and checked, its
+layers checked, and its value turned into tensors the engines apply (`model.steering_ops`).
+
+Units, per `--norm` as for `add`:
+- `add`: α multiplies the direction scaled by the norm mode (raw, unit, or the layer's stream norm).
+- `ablate` (c) and `cap` (τ): a projection on the unit direction, in residual-stream units with
+  `--norm raw` or `unit`, and in units of the layer's mean stream norm with `--norm stream`.
+- `mean-ablate`: the projection becomes VALUE × the mean projection of the responses without the
+  trait (the vector file's `neg_mean` at that position), so 1 = the trait-free mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from personactl.core.choices import PERSONAS
+from personactl.core.ranges import check_steering_layers, format_ranges
+from personactl.core.steer_plan import PlanTerm, parse_term
+from personactl.errors import InputError, VectorFileError
+from personactl.model.steering_ops import AddTerm, Term, ablate_term, cap_term
+from personactl.store.vectors import load_for_model
+
+if TYPE_CHECKING:
+    from personactl.model.loading import ModelHandle
+    from personactl.store.vectors import LoadedVector
+    from personactl.store.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class ResolvedTerm:
+    term: PlanTerm
+    vector_path: str
+    label: str
+    position: str
+    aggregator: str
+    terms: Mapping[int, Term]  # layer → what the engines apply there
+    raw_values: Mapping[int, float]  # layer → α, or c / τ in residual-stream units (what was applied)
+    warning: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.term.spec(),
+            "vector": self.vector_path,
+            "trait": self.label,
+            "op": self.term.op,
+            "layers": list(self.term.layers),
+            "value": self.term.value,
+            "position": self.position,
+            "aggregator": self.aggregator,
+            "applied": {str(layer): value for layer, value in self.raw_values.items()},
+        }
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    terms: list[ResolvedTerm] = field(default_factory=list)
+    norm: str = "raw"
+
+    def by_layer(self) -> dict[int, list[Term]]:
+        """layer → every term's tensors there, in the order the terms were given."""
+        out: dict[int, list[Term]] = {}
+        for resolved in self.terms:
+            for layer, term in resolved.terms.items():
+                out.setdefault(layer, []).append(term)
+        return dict(sorted(out.items()))
+
+    @property
+    def ops(self) -> set[str]:
+        return {resolved.term.op for resolved in self.terms}
+
+    def spec(self) -> str:
+        """The plan in one line, as `--steer` flags would write it."""
+        return " ".join(f"--steer {resolved.term.spec()}" for resolved in self.terms)
+
+    def describe(self) -> dict[str, Any]:
+        return {"norm": self.norm, "terms": [resolved.describe() for resolved in self.terms]}
+
+    @property
+    def warnings(self) -> list[str]:
+        return [resolved.warning for resolved in self.terms if resolved.warning]
+
+
+def resolve_plan(
+    specs: Sequence[str | PlanTerm],
+    *,
+    workspace: Workspace,
+    lm: ModelHandle,
+    position: str,
+    aggregator: str,
+    norm: str,
+) -> ResolvedPlan:
+    """Every term of a plan, resolved in order (`position` and `aggregator`: the defaults of terms
+    that name none). Errors name the term they are about."""
+    resolved = [
+        _resolve(parse_term(s) if isinstance(s, str) else s, workspace, lm, position, aggregator, norm) for s in specs
+    ]
+    return ResolvedPlan(resolved, norm)
+
+
+def _resolve(
+    term: PlanTerm, workspace: Workspace, lm: ModelHandle, position: str, aggregator: str, norm: str
+) -> ResolvedTerm:
+    name, persona = _persona(term.vector)
+    loaded = load_for_model(workspace, name, lm, persona)
+    position, aggregator = term.position or position, term.aggregator or aggregator
+    layers = check_steering_layers(list(term.layers), lm.num_layers)
+    terms: dict[int, Term] = {}
+    applied: dict[int, float] = {}
+    for layer in layers:
+        direction = loaded.vector.direction(layer, position, aggregator, norm)
+        terms[layer], applied[layer] = _term_at(term, loaded, layer, direction, position, norm, lm.dtype)
+    return ResolvedTerm(term, str(loaded.path), loaded.label, position, aggregator, terms, applied, loaded.warning)
+
+
+def _persona(vector: str) -> tuple[str, str]:
+    """`name:user` → (name, user): the user persona's (or another persona's) file of a trait."""
+    base, colon, suffix = vector.rpartition(":")
+    if colon and base and suffix in (*PERSONAS, "ithou"):
+        return base, suffix
+    return vector, "model"
+
+
+def _term_at(
+    term: PlanTerm,
+    loaded: LoadedVector,
+    layer: int,
+    direction: torch.Tensor,
+    position: str,
+    norm: str,
+    dtype: torch.dtype,
+) -> tuple[Term, float]:
+    """One term's tensors at one layer and the value applied there (α, or c / τ in stream units)."""
+    if term.op == "add":
+        alpha = torch.tensor(float(term.value or 0.0), dtype=torch.float32).to(dtype)
+        return AddTerm(alpha * direction.to(dtype)), float(term.value or 0.0)  # as `Steerer` computes α·v
+    if term.percentile is not None:
+        raise InputError(
+            f"--steer {term.spec()}: τ as a percentile needs the projections of the vector's responses, "
+            "which personactl does not save yet",
+            hint="give τ as a number (a projection on the unit direction; see docs/commands/steer.md)",
+        )
+    value = float(term.value or 0.0)
+    if term.op == "mean-ablate":
+        value *= _mean_projection(loaded, layer, position, direction)
+    elif norm == "stream":
+        value *= float(direction.float().norm())  # the direction was scaled to the stream norm
+    if term.op == "cap":
+        return cap_term(direction, value), value
+    return ablate_term(direction, value), value
+
+
+def _mean_projection(loaded: LoadedVector, layer: int, position: str, direction: torch.Tensor) -> float:
+    """The mean projection of the trait-free responses on the unit direction (`neg_mean` of the file)."""
+    try:
+        mean = loaded.vector.at(layer, position, "neg_mean")
+    except VectorFileError:  # a file without means (an imported vector): one clear error below
+        mean = None
+    if mean is None or not bool(torch.isfinite(mean).all()):
+        raise InputError(
+            f"mean-ablate needs the mean activations of the vector's responses, which {loaded.path.name} "
+            f"lacks at layer {layer} ({position})",
+            hint="use ablate with a value, or a vector personactl extracted",
+        )
+    unit = direction.float() / direction.float().norm()
+    return float(mean.float() @ unit)
+
+
+def describe_layers(plan: ResolvedPlan) -> str:
+    """`evil ablate @ 10-12, kind add @ 8` for messages and toolbars."""
+    return ", ".join(f"{r.label} {r.term.op} @ {format_ranges(list(r.term.layers))}" for r in plan.terms)

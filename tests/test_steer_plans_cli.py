@@ -1,0 +1,105 @@
+"""`steer --steer SPEC`: a steering plan from the command line, alone or beside a sweep, resolved
+against the workspace's vectors; bad terms are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from test_cli import expect_error, extracted_workspace, invoke
+
+from personactl.model.loading import load_model
+from personactl.model.steering_ops import AddTerm, ablate_term
+from personactl.steps.plan import resolve_plan
+from personactl.store.vectors import PersonaVector
+from personactl.store.workspace import Workspace
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_factory):
+    model = str(tiny_factory("llama"))
+    tmp = tmp_path_factory.mktemp("plans")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("PERSONACTL_") and k != "PERSONACTL_CACHE_DIR"]:
+            mp.delenv(key)
+        mp.chdir(tmp)
+        ws, vector_path = extracted_workspace(tmp, model)
+    return model, ws, vector_path
+
+
+def steer_json(model, ws, *args):
+    common = ["--model", model, "-w", ws, "--dtype", "float32", "--max-new-tokens", "6", "--json"]
+    result = invoke("steer", "--prompt", "hello world", *args, *common)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_a_plan_alone_and_beside_a_sweep(isolated_env, setup):
+    model, ws, _ = setup
+    alone = steer_json(model, ws, "--steer", "optimistic:2:0:ablate", "--steer", "optimistic:1:8")
+    assert [(r["baseline"], r["layer"]) for r in alone] == [(True, None), (False, None)]
+    assert alone[1]["plan"] == "--steer optimistic:2:0:ablate --steer optimistic:1:8:add"
+    assert alone[0]["plan"] is None
+    assert alone[1]["text"] != alone[0]["text"]
+
+    swept = steer_json(
+        model, ws, "--vector", "optimistic", "--layers", "2", "--coefficients=-4,4", "--steer", "optimistic:1:8"
+    )
+    assert [(r["baseline"], r["layer"], r["plan"] is not None) for r in swept] == [
+        (True, None, False),
+        (False, 2, True),
+        (False, 2, True),
+    ]
+    assert swept[0]["text"] == alone[0]["text"]  # the baseline stays unsteered
+
+
+def test_a_plan_resolves_to_the_vector_in_the_chosen_units(isolated_env, setup):
+    model, ws, vector_path = setup
+    lm = load_model(model, dtype="float32", device="cpu", log=lambda m: None)
+    vector = PersonaVector.load(vector_path)
+    plan = resolve_plan(
+        ["optimistic:1-2:3", "optimistic@response_avg:2:0.5:ablate", "optimistic:2:1:mean-ablate"],
+        workspace=Workspace(ws),
+        lm=lm,
+        position="response_avg",
+        aggregator="mean_diff",
+        norm="stream",
+    )
+    layers = plan.by_layer()
+    assert sorted(layers) == [1, 2] and len(layers[2]) == 3
+    stream = vector.tensors["stream_norm"]
+    direction = vector.direction(2, "response_avg", "mean_diff", "stream")
+    assert isinstance(layers[2][0], AddTerm)
+    assert torch.equal(layers[2][0].delta, torch.tensor(3.0) * direction)
+    expected = ablate_term(direction, 0.5 * float(stream[2]))
+    assert torch.allclose(layers[2][1].unit, expected.unit) and float(layers[2][1].lo) == pytest.approx(
+        0.5 * float(stream[2]), rel=1e-5
+    )
+    unit = direction / direction.norm()
+    mean = float(vector.at(2, "response_avg", "neg_mean").float() @ unit)
+    assert float(layers[2][2].lo) == pytest.approx(mean, rel=1e-5)
+    assert plan.describe()["terms"][1]["applied"]["2"] == pytest.approx(0.5 * float(stream[2]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("optimistic:2:4:scale", "unknown steering operation 'scale'"),
+        ("optimistic:2:x", "bad value 'x'"),
+        ("optimistic:9:1", "out of range"),
+        ("optimistic:0:1:ablate", "layer 0 is the embeddings"),
+        ("nosuchtrait:2:1", "no vectors for 'nosuchtrait'"),
+        ("optimistic:2:p25:cap", "does not save yet"),
+        ("optimistic@prompt_middle:2:1", "no mean_diff.prompt_middle"),
+    ],
+)
+def test_bad_terms_exit_2_with_one_line(isolated_env, setup, spec, needle):
+    model, ws, _ = setup
+    expect_error(invoke("steer", "--prompt", "hi", "--steer", spec, "--model", model, "-w", ws), needle)
+
+
+def test_nothing_to_steer_with(isolated_env, setup):
+    model, ws, _ = setup
+    expect_error(invoke("steer", "--prompt", "hi", "--model", model, "-w", ws), "nothing to steer with")
