@@ -1,25 +1,32 @@
-"""`personactl export`: one position/aggregator of a vector file, at chosen rows, in another format.
+"""`personactl export`: one position/aggregator of a vector file, at chosen rows, in another format;
+or a steering plan (`--steer` terms, `plan_file`).
 
 What lands in the file is `scale · v`, with `v` as extracted (`raw`), unit norm (`unit`) or the
-layer's mean residual-stream norm (`stream`), the same norm modes as `steer`."""
+layer's mean residual-stream norm (`stream`), the same norm modes as `steer`. Files with room for
+metadata (GGUF's `personactl.metadata`, the JSON record) say where the vector acts (`hook_site`: the
+output of decoder block l for row l) and how (`operation`: `add`, the only one these formats have)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from personactl import __version__
 from personactl.core.choices import NORM_MODES
 from personactl.errors import InputError, VectorFileError
+from personactl.store.interop.foreign import HOOK_SITE
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
 
-EXPORT_FORMATS = ("gguf", "steering-vectors", "pt", "json")
-SUFFIXES = {".gguf": "gguf", ".json": "json"}
+if TYPE_CHECKING:
+    from personactl.store.workspace import Workspace
+
+EXPORT_FORMATS = ("gguf", "steering-vectors", "pt", "json", "plan")
+SUFFIXES = {".gguf": "gguf", ".json": "json", ".safetensors": "plan"}
 # the first row each format can hold, and why
-MIN_ROW = {"gguf": 2, "steering-vectors": 1, "pt": 0, "json": 0}
+MIN_ROW = {"gguf": 2, "steering-vectors": 1, "pt": 0, "json": 0, "plan": 1}
 WHY_MIN_ROW = {
     "gguf": "llama.cpp has no slot for the embeddings (row 0) and rejects direction.0 (row 1)",
     "steering-vectors": "it hooks decoder blocks, so the embeddings (row 0) have no slot",
@@ -41,9 +48,38 @@ def resolve_format(fmt: str | None, output: Path) -> str:
             )
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {fmt!r}", hint=f"choose from {', '.join(EXPORT_FORMATS)}")
+    if fmt == "plan" and output.suffix.lower() != ".safetensors":
+        raise InputError("a plan file is a safetensors file", hint="pass -o NAME.safetensors")
     if fmt == "json" and output.suffix.lower() != ".json":
         raise InputError("the json format writes NAME.json beside NAME.pt", hint="pass -o NAME.json")
     return fmt
+
+
+def export_plan(
+    specs: list[str],
+    *,
+    workspace: Workspace,
+    model_slug: str,
+    fmt: str,
+    output: Path,
+    position: str,
+    aggregator: str,
+    norm: str,
+) -> dict[str, Any]:
+    """`export --steer`: the plan as a plan file, or (add terms only, summed per row) in another format."""
+    from personactl.store.interop.plan_file import resolve_terms, summed_adds, write_plan
+
+    entries = resolve_terms(
+        specs, workspace=workspace, model_slug=model_slug, position=position, aggregator=aggregator, norm=norm
+    )
+    if fmt == "plan":
+        return write_plan(output, entries, norm)
+    rows = summed_adds(entries, fmt)
+    check_rows(fmt, sorted(rows), "steer rows")
+    first = entries[0]
+    plan = [{"spec": e.term.spec(), "vector": str(e.source)} for e in entries]
+    choice = {"position": first.position, "aggregator": first.aggregator, "norm": norm, "scale": 1.0}
+    return export_vector(first.vector, source=first.source, fmt=fmt, output=output, rows=rows, plan=plan, **choice)
 
 
 def usable_rows(vector: PersonaVector, position: str, aggregator: str) -> list[int]:
@@ -80,12 +116,18 @@ def select_rows(
         layers = [r for r in usable_rows(vector, position, aggregator) if r >= first]
         if not layers:
             raise VectorFileError(f"no extracted row ≥ {first} has a direction for {aggregator}.{position}")
-    low = [r for r in layers if r < first]
-    if low:
-        raise InputError(f"row {low[0]} cannot be exported as {fmt}: {WHY_MIN_ROW[fmt]}", hint=f"choose rows ≥ {first}")
-    if fmt == "json" and len(layers) != 1:
-        raise InputError("the json format holds one layer", hint="pass --layers N with a single row")
+    check_rows(fmt, layers, "choose rows")
     return {row: vector.direction(row, position, aggregator, norm) * scale for row in layers}
+
+
+def check_rows(fmt: str, rows: list[int], remedy: str) -> None:
+    """Refuse rows the format has no slot for (and more than one row for json)."""
+    first = MIN_ROW[fmt]
+    low = [r for r in rows if r < first]
+    if low:
+        raise InputError(f"row {low[0]} cannot be exported as {fmt}: {WHY_MIN_ROW[fmt]}", hint=f"{remedy} ≥ {first}")
+    if fmt == "json" and len(rows) != 1:
+        raise InputError("the json format holds one layer", hint=f"{remedy}: a single row")
 
 
 def export_vector(
@@ -99,8 +141,10 @@ def export_vector(
     aggregator: str,
     norm: str,
     scale: float,
+    plan: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write `rows` in `fmt` to `output` (atomically) and say what went where."""
+    """Write `rows` in `fmt` to `output` (atomically) and say what went where (`plan`: the terms
+    whose add vectors were summed into `rows`)."""
     meta = vector.metadata
     provenance = {
         "model": meta.get("model"),
@@ -112,6 +156,9 @@ def export_vector(
         "scale": scale,
         "rows": sorted(rows),
         "layer_convention": LAYER_CONVENTION,
+        "hook_site": HOOK_SITE,
+        "operation": "add",
+        **({"plan": plan} if plan else {}),
         "source_vector": str(source),
         "personactl_version": __version__,
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -148,5 +195,8 @@ def export_vector(
         "file_index": {row: FILE_INDEX[fmt](row) for row in sorted(rows)},
         "norms": {row: float(v.norm()) for row, v in sorted(rows.items())},
         **{k: provenance[k] for k in ("model", "trait", "position", "aggregator", "norm", "scale")},
+        "hook_site": HOOK_SITE,
+        "operation": "add",
+        **({"plan": plan} if plan else {}),
         **extra,
     }
