@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     pipeline_parallel_size: int = Field(
         1, ge=1, description="vllm backend: pipeline stages (GPUs or nodes) to split the layers over"
     )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vllm backend: how ranks start (ray: across machines); default: vLLM chooses"
+    )
     vllm_eager: bool = Field(
         False, description="vllm backend: skip compilation (starts in about half the time on a CPU; decodes slower)"
     )
