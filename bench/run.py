@@ -340,12 +340,14 @@ def main() -> None:
         "rows": [],
     }
     from peers import bench_memory, bench_steering_vectors
+    from plan_bench import bench_plan
     from serve_bench import bench_serve
 
     sections = [
         lambda: bench_help(results),
         lambda: bench_judge(results),
         lambda: bench_steering(results),
+        lambda: bench_plan(results),
         lambda: bench_serve(results),
         lambda: bench_extraction(results),
         lambda: bench_kl_neutral(results),
