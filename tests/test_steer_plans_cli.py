@@ -103,3 +103,23 @@ def test_bad_terms_exit_2_with_one_line(isolated_env, setup, spec, needle):
 def test_nothing_to_steer_with(isolated_env, setup):
     model, ws, _ = setup
     expect_error(invoke("steer", "--prompt", "hi", "--model", model, "-w", ws), "nothing to steer with")
+
+
+def test_cap_at_saved_thresholds(isolated_env, setup, tmp_path):
+    """`cap` at `saved` takes τ per layer from the file's cap_thresholds (an imported capping
+    configuration), unscaled by --norm; a layer without one is one clear error."""
+    model, ws, vector_path = setup
+    lm = load_model(model, dtype="float32", device="cpu", log=lambda m: None)
+    vector = PersonaVector.load(vector_path)
+    vector.metadata = {**vector.metadata, "cap_thresholds": {"rows": {"2": 0.75}, "unit": "projection"}}
+    capped = tmp_path / "capped.safetensors"
+    vector.save(capped)
+    resolve = lambda spec: resolve_plan(  # noqa: E731
+        [spec], workspace=Workspace(ws), lm=lm, position="response_avg", aggregator="mean_diff", norm="stream"
+    )
+    term = resolve(f"{capped}:2:saved:cap").by_layer()[2][0]
+    assert float(term.hi) == 0.75 and float(term.lo) == float("-inf")
+    expect_error(
+        invoke("steer", "--prompt", "hi", "--steer", f"{capped}:1-2:saved:cap", "--model", model, "-w", ws),
+        "no saved cap threshold at layer 1 (saved at rows: 2)",
+    )

@@ -6,7 +6,8 @@ known OP last, then VALUE, then LAYERS; everything left of LAYERS is the vector.
 `5-10`, `4,8-9`) are applied together, as one term. VALUE is α for `add`, the added-back c of c·v
 for `ablate` (0 = pure projection-out), the multiple of the mean projection added back for
 `mean-ablate` (1 = the mean itself), and τ for `cap`, which may also be a percentile of the vector's
-own projections (`p25`), resolved later against the vector's metadata.
+own projections (`p25`) or `saved`, the thresholds stored with the vector (an imported capping
+configuration), both resolved later against the vector's file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class PlanTerm:
     vector: str
     layers: tuple[int, ...]
     op: str = "add"
-    value: float | None = None  # α, c or τ; None when `percentile` gives τ
+    value: float | None = None  # α, c or τ; None for `cap` when `percentile` or the saved thresholds give τ
     percentile: float | None = None  # `cap` only: τ = this percentile of the vector's own projections
     position: str | None = None  # extraction position (None: the command's default)
     aggregator: str | None = None  # aggregator (None: the command's default)
@@ -42,7 +43,10 @@ class PlanTerm:
         vector = self.vector
         if self.position is not None:
             vector += f"@{self.position}" + (f"/{self.aggregator}" if self.aggregator else "")
-        value = f"p{self.percentile:g}" if self.percentile is not None else f"{self.value:g}"
+        if self.percentile is not None:
+            value = f"p{self.percentile:g}"
+        else:
+            value = "saved" if self.value is None else f"{self.value:g}"
         return f"{vector}:{format_ranges(list(self.layers))}:{value}:{self.op}"
 
 
@@ -73,7 +77,7 @@ def parse_term(spec: str) -> PlanTerm:
 def _looks_like_op(text: str) -> bool:
     """A last part that is a word, not a number or percentile: a misspelt operation."""
     text = text.strip()
-    return bool(re.fullmatch(r"[A-Za-z][A-Za-z_-]*", text)) and not _PERCENTILE.fullmatch(text)
+    return bool(re.fullmatch(r"[A-Za-z][A-Za-z_-]*", text)) and not _PERCENTILE.fullmatch(text) and text != "saved"
 
 
 def _vector_part(text: str, spec: str) -> tuple[str, str | None, str | None]:
@@ -95,7 +99,11 @@ def _vector_part(text: str, spec: str) -> tuple[str, str | None, str | None]:
 
 
 def _value(text: str, op: str, spec: str) -> tuple[float | None, float | None]:
-    """VALUE as (number, percentile): a finite number, or `pNN` for `cap`."""
+    """VALUE as (number, percentile): a finite number, or for `cap` `pNN` or `saved` (both None)."""
+    if text == "saved":
+        if op != "cap":
+            raise InputError(f"`saved` thresholds are for cap only (--steer {spec!r})", hint="give a number")
+        return None, None
     match = _PERCENTILE.fullmatch(text)
     if match:
         if op != "cap":
@@ -107,7 +115,7 @@ def _value(text: str, op: str, spec: str) -> tuple[float | None, float | None]:
     try:
         value = float(text)
     except ValueError:
-        hint = "a number, or pNN (a percentile of the vector's projections) for cap"
+        hint = "a number; for cap also pNN (a percentile of the vector's projections) or saved"
         raise InputError(f"bad value {text!r} in --steer {spec!r}", hint=hint) from None
     if not math.isfinite(value):
         raise InputError(f"value {text!r} in --steer {spec!r} is not finite")

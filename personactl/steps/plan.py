@@ -1,12 +1,8 @@
 """Steering plans resolved for a loaded model: each `--steer` term's vector found and checked, its
 layers checked, and its value turned into tensors the engines apply (`model.steering_ops`).
 
-Units, per `--norm` as for `add`:
-- `add`: α multiplies the direction scaled by the norm mode (raw, unit, or the layer's stream norm).
-- `ablate` (c) and `cap` (τ): a projection on the unit direction, in residual-stream units with
-  `--norm raw` or `unit`, and in units of the layer's mean stream norm with `--norm stream`.
-- `mean-ablate`: the projection becomes VALUE × the mean projection of the responses without the
-  trait (the vector file's `neg_mean` at that position), so 1 = the trait-free mean.
+Units: `add`'s α multiplies the direction scaled by `--norm` exactly as for `--vector`; what the
+other operations' values mean is `store.plan_values.projection_value`.
 """
 
 from __future__ import annotations
@@ -20,8 +16,8 @@ import torch
 from personactl.core.choices import PERSONAS
 from personactl.core.ranges import check_steering_layers, format_ranges
 from personactl.core.steer_plan import PlanTerm, parse_term
-from personactl.errors import InputError, VectorFileError
 from personactl.model.steering_ops import AddTerm, Term, ablate_term, cap_term
+from personactl.store.plan_values import projection_value
 from personactl.store.vectors import load_for_model
 
 if TYPE_CHECKING:
@@ -137,36 +133,10 @@ def _term_at(
     if term.op == "add":
         alpha = torch.tensor(float(term.value or 0.0), dtype=torch.float32).to(dtype)
         return AddTerm(alpha * direction.to(dtype)), float(term.value or 0.0)  # as `Steerer` computes α·v
-    if term.percentile is not None:
-        raise InputError(
-            f"--steer {term.spec()}: τ as a percentile needs the projections of the vector's responses, "
-            "which personactl does not save yet",
-            hint="give τ as a number (a projection on the unit direction; see docs/commands/steer.md)",
-        )
-    value = float(term.value or 0.0)
-    if term.op == "mean-ablate":
-        value *= _mean_projection(loaded, layer, position, direction)
-    elif norm == "stream":
-        value *= float(direction.float().norm())  # the direction was scaled to the stream norm
+    value = projection_value(term, loaded.vector, loaded.path.name, layer, position, norm, direction)
     if term.op == "cap":
         return cap_term(direction, value), value
     return ablate_term(direction, value), value
-
-
-def _mean_projection(loaded: LoadedVector, layer: int, position: str, direction: torch.Tensor) -> float:
-    """The mean projection of the trait-free responses on the unit direction (`neg_mean` of the file)."""
-    try:
-        mean = loaded.vector.at(layer, position, "neg_mean")
-    except VectorFileError:  # a file without means (an imported vector): one clear error below
-        mean = None
-    if mean is None or not bool(torch.isfinite(mean).all()):
-        raise InputError(
-            f"mean-ablate needs the mean activations of the vector's responses, which {loaded.path.name} "
-            f"lacks at layer {layer} ({position})",
-            hint="use ablate with a value, or a vector personactl extracted",
-        )
-    unit = direction.float() / direction.float().norm()
-    return float(mean.float() @ unit)
 
 
 def describe_layers(plan: ResolvedPlan) -> str:

@@ -27,6 +27,7 @@ from personactl.core.ranges import check_steering_layers, format_ranges
 from personactl.core.steer_plan import PlanTerm, parse_term
 from personactl.errors import InputError, VectorFileError
 from personactl.store.interop.foreign import HOOK_SITE
+from personactl.store.plan_values import projection_value
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
 
 if TYPE_CHECKING:
@@ -95,12 +96,6 @@ def resolve_terms(
 
 
 def _entry(term: PlanTerm, path: Path, vector: PersonaVector, position: str, aggregator: str, norm: str) -> PlanEntry:
-    if term.percentile is not None:
-        raise InputError(
-            f"--steer {term.spec()}: τ as a percentile needs the projections of the vector's responses, "
-            "which personactl does not save yet",
-            hint="give τ as a number (a projection on the unit direction)",
-        )
     rows = check_steering_layers(list(term.layers), vector.num_layers)
     directions, bounds = {}, {}
     for row in rows:
@@ -111,24 +106,8 @@ def _entry(term: PlanTerm, path: Path, vector: PersonaVector, position: str, agg
             )
         directions[row] = t
         if term.op != "add":
-            bounds[row] = _bound(term, vector, row, position, norm, t)
+            bounds[row] = projection_value(term, vector, path.name, row, position, norm, t)
     return PlanEntry(term, path, vector, position, aggregator, directions, bounds)
-
-
-def _bound(term: PlanTerm, vector: PersonaVector, row: int, position: str, norm: str, t: torch.Tensor) -> float:
-    """The projection on t/|t| that an ablate/cap/mean-ablate term sets or bounds at `row`."""
-    value = float(term.value or 0.0)
-    if term.op == "mean-ablate":
-        key = f"neg_mean.{position}"
-        mean = vector.tensors.get(key)
-        if mean is None or not bool(torch.isfinite(mean[row]).all()):
-            raise InputError(
-                f"--steer {term.spec()}: mean-ablate needs the trait-free mean activations ({key}), "
-                f"which the vector file lacks at layer {row}",
-                hint="use ablate with a value, or a vector personactl extracted",
-            )
-        return value * float(mean[row].float() @ (t.float() / t.float().norm()))
-    return value * float(t.float().norm()) if norm == "stream" else value
 
 
 def _same_model(entries: list[PlanEntry]) -> None:
