@@ -11,6 +11,11 @@ steering in one continuous batch. The key is also the request's `cache_salt`, so
 reuses one configuration's prompt KV for another; unsteered (α = 0) requests have neither and share
 the unsteered cache. Only the `all` position mode exists here.
 
+A request's steering plan (`Steering.plan`: adds, ablations, caps at their layers) rides in the same
+configuration: the plugin gives every layer a fixed number of projection slots with add tables
+between them (`plan_projections`, 2 by default), and `vllm_configs.plan_slots` lays each row's terms
+into them as the HF `Steerer` orders them; a plan that needs more slots at a layer is refused here.
+
 Steering runs on vLLM's V1 model runner (the CPU runner is one); a steering engine starts with
 `VLLM_USE_V2_MODEL_RUNNER=0`, and setups the token mapping cannot follow are refused at start-up
 (`steering_refusal`). Layer convention as everywhere: layer `l` adds to the output of decoder block `l`.
@@ -30,15 +35,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
-from personactl.backends.vllm_configs import ConfigRows, SteeringConfig, salt_for
-from personactl.backends.vllm_plugin import FLAG, KEY, flag_value
+from personactl.backends.vllm_configs import ConfigRows, SteeringConfig, plan_slots, salt_for
+from personactl.backends.vllm_plugin import DEFAULT_PROJECTIONS, FLAG, KEY, flag_value
+from personactl.core.choices import STEER_OPS
 from personactl.errors import InputError, ModelError
 
 if TYPE_CHECKING:
     import threading
 
     from personactl.backends.hf_rows import RowRequest
-    from personactl.model.steering import GridRow
+    from personactl.model.steering import GridRow, Plan
     from personactl.settings import Settings
 
 __all__ = ["VLLMBackend", "check_positions", "open_vllm", "open_vllm_from", "salt_for", "steering_refusal"]
@@ -101,6 +107,7 @@ class VLLMBackend:
     full_distributions = False  # no full next-token distributions: kl_neutral loads the HF model
     reads_activations = False  # the residual stream lives in vLLM's worker processes
     joins_running_batch = True  # `serve_rows`: new requests join the running engine at its next step
+    plan_ops = STEER_OPS  # every steering-plan operation, in the plugin's slots (up to `plan_projections` per layer)
 
     def __init__(self, llm: Any, tokenizer: Any, source: Any, config: Any, fingerprint: str, dtype: str, **info: Any):
         self.llm = llm
@@ -118,6 +125,7 @@ class VLLMBackend:
         self.max_stream_batch: int = info.get("max_num_seqs", 1)  # rows `stream_batch` mixes: the engine's batch
         self.notes: list[str] = info.get("notes", [])
         self._rows: ConfigRows | None = None  # the engine's table rows, once `enable_steering` found them
+        self.plan_projections = 0  # projection slots per layer (ablate/cap terms), found by `enable_steering`
         self._active: SteeringConfig | None = None  # what `generate` adds inside `steering(...)`
 
     # --- what commands need to know about the model -------------------------------------------
@@ -268,11 +276,7 @@ class VLLMBackend:
         """layer → α·v in the engine's dtype, computed as the HF `Steerer` computes it."""
         out = {}
         for layer, direction in sorted(directions.items()):
-            if not 1 <= layer <= self.num_layers:
-                raise InputError(
-                    f"steering layer {layer} out of range 1..{self.num_layers}",
-                    hint="layer l = output of decoder block l (0 is the embeddings)",
-                )
+            self._check_layer(layer)
             if direction.dim() != 1 or direction.shape[0] != self.hidden_size or not torch.isfinite(direction).all():
                 raise InputError(f"the steering vector at layer {layer} is not a finite [{self.hidden_size}] vector")
             value = coefficient.get(layer, 0.0) if isinstance(coefficient, Mapping) else coefficient
@@ -283,11 +287,28 @@ class VLLMBackend:
         return out
 
     def config_of(self, steering: Steering | None) -> SteeringConfig | None:
-        """A request's steering as a configuration, checked here (None: nothing is added)."""
+        """A request's steering (α·v and its plan, `Steering.plan`) as a configuration, checked here
+        (None: nothing changes)."""
         if steering is None:
             return None
         check_positions(steering.positions)
-        return SteeringConfig.of(self.deltas(steering.directions, steering.alpha))
+        return self._config(self.deltas(steering.directions, steering.alpha), steering.plan)
+
+    def _config(self, deltas: dict[int, torch.Tensor], plan: Plan | None) -> SteeringConfig | None:
+        """α·v per layer plus a steering plan as the plugin's slots take them (`vllm_configs.plan_slots`)."""
+        if not plan:
+            return SteeringConfig.of(deltas)
+        for layer in plan:
+            self._check_layer(layer)
+        deltas, plans = plan_slots(deltas, plan, self.plan_projections, self.dtype, self.hidden_size)
+        return SteeringConfig.of(deltas, plans)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 1 <= layer <= self.num_layers:
+            raise InputError(
+                f"steering layer {layer} out of range 1..{self.num_layers}",
+                hint="layer l = output of decoder block l (0 is the embeddings)",
+            )
 
     def enable_steering(self) -> None:
         """Find every worker's steering tables (on an eager engine, add them if the plugin did not:
@@ -312,6 +333,7 @@ class VLLMBackend:
                 "`personactl_steering` (and keep it in VLLM_PLUGINS if you set that), or use enforce_eager=True",
             )
         self._rows = ConfigRows(min(r["rows"] for r in reports))
+        self.plan_projections = min(int(r.get("projections", 0)) for r in reports)
         self.steerable = True
 
     @contextlib.contextmanager
@@ -358,12 +380,14 @@ class VLLMBackend:
         directions: Mapping[int, torch.Tensor],
         coefficient: float | Mapping[int, float] = 1.0,
         positions: str = "all",
+        plan: Plan | None = None,
     ) -> Iterator[VLLMBackend]:
-        """Steer every `generate` call inside the block; back to unsteered on exit."""
+        """Steer every `generate` call inside the block (α·v, then `plan`'s terms); back to
+        unsteered on exit."""
         check_positions(positions)
         if not self.steerable:
             raise InputError("this vLLM engine was opened without steering", hint="open_vllm(..., steering=True)")
-        config = SteeringConfig.of(self.deltas(directions, coefficient))
+        config = self._config(self.deltas(directions, coefficient), plan)
         with self._using([config]):
             previous, self._active = self._active, config
             try:
@@ -382,13 +406,15 @@ class VLLMBackend:
         batch_size: int = 0,
         positions: str = "all",
         on_chunk: Any = None,
+        plan: Plan | None = None,
     ) -> Iterator[tuple[GridRow, Generation]]:
         """Every grid row (`personactl.model.steering.GridRow`) in one `llm.generate` call, each
-        request with its own (layer, α); rows come back in order. Row `i` samples with a seed derived
-        from (`seed`, `i`). A grid with more distinct configurations than the engine's table rows
-        runs as several calls. `batch_size` is unused: vLLM schedules its own batches."""
+        request with its own (layer, α), followed by `plan` where the row is `planned`; rows come back
+        in order. Row `i` samples with a seed derived from (`seed`, `i`). A grid with more distinct
+        configurations than the engine's table rows runs as several calls. `batch_size` is unused:
+        vLLM schedules its own batches."""
         check_positions(positions)
-        configs = self._grid_configs(rows, directions)
+        configs = self._grid_configs(rows, directions, plan)
         capacity = self._rows.available if self._rows is not None else len(rows)
         results: list[Generation | None] = [None] * len(rows)
         for chunk in _chunks_within([c.key if c else None for c in configs], max(capacity, 1)):
@@ -406,18 +432,19 @@ class VLLMBackend:
         yield from zip(rows, results, strict=True)
 
     def _grid_configs(
-        self, rows: Sequence[GridRow], directions: Mapping[int, torch.Tensor]
+        self, rows: Sequence[GridRow], directions: Mapping[int, torch.Tensor], plan: Plan | None = None
     ) -> list[SteeringConfig | None]:
-        """Each grid row's configuration (None for the baseline and α = 0), one per (layer, α)."""
-        made: dict[tuple[int, float], SteeringConfig | None] = {}
+        """Each grid row's configuration (None for the baseline, and α = 0 without the plan), one
+        per (layer, α, planned)."""
+        made: dict[tuple[int | None, float, bool], SteeringConfig | None] = {}
         configs = []
         for row in rows:
-            if row.layer is None or row.coefficient == 0:
-                configs.append(None)
-                continue
-            key = (row.layer, row.coefficient)
+            planned = bool(plan) and row.planned
+            steered = row.layer is not None and row.coefficient != 0
+            key = (row.layer if steered else None, row.coefficient if steered else 0.0, planned)
             if key not in made:
-                made[key] = SteeringConfig.of(self.deltas({row.layer: directions[row.layer]}, row.coefficient))
+                deltas = self.deltas({row.layer: directions[row.layer]}, row.coefficient) if steered else {}
+                made[key] = self._config(deltas, plan if planned else None)
             configs.append(made[key])
         return configs
 
@@ -467,6 +494,12 @@ def open_vllm_from(
     eagerness of a `Settings` object; `engine_kwargs` go to `vllm.LLM` as they are."""
     if settings.device not in ("auto", "cpu") and not settings.device.startswith("cuda"):
         raise InputError(f"--device {settings.device} is not available with the vllm backend", hint="use --backend hf")
+    for name in ("device_map", "max_memory"):
+        if getattr(settings, name, None):
+            raise InputError(
+                f"--{name.replace('_', '-')} is a setting of the hf backend; vllm places the model itself",
+                hint="use --tensor-parallel-size / --pipeline-parallel-size to spread it over GPUs, or --backend hf",
+            )
     # "ray" for several machines (vLLM refuses more ranks than local GPUs otherwise); None: vLLM chooses
     executor = getattr(settings, "distributed_executor_backend", None)
     if executor:
@@ -501,13 +534,16 @@ def open_vllm(
     steering: bool = True,
     enforce_eager: bool = False,
     seed: int = 0,
+    plan_projections: int = DEFAULT_PROJECTIONS,
     log: Any = lambda message: None,
     **engine_kwargs: Any,
 ) -> VLLMBackend:
     """Start a vLLM engine for `--model spec` (built-in, hub id or local directory).
 
     `steering=True` asks the plugin for steering tables before compilation and starts vLLM's V1
-    model runner. `enforce_eager=True` skips compilation; the worker extension then installs the
+    model runner, with `plan_projections` projection slots per layer for steering plans (ablate and
+    cap terms; 0: an add-only engine, whose layers do no projection work). `enforce_eager=True` skips
+    compilation; the worker extension then installs the
     tables itself if the plugin's entry point did not run (the fallback when personactl was never
     pip-installed). `engine_kwargs` go to `vllm.LLM` as they are."""
     from personactl.model.loading import model_fingerprint, prepare_tokenizer, resolve_model
@@ -537,7 +573,7 @@ def open_vllm(
         "pipeline_parallel_size": pipeline_parallel_size,
         "enforce_eager": enforce_eager,
         "seed": seed,
-        **_steering_and_memory_arguments(steering, on_cpu),
+        **_steering_and_memory_arguments(steering, on_cpu, plan_projections),
         **engine_kwargs,
     }
     log(f"starting vLLM for {spec} ({'eager' if enforce_eager else 'compiling the model: minutes on a CPU'})")
@@ -589,13 +625,13 @@ def _import_vllm() -> tuple[Any, bool]:
     return vllm, current_platform.is_cpu()
 
 
-def _steering_and_memory_arguments(steering: bool, on_cpu: bool) -> dict[str, Any]:
+def _steering_and_memory_arguments(steering: bool, on_cpu: bool, projections: int) -> dict[str, Any]:
     """`vllm.LLM` arguments beyond the model's: the plugin's flag that asks for steering tables and
     the worker extension that fills them; on CPU a KV cache that fits a small machine (unless
     VLLM_CPU_KVCACHE_SPACE sets one)."""
     arguments: dict[str, Any] = {}
     if steering:
-        arguments["additional_config"] = {FLAG: flag_value()}
+        arguments["additional_config"] = {FLAG: flag_value(projections)}
         arguments["worker_extension_cls"] = WORKER_EXTENSION
     if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         arguments["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_GIB << 30

@@ -14,10 +14,55 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from personactl.backends.vllm_plugin import install, log, patch_v1_runner, steering_state, v1_runner_class
+from personactl.backends.vllm_plugin import (
+    RowPlan,
+    SteeringTables,
+    install,
+    log,
+    patch_v1_runner,
+    steering_state,
+    v1_runner_class,
+)
 
-# One configuration as sent: [row, key, [[block number, delta bytes in the table dtype], ...]]
+# One configuration as sent: [row, key, [layer, ...]], each layer [block number, delta bytes in the
+# table dtype or None] or, with a plan, [block number, delta bytes or None, projections, adds]:
+# projections[k] = [unit bytes (float32 [H]), bounds bytes (float32 lo, hi)] or None, adds[k] = the
+# add before projection slot k + 1 (bytes in the table dtype) or None.
 Entry = Sequence[Any]
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _tensor(data: bytes, like: Any, count: int) -> Any:
+    """`data` as `count` elements of `like`'s dtype (a copy); _Malformed when its size is wrong."""
+    import torch
+
+    if data is None or len(data) != count * like.element_size():
+        raise _Malformed
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(like.dtype)
+
+
+def _decode_layer(state: SteeringTables, layer: Sequence[Any]) -> tuple[Any, RowPlan | None]:
+    """One sent layer as (delta or None, plan or None) for this rank's tables."""
+    number = int(layer[0])
+    table = state.tables[number]
+    delta = None if layer[1] is None else _tensor(layer[1], table, table.shape[1])
+    if len(layer) == 2:
+        return delta, None
+    slots = state.slots.get(number)
+    projections, adds = layer[2], layer[3]
+    if slots is None or len(projections) > len(slots.units) or len(adds) > len(slots.adds):
+        raise _Malformed
+    plan = RowPlan(
+        [
+            None if p is None else (_tensor(p[0], slots.units[0], table.shape[1]), _tensor(p[1], slots.bounds[0], 2))
+            for p in projections
+        ],
+        [None if a is None else _tensor(a, table, table.shape[1]) for a in adds],
+    )
+    return delta, plan
 
 
 class SteeringWorkerExtension:
@@ -43,28 +88,28 @@ class SteeringWorkerExtension:
             "v1": True,
             "layers": len(state.tables) if state else 0,
             "rows": state.num_rows if state else 0,
+            "projections": state.projections if state else 0,
         }
 
     def personactl_steering_put(self, entries: Sequence[Entry]) -> int:
         """Write configurations into their table rows; returns how many were written (a malformed
         entry is skipped and logged, never raised: an exception here would reach the engine)."""
-        import torch
-
         state = steering_state(self.model_runner.get_model())
         if state is None:
             return 0
         written = 0
         for row, key, layers in entries:
-            deltas = {}
-            for number, data in layers:
-                table = state.tables.get(int(number))
-                if table is None:
-                    continue  # a layer of another pipeline rank
-                if len(data) != table.shape[1] * table.element_size() or not 0 < row < table.shape[0]:
-                    log.warning("personactl: malformed steering configuration %r skipped", key)
-                    break
-                deltas[int(number)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(table.dtype)
-            else:
-                state.put(int(row), str(key), deltas)
-                written += 1
+            try:
+                if not 0 < int(row) < state.num_rows:
+                    raise _Malformed
+                decoded = {
+                    int(layer[0]): _decode_layer(state, layer) for layer in layers if int(layer[0]) in state.tables
+                }
+            except (_Malformed, TypeError, IndexError, ValueError):
+                log.warning("personactl: malformed steering configuration %r skipped", key)
+                continue
+            deltas = {number: delta for number, (delta, _) in decoded.items() if delta is not None}
+            plans = {number: plan for number, (_, plan) in decoded.items() if plan is not None}
+            state.put(int(row), str(key), deltas, plans)
+            written += 1
         return written
