@@ -7,6 +7,7 @@ import typer
 from personactl.cli import (
     chat,
     compare,
+    condition,
     config_cmd,
     eval,
     export_cmd,
@@ -53,6 +54,7 @@ app.command("config")(config_cmd.config)
 app.command("ls")(ls.ls)
 app.command("monitor")(monitor.monitor)
 app.add_typer(readout.app, name="readout")
+app.add_typer(condition.app, name="condition")
 use_tidy_help(app)
 
 

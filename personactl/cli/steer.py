@@ -53,11 +53,22 @@ SweptVector = Annotated[
     ),
 ]
 
+When = Annotated[
+    Optional[str],
+    typer.Option(
+        "--when",
+        help="Steer only prompts whose last-token projection on a condition vector is above a threshold: "
+        "VECTOR[@position[/aggregator]]:LAYER:THRESHOLD (see `personactl condition fit`); others stay unsteered.",
+        show_default=False,
+    ),
+]
+
 
 @guarded
 def steer(
     vector: SweptVector = None,
     plan: o.SteerPlan = None,
+    when: When = None,
     prompt: Prompts = None,
     prompts_file: PromptsFile = None,
     layers: o.MiddleLayer = None,
@@ -90,6 +101,7 @@ def steer(
     """Generate with α·v added at each chosen layer; the whole grid runs as batched generation."""
     from personactl.backends import Sampling
     from personactl.core.ranges import parse_floats, parse_ranges
+    from personactl.steps.condition import check_condition
     from personactl.steps.steer import steer_step
 
     positions = o.steer_positions(steer_positions, old_positions)
@@ -111,6 +123,7 @@ def steer(
         backend=backend,
     )
     ws = open_workspace(settings)
+    condition = check_condition(when, settings.backend) if when else None  # before any engine starts
     lm = load_engine(settings, steering=True, positions=positions)
     choice = {"position": position.value, "aggregator": aggregator.value, "positions": positions}
     with LazyProgress("steer") as bar:
@@ -127,9 +140,15 @@ def steer(
             norm=norm.value,
             sampling=Sampling(settings.max_new_tokens, temperature, settings.top_p),
             plan_specs=plan or (),
+            condition=condition,
             on_start=bar.start,
             on_chunk=bar.advance,
         )
+    _report(table, summary, choice, json)
+
+
+def _report(table: pl.DataFrame, summary: dict[str, Any], choice: dict[str, str], json: bool) -> None:
+    """Warnings to stderr, then the rows: JSON lines or one rich table per prompt."""
     for warning in summary["warnings"]:
         log(f"warning: {warning}")
     if json:
@@ -163,13 +182,14 @@ def _print_tables(table: pl.DataFrame, summary: dict[str, Any]) -> None:
     console = stdout_console()
     for _, group in table.group_by("prompt_index", maintain_order=True):
         prompt = group["prompt"][0]
+        title = f"[bold]{escape(prompt)}[/]" + _condition_note(group.row(0, named=True))
         t = Table(
             "layer",
             "α",
             "‖α·v‖",
             "tokens",
             "response",
-            title=f"[bold]{escape(prompt)}[/]",
+            title=title,
             show_lines=True,
             title_justify="left",
         )
@@ -190,5 +210,17 @@ def _print_tables(table: pl.DataFrame, summary: dict[str, Any]) -> None:
     if plan:
         terms = "; ".join(f"{t['spec']} (applied {t['applied']})" for t in plan["terms"])
         console.print(f"plan rows also follow: {escape(terms)}", soft_wrap=True)
+    condition = summary.get("condition")
+    if condition:
+        shown = f"{condition['passed']} of {len(condition['projections'])} prompts steered"
+        console.print(f"when {escape(condition['spec'])}: {shown}", soft_wrap=True)
     where = f"norm mode {summary['norm']}: ‖v‖ per layer {norms}  ·  " if norms else ""
     console.print(f"{where}saved {summary['artifact']}", soft_wrap=True)
+
+
+def _condition_note(row: dict[str, Any]) -> str:
+    """`--when`: the prompt's projection and whether steering acted on it, beside its title."""
+    if row["condition_passed"] is None:
+        return ""
+    verdict = "steered" if row["condition_passed"] else "not steered: rows = baseline"
+    return f"  [dim](condition projection {row['condition_projection']:.4g}, {verdict})[/]"

@@ -13,6 +13,7 @@ from personactl.core.ranges import check_steering_layers
 from personactl.errors import InputError
 from personactl.model.chat_format import chat_messages, encode_prompt
 from personactl.model.steering import plan_grid
+from personactl.steps.condition import NO_CONDITION, check_condition, condition_gate, resolve_condition
 from personactl.steps.plan import resolve_plan
 from personactl.steps.skeleton import RunArtifact
 from personactl.store.vectors import load_for_model
@@ -21,9 +22,12 @@ if TYPE_CHECKING:
     import torch
 
     from personactl.backends import Generation
+    from personactl.core.condition_spec import ConditionSpec
     from personactl.model.loading import ModelHandle
     from personactl.model.steering import GridRow
     from personactl.settings import Settings
+    from personactl.steps.condition import ConditionGate
+    from personactl.steps.plan import ResolvedPlan
     from personactl.store.vectors import LoadedVector
     from personactl.store.workspace import Workspace
 
@@ -42,6 +46,8 @@ STEER_SCHEMA = {
     "n_tokens": pl.Int32,
     "finish_reason": pl.String,
     "plan": pl.String,  # the steering plan this row followed too (`--steer` flags), null for none
+    "condition_projection": pl.Float64,  # `--when`: the prompt's projection on the condition vector
+    "condition_passed": pl.Boolean,  # `--when`: whether steering acted on this prompt (null: no condition)
 }
 
 
@@ -66,12 +72,14 @@ def steer_step(
     norm: str,
     sampling: Sampling,
     plan_specs: Sequence[str] = (),
+    condition: str | ConditionSpec | None = None,
     on_start: Callable[[int], None] = lambda n: None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Answer every prompt unsteered and at each layer × α with the vector `vector_spec` names, and
     by the steering plan of `plan_specs` (with the swept vector, or alone when there is none); save
-    the table as a new `steer-<time>` artifact and return it with a summary (warnings included)."""
+    the table as a new `steer-<time>` artifact and return it with a summary (warnings included).
+    With `condition` (`--when`), only prompts above its threshold are steered (`steps.condition`)."""
     if not prompts or any(not p.strip() for p in prompts):
         raise InputError("empty prompt", hint="pass --prompt TEXT (or --prompts-file with one prompt per line)")
     if vector_spec is None and not plan_specs:
@@ -82,11 +90,13 @@ def steer_step(
     loaded, layers, directions = _swept(workspace, lm, vector_spec, layers, position, aggregator, norm)
     prompt_ids = [encode_prompt(lm.tokenizer, chat_messages(system_prompt, p)) for p in prompts]
     rows = plan_grid(len(prompts), layers, coefficients, planned=bool(plan.terms))
-    on_start(len(rows))
+    gate = _gate(condition, settings, workspace, lm, prompt_ids, position, aggregator)
+    runs = gate.runs(rows) if gate else rows
+    on_start(len(runs))
     start = time.perf_counter()
     grid = engine.run_grid(
         prompt_ids,
-        rows,
+        runs,
         directions,
         sampling=sampling,
         seed=settings.seed,
@@ -96,22 +106,16 @@ def steer_step(
         **({"plan": plan.by_layer()} if plan.terms else {}),
     )
     spec = plan.spec() or None
-    records = [_record(row, gen, prompts, prompt_ids, system_prompt, norm, directions, spec) for row, gen in grid]
+    records = [
+        {**_record(row, gen, prompts, prompt_ids, system_prompt, norm, directions, spec), **_gated(gate, row)}
+        for row, gen in (gate.fill(rows, grid) if gate else grid)
+    ]
     seconds = time.perf_counter() - start
     table = pl.DataFrame(records, schema=STEER_SCHEMA)
-    run_info = {
-        "vector": str(loaded.path) if loaded else None,
-        "vector_trait": loaded.vector.metadata.get("trait") if loaded else None,
-        "layers": layers,
-        "coefficients": coefficients,
-        "position": position,
-        "aggregator": aggregator,
-        "positions": positions,
-        "norm": norm,
-        "sampling": sampling.__dict__,
-        "seed": settings.seed,
-        **({"plan": plan.describe()} if plan.terms else {}),
-    }
+    run_info = _run_info(
+        loaded, plan, gate, layers=layers, coefficients=coefficients, position=position, aggregator=aggregator
+    )
+    run_info.update(positions=positions, norm=norm, sampling=sampling.__dict__, seed=settings.seed)
     label = loaded.label if loaded else plan.terms[0].label
     out = RunArtifact(workspace, workspace.steer_run_path(lm.source.slug, label), "steer", summary=run_info)
     out.commit(
@@ -127,6 +131,40 @@ def steer_step(
     )
     warnings = ([loaded.warning] if loaded and loaded.warning else []) + plan.warnings
     return table, out.done(rows=table.height, seconds=round(seconds, 2), warnings=warnings)
+
+
+def _run_info(
+    loaded: LoadedVector | None, plan: ResolvedPlan, gate: ConditionGate | None, **run: Any
+) -> dict[str, Any]:
+    """What the manifest records of the run: the swept vector, the grid, the plan and the condition."""
+    return {
+        "vector": str(loaded.path) if loaded else None,
+        "vector_trait": loaded.vector.metadata.get("trait") if loaded else None,
+        **run,
+        **({"plan": plan.describe()} if plan.terms else {}),
+        **({"condition": gate.describe()} if gate else {}),
+    }
+
+
+def _gate(
+    condition: str | ConditionSpec | None,
+    settings: Settings,
+    workspace: Workspace,
+    lm: ModelHandle,
+    prompt_ids: Sequence[Sequence[int]],
+    position: str,
+    aggregator: str,
+) -> ConditionGate | None:
+    """The `--when` gate over these prompts (None without a condition): projections read, decided."""
+    if condition is None:
+        return None
+    check_condition(condition, settings.backend)  # the CLI checked before start-up; the Python API here
+    resolved = resolve_condition(condition, workspace=workspace, lm=lm, position=position, aggregator=aggregator)
+    return condition_gate(resolved, lm, prompt_ids, settings.extract_batch_tokens)
+
+
+def _gated(gate: ConditionGate | None, row: GridRow) -> dict[str, Any]:
+    return gate.columns(row) if gate else dict(NO_CONDITION)
 
 
 def _swept(
