@@ -91,7 +91,7 @@ def test_a_plan_resolves_to_the_vector_in_the_chosen_units(isolated_env, setup):
         ("optimistic:9:1", "out of range"),
         ("optimistic:0:1:ablate", "layer 0 is the embeddings"),
         ("nosuchtrait:2:1", "no vectors for 'nosuchtrait'"),
-        ("optimistic:2:p25:cap", "does not save yet"),
+        ("optimistic:2:p25:cap", "re-extract with --quantiles"),
         ("optimistic@prompt_middle:2:1", "no mean_diff.prompt_middle"),
     ],
 )

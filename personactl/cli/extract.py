@@ -60,6 +60,14 @@ KeepPairs = Annotated[
         "--keep-pairs", help="Also save per-pair differences, for compare --bootstrap (size grows with pairs)."
     ),
 ]
+Quantiles = Annotated[
+    bool,
+    typer.Option(
+        "--quantiles",
+        help="Also save percentiles of each response's projection on every direction, so --steer …:pNN:cap "
+        "can take τ from data (a second pass over the pairs).",
+    ),
+]
 IThou = Annotated[
     bool, typer.Option("--i-thou", help="Save the I-Thou vector (model minus user persona) of --trait; no model run.")
 ]
@@ -85,6 +93,7 @@ def extract(
     trust_remote_code: o.TrustRemoteCode = None,
     persona: o.Persona = o.PersonaChoice.model,
     keep_pairs: KeepPairs = False,
+    quantiles: Quantiles = False,
     i_thou: IThou = False,
     force: o.Force = False,
     json: o.Json = False,
@@ -134,6 +143,7 @@ def extract(
             persona=persona.value,
             keep_pairs=keep_pairs,
             on_note=log,
+            quantiles=quantiles,
         )
     if summary["skipped"]:
         log(f"skipped: {summary['artifact']} is already complete; --force to recompute")

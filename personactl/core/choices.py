@@ -14,3 +14,4 @@ INDEX_KINDS = ("row", "block")  # how a foreign vector file numbers its layers (
 PERSONAS = ("model", "user")  # whose turn carries the trait
 BACKENDS = ("hf", "vllm")  # generation engines (settings.Settings.backend)
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # settings.Settings.dtype
+QUANTILE_POINTS = 101  # percentiles 0..100 saved per row by `extract --quantiles` (store.plan_values)

@@ -24,6 +24,7 @@ from personactl.model.chat_format import (
     encode_example,
     encode_raw,
 )
+from personactl.model.loading import resolve_model
 from personactl.steps.skeleton import StepArtifact
 from personactl.store.responses import ScoredResponses, scored_responses, select_pairs
 from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
@@ -115,12 +116,14 @@ def build_vector(
     user_pairs: Sequence[PairExample] | None = None,
     seed: int = 0,
     note: Callable[[str], None] = lambda message: None,
+    quantiles: bool = False,
 ) -> tuple[PersonaVector, dict[str, Any]]:
     """Run extraction and wrap the result as a self-describing PersonaVector.
 
     `user_avg` (user persona only) is extracted from `user_pairs`, the prompts cut after the user
     message with the message as the span (see `personactl.steps.user_persona`). `probe` reads the
-    pairs a second time (`personactl.steps.extract_probe`); `seed` splits its held-out pairs."""
+    pairs a second time (`personactl.steps.extract_probe`); `seed` splits its held-out pairs.
+    `quantiles` reads them once more for each response's projections (`steps.extract_quantiles`)."""
     check_aggregators(aggregators)
     if "user_avg" in positions and user_pairs is None:
         raise InputError("user_avg exists only for the user persona", hint="extract --persona user")
@@ -151,12 +154,12 @@ def build_vector(
         probe_meta, timing["probe_seconds"] = add_probe(
             lm, pairs, positions, result.rows, tensors, seed, batch_tokens, user_pairs, note
         )
-    for position in main_positions:
-        tensors[f"mean_diff.{position}"] = result.mean_diff[position]
-        tensors[f"pos_mean.{position}"] = result.pos_mean[position]
-        tensors[f"neg_mean.{position}"] = result.neg_mean[position]
-        if "pca" in aggregators:
-            tensors[f"pca.{position}"] = result.pca[position]
+    add_directions(tensors, result, main_positions, aggregators)
+    quantile_meta = None
+    if quantiles:
+        quantile_meta, timing["quantile_seconds"] = timed_quantiles(
+            lm, pairs, main_positions, result.rows, tensors, batch_tokens, note
+        )
     metadata = {
         **lm.describe(),
         "layer_convention": LAYER_CONVENTION,
@@ -169,11 +172,41 @@ def build_vector(
         "sinks": SINK_RULE,
         "diagnostics": diagnostics,
         **({"probe": probe_meta} if probe_meta is not None else {}),
+        **({"quantiles": quantile_meta} if quantile_meta is not None else {}),
         "personactl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **provenance,
     }
     return PersonaVector(tensors, metadata), timing
+
+
+def add_directions(
+    tensors: dict[str, Any], result: ExtractionResult, positions: Sequence[str], aggregators: Sequence[str]
+) -> None:
+    """The streamed pass's directions and means, `<kind>.<position>`, added to `tensors`."""
+    for position in positions:
+        tensors[f"mean_diff.{position}"] = result.mean_diff[position]
+        tensors[f"pos_mean.{position}"] = result.pos_mean[position]
+        tensors[f"neg_mean.{position}"] = result.neg_mean[position]
+        if "pca" in aggregators:
+            tensors[f"pca.{position}"] = result.pca[position]
+
+
+def timed_quantiles(
+    lm: LoadedModel,
+    pairs: Sequence[PairExample],
+    positions: Sequence[str],
+    rows: list[int],
+    tensors: dict[str, Any],
+    batch_tokens: int,
+    note: Callable[[str], None],
+) -> tuple[dict[str, Any], float]:
+    """The `quantiles.*` tensors added to `tensors`; their metadata and the seconds they took."""
+    from personactl.steps.extract_quantiles import add_quantiles
+
+    start = time.perf_counter()
+    meta = add_quantiles(lm, pairs, positions, rows, tensors, batch_tokens=batch_tokens, note=note)
+    return meta, round(time.perf_counter() - start, 3)
 
 
 def add_user_avg(
@@ -276,9 +309,10 @@ def extract_fingerprint(
     aggregators: Sequence[str],
     persona: str,
     keep_pairs: bool,
+    quantiles: bool = False,
 ) -> dict[str, Any]:
-    """The inputs a vector file is made from (persona, keep_pairs and the probe's settings only when
-    not the default, so earlier files stay current)."""
+    """The inputs a vector file is made from (persona, keep_pairs, quantiles and the probe's settings
+    only when not the default, so earlier files stay current)."""
     fingerprint = {
         **input_id,
         "model": settings.model,
@@ -296,6 +330,8 @@ def extract_fingerprint(
         fingerprint["persona"] = persona
     if keep_pairs:
         fingerprint["keep_pairs"] = True
+    if quantiles:
+        fingerprint["quantiles"] = True
     return fingerprint
 
 
@@ -417,13 +453,12 @@ def extract_step(
     persona: str = "model",
     keep_pairs: bool = False,
     on_note: Callable[[str], None] = lambda message: None,
+    quantiles: bool = False,
 ) -> tuple[PersonaVector | None, dict[str, Any]]:
     """`personactl extract`: from the trait's responses table or a pairs file to a vector file.
 
     `positions=None` means every position the data has: all four, or only the response positions
     for plain-text pairs (which have no prompt)."""
-    from personactl.model.loading import resolve_model
-
     check_aggregators(aggregators)  # before the model loads
     source = resolve_model(settings.model)
     label = trait.name if trait is not None else (name or Path(pairs_file).stem)
@@ -439,6 +474,7 @@ def extract_step(
         aggregators=aggregators,
         persona=persona,
         keep_pairs=keep_pairs,
+        quantiles=quantiles,
     )
     out = StepArtifact(
         workspace,
@@ -468,13 +504,15 @@ def extract_step(
         user_pairs=job.user_pairs,
         seed=settings.seed,
         note=on_note,
+        quantiles=quantiles,
     )
     vector.save(out.path)
     if keep_pairs:
         from personactl.steps.pair_diffs import keep_pair_diffs
 
-        batch_tokens = settings.extract_batch_tokens
-        keep_pair_diffs(workspace, out.path, lm, vector, job.pairs, job.user_pairs, job.pair_ids, batch_tokens)
+        keep_pair_diffs(
+            workspace, out.path, lm, vector, job.pairs, job.user_pairs, job.pair_ids, settings.extract_batch_tokens
+        )
     counts = {"pairs": len(job.pairs), "tokens": vector.metadata["n_tokens"]}
     out.commit(None, settings=settings, model=lm.describe(), counts=counts, timings=timing, metadata=vector.metadata)
     return vector, out.done(pairs=len(job.pairs), **timing)

@@ -108,7 +108,7 @@ def _resolve(
     applied: dict[int, float] = {}
     for layer in layers:
         direction = loaded.vector.direction(layer, position, aggregator, norm)
-        terms[layer], applied[layer] = _term_at(term, loaded, layer, direction, position, norm, lm.dtype)
+        terms[layer], applied[layer] = _term_at(term, loaded, layer, direction, (position, aggregator), norm, lm.dtype)
     return ResolvedTerm(term, str(loaded.path), loaded.label, position, aggregator, terms, applied, loaded.warning)
 
 
@@ -125,7 +125,7 @@ def _term_at(
     loaded: LoadedVector,
     layer: int,
     direction: torch.Tensor,
-    position: str,
+    where: tuple[str, str],
     norm: str,
     dtype: torch.dtype,
 ) -> tuple[Term, float]:
@@ -133,7 +133,7 @@ def _term_at(
     if term.op == "add":
         alpha = torch.tensor(float(term.value or 0.0), dtype=torch.float32).to(dtype)
         return AddTerm(alpha * direction.to(dtype)), float(term.value or 0.0)  # as `Steerer` computes α·v
-    value = projection_value(term, loaded.vector, loaded.path.name, layer, position, norm, direction)
+    value = projection_value(term, loaded.vector, loaded.path.name, layer, where, norm, direction)
     if term.op == "cap":
         return cap_term(direction, value), value
     return ablate_term(direction, value), value

@@ -7,7 +7,8 @@ residual-stream units: the one rule that steering (`steps.plan`) and plan export
 - `cap` at `saved` takes τ per layer from the file's `cap_thresholds` (an imported capping
   configuration), already in stream units.
 - `mean-ablate` m is m × the mean projection of the trait-free responses (the file's `neg_mean`).
-- A τ as a percentile (`pNN`) needs projections personactl does not save yet: refused.
+- `cap` at a percentile (`pNN`) is that percentile of the trait-free (neg) responses' projections,
+  saved by `extract --quantiles` as `quantiles.neg.<aggregator>.<position>` (stream units).
 """
 
 from __future__ import annotations
@@ -16,29 +17,57 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from personactl.core.choices import QUANTILE_POINTS
 from personactl.errors import InputError
+
+POINTS = QUANTILE_POINTS  # the saved percentiles: 0, 1, …, 100
 
 if TYPE_CHECKING:
     from personactl.core.steer_plan import PlanTerm
     from personactl.store.vectors import PersonaVector
 
 
+def quantile_key(side: str, aggregator: str, position: str) -> str:
+    """The vector-file tensor of percentiles of one side's projections (`steps.extract_quantiles`)."""
+    return f"quantiles.{side}.{aggregator}.{position}"
+
+
 def projection_value(
-    term: PlanTerm, vector: PersonaVector, name: str, layer: int, position: str, norm: str, direction: torch.Tensor
+    term: PlanTerm,
+    vector: PersonaVector,
+    name: str,
+    layer: int,
+    where: tuple[str, str],
+    norm: str,
+    direction: torch.Tensor,
 ) -> float:
-    """The projection (stream units) that `term` sets or bounds at `layer`; `direction` is the
-    file's direction there under `norm`, `name` the file's name for messages."""
+    """The projection (stream units) that `term` sets or bounds at `layer`; `where` is the term's
+    (position, aggregator), `direction` the file's direction there under `norm`, `name` the file's
+    name for messages."""
+    position, aggregator = where
     if term.percentile is not None:
-        raise InputError(
-            f"--steer {term.spec()}: τ as a percentile needs the projections of the vector's responses, "
-            "which personactl does not save yet",
-            hint="give τ as a number (a projection on the unit direction; see docs/guides/steering-plans.md)",
-        )
+        return _percentile(vector, name, layer, quantile_key("neg", aggregator, position), term.percentile)
     if term.value is None:
         return _saved_threshold(vector, name, layer)
     if term.op == "mean-ablate":
         return term.value * _mean_projection(vector, name, layer, position, direction)
     return term.value * float(direction.float().norm()) if norm == "stream" else term.value
+
+
+def _percentile(vector: PersonaVector, name: str, layer: int, key: str, percentile: float) -> float:
+    table = vector.tensors.get(key)
+    if table is None:
+        raise InputError(
+            f"a τ as a percentile needs the responses' projections, which {name} lacks ({key})",
+            hint="re-extract with --quantiles (a second pass over the pairs), or give τ as a number",
+        )
+    row = table[layer]
+    low, high = int(percentile), min(int(percentile) + 1, POINTS - 1)
+    weight = percentile - int(percentile)
+    value = float(row[low] * (1 - weight) + row[high] * weight)  # linear, as torch.quantile interpolates
+    if value != value:  # NaN: the row was not read, or has no direction
+        raise InputError(f"{name} has no projections at layer {layer} ({key})", hint="cap at an extracted layer")
+    return value
 
 
 def _saved_threshold(vector: PersonaVector, name: str, layer: int) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from personactl.core.choices import AGGREGATORS
+from personactl.core.choices import AGGREGATORS, QUANTILE_POINTS
 from personactl.core.ranges import format_ranges
 from personactl.errors import VectorFileError
 
@@ -35,6 +35,8 @@ def validate_against_metadata(tensors: Mapping[str, Any], metadata: Mapping[str,
         raise VectorFileError(f"{path}: metadata rows {rows} do not fit {layers} layers", hint=REMAKE)
     for key, tensor in tensors.items():
         expected = (layers + 1,) if tensor.ndim == 1 else (layers + 1, hidden)
+        if key.startswith("quantiles."):  # percentiles 0..100 of projections per row (store.plan_values)
+            expected = (layers + 1, QUANTILE_POINTS)
         if tuple(tensor.shape) != expected:
             raise VectorFileError(
                 f"{path}: tensor {key} has shape {list(tensor.shape)}, but its metadata says {layers} layers "

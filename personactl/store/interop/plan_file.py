@@ -106,7 +106,7 @@ def _entry(term: PlanTerm, path: Path, vector: PersonaVector, position: str, agg
             )
         directions[row] = t
         if term.op != "add":
-            bounds[row] = projection_value(term, vector, path.name, row, position, norm, t)
+            bounds[row] = projection_value(term, vector, path.name, row, (position, aggregator), norm, t)
     return PlanEntry(term, path, vector, position, aggregator, directions, bounds)
 
 
