@@ -61,6 +61,7 @@ def test_extract_quantiles_and_cap_at_a_percentile(isolated_env, tmp_path, tiny_
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["skipped"] is False
     vector = PersonaVector.load(vector_path)
+    assert vector.metadata["hook_site"].startswith("output of decoder block l")  # extracted files say where rows act
     neg = vector.tensors["quantiles.neg.mean_diff.response_avg"]
     assert neg.shape == (lm.num_layers + 1, 101)
     assert bool((neg[1:].diff(dim=-1) >= 0).all())  # percentiles rise

@@ -27,7 +27,7 @@ from personactl.model.chat_format import (
 from personactl.model.loading import resolve_model
 from personactl.steps.skeleton import StepArtifact
 from personactl.store.responses import ScoredResponses, scored_responses, select_pairs
-from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
+from personactl.store.vectors import HOOK_SITE, LAYER_CONVENTION, PersonaVector
 
 if TYPE_CHECKING:
     from personactl.model.loading import LoadedModel
@@ -163,6 +163,7 @@ def build_vector(
     metadata = {
         **lm.describe(),
         "layer_convention": LAYER_CONVENTION,
+        "hook_site": HOOK_SITE,
         "rows": result.rows,
         "positions": list(positions),
         "aggregators": list(aggregators),

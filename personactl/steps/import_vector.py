@@ -18,8 +18,8 @@ import torch
 from personactl import __version__
 from personactl.errors import InputError
 from personactl.steps.skeleton import StepArtifact
-from personactl.store.interop.foreign import HOOK_SITE, INDEX_MEANING, ForeignVector, IndexKind
-from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
+from personactl.store.interop.foreign import INDEX_MEANING, ForeignVector, IndexKind
+from personactl.store.vectors import HOOK_SITE, LAYER_CONVENTION, PersonaVector
 
 if TYPE_CHECKING:
     from personactl.model.loading import LoadedModel

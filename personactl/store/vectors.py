@@ -31,6 +31,7 @@ LAYER_CONVENTION = (
     "row l = residual stream after decoder block l (1-based), row 0 = embeddings; rows 0..L-1 equal "
     "HF hidden_states[l], row L is before the final norm; steering at layer l adds to the output of block l"
 )
+HOOK_SITE = "output of decoder block l (the residual stream after block l, HF hidden_states[l]) for row l"
 PRE_SINK_NOTE = (
     "{path} predates sink-safe extraction: its means and stream norms may include the attention sink "
     "(one massive token), so --norm stream may steer far too hard; it still loads and steers: "

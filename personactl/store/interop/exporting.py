@@ -17,8 +17,7 @@ import torch
 from personactl import __version__
 from personactl.core.choices import NORM_MODES
 from personactl.errors import InputError, VectorFileError
-from personactl.store.interop.foreign import HOOK_SITE
-from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
+from personactl.store.vectors import HOOK_SITE, LAYER_CONVENTION, PersonaVector
 
 if TYPE_CHECKING:
     from personactl.store.workspace import Workspace

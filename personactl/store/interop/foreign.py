@@ -15,7 +15,6 @@ from personactl.errors import InputError
 
 IndexKind = Literal["row", "block"]
 # where a personactl vector row acts, written into vector files and exports that have room for it
-HOOK_SITE = "output of decoder block l (the residual stream after block l, HF hidden_states[l]) for row l"
 INDEX_MEANING = {
     "row": "index l = personactl row l = HF hidden_states[l] (0 = embeddings, l = output of block l)",
     "block": "index k = output of 0-based decoder block k = personactl row k+1",

@@ -26,9 +26,8 @@ import torch
 from personactl.core.ranges import check_steering_layers, format_ranges
 from personactl.core.steer_plan import PlanTerm, parse_term
 from personactl.errors import InputError, VectorFileError
-from personactl.store.interop.foreign import HOOK_SITE
 from personactl.store.plan_values import projection_value
-from personactl.store.vectors import LAYER_CONVENTION, PersonaVector
+from personactl.store.vectors import HOOK_SITE, LAYER_CONVENTION, PersonaVector
 
 if TYPE_CHECKING:
     from personactl.store.workspace import Workspace
