@@ -115,6 +115,7 @@ def fit_condition_step(
         lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8"),
         settings=settings,
         model=lm.describe(),
+        trait={"name": loaded.label},
         run={k: document[k] for k in ("vector", "position", "aggregator", "source", "when")},
         counts={"prompts": len(labels), "positives": sum(labels), "layers": len(rows)},
         timings={"seconds": round(time.perf_counter() - start, 2)},
