@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from personactl.core.choices import AGGREGATORS, POSITIONS, STEER_OPS
+from personactl.core.choices import AGGREGATORS, PERSONAS, POSITIONS, STEER_OPS
 from personactl.core.ranges import parse_ranges
 from personactl.errors import InputError
 
@@ -48,6 +48,14 @@ class PlanTerm:
         else:
             value = "saved" if self.value is None else f"{self.value:g}"
         return f"{vector}:{format_ranges(list(self.layers))}:{value}:{self.op}"
+
+
+def split_persona(vector: str) -> tuple[str, str]:
+    """`name:user` → ("name", "user"): another persona's file of a trait (`ithou` too); else "model"."""
+    base, colon, suffix = vector.rpartition(":")
+    if colon and base and suffix in (*PERSONAS, "ithou"):
+        return base, suffix
+    return vector, "model"
 
 
 def parse_term(spec: str) -> PlanTerm:

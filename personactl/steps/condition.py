@@ -20,8 +20,8 @@ import torch
 from personactl.backends import require_activations
 from personactl.core.condition_spec import ConditionSpec, parse_condition
 from personactl.core.ranges import check_steering_layers
+from personactl.core.steer_plan import split_persona
 from personactl.model.chat_format import EncodedExample
-from personactl.steps.plan import _persona
 from personactl.store.vectors import load_for_model
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def resolve_condition(
 ) -> Condition:
     """The condition's vector found for `lm` (refused when made for another model), its layer checked."""
     spec = parse_condition(spec) if isinstance(spec, str) else spec
-    name, persona = _persona(spec.vector)
+    name, persona = split_persona(spec.vector)
     loaded = load_for_model(workspace, name, lm, persona)
     check_steering_layers([spec.layer], lm.num_layers)
     position, aggregator = spec.position or position, spec.aggregator or aggregator

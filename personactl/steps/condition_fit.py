@@ -11,7 +11,6 @@ with its manifest, and names the exact `--when` to use.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 from personactl.core.condition_fit import ThresholdFit, baseline_f1, best_threshold, check_labels
 from personactl.core.condition_spec import ConditionSpec
 from personactl.core.ranges import check_steering_layers
+from personactl.core.steer_plan import split_persona
 from personactl.model.chat_format import chat_messages, encode_prompt
 from personactl.steps.condition import prompt_projections
-from personactl.steps.plan import _persona
 from personactl.steps.skeleton import RunArtifact
 from personactl.store.labelled_prompts import read_labelled_prompts
 from personactl.store.vectors import load_for_model
@@ -79,7 +78,7 @@ def fit_condition_step(
     """Fit the threshold at every layer, pick the best, save the fit; return it and a summary."""
     labels = [p.label for p in prompts]
     check_labels(labels)
-    name, persona = _persona(vector_spec)
+    name, persona = split_persona(vector_spec)
     loaded = load_for_model(workspace, name, lm, persona)
     rows = check_steering_layers(layers, lm.num_layers) if layers else [r for r in loaded.vector.rows if r >= 1]
     units = {}
@@ -108,8 +107,7 @@ def fit_condition_step(
         "when": when,
         "reads": "projection of the last prompt token on the unit direction; a prompt passes when above",
     }
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    path = workspace.trait_dir(lm.source.slug, loaded.label) / f"condition-{stamp}.json"
+    path = workspace.condition_fit_path(lm.source.slug, loaded.label)
     out = RunArtifact(workspace, path, "condition-fit", summary={"when": when})
     out.commit(
         lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8"),

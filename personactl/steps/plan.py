@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from personactl.core.choices import PERSONAS
 from personactl.core.ranges import check_steering_layers, format_ranges
-from personactl.core.steer_plan import PlanTerm, parse_term
+from personactl.core.steer_plan import PlanTerm, parse_term, split_persona
 from personactl.model.steering_ops import AddTerm, Term, ablate_term, cap_term
 from personactl.store.plan_values import projection_value
 from personactl.store.vectors import load_for_model
@@ -100,7 +99,7 @@ def resolve_plan(
 def _resolve(
     term: PlanTerm, workspace: Workspace, lm: ModelHandle, position: str, aggregator: str, norm: str
 ) -> ResolvedTerm:
-    name, persona = _persona(term.vector)
+    name, persona = split_persona(term.vector)
     loaded = load_for_model(workspace, name, lm, persona)
     position, aggregator = term.position or position, term.aggregator or aggregator
     layers = check_steering_layers(list(term.layers), lm.num_layers)
@@ -110,14 +109,6 @@ def _resolve(
         direction = loaded.vector.direction(layer, position, aggregator, norm)
         terms[layer], applied[layer] = _term_at(term, loaded, layer, direction, (position, aggregator), norm, lm.dtype)
     return ResolvedTerm(term, str(loaded.path), loaded.label, position, aggregator, terms, applied, loaded.warning)
-
-
-def _persona(vector: str) -> tuple[str, str]:
-    """`name:user` → (name, user): the user persona's (or another persona's) file of a trait."""
-    base, colon, suffix = vector.rpartition(":")
-    if colon and base and suffix in (*PERSONAS, "ithou"):
-        return base, suffix
-    return vector, "model"
 
 
 def _term_at(
@@ -142,3 +133,6 @@ def _term_at(
 def describe_layers(plan: ResolvedPlan) -> str:
     """`evil ablate @ 10-12, kind add @ 8` for messages and toolbars."""
     return ", ".join(f"{r.label} {r.term.op} @ {format_ranges(list(r.term.layers))}" for r in plan.terms)
+
+
+_persona = split_persona  # the name `steps.evaluate` imports until it moves to `split_persona`

@@ -195,6 +195,11 @@ class Workspace:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return self.trait_dir(model_slug, label) / f"steer-{stamp}-{os.getpid()}.parquet"
 
+    def condition_fit_path(self, model_slug: str, label: str) -> Path:
+        """`condition-<time>-<pid>.json`: one `condition fit` run (a new file every run)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.trait_dir(model_slug, label) / f"condition-{stamp}-{os.getpid()}.json"
+
     def eval_path(self, model_slug: str, trait: str, key: str) -> Path:
         """`eval-<key>.parquet`, key = a hash of the inputs: the same eval finds its own results
         (its cells table and plots sit beside it as `eval-<key>.<what>.*`, one manifest for all)."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personactl.core.ranges import check_steering_layers, format_ranges
-from personactl.core.steer_plan import PlanTerm, parse_term
+from personactl.core.steer_plan import PlanTerm, parse_term, split_persona
 from personactl.errors import InputError, VectorFileError
 from personactl.store.plan_values import projection_value
 from personactl.store.vectors import HOOK_SITE, LAYER_CONVENTION, PersonaVector
@@ -40,7 +40,6 @@ APPLY = {
     "mean-ablate": "h += (bound[l] − h·u)·u with u = t[l]/|t[l]|: the projection on u becomes bound[l]",
     "cap": "h += (min(h·u, bound[l]) − h·u)·u with u = t[l]/|t[l]|: no projection on u above bound[l]",
 }
-PERSONA_SUFFIXES = ("model", "user", "ithou")
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,6 @@ class PlanEntry:
         }
 
 
-def _persona(vector: str) -> tuple[str, str]:
-    base, colon, suffix = vector.rpartition(":")
-    return (base, suffix) if colon and base and suffix in PERSONA_SUFFIXES else (vector, "model")
-
-
 def resolve_terms(
     specs: Sequence[str], *, workspace: Workspace, model_slug: str, position: str, aggregator: str, norm: str
 ) -> list[PlanEntry]:
@@ -86,7 +80,7 @@ def resolve_terms(
     entries = []
     for spec in specs:
         term = parse_term(spec)
-        name, persona = _persona(term.vector)
+        name, persona = split_persona(term.vector)
         path = workspace.find_vector(name, model_slug, persona)
         vector = loaded.setdefault(path.resolve(), PersonaVector.load(path))
         entries.append(_entry(term, path, vector, term.position or position, term.aggregator or aggregator, norm))
