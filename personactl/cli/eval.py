@@ -29,7 +29,12 @@ if TYPE_CHECKING:
 
 TraitVector = Annotated[
     Optional[str],
-    typer.Option("--vector", "-v", help="Vector file to evaluate (default: the trait's vectors).", show_default=False),
+    typer.Option(
+        "--vector",
+        "-v",
+        help="Vector file to evaluate (default: the trait's vectors; with --steer, none: the plan alone).",
+        show_default=False,
+    ),
 ]
 PositionList = Annotated[
     str, typer.Option("--position", help="Vector position(s), comma list: each is a variant of the grid.")
@@ -63,6 +68,24 @@ MaxKL = Annotated[
 Temperature = Annotated[
     Optional[float],
     typer.Option("--temperature", min=0.0, help="0 = greedy (default: 1.0, the setting).", show_default=False),
+]
+Traits = Annotated[
+    list[str],
+    typer.Option(
+        "--trait",
+        "-t",
+        help="Trait name (traits/NAME.yaml) or trait file; repeat it for a cross-effect table: each trait's "
+        "vector steered at its grid's best, judged on every trait's rubric.",
+    ),
+]
+Cross = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--cross",
+        help="A cross-effect row, repeatable: VECTOR[@position[/aggregator]]:LAYER:ALPHA, judged on every --trait "
+        "(instead of each trait's grid's best).",
+        show_default=False,
+    ),
 ]
 DryRun = Annotated[
     bool, typer.Option("--dry-run", help="Only say how many generations and judgements it needs, and how long.")
@@ -114,8 +137,9 @@ def weak_judge_warning(judge: Any) -> None:
 
 @guarded
 def eval_cmd(
-    trait: o.TraitName,
+    trait: Traits,
     vector: TraitVector = None,
+    plan: o.SteerPlan = None,
     layers: o.EvalLayers = None,
     coefficients: o.EvalCoefficients = "0.5,1,2,4",
     position: PositionList = "response_avg",
@@ -131,6 +155,7 @@ def eval_cmd(
     alpha_start: AlphaStart = 1.0,
     max_alpha: AlphaCap = 16.0,
     proxy: Proxy = False,
+    cross: Cross = None,
     plots: o.Plots = True,
     judge_model: o.JudgeModel = None,
     judge_base_url: o.JudgeBaseUrl = None,
@@ -154,45 +179,103 @@ def eval_cmd(
     dry_run: DryRun = False,
     json: o.Json = False,
 ) -> None:
-    """Which layer and α: judged steering on held-out questions vs unsteered, random-vector and prompting baselines."""
+    """Which layer and α: judged steering on held-out questions vs unsteered, random-vector and prompting baselines.
+
+    With --steer SPEC (repeatable) every steered and random row also follows that steering plan and a
+    `plan` cell runs the plan alone; without --vector the plan alone is evaluated. With several --trait
+    (or --cross), a cross-effect table: what steering with each vector does to every trait."""
     from personactl.store.traits import load_trait
 
     settings = settings_from(
-        config,
-        workspace=workspace,
-        model=model,
-        revision=revision,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        max_memory=max_memory,
-        backend=backend,
-        judge_model=judge_model,
-        judge_base_url=judge_base_url,
-        judge_mode=judge_mode,
-        coherence_threshold=coherence_threshold,
-    )
+        config, workspace=workspace, model=model, revision=revision, max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed, batch_size=batch_size, dtype=dtype, device=device, device_map=device_map,
+        max_memory=max_memory, backend=backend, judge_model=judge_model, judge_base_url=judge_base_url,
+        judge_mode=judge_mode, coherence_threshold=coherence_threshold,
+    )  # fmt: skip
     check_kl_budget(max_kl)
-    trait_obj = load_trait(trait)
+    traits = [load_trait(t) for t in trait]
     ws = open_workspace(settings)
     spec = build_spec(
         layers=layers, coefficients=coefficients, position=position, aggregator=aggregator.value, norm=norm,
         positions=o.steer_positions(steer_positions, old_positions), questions=questions, samples=samples,
         random_seeds=random_seeds, adaptive=adaptive, rounds=rounds, alpha_start=alpha_start, max_alpha=max_alpha,
-        plots=plots,
+        plots=plots, plan=tuple(plan or ()), sweep=vector is not None or not plan,
     )  # fmt: skip
+    crossing = len(traits) > 1 or bool(cross)
+    check_modes(spec, proxy=proxy, crossing=crossing, vector=vector, dry_run=dry_run)
+    if crossing:
+        summary = cross_effects(settings, ws, traits, spec, cross or [], max_kl=max_kl, force=force)
+        return emit_json(summary) if json else print_cross(summary)
     if dry_run and not proxy:
-        report_estimate(settings, ws, trait_obj, spec, vector, json)
-        return
-    summary = evaluate(settings, ws, trait_obj, spec, vector_spec=vector, proxy=proxy, max_kl=max_kl, force=force)
+        return report_estimate(settings, ws, traits[0], spec, vector, json)
+    summary = evaluate(settings, ws, traits[0], spec, vector_spec=vector, proxy=proxy, max_kl=max_kl, force=force)
     if json:
         emit_json(summary if proxy else with_cells(summary))
     else:
         print_proxy(summary) if proxy else print_eval(summary)
+
+
+def check_modes(spec: EvalSpec, *, proxy: bool, crossing: bool, vector: str | None, dry_run: bool) -> None:
+    """Refuse flag combinations no mode of eval runs, before anything loads."""
+    from personactl.errors import InputError
+
+    if proxy and spec.plan:
+        raise InputError("--proxy measures a vector's projections, not a steering plan", hint="drop --proxy or --steer")
+    if not crossing:
+        return
+    if proxy or spec.plan or vector is not None or dry_run or spec.adaptive:
+        raise InputError(
+            "a cross-effect table (several --trait, or --cross) is judged and steers with each trait's own vector",
+            hint="drop --proxy, --steer, --vector, --adaptive and --dry-run, or evaluate one --trait",
+        )
+
+
+def cross_effects(
+    settings: Settings,
+    ws: Workspace,
+    traits: list[Trait],
+    spec: EvalSpec,
+    cross: list[str],
+    *,
+    max_kl: float | None,
+    force: bool,
+) -> dict[str, Any]:
+    """The cross-effect table: rows from --cross, else each trait's vector at its eval grid's best
+    (the grid runs, or its saved result is reused); one model for all."""
+    from personactl.steps.cross_effects import cross_effects_step, parse_cross, row_from_best
+
+    loaded: dict[str, Any] = {}
+    variant = spec.variants[0]
+    if cross:
+        rows = [parse_cross(s, variant) for s in cross]
+    else:
+        rows = []
+        for t in traits:
+            found = evaluate(
+                settings, ws, t, spec, vector_spec=None, proxy=False, max_kl=max_kl, force=force, loaded=loaded
+            )
+            rows.append(row_from_best(t.name, found.get("best"), variant.norm))
+    phases = Phases()
+    try:
+        _, summary = cross_effects_step(
+            settings=settings,
+            workspace=ws,
+            traits=traits,
+            rows=rows,
+            spec=spec,
+            load=shared_loader(settings, spec, loaded),
+            load_judge=judge_loader(settings, loaded),
+            force=force,
+            on_phase=phases.phase,
+            on_chunk=phases.advance,
+            on_judged=phases.judged,
+            on_judge=weak_judge_warning,
+        )
+    finally:
+        phases.close()
+    if summary.get("skipped"):
+        log(f"skipped: {summary['artifact']} is already complete; --force to rerun")
+    return summary
 
 
 def check_kl_budget(max_kl: float | None) -> None:
@@ -212,16 +295,14 @@ def evaluate(
     proxy: bool,
     max_kl: float | None,
     force: bool,
+    loaded: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The judged eval of `spec`, or with `proxy` the judge-free sweep (`steps.eval_any`), showing a
-    progress bar per phase; its summary."""
+    progress bar per phase; its summary. `loaded` shares one model between several evals."""
     from personactl.steps.eval_any import eval_or_proxy
 
-    loaded: dict[str, Any] = {}
-
-    def load():
-        loaded["lm"] = load_engine(settings, steering=True, positions=spec.positions)
-        return loaded["lm"]
+    loaded = {} if loaded is None else loaded
+    load = shared_loader(settings, spec, loaded)
 
     phases = Phases()
     try:
@@ -248,6 +329,17 @@ def evaluate(
     return summary
 
 
+def shared_loader(settings: Settings, spec: EvalSpec, loaded: dict[str, Any]):
+    """Load the engine once, into `loaded["lm"]`, for every step of this command."""
+
+    def load():
+        if "lm" not in loaded:
+            loaded["lm"] = load_engine(settings, steering=True, positions=spec.positions)
+        return loaded["lm"]
+
+    return load
+
+
 def report_estimate(
     settings: Settings, ws: Workspace, trait_obj: Trait, spec: EvalSpec, vector_spec: str | None, json: bool
 ) -> None:
@@ -258,11 +350,11 @@ def report_estimate(
     from personactl.store.vectors import PersonaVector
 
     slug = resolve_model(settings.model).slug
-    vector = PersonaVector.load(ws.find_vector(vector_spec or trait_obj.name, slug))
+    num_layers = PersonaVector.load(ws.find_vector(vector_spec or trait_obj.name, slug)).num_layers if spec.sweep else 0
     estimate = estimate_eval(
         trait=trait_obj,
         spec=spec,
-        num_layers=vector.num_layers,
+        num_layers=num_layers,
         max_new_tokens=settings.max_new_tokens,
         tokens_per_second=measured_tokens_per_second(ws, slug),
     )
@@ -295,6 +387,8 @@ def build_spec(
     rounds: int = 5,
     alpha_start: float = 1.0,
     max_alpha: float = 16.0,
+    plan: tuple[str, ...] = (),
+    sweep: bool = True,
 ) -> EvalSpec:
     """Parse and check the grid flags into an EvalSpec (`position` and `norm` are comma lists: one
     variant per pair)."""
@@ -319,6 +413,8 @@ def build_spec(
         alpha_start=alpha_start,
         max_alpha=max_alpha,
         plots=plots,
+        plan=plan,
+        sweep=sweep,
     )
 
 
@@ -370,6 +466,17 @@ def print_eval(summary: dict[str, Any]) -> None:
             style="dim" if c["condition"] in ("random", "unsteered") else None,
         )
     console.print(table)
+    if summary["layers"]:
+        console.print(layer_table(summary))
+    for line in recommendation_lines(summary):
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def layer_table(summary: dict[str, Any]) -> Any:
+    """Slope, breaking and KL-limit α and the recommendation per (variant, layer)."""
+    from rich.markup import escape
+    from rich.table import Table
+
     layers = Table(
         "vector", "layer", "slope (trait/α)", "breaking α", "KL limit α", "recommended α", "KL there", "trait there",
         "random there",
@@ -386,9 +493,7 @@ def print_eval(summary: dict[str, Any]) -> None:
             _num(a["trait_at_recommended"], "{:.1f}"),
             _num(a["random_trait_at_recommended"], "{:.1f}"),
         )
-    console.print(layers)
-    for line in recommendation_lines(summary):
-        console.print(line, markup=False, soft_wrap=True)
+    return layers
 
 
 def recommendation_lines(summary: dict[str, Any]) -> list[str]:
@@ -428,6 +533,7 @@ def recommendation_lines(summary: dict[str, Any]) -> list[str]:
                 f"steered vs a random vector of the same norm there: {best['trait_at_recommended']:.1f} vs "
                 f"{best['random_trait_at_recommended']:.1f} ({best['steered_minus_random']:+.1f})"
             )
+    lines += plan_lines(summary)
     comparison = summary.get("prompting_vs_steering")
     if comparison:
         verdict = "prompting is ahead" if comparison["prompting_ahead"] else "steering is ahead"
@@ -440,6 +546,45 @@ def recommendation_lines(summary: dict[str, Any]) -> list[str]:
     lines.append(f"CI: {summary['ci_method']}")
     lines.append("saved " + ", ".join([summary["artifact"], summary["files"]["cells"], *summary["files"]["plots"]]))
     return lines
+
+
+def _change(effect: dict[str, Any]) -> str:
+    if effect["change"] is None:
+        return "—"
+    ci = "" if effect["low"] is None else f" [{effect['low']:+.1f}, {effect['high']:+.1f}]"
+    return f"{effect['change']:+.1f}{ci}"
+
+
+def plan_lines(summary: dict[str, Any]) -> list[str]:
+    """What the steering plan was and what it alone did against the unsteered answers."""
+    plan, effect = summary.get("plan"), summary.get("plan_effect")
+    if not plan:
+        return []
+    lines = ["steering plan: " + " ".join(f"--steer {t['spec']}" for t in plan["terms"])]
+    if effect:
+        lines.append(
+            f"the plan alone vs unsteered (paired, 95% CI): trait {_change(effect['trait'])}, "
+            f"coherence {_change(effect['coherence'])} (n {effect['trait']['n']})"
+        )
+    return lines
+
+
+def print_cross(summary: dict[str, Any]) -> None:
+    """The cross-effect matrix for a person: trait change (95% CI), then coherence change."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = stdout_console()
+    for what, title in (("trait", "change in the column trait's score"), ("coherence", "change in coherence")):
+        table = Table("steered with ↓ · judged on →", *map(escape, summary["columns"]), title=f"cross effects: {title}")
+        for label, cells in zip(summary["rows"], summary["matrix"], strict=True):
+            table.add_row(escape(label), *(_change(c[what]) for c in cells))
+        console.print(table)
+    console.print(
+        f"vs unsteered answers to the same prompts (paired, 95% CI) · saved {summary['artifact']}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def print_proxy(summary: dict[str, Any]) -> None:

@@ -5,7 +5,10 @@ Definitions (C = the coherence threshold; a cell is one (condition, vector varia
   coherence score at all is neither (and is left out of both).
 - Per layer, the *slope* is the ordinary least-squares slope of mean trait score on α over that
   layer's coherent steered cells plus the unsteered baseline at α = 0 (when it is coherent): the
-  trait change per unit α while the model still makes sense. None with fewer than two αs.
+  trait change per unit α while the model still makes sense. None with fewer than two αs. Under a
+  steering plan the α = 0 point is the `plan` cell (the plan alone), since every steered row follows it.
+- A *paired change* (plan vs unsteered, cross effects) is the mean over (question, sample) pairs,
+  both scored, of the score difference, with a 95% t-interval of those differences.
 - The *best layer* is the one with the largest slope (ties: the lower layer).
 - The *breaking point* of a layer is the smallest α > 0 whose cell is broken (None: not within the
   αs tried); `breaking_alpha_negative` is the α < 0 closest to 0 that is broken.
@@ -40,7 +43,24 @@ def check_max_kl(max_kl: float) -> float:
 
 SCORE_SCALE = (0.0, 100.0)  # the judge's scale: intervals are clipped to it
 CELL_KEYS = ["condition", "position", "aggregator", "norm_mode", "layer", "coefficient"]
-CONDITION_ORDER = {"unsteered": 0, "prompted": 1, "steered": 2, "random": 3}
+CONDITION_ORDER = {"unsteered": 0, "prompted": 1, "plan": 2, "steered": 3, "random": 4}
+CHANGE_SCALE = (-100.0, 100.0)  # a difference of two 0–100 scores
+PAIR_KEYS = ["question_index", "sample_index"]
+
+
+def paired_change(steered: pl.DataFrame, reference: pl.DataFrame, column: str) -> dict[str, Any]:
+    """Mean change of `column` from `reference` to `steered` over the same (question, sample) pairs,
+    both scored, with a 95% t-interval of the paired differences (the design pairs every steered
+    response with the unsteered answer to the same prompt)."""
+    joined = steered.select(*PAIR_KEYS, column).join(
+        reference.select(*PAIR_KEYS, pl.col(column).alias("_ref")), on=PAIR_KEYS, how="inner"
+    )
+    diffs = [
+        None if s is None or r is None else s - r
+        for s, r in zip(joined[column].to_list(), joined["_ref"].to_list(), strict=True)
+    ]
+    ci = mean_ci(diffs, bounds=CHANGE_SCALE)
+    return {"change": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n, "missing": ci.missing}
 
 
 def cells_table(samples: pl.DataFrame, threshold: float) -> pl.DataFrame:
@@ -84,7 +104,7 @@ def _over_budget(cell: dict[str, Any], max_kl: float) -> bool:
 def layer_analysis(cells: pl.DataFrame, threshold: float, max_kl: float = DEFAULT_MAX_KL) -> list[dict[str, Any]]:
     """Slope, breaking points, KL limit and recommended α per (vector variant, layer); see the module doc."""
     rows = cells.to_dicts()
-    unsteered = _cell(rows, condition="unsteered")
+    unsteered = _cell(rows, condition="plan") or _cell(rows, condition="unsteered")  # α = 0 of the steered rows
     out = []
     steered = [r for r in rows if r["condition"] == "steered"]
     variants = sorted({(r["position"], r["aggregator"], r["norm_mode"]) for r in steered})
@@ -146,9 +166,12 @@ def best_layer(analysis: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(candidates, key=lambda a: (a["slope"], -a["layer"]))
 
 
-def diagnose(unsteered: dict[str, Any] | None, best: dict[str, Any] | None, threshold: float) -> dict[str, Any]:
+def diagnose(
+    unsteered: dict[str, Any] | None, best: dict[str, Any] | None, threshold: float, swept: bool = True
+) -> dict[str, Any]:
     """Why no α is recommended, in words: an unsteered model below the coherence threshold fails
-    every cell whatever α is, so blaming the αs would send the user the wrong way."""
+    every cell whatever α is, so blaming the αs would send the user the wrong way. Without a sweep
+    (a steering plan alone) there is no α to recommend and nothing to diagnose about αs."""
     base = None if unsteered is None else unsteered["coherence_mean"]
     if base is not None and base < threshold:
         return {
@@ -157,7 +180,7 @@ def diagnose(unsteered: dict[str, Any] | None, best: dict[str, Any] | None, thre
             "so every cell fails it whatever α is: the judge finds this model incoherent unsteered",
             "hint": f"lower --coherence-threshold (e.g. {max(0.0, base - 10):.0f}), or use a stronger judge",
         }
-    if best is None or best["recommended_alpha"] is None:
+    if swept and (best is None or best["recommended_alpha"] is None):
         return {
             "kind": "alphas_too_large",
             "message": "no layer has two coherent αs to fit a slope"
@@ -203,7 +226,9 @@ def summarize(
         }
     return cells, {
         "coherence_threshold": threshold,
-        "diagnosis": diagnose(unsteered, best, threshold),
+        "diagnosis": diagnose(
+            unsteered, best, threshold, swept=bool(analysis) or _cell(rows, condition="plan") is None
+        ),
         "max_kl": max_kl,
         "ci_method": CI_METHOD,
         "definitions": {
@@ -220,4 +245,18 @@ def summarize(
         "best": best,
         "baselines": {"unsteered": unsteered, "prompted": prompted},
         "prompting_vs_steering": comparison,
+        "plan_effect": plan_effect(samples),
+    }
+
+
+def plan_effect(samples: pl.DataFrame) -> dict[str, Any] | None:
+    """The steering plan alone (condition `plan`) against the unsteered answers to the same prompts:
+    paired changes of trait and coherence (None without plan rows)."""
+    plan = samples.filter(pl.col("condition") == "plan")
+    if plan.is_empty():
+        return None
+    unsteered = samples.filter(pl.col("condition") == "unsteered")
+    return {
+        "trait": paired_change(plan, unsteered, "trait_score"),
+        "coherence": paired_change(plan, unsteered, "coherence_score"),
     }

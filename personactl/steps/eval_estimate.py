@@ -12,15 +12,19 @@ if TYPE_CHECKING:
 
 
 def grid_generations(spec: EvalSpec, n_questions: int, n_layers: int) -> int:
-    """Rows the eval generates: unsteered and prompted baselines, then per variant, layer and α ≠ 0
-    one steered row per (question, sample), and as many random-vector rows when K > 0."""
+    """Rows the eval generates: unsteered and prompted baselines (and the plan alone under a steering
+    plan), then per variant, layer and α ≠ 0 one steered row per (question, sample), and as many
+    random-vector rows when K > 0 (none without a swept vector)."""
     items = n_questions * spec.samples
+    baselines = (3 if spec.plan else 2) * items
+    if not spec.sweep:
+        return baselines
     if spec.adaptive:
         per_layer = spec.rounds
     else:
         per_layer = sum(1 for a in spec.coefficients if a != 0)
     per_cell = items * (2 if spec.random_seeds else 1)
-    return 2 * items + len(spec.variants) * n_layers * per_layer * per_cell
+    return baselines + len(spec.variants) * n_layers * per_layer * per_cell
 
 
 def measured_tokens_per_second(workspace: Workspace, model_slug: str) -> float | None:
@@ -45,7 +49,7 @@ def estimate_eval(
     from personactl.steps.evaluate import default_layers
 
     n_questions = len(trait.questions.evaluation[: spec.questions] if spec.questions else trait.questions.evaluation)
-    layers = list(spec.layers or default_layers(num_layers))
+    layers = list(spec.layers or default_layers(num_layers)) if spec.sweep else []
     generations = grid_generations(spec, n_questions, len(layers))
     max_tokens = generations * max_new_tokens
     return {

@@ -47,11 +47,12 @@ from personactl.judging.remote import JudgeCache
 from personactl.model.capability_cost import NeutralKL
 from personactl.model.loading import resolve_model
 from personactl.model.steering import GridRow, plan_grid
+from personactl.steps.plan import ResolvedPlan
 from personactl.steps.score import effective_thresholds, make_judge
 from personactl.steps.skeleton import StepArtifact
 from personactl.store.atomic import atomic_path
 from personactl.store.responses import fingerprint_of
-from personactl.store.vectors import PersonaVector, load_for_model
+from personactl.store.vectors import load_for_model
 
 if TYPE_CHECKING:
     from personactl.judging.local import LocalJudge
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from personactl.store.workspace import Workspace
 
 SAMPLES_SCHEMA = {
-    "condition": pl.String,  # steered | random | unsteered | prompted
+    "condition": pl.String,  # steered | random | unsteered | prompted | plan
     "position": pl.String,  # vector variant (null for unsteered/prompted)
     "aggregator": pl.String,
     "norm_mode": pl.String,
@@ -83,6 +84,7 @@ SAMPLES_SCHEMA = {
     "coherence_score": pl.Float64,
     "coherence_reason": pl.String,
     "kl_neutral": pl.Float64,  # KL(steered ‖ unsteered) per token on the neutral texts (prompted: null)
+    "plan": pl.String,  # the steering plan (`--steer` flags) this row followed too, null for none
 }
 
 
@@ -113,6 +115,19 @@ class EvalSpec:
     alpha_start: float = 1.0
     max_alpha: float = 16.0
     plots: bool = True
+    plan: tuple[str, ...] = ()  # `--steer` terms: every steered and random row follows them; a `plan` cell alone
+    sweep: bool = True  # False: no vector sweep, the plan alone against the baselines
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What the results depend on: plots aside, and the plan fields only when used (so an eval
+        saved before plans existed keeps its key)."""
+        out = {k: v for k, v in asdict(self).items() if k != "plots"}
+        if not self.plan:
+            out.pop("plan")
+        if self.sweep:
+            out.pop("sweep")
+        return out
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -180,20 +195,23 @@ class Tag:
     random_seed: int | None = None
 
 
-def baseline_rows(plan: Plan) -> list[tuple[Tag, GridRow]]:
+def baseline_rows(plan: Plan, planned: bool = False) -> list[tuple[Tag, GridRow]]:
+    """Unsteered and prompted rows, and with a steering plan (`planned`) one row of the plan alone
+    per (question, sample)."""
     n = plan.n_items
-    return [(Tag("unsteered"), GridRow(i, None, 0.0)) for i in range(n)] + [
-        (Tag("prompted"), GridRow(n + i, None, 0.0)) for i in range(n)
-    ]
+    rows = [(Tag("unsteered"), GridRow(i, None, 0.0)) for i in range(n)]
+    rows += [(Tag("prompted"), GridRow(n + i, None, 0.0)) for i in range(n)]
+    return rows + [(Tag("plan"), GridRow(i, None, 0.0, planned=True)) for i in range(n) if planned]
 
 
 def steered_rows(
-    plan: Plan, variant: Variant, cells: Sequence[tuple[int, float]], random_seeds: int
+    plan: Plan, variant: Variant, cells: Sequence[tuple[int, float]], random_seeds: int, planned: bool = False
 ) -> list[tuple[Tag, GridRow]]:
-    """Steered rows for (layer, α) cells (α ≠ 0), and as many random rows when K > 0."""
+    """Steered rows for (layer, α) cells (α ≠ 0), and as many random rows when K > 0; with a
+    steering plan (`planned`) both follow it too."""
     rows = []
     for layer, alpha in cells:
-        grid = [r for r in plan_grid(plan.n_items, [layer], [alpha]) if not r.baseline]
+        grid = [r for r in plan_grid(plan.n_items, [layer], [alpha], planned) if not r.baseline]
         rows += [(Tag("steered", variant), r) for r in grid]
         if random_seeds:
             rows += [(Tag("random", variant, r.prompt_index % random_seeds), r) for r in grid]
@@ -211,18 +229,24 @@ def generate_rows(
     batch_size: int,
     positions: str,
     on_chunk: Callable[[int, int], None] | None = None,
+    steering_plan: Mapping[int, Sequence[Any]] | None = None,
 ) -> list[tuple[Tag, GridRow, Any]]:
-    """Run every tagged row; rows sharing a direction set (baselines, the trait vector of one
-    variant, one random seed) form one batched grid. Results come back in input order."""
+    """Run every tagged row; rows sharing a direction set (baselines, the plan alone, the trait
+    vector of one variant, one random seed) form one batched grid; `steering_plan` (layer → terms)
+    acts on the rows marked `planned`. Results come back in input order."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (tag, row) in enumerate(tagged):
-        key = ("base",) if row.layer is None else (tag.condition, tag.variant, tag.random_seed)
+        if row.layer is None:
+            key: tuple[Any, ...] = ("plan",) if row.planned else ("base",)
+        else:
+            key = (tag.condition, tag.variant, tag.random_seed)
         groups.setdefault(key, []).append(i)
     results: list[Any] = [None] * len(tagged)
     for g, indices in enumerate(groups.values()):
         layers = sorted({tagged[i][1].layer for i in indices if tagged[i][1].layer is not None})
         tag = tagged[indices[0]][0]
         dirs = {layer: directions(tag, layer) for layer in layers}
+        planned = steering_plan is not None and any(tagged[i][1].planned for i in indices)
         grid = runner(
             plan.prompt_ids,
             [tagged[i][1] for i in indices],
@@ -232,6 +256,7 @@ def generate_rows(
             batch_size=batch_size,
             positions=positions,
             on_chunk=on_chunk,
+            **({"plan": steering_plan} if planned else {}),
         )
         for i, (_, gen) in zip(indices, grid, strict=True):
             results[i] = gen
@@ -250,7 +275,9 @@ def judge_rows(judge: Any, trait: Trait, plan: Plan, rows: Sequence[tuple[Tag, G
     return list(zip(judgements[0::2], judgements[1::2], strict=True))
 
 
-def to_records(plan: Plan, rows, judgements, norms: Callable[[Tag, int], float], round_: int) -> list[dict]:
+def to_records(
+    plan: Plan, rows, judgements, norms: Callable[[Tag, int], float], round_: int, plan_spec: str | None = None
+) -> list[dict]:
     records = []
     for (tag, row, gen), (trait_j, coherence_j) in zip(rows, judgements, strict=True):
         q, s = plan.item(row.prompt_index)
@@ -278,6 +305,7 @@ def to_records(plan: Plan, rows, judgements, norms: Callable[[Tag, int], float],
                 "coherence_score": coherence_j.score,
                 "coherence_reason": coherence_j.reason,
                 "kl_neutral": 0.0 if tag.condition == "unsteered" else None,  # steered/random: `with_kl_neutral`
+                "plan": plan_spec if row.planned else None,
             }
         )
     return records
@@ -325,8 +353,13 @@ def run_eval(
     on_phase: Callable[[str, int | None], None] = lambda what, total: None,
     on_chunk: Callable[[int, int], None] | None = None,
     on_judged: Callable[[Any], None] = lambda j: None,
+    steering_plan: ResolvedPlan | None = None,
 ) -> pl.DataFrame:
-    """Generate and judge every cell (grid or adaptive); one row per response."""
+    """Generate and judge every cell (grid or adaptive); one row per response. With a steering
+    plan, every steered and random row follows it and a `plan` cell runs it alone."""
+    planned = bool(steering_plan and steering_plan.terms)
+    by_layer = steering_plan.by_layer() if planned else None
+    plan_spec = steering_plan.spec() if planned else None
 
     def direction(tag: Tag, layer: int) -> torch.Tensor:
         v = directions[tag.variant][layer]
@@ -347,18 +380,33 @@ def run_eval(
             batch_size=batch_size,
             positions=spec.positions,
             on_chunk=on_chunk,
+            steering_plan=by_layer,
         )
         on_phase(f"eval: judge {label}", 2 * len(rows))
-        return to_records(plan, rows, judge_rows(judge, trait, plan, rows, on_judged), norm, round_)
+        judged = judge_rows(judge, trait, plan, rows, on_judged)
+        return to_records(plan, rows, judged, norm, round_, plan_spec)
 
     if not spec.adaptive:
         cells = [(layer, a) for layer in layers for a in spec.coefficients if a != 0]
-        tagged = baseline_rows(plan)
+        tagged = baseline_rows(plan, planned)
         for variant in spec.variants:
-            tagged += steered_rows(plan, variant, cells, spec.random_seeds)
+            tagged += steered_rows(plan, variant, cells, spec.random_seeds, planned)
         return pl.DataFrame(execute(tagged, 0, "grid"), schema=SAMPLES_SCHEMA)
+    records = execute(baseline_rows(plan, planned), 0, "baselines")
+    records += _adaptive_rounds(execute, plan, spec, layers, threshold, planned)
+    return pl.DataFrame(records, schema=SAMPLES_SCHEMA)
 
-    records = execute(baseline_rows(plan), 0, "baselines")
+
+def _adaptive_rounds(
+    execute: Callable[[list[tuple[Tag, GridRow]], int, str], list[dict]],
+    plan: Plan,
+    spec: EvalSpec,
+    layers: Sequence[int],
+    threshold: float,
+    planned: bool,
+) -> list[dict]:
+    """`--adaptive`: per (variant, layer), double α while coherent, then bisect; `rounds` probes."""
+    records: list[dict] = []
     searches = {(v, layer): Search(next=spec.alpha_start) for v in spec.variants for layer in layers}
     for round_ in range(1, spec.rounds + 1):
         active = [(key, s) for key, s in searches.items() if not s.done]
@@ -366,7 +414,7 @@ def run_eval(
             break
         tagged = []
         for (variant, layer), s in active:
-            tagged += steered_rows(plan, variant, [(layer, s.next)], spec.random_seeds)
+            tagged += steered_rows(plan, variant, [(layer, s.next)], spec.random_seeds, planned)
         new = execute(tagged, round_, f"round {round_}/{spec.rounds}")
         records += new
         for (variant, layer), s in active:
@@ -382,7 +430,7 @@ def run_eval(
                 ]
             )
             s.update(s.next, None if coherence is None else coherence >= threshold, spec.max_alpha)
-    return pl.DataFrame(records, schema=SAMPLES_SCHEMA)
+    return records
 
 
 KLMeasure = Callable[[Mapping[int, torch.Tensor], Sequence[tuple[int, float]]], list[float]]
@@ -453,19 +501,26 @@ def file_sha256(path: Any) -> str:
 
 
 def eval_fingerprint(
-    settings: Settings, trait: Trait, spec: EvalSpec, vector_path: Path, sampling: Sampling
+    settings: Settings,
+    trait: Trait,
+    spec: EvalSpec,
+    vector_path: Path | None,
+    sampling: Sampling,
+    plan_files: Sequence[dict[str, str]] = (),
 ) -> dict[str, Any]:
     """Everything an eval's result depends on: same fingerprint, same eval (`eval_step` skips it,
-    `run --dry-run` reports it as skipped)."""
+    `run --dry-run` reports it as skipped). `vector_path` None: a steering plan alone;
+    `plan_files`: each plan term with its vector file's hash (`plan_fingerprint`)."""
     from personactl.model.capability_cost import neutral_texts, texts_sha256
     from personactl.steps.score import LOCAL_PREFIX
 
     local = settings.judge_model.startswith(LOCAL_PREFIX)
     return {
         "kind": "eval",
-        "vector_sha256": file_sha256(vector_path),
+        "vector_sha256": None if vector_path is None else file_sha256(vector_path),
         "trait_sha256": trait.sha256,
-        "spec": {k: v for k, v in asdict(spec).items() if k != "plots"},
+        "spec": spec.identity,
+        **({"plan": list(plan_files)} if plan_files else {}),
         "sampling": asdict(sampling),
         "seed": settings.seed,
         "batch_size": settings.batch_size,
@@ -478,6 +533,21 @@ def eval_fingerprint(
         "judge_mode": "local" if local else settings.judge_mode,
         "kl_neutral_texts_sha256": texts_sha256(neutral_texts()),
     }
+
+
+def plan_fingerprint(workspace: Workspace, model_slug: str, specs: Sequence[str]) -> list[dict[str, str]]:
+    """Each `--steer` term as written back and its vector file's hash, found before any model loads
+    (a bad term fails here, before the model loads)."""
+    from personactl.core.steer_plan import parse_term
+    from personactl.steps.plan import _persona
+
+    out = []
+    for spec in specs:
+        term = parse_term(spec)
+        name, persona = _persona(term.vector)
+        path = workspace.find_vector(name, model_slug, persona)
+        out.append({"spec": term.spec(), "vector_sha256": file_sha256(path)})
+    return out
 
 
 def eval_step(
@@ -503,22 +573,24 @@ def eval_step(
     max_kl = check_max_kl(DEFAULT_MAX_KL if max_kl is None else max_kl)
     sampling = sampling or Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     slug = resolve_model(settings.model).slug
-    vector_path = workspace.find_vector(vector_spec or trait.name, slug)  # before loading: the fingerprint hashes it
+    vector_path = _vector_path(workspace, spec, vector_spec or trait.name, slug)  # before loading: hashed
     _, threshold = effective_thresholds(settings, trait)
-    fingerprint = eval_fingerprint(settings, trait, spec, vector_path, sampling)
+    fingerprint = eval_fingerprint(
+        settings, trait, spec, vector_path, sampling, plan_fingerprint(workspace, slug, spec.plan)
+    )
     out = StepArtifact(
         workspace,
         workspace.eval_path(slug, trait.name, fingerprint_of(fingerprint)),
         "eval",
         fingerprint,
-        {"trait": trait.name, "vector": str(vector_path), "model": settings.model},
+        {"trait": trait.name, "vector": None if vector_path is None else str(vector_path), "model": settings.model},
     )
     if out.current(force):
         return _saved_eval(out, settings, spec, trait.name, threshold, max_kl)
 
     lm = load()
-    vector = load_for_model(workspace, str(vector_path), lm).vector
-    layers, directions = _steering_directions(spec, vector, lm.num_layers)
+    steering_plan = _resolved_plan(settings, workspace, lm, spec)
+    layers, directions = _steering_directions(workspace, spec, vector_path, lm)
     plan = make_plan(trait, lm.tokenizer, spec.questions, spec.samples)
     samples, judge, timings = _generate_judge_measure(
         settings=settings,
@@ -536,8 +608,11 @@ def eval_step(
         on_chunk=on_chunk,
         on_judged=on_judged,
         on_judge=on_judge,
+        steering_plan=steering_plan,
     )
     cells, summary = summarize(samples, threshold, max_kl)
+    if steering_plan.terms:
+        summary["plan"] = steering_plan.describe()
     subtitle = plot_subtitle(settings.model, settings.judge_model, len(plan.questions), spec.samples)
     files = _write_cells_and_plots(out.path, cells, summary, spec, trait.name, subtitle)
     out.commit(
@@ -545,7 +620,7 @@ def eval_step(
         settings=settings,
         model=lm.describe(),
         trait={"name": trait.name, "sha256": trait.sha256},
-        vector={"path": str(vector_path), "sha256": fingerprint["vector_sha256"]},
+        vector={"path": None if vector_path is None else str(vector_path), "sha256": fingerprint["vector_sha256"]},
         judge={"model": settings.judge_model, "identity": judge.identity},
         layers=layers,
         counts={"responses": samples.height, "questions": len(plan.questions), "samples": spec.samples},
@@ -567,6 +642,8 @@ def _saved_eval(
     if (saved.get("coherence_threshold"), saved.get("max_kl")) == (threshold, max_kl):
         return samples, out.skipped(**{**saved, "files": manifest["files"]})
     cells, summary = summarize(samples, threshold, max_kl)
+    if saved.get("plan"):
+        summary["plan"] = saved["plan"]
     questions = manifest.get("counts", {}).get("questions")
     subtitle = plot_subtitle(settings.model, settings.judge_model, questions, spec.samples)
     files = _write_cells_and_plots(out.path, cells, summary, spec, title, subtitle)
@@ -574,11 +651,40 @@ def _saved_eval(
     return samples, out.skipped(**{"resummarized": True, **summary, "files": files})
 
 
+def _vector_path(workspace: Workspace, spec: EvalSpec, vector_spec: str, slug: str) -> Path | None:
+    """The swept vector's file (None for a steering plan alone), checked against the spec."""
+    if spec.sweep:
+        return workspace.find_vector(vector_spec, slug)
+    if not spec.plan:
+        raise InputError("nothing to evaluate", hint="pass --vector NAME (a sweep) and/or --steer SPEC (a plan)")
+    if spec.adaptive:
+        raise InputError("--adaptive searches α for a swept vector", hint="pass --vector NAME too, or drop --adaptive")
+    return None
+
+
+def _resolved_plan(settings: Settings, workspace: Workspace, lm: ModelHandle, spec: EvalSpec) -> ResolvedPlan:
+    """`spec.plan` resolved for the loaded model (units of the first variant's norm mode), refused
+    when the engine lacks one of its operations."""
+    from personactl.backends import check_plan_ops, open_engine
+    from personactl.steps.plan import resolve_plan
+
+    first = spec.variants[0]
+    resolved = resolve_plan(
+        spec.plan, workspace=workspace, lm=lm, position=first.position, aggregator=first.aggregator, norm=first.norm
+    )
+    check_plan_ops(open_engine(settings, lm), resolved.ops)
+    return resolved
+
+
 def _steering_directions(
-    spec: EvalSpec, vector: PersonaVector, num_layers: int
+    workspace: Workspace, spec: EvalSpec, vector_path: Path | None, lm: ModelHandle
 ) -> tuple[list[int], dict[Variant, dict[int, torch.Tensor]]]:
     """The layers to evaluate (`spec.layers`, else `default_layers`), checked, and each variant's
-    direction at each of them."""
+    direction at each of them (none without a swept vector)."""
+    if vector_path is None:
+        return [], {}
+    vector = load_for_model(workspace, str(vector_path), lm).vector
+    num_layers = lm.num_layers
     layers = check_steering_layers(list(spec.layers or default_layers(num_layers)), num_layers)
     if spec.adaptive and not (0 < spec.alpha_start <= spec.max_alpha):
         raise InputError("--adaptive needs 0 < --alpha-start ≤ --alpha-cap")
@@ -617,9 +723,11 @@ def _generate_judge_measure(
     on_chunk: Callable[[int, int], None] | None,
     on_judged: Callable[[Any], None],
     on_judge: Callable[[Any], None],
+    steering_plan: ResolvedPlan,
 ) -> tuple[pl.DataFrame, RemoteJudge | LocalJudge, dict[str, float]]:
-    """The eval's work: generate and judge every cell, then measure kl_neutral. Returns the samples,
-    the judge and the timings (seconds in all, and of the kl_neutral phase)."""
+    """The eval's work: generate and judge every cell, then measure kl_neutral (not under a steering
+    plan: its terms are not part of what the KL measure steers with, so those cells get none).
+    Returns the samples, the judge and the timings (seconds in all, and of the kl_neutral phase)."""
     start = time.perf_counter()
     with _judging(settings, workspace, load_judge) as judge:
         on_judge(judge)
@@ -638,12 +746,14 @@ def _generate_judge_measure(
             on_phase=on_phase,
             on_chunk=on_chunk,
             on_judged=on_judged,
+            steering_plan=steering_plan,
         )
     generated = time.perf_counter()
-    on_phase("eval: kl_neutral on the neutral texts", None)
-    kl_lm = kl_model(settings, lm)
-    measure = NeutralKL(kl_lm.model, kl_lm.tokenizer, rows_per_forward=settings.batch_size)
-    samples = with_kl_neutral(samples, measure, directions)
+    if not steering_plan.terms:
+        on_phase("eval: kl_neutral on the neutral texts", None)
+        kl_lm = kl_model(settings, lm)
+        measure = NeutralKL(kl_lm.model, kl_lm.tokenizer, rows_per_forward=settings.batch_size)
+        samples = with_kl_neutral(samples, measure, directions)
     end = time.perf_counter()
     return samples, judge, {"seconds": round(end - start, 2), "kl_neutral_seconds": round(end - generated, 2)}
 
@@ -664,7 +774,7 @@ def _write_cells_and_plots(
     with atomic_path(cells_path) as tmp:
         cells.write_parquet(tmp)
     files: dict[str, Any] = {"samples": str(output), "cells": str(cells_path), "plots": []}
-    if spec.plots:
+    if spec.plots and spec.sweep:  # a plan alone has no layer × α to plot
         for v in spec.variants:
             files["plots"] += _plot_variant(output, cells, summary, v, title, subtitle, alone=len(spec.variants) == 1)
     return files
