@@ -23,6 +23,9 @@ HELP = (
     ("/alpha A", "set α within the slider's range (Alt-←/→ move it, Alt-0 resets it)"),
     ("/layer L", "steer at layer(s) L, e.g. /layer 14 or /layer 12,14-16"),
     ("/vector V", "switch to a vector file, or a trait extracted for this model"),
+    ("/steer [SPEC]", "add a plan term (VECTOR[@position]:LAYERS:VALUE[:OP], as --steer); alone: list the plan"),
+    ("/unsteer N", "remove plan term N"),
+    ("/term N [V]", "make term N the slider the keys move (0: the vector's α), and set its value to V"),
     ("/positions M", "where to add: all, prompt (the conversation so far) or response"),
     ("/norm N", "raw, unit or stream: α keeps its push (‖α·v‖), the slider takes that mode's range"),
     ("/reset", "clear the conversation (settings stay)"),
@@ -93,6 +96,7 @@ def turn_record(turn: ChatTurn) -> dict[str, Any]:
         "seconds": turn.seconds,
         "conversation": turn.conversation,
         "seed": turn.seed,
+        **({"plan": steering["plan"]} if steering.get("plan") else {}),
         **({"readout": turn.readout} if turn.readout is not None else {}),
     }
 
@@ -132,6 +136,58 @@ def _vector(session: ChatSession, arg: str, stop: threading.Event) -> Outcome:
     return Outcome(text + (f"\nwarning: {warning}" if warning else ""), data={"vector": str(session.vector.path)})
 
 
+def _plan_outcome(session: ChatSession, message: str) -> Outcome:
+    """`message` and the plan as it stands: one line per term, the active one marked."""
+    lines = [
+        f"{'▸' if session.active == n else ' '} {session.describe_term(n)}" for n in range(1, len(session.plan) + 1)
+    ]
+    text = "\n".join([message, *lines] if lines else [message, "  (no plan terms)"])
+    return Outcome(text.strip("\n"), data={"plan": session.plan_specs(), "active": session.active})
+
+
+def _steer(session: ChatSession, arg: str, stop: threading.Event) -> Outcome:
+    if not arg:
+        return _plan_outcome(session, "plan:")
+    resolved = session.add_term(arg)
+    session.select(len(session.plan))  # the new term's slider is the one the keys move
+    warning = f"\nwarning: {resolved.warning}" if resolved.warning else ""
+    return _plan_outcome(session, f"added term {len(session.plan)}: {resolved.term.spec()}{warning}")
+
+
+def _unsteer(session: ChatSession, arg: str, stop: threading.Event) -> Outcome:
+    n = _term_number(_need(arg, "/unsteer N"), "/unsteer N")
+    term = session.remove_term(n)
+    return _plan_outcome(session, f"removed term {n}: {term.spec()}")
+
+
+def _term(session: ChatSession, arg: str, stop: threading.Event) -> Outcome:
+    number, _, value = _need(arg, "/term N [V]").partition(" ")
+    n = _term_number(number, "/term N [V]")
+    if value.strip():
+        values = _numbers(value, "/term N [V]")
+        if len(values) != 1:
+            raise InputError(f"/term takes one value, not {value.strip()!r}", hint="usage: /term N [V]")
+        if n == 0:
+            session.set_alpha(values[0])
+        else:
+            session.set_term_value(n, values[0])
+    session.select(n)
+    if n == 0:
+        return Outcome(
+            f"α = {session.alpha:+.2f} ({session.describe_push()})", data={"active": 0, "alpha": session.alpha}
+        )
+    return _plan_outcome(session, f"term {n}: {session.plan[n - 1].spec()}")
+
+
+def _term_number(text: str, usage: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise InputError(
+            f"bad term number {text.strip()!r}", hint=f"usage: {usage} (the toolbar numbers the terms)"
+        ) from None
+
+
 def _positions(session: ChatSession, arg: str, stop: threading.Event) -> Outcome:
     session.set_positions(_need(arg, "/positions all|prompt|response"))
     return Outcome(f"positions {session.positions}", data={"positions": session.positions})
@@ -164,6 +220,9 @@ _COMMANDS: dict[str, Callable[[ChatSession, str, threading.Event], Outcome]] = {
     "layer": _layer,
     "layers": _layer,
     "vector": _vector,
+    "steer": _steer,
+    "unsteer": _unsteer,
+    "term": _term,
     "positions": _positions,
     "norm": _norm,
     "reset": _reset,

@@ -52,8 +52,11 @@ class LiveReadout:
             )
         return cls(str(spec), probe_from_readout(readout, None, "readout"))
 
-    def read(self, session: Any, prompt: list[int], reply_ids: list[int]) -> dict[str, Any]:
-        """The turn's projections: `{source, layers, prompt_end: {label: x}, response_avg: {label: x|None}}`."""
+    def read(self, session: Any, prompt: list[int], reply_ids: list[int]) -> dict[str, Any] | None:
+        """The turn's projections: `{source, layers, prompt_end: {label: x}, response_avg: {label: x|None}}`
+        (None: `vector` on a session steered by a plan alone, which has no vector)."""
+        if self.probe is None and session.vector is None:
+            return None
         probe = self.probe or probe_from_vector(
             session.vector.vector, session.position, session.aggregator, session.layers, session.vector.label
         )

@@ -17,6 +17,7 @@ which flips near-tied greedy tokens). (On vLLM, steering is the engine's per-lay
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import queue
@@ -29,13 +30,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from personactl.backends import Engine, Sampling, Steering, engine_for
+from personactl.backends import Engine, Sampling, Steering, check_plan_ops, engine_for
 from personactl.core.choices import NORM_MODES, POSITION_MODES
-from personactl.core.ranges import check_steering_layers
-from personactl.errors import InputError, VectorFileError
+from personactl.core.ranges import check_steering_layers, format_ranges
+from personactl.core.steer_plan import PlanTerm, parse_term
+from personactl.errors import InputError, PersonactlError, VectorFileError
 from personactl.model.chat_format import encode_prompt
 from personactl.model.loading import context_limit
-from personactl.store.vectors import LoadedVector, load_for_model
+from personactl.steps.plan import ResolvedPlan, ResolvedTerm, resolve_plan
+from personactl.store.vectors import LoadedVector, PersonaVector, load_for_model
 
 if TYPE_CHECKING:
     from personactl.model.loading import ModelHandle
@@ -164,7 +167,15 @@ class EngineChat:
     ) -> None:
         try:
             with self.lock:
-                generated = self.engine.stream(prompt, sampling, seed, tokens.push, stop, steering)
+                if steering is not None and steering.plan:
+                    # a plan goes through the engine's mixed-batch path (one row), which applies
+                    # `Steering.plan` per row; its one-reply `stream` adds α·v only
+                    from personactl.backends.hf_rows import RowRequest
+
+                    row = RowRequest(prompt, sampling, seed, tokens.push, stop, steering)
+                    generated = self.engine.stream_batch([row])[0]
+                else:
+                    generated = self.engine.stream(prompt, sampling, seed, tokens.push, stop, steering)
             tokens.finish(generated)
         except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
             tokens.fail(exc)
@@ -338,7 +349,7 @@ class ChatSession:
         self,
         lm: ModelHandle,
         workspace: Workspace,
-        vector: str | LoadedVector,
+        vector: str | LoadedVector | None,
         *,
         layers: Sequence[int],
         alpha: float = 1.0,
@@ -354,6 +365,7 @@ class ChatSession:
         backend: ChatBackend | None = None,
         settings_record: Mapping[str, Any] | None = None,
         readout: Any = None,
+        plan: Sequence[str | PlanTerm | ResolvedTerm] = (),
     ):
         for name, value in (("--max-alpha", max_alpha), ("--alpha-step", alpha_step)):
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -373,10 +385,20 @@ class ChatSession:
         self.readout = readout  # a `chat.readout.LiveReadout`: read after every turn
         self.positions = self._check_positions(positions)
         self.norm = _check_choice(norm, NORM_MODES, "norm")
-        self.vector = vector if isinstance(vector, LoadedVector) else load_for_model(workspace, vector, lm)
+        # None: no single-vector steering (the plan alone; /vector adds one)
+        self.vector = vector if isinstance(vector, LoadedVector | None) else load_for_model(workspace, vector, lm)
         self.layers = self._check_layers(layers)
         self.directions = self._directions(self.vector, self.layers, self.norm)
-        self.alpha = check_alpha(alpha, self.max_alpha, self.norm)
+        self.alpha = check_alpha(alpha, self.max_alpha, self.norm) if self.vector is not None else 0.0
+        # the steering plan: terms as written (values change with the sliders), each resolved for
+        # the model (a term whose value changed is resolved again, alone, at the next reply)
+        self.plan: list[PlanTerm] = []
+        self._resolved: list[ResolvedTerm] = []
+        self._stale: list[bool] = []  # per term: its value changed since it was resolved
+        self._streams: dict[str, list[float] | None] = {}  # vector file → its stream norms (term sliders)
+        self.active = 0  # the slider the keys move: 0 = the vector's α, n = plan term n
+        for term in plan:
+            self.add_term(term)
         self.history: list[dict[str, str]] = []
         self.transcript: list[ChatTurn] = []
         self.conversation = 0
@@ -409,6 +431,8 @@ class ChatSession:
             streams = self.stream_norms()
             if streams:
                 top = nice_number(UNIT_STREAM_SHARE * sum(streams) / len(streams), RANGE_ENDS)
+            elif self.vector is None:  # nothing to scale: the raw range
+                top = SLIDER_RANGES["raw"][0]
             else:  # no stream norms (an imported vector): the raw range in absolute units
                 raw = [
                     float(self.vector.vector.direction(k, self.position, self.aggregator).norm()) for k in self.layers
@@ -418,7 +442,7 @@ class ChatSession:
 
     def stream_norms(self) -> list[float] | None:
         """The residual-stream norm at each steered layer, when the vector file has them."""
-        stream = self.vector.vector.tensors.get("stream_norm")
+        stream = self.vector.vector.tensors.get("stream_norm") if self.vector is not None else None
         if stream is None:
             return None
         values = [float(stream[k]) for k in self.layers]
@@ -427,6 +451,8 @@ class ChatSession:
     def push(self, alpha: float | None = None) -> dict[str, Any]:
         """What α adds at each steered layer: ‖α·v‖ and its share of the layer's stream norm."""
         alpha = self.alpha if alpha is None else alpha
+        if self.vector is None:
+            return {"norm": [0.0], "stream_share": None}
         sizes = [abs(alpha) * float(self.directions[k].float().norm()) for k in self.layers]
         streams = self.stream_norms()
         shares = [size / stream for size, stream in zip(sizes, streams, strict=True)] if streams else None
@@ -456,22 +482,22 @@ class ChatSession:
     # ------------------------------------------------------------ settings (validated, then applied)
 
     def set_alpha(self, alpha: float) -> None:
+        self._need_vector("α")
         self.alpha = check_alpha(alpha, self.max_alpha, self.norm)
+
+    def _need_vector(self, what: str) -> None:
+        if self.vector is None:
+            raise InputError(f"no vector to set {what} for", hint="/vector V steers with one (the plan stays)")
 
     def nudge_alpha(self, delta: float) -> None:
         """Move α by `delta`, stopping at the ends of the range (the slider's keys). An α between
         two multiples of |delta| (after /norm rescaled it) moves to the next one first."""
-        step = abs(delta)
-        if not step:
-            return
-        position = self.alpha / step
-        if abs(position - round(position)) > 1e-6:
-            target = (math.ceil(position) if delta > 0 else math.floor(position)) * step
-        else:
-            target = self.alpha + delta
-        self.alpha = self._clamp(target)
+        self._need_vector("α")
+        if delta:
+            self.alpha = self._clamp(_stepped(self.alpha, delta))
 
     def set_layers(self, layers: Sequence[int]) -> None:
+        """The single vector's layers (each plan term keeps its own)."""
         layers = self._check_layers(layers)
         self.directions = self._directions(self.vector, layers, self.norm)
         self.layers = layers
@@ -503,9 +529,10 @@ class ChatSession:
         within a fiftieth of the new step, and inside the new range)."""
         norm = _check_choice(norm, NORM_MODES, "norm")
         directions = self._directions(self.vector, self.layers, norm)
+        plan = self._resolve_all(norm)  # the plan's units follow the norm too: checked before anything changes
         old = sum(float(d.float().norm()) for d in self.directions.values())
         new = sum(float(d.float().norm()) for d in directions.values())
-        self.directions, self.norm = directions, norm
+        self.directions, self.norm, self._resolved = directions, norm, plan
         if self.alpha and old > 0 and new > 0:
             grain = self.alpha_step / 50
             self.alpha = self._clamp(round(self.alpha * old / new / grain) * grain)
@@ -521,7 +548,9 @@ class ChatSession:
             raise InputError("no steering layer given", hint="e.g. /layer 14 or /layer 12,14-16")
         return layers
 
-    def _directions(self, loaded: LoadedVector, layers: Sequence[int], norm: str) -> dict[int, torch.Tensor]:
+    def _directions(self, loaded: LoadedVector | None, layers: Sequence[int], norm: str) -> dict[int, torch.Tensor]:
+        if loaded is None:
+            return {}
         if norm == "stream" and "stream_norm" not in loaded.vector.tensors:
             raise VectorFileError(f"{loaded.path} has no stream norms", hint="use the raw or unit norm")
         try:
@@ -531,9 +560,9 @@ class ChatSession:
 
     def steering_record(self) -> dict[str, Any]:
         """The settings a generation runs with, as recorded per turn."""
-        return {
-            "vector": str(self.vector.path),
-            "trait": self.vector.vector.metadata.get("trait"),
+        record = {
+            "vector": str(self.vector.path) if self.vector is not None else None,
+            "trait": self.vector.vector.metadata.get("trait") if self.vector is not None else None,
             "layers": list(self.layers),
             "alpha": self.alpha,
             "positions": self.positions,
@@ -542,6 +571,183 @@ class ChatSession:
             "aggregator": self.aggregator,
             "vector_norms": {str(k): round(float(v.float().norm()), 6) for k, v in self.directions.items()},
         }
+        if self.plan:  # what each term applied at each of its layers, in `steer --steer`'s words
+            record["plan"] = self.plan_specs()
+            record["plan_terms"] = [resolved.describe() for resolved in self.resolved_plan().terms]
+        return record
+
+    # ------------------------------------------------------------ the steering plan (`--steer` terms)
+
+    @property
+    def label(self) -> str:
+        """What the session steers with, in a word: the vector's label, else the plan's first vector's."""
+        if self.vector is not None:
+            return self.vector.label
+        return self._resolved[0].label if self._resolved else "unsteered"
+
+    def plan_specs(self) -> list[str]:
+        """The plan as `--steer` specs, in order (values as the sliders left them)."""
+        return [term.spec() for term in self.plan]
+
+    def add_term(self, spec: str | PlanTerm | ResolvedTerm) -> ResolvedTerm:
+        """Append a term (a `--steer` spec, or one the caller resolved the same way), resolved now so
+        that a bad one fails here and changes nothing; errors name the term."""
+        if isinstance(spec, ResolvedTerm):
+            resolved = spec
+        else:
+            try:
+                term = spec if isinstance(spec, PlanTerm) else parse_term(spec)
+            except PersonactlError as exc:
+                raise _naming(exc, str(spec)) from None
+            resolved = self._resolve_term(term, self.norm)
+        self._check_term_value(resolved.term, resolved.vector_path)
+        self.plan.append(resolved.term)
+        self._resolved.append(resolved)
+        self._stale.append(False)
+        return resolved
+
+    def remove_term(self, n: int) -> PlanTerm:
+        """Drop term `n` (1-based, as the toolbar numbers them)."""
+        term = self._term(n)
+        del self.plan[n - 1], self._resolved[n - 1], self._stale[n - 1]
+        if self.active > n:
+            self.active -= 1
+        elif self.active == n:  # the next term becomes the active slider (the last: the one before it)
+            self.active = min(n, len(self.plan))
+        return term
+
+    def set_term_value(self, n: int, value: float) -> None:
+        """Term `n`'s α, c or τ; its tensors are resolved again, alone, at the next reply."""
+        term = self._term(n)
+        if not math.isfinite(value):
+            raise InputError(f"term {n}: the value must be a finite number, not {value:g}")
+        new = dataclasses.replace(term, value=round(float(value), 6) + 0.0, percentile=None)
+        self._check_term_value(new, self._resolved[n - 1].vector_path)
+        self.plan[n - 1] = new
+        self._stale[n - 1] = True
+
+    def term_range(self, n: int) -> tuple[float | None, float]:
+        """(max, step) of term `n`'s slider; max None: its value is not bounded."""
+        return self._term_range(self._term(n), self._resolved[n - 1].vector_path)
+
+    def describe_term(self, n: int) -> str:
+        """`2 evil cap@10-12 τ +4` for the toolbar and messages."""
+        term = self._term(n)
+        where = f"{term.op}@{format_ranges(list(term.layers))}"
+        return f"{n} {self._resolved[n - 1].label} {where} {VALUE_NAMES[term.op]} {term.value:+g}"
+
+    def resolved_plan(self) -> ResolvedPlan:
+        """The plan as the engines apply it (terms whose value changed are resolved again here)."""
+        for i, stale in enumerate(self._stale):
+            if stale:
+                self._resolved[i] = self._resolve_term(self.plan[i], self.norm)
+                self._stale[i] = False
+        return ResolvedPlan(list(self._resolved), self.norm)
+
+    def steering(self, alpha: float | None = None) -> Steering | None:
+        """What a reply runs with: α·v at the vector's layers (when α ≠ 0), then the plan's terms in order."""
+        alpha = self.alpha if alpha is None else alpha
+        plan = self.resolved_plan().by_layer() if self.plan else None
+        if alpha == 0 and not plan:
+            return None
+        return Steering(dict(self.directions) if alpha != 0 else {}, alpha, self.positions, plan)
+
+    # the sliders: 0 is the vector's α, n ≥ 1 plan term n; the keys move the active one
+
+    def sliders(self) -> list[int]:
+        return ([0] if self.vector is not None else []) + list(range(1, len(self.plan) + 1))
+
+    def switch(self, step: int = 1) -> int:
+        """Make the next (or previous) slider the active one."""
+        sliders = self.sliders()
+        if sliders:
+            i = sliders.index(self.active) if self.active in sliders else 0
+            self.active = sliders[(i + step) % len(sliders)]
+        return self.active
+
+    def select(self, n: int) -> None:
+        if n != 0 or self.vector is None:
+            self._term(n)
+        self.active = n
+
+    def nudge(self, direction: int) -> None:
+        """Move the active slider one step up (+1) or down (−1), stopping at the ends of its range."""
+        if self.active == 0:
+            self.nudge_alpha(direction * self.alpha_step)
+            return
+        top, step = self.term_range(self.active)
+        value = _stepped(self._term(self.active).value or 0.0, direction * step)
+        self.set_term_value(self.active, value if top is None else max(-top, min(top, value)))
+
+    def zero(self) -> None:
+        """Set the active slider to 0 (Alt-0)."""
+        if self.active == 0:
+            self.set_alpha(0.0)
+        else:
+            self.set_term_value(self.active, 0.0)
+
+    def _term(self, n: int) -> PlanTerm:
+        if not 1 <= n <= len(self.plan):
+            have = f"terms 1-{len(self.plan)}" if self.plan else "no plan terms"
+            raise InputError(f"no plan term {n} (the plan has {have})", hint="/steer lists them; /steer SPEC adds one")
+        return self.plan[n - 1]
+
+    def _engine(self) -> Any:
+        return getattr(self.backend, "engine", self.backend)
+
+    def _resolve_term(self, term: PlanTerm, norm: str) -> ResolvedTerm:
+        try:
+            plan = resolve_plan(
+                [term],
+                workspace=self.workspace,
+                lm=self.lm,
+                position=self.position,
+                aggregator=self.aggregator,
+                norm=norm,
+            )
+            check_plan_ops(self._engine(), plan.ops)
+        except PersonactlError as exc:
+            raise _naming(exc, term.spec()) from None
+        return plan.terms[0]
+
+    def _resolve_all(self, norm: str) -> list[ResolvedTerm]:
+        return [self._resolve_term(term, norm) for term in self.plan]
+
+    def _check_term_value(self, term: PlanTerm, path: str) -> None:
+        """An `add` term's α stays within its slider's range, as the vector's α does."""
+        top = self._term_range(term, path)[0] if term.op == "add" else None
+        if top is not None:
+            try:
+                check_alpha(term.value or 0.0, top, self.norm if self.fixed_max_alpha is None else None)
+            except InputError as exc:
+                raise _naming(exc, term.spec()) from None
+
+    def _term_range(self, term: PlanTerm, path: str) -> tuple[float | None, float]:
+        """add: the α slider's rule (unit: half the term's stream norm); ablate and cap: unbounded,
+        a 24th of the stream norm a step (stream mode: 0.05 of it); mean-ablate: 0.25 of the mean."""
+        if term.op == "add" and (self.fixed_max_alpha is not None or self.norm in SLIDER_RANGES):
+            return self.slider_range()
+        if term.op == "mean-ablate":
+            return None, 0.25
+        if self.norm == "stream" and term.op != "add":
+            return None, 0.05
+        streams = self._term_streams(path, term.layers)
+        if term.op == "add":
+            top = nice_number(UNIT_STREAM_SHARE * sum(streams) / len(streams), RANGE_ENDS) if streams else None
+            top = top or SLIDER_RANGES["raw"][0]
+            return top, self.fixed_alpha_step or step_for(top)
+        return None, nice_number(sum(streams) / len(streams) / 24) if streams else 0.25
+
+    def _term_streams(self, path: str, layers: Sequence[int]) -> list[float] | None:
+        """The stream norms of a term's vector file at its layers (read once per file)."""
+        if path not in self._streams:
+            stream = PersonaVector.load(Path(path)).tensors.get("stream_norm")
+            self._streams[path] = None if stream is None else [float(x) for x in stream]
+        norms = self._streams[path]
+        if norms is None or max(layers) >= len(norms):
+            return None
+        values = [norms[k] for k in layers]
+        return values if all(math.isfinite(v) and v > 0 for v in values) else None
 
     # ------------------------------------------------------------ generation
 
@@ -569,7 +775,7 @@ class ChatSession:
         if self._active is not None and self._active.running:
             raise InputError("a reply is still being generated", hint="finish or stop it first")
         prompt = self._prompt(self.messages(user))
-        steering = Steering(dict(self.directions), self.alpha, self.positions) if self.alpha != 0 else None
+        steering = self.steering()
         seed = self.seed + len(self.transcript)
         stop = threading.Event()
         tokens = self.backend.stream(prompt, steering, self.sampling, seed, stop)
@@ -609,10 +815,11 @@ class ChatSession:
     def compare(
         self, alphas: Sequence[float] | None = None, stop: threading.Event | None = None
     ) -> list[dict[str, Any]]:
-        """Regenerate the last reply at several α (current layers, positions and norm), one α at a
-        time through the turn's own path; `stop` ends the current row and skips the rest."""
+        """Regenerate the last reply at several α (current layers, positions, norm and plan), one α
+        at a time through the turn's own path; `stop` ends the current row and skips the rest."""
         if not self.history:
             raise InputError("nothing to compare yet", hint="send a message first")
+        self._need_vector("α")
         alphas = [check_alpha(a, self.max_alpha, self.norm) for a in (alphas if alphas else self.compare_alphas())]
         stop = stop or threading.Event()
         last = self.transcript[-1]
@@ -621,7 +828,7 @@ class ChatSession:
         for alpha in alphas:
             if stop.is_set():
                 break
-            steering = Steering(dict(self.directions), alpha, self.positions) if alpha != 0 else None
+            steering = self.steering(alpha)
             tokens = self.backend.stream(prompt, steering, self.sampling, last.seed, stop)
             for _ in tokens:
                 pass
@@ -652,11 +859,11 @@ class ChatSession:
         if not self.transcript:
             raise InputError("nothing to save yet", hint="send a message first")
         if self.saved_to is None:
-            self.saved_to = self.workspace.chat_transcript_path(self.lm.source.slug, self.vector.label)
+            self.saved_to = self.workspace.chat_transcript_path(self.lm.source.slug, self.label)
         document = self.transcript_document()
         atomic_write_text(self.saved_to, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         self.saved_turns = len(self.transcript)
-        trait = self.vector.vector.metadata.get("trait")
+        trait = self.vector.vector.metadata.get("trait") if self.vector is not None else None
         self.workspace.write_manifest(
             self.saved_to,
             "chat",
@@ -667,6 +874,28 @@ class ChatSession:
             counts={"turns": len(self.transcript), "conversations": self.conversation + 1},
         )
         return self.saved_to
+
+
+VALUE_NAMES = {"add": "α", "ablate": "c", "cap": "τ", "mean-ablate": "×mean"}
+
+
+def _stepped(value: float, delta: float) -> float:
+    """`value` moved by `delta`; a value between two multiples of |delta| moves to the next one first."""
+    step = abs(delta)
+    position = value / step
+    if abs(position - round(position)) > 1e-6:
+        return (math.ceil(position) if delta > 0 else math.floor(position)) * step
+    return value + delta
+
+
+def _naming(exc: PersonactlError, spec: str) -> PersonactlError:
+    """`exc` with the plan term it is about in its message (unless it names it already)."""
+    if spec in exc.message:
+        return exc
+    try:
+        return type(exc)(f"--steer {spec}: {exc.message}", hint=exc.hint)
+    except TypeError:  # an error class with its own arguments
+        return InputError(f"--steer {spec}: {exc.message}", hint=exc.hint)
 
 
 def _check_choice(value: str, allowed: Sequence[str], what: str) -> str:

@@ -3,7 +3,9 @@
 The engine is `personactl.chat.session`; this module reads lines and keys and renders. On a
 terminal, prompt_toolkit reads the input line with the α slider in its bottom toolbar (Alt-←/→
 move it, Alt-0 resets it; plain arrows keep moving the cursor; its range and step follow the norm
-mode, and it shows ‖α·v‖ against the layer's stream norm), replies stream as they are generated,
+mode, and it shows ‖α·v‖ against the layer's stream norm); with a steering plan (`--steer`, `/steer`)
+each term has a slider too (Alt-↑/↓ switch the one the keys move; the toolbar lists every term with
+its value), replies stream as they are generated,
 Ctrl-C stops a reply (cut where the screen shows it) and Ctrl-D leaves (asking once when turns are
 not saved). Otherwise each input line is one message and
 each output line one reply (JSON lines with --json). Slash commands work in both.
@@ -39,6 +41,16 @@ if TYPE_CHECKING:
 
     from personactl.chat.session import ChatSession, TurnStream
 
+ChatVector = Annotated[
+    Optional[str],
+    typer.Option(
+        "--vector",
+        "-v",
+        help="Vector file, or a trait name extracted in the workspace for --model: the α slider's vector "
+        "(optional with --steer).",
+        show_default=False,
+    ),
+]
 Alpha = Annotated[float, typer.Option("--alpha", "-a", help="Starting α (the steering strength).")]
 MaxAlpha = Annotated[
     Optional[float],
@@ -78,7 +90,8 @@ JsonLines = Annotated[
 
 @guarded
 def chat(
-    vector: o.VectorSpec,
+    vector: ChatVector = None,
+    plan: o.SteerPlan = None,
     layers: o.MiddleLayer = None,
     alpha: Alpha = 1.0,
     max_alpha: MaxAlpha = None,
@@ -108,17 +121,16 @@ def chat(
     readout: Readout = None,
     json: JsonLines = False,
 ) -> None:
-    """Chat with the steered model: an α slider in the terminal, or one reply per input line."""
+    """Chat with the steered model: sliders for α and each --steer term in the terminal, or one reply per input line."""
     from personactl.backends import Sampling
     from personactl.chat.readout import LiveReadout, require_hf
     from personactl.chat.session import ChatSession
-    from personactl.core.ranges import parse_ranges
     from personactl.settings import masked_dump
     from personactl.steps.steer import default_layer
 
     positions = o.steer_positions(steer_positions, old_positions)
     check_slider(alpha, max_alpha, alpha_step, norm.value)
-    layer_list = parse_ranges(layers) if layers else None
+    terms, layer_list = check_steering(vector, plan, readout, layers)
     settings = settings_from(
         config,
         workspace=workspace,
@@ -153,10 +165,27 @@ def chat(
         system=system,
         settings_record=masked_dump(settings),
         readout=LiveReadout.open(readout, lm) if readout else None,
+        plan=terms,
     )
-    if session.vector.warning:
-        log(f"warning: {session.vector.warning}")
     run_front_end(session, json)
+
+
+def check_steering(
+    vector: str | None, plan: list[str] | None, readout: str | None, layers: str | None
+) -> tuple[list[Any], list[int] | None]:
+    """Something to steer with, every --steer term well-formed (`PlanTerm`s) and the layers parsed,
+    before the model loads."""
+    from personactl.core.ranges import parse_ranges
+    from personactl.core.steer_plan import parse_term
+    from personactl.errors import InputError
+
+    if vector is None and not plan:
+        raise InputError("nothing to steer with", hint="pass --vector NAME (the α slider) and/or --steer SPEC (a plan)")
+    if vector is None and readout == "vector":
+        raise InputError(
+            "--readout vector reads the projection on --vector, and none is given", hint="pass --vector NAME"
+        )
+    return [parse_term(spec) for spec in plan or ()], parse_ranges(layers) if layers else None
 
 
 def check_slider(alpha: float, max_alpha: float | None, alpha_step: float | None, norm: str) -> None:
@@ -173,7 +202,11 @@ def check_slider(alpha: float, max_alpha: float | None, alpha_step: float | None
 
 
 def run_front_end(session: ChatSession, json: bool) -> None:
-    """The terminal UI on a terminal, else line mode (exit 2 when a line failed, 130 on Ctrl-C)."""
+    """The terminal UI on a terminal, else line mode (exit 2 when a line failed, 130 on Ctrl-C);
+    first the warnings about the vectors (made for another model of this shape)."""
+    vector_warning = [session.vector.warning] if session.vector is not None and session.vector.warning else []
+    for warning in vector_warning + session.resolved_plan().warnings:
+        log(f"warning: {warning}")
     if sys.stdin.isatty() and sys.stdout.isatty() and not json:
         run_terminal(session)
         return
@@ -267,7 +300,8 @@ def _render_outcome(outcome: Outcome, stderr: bool = False) -> None:
         table = Table("command", "does", box=None, show_header=False)
         for usage, does in HELP:
             table.add_row(escape(usage), escape(does))
-        table.add_row("Alt-←/→, Alt-0", "move the α slider, reset it to 0")
+        table.add_row("Alt-←/→, Alt-0", "move the active slider (α, or a plan term's value), set it to 0")
+        table.add_row("Alt-↑/↓", "switch the active slider (α, then each plan term)")
         table.add_row("Ctrl-C / Ctrl-D", "stop the reply being generated / leave (asks once if turns are unsaved)")
         console.print(table)
     if outcome.rows is not None:
@@ -297,26 +331,57 @@ def format_alpha(alpha: float, step: float) -> str:
 
 
 def toolbar(session: ChatSession, width: int | None = None) -> list[tuple[str, str]]:
-    """The slider, α, ‖α·v‖, the settings and the keys; on a terminal narrower than all of it the
-    keys go first, then the settings (the slider, α and its push always show)."""
+    """The active slider (α and ‖α·v‖, or a plan term's value), every plan term with its value, the
+    settings and the keys; on a terminal narrower than all of it the keys go first, then the
+    settings, then the terms from the last (the active slider always shows)."""
     from personactl.core.ranges import format_ranges
 
-    top, step = session.slider_range()
-    parts = [
-        ("class:ends", f" −{top:g} "),
-        ("class:bar", slider(session.alpha, top)),
-        ("class:ends", f" +{top:g} "),
-        ("class:alpha", f" α {format_alpha(session.alpha, step)} "),
-        ("class:push", f" {session.describe_push()} "),
-        (
-            "",
-            f" L{format_ranges(session.layers)} · {session.positions} · {session.norm} · {session.vector.label} ",
-        ),
-        ("class:keys", f" Alt-←/→ ±{step:g} "),
+    head = _active_slider(session)
+    step = session.alpha_step if session.active == 0 else session.term_range(session.active)[1]
+    terms = [
+        ("class:alpha" if session.active == n else "class:term", f" {session.describe_term(n)} ")
+        for n in range(1, len(session.plan) + 1)
     ]
-    while width is not None and len(parts) > 5 and sum(len(text) for _, text in parts) > width:
+    vector = session.vector.label if session.vector is not None else "no vector"
+    switch = " Alt-↑/↓ slider" if len(session.sliders()) > 1 else ""
+    parts = [
+        *head,
+        *terms,
+        ("", f" L{format_ranges(session.layers)} · {session.positions} · {session.norm} · {vector} "),
+        ("class:keys", f" Alt-←/→ ±{step:g}{switch} "),
+    ]
+    while width is not None and len(parts) > len(head) and sum(len(text) for _, text in parts) > width:
         parts.pop()
     return parts
+
+
+def _active_slider(session: ChatSession) -> list[tuple[str, str]]:
+    """The bar from −max to +max with the active slider's value (a plan term without a range: its value)."""
+    from personactl.chat.session import VALUE_NAMES
+
+    if session.active == 0:
+        if session.vector is None:
+            return [("class:alpha", " no vector: /vector V steers with one, /steer SPEC adds a term ")]
+        top, step = session.slider_range()
+        return [
+            ("class:ends", f" −{top:g} "),
+            ("class:bar", slider(session.alpha, top)),
+            ("class:ends", f" +{top:g} "),
+            ("class:alpha", f" α {format_alpha(session.alpha, step)} "),
+            ("class:push", f" {session.describe_push()} "),
+        ]
+    n = session.active
+    term = session.plan[n - 1]
+    top, step = session.term_range(n)
+    value = f" term {n}: {VALUE_NAMES[term.op]} {format_alpha(term.value or 0.0, step)} "
+    if top is None:
+        return [("class:alpha", value)]
+    return [
+        ("class:ends", f" −{top:g} "),
+        ("class:bar", slider(max(-top, min(top, term.value or 0.0)), top)),
+        ("class:ends", f" +{top:g} "),
+        ("class:alpha", value),
+    ]
 
 
 STYLE = {
@@ -325,6 +390,7 @@ STYLE = {
     "bottom-toolbar.alpha": "bold #ffd75f",
     "bottom-toolbar.push": "#d7af5f",
     "bottom-toolbar.keys": "#808080",
+    "bottom-toolbar.term": "#87afd7",
     "you": "bold #5fd75f",
 }
 
@@ -338,10 +404,19 @@ def run_terminal(session: ChatSession) -> None:
 
     from personactl.errors import PersonactlError
 
+    def key(action: Callable[[], Any]) -> Callable[[Any], None]:
+        def handler(event: Any) -> None:
+            with contextlib.suppress(PersonactlError):  # e.g. α keys with no vector: nothing moves
+                action()
+
+        return handler
+
     keys = KeyBindings()
-    keys.add("escape", "right")(lambda event: session.nudge_alpha(session.alpha_step))  # Alt-→ (or Esc then →)
-    keys.add("escape", "left")(lambda event: session.nudge_alpha(-session.alpha_step))
-    keys.add("escape", "0")(lambda event: session.set_alpha(0.0))
+    keys.add("escape", "right")(key(lambda: session.nudge(+1)))  # Alt-→ (or Esc then →): the active slider
+    keys.add("escape", "left")(key(lambda: session.nudge(-1)))
+    keys.add("escape", "0")(key(session.zero))
+    keys.add("escape", "down")(key(lambda: session.switch(+1)))  # Alt-↓/↑: the next / previous slider
+    keys.add("escape", "up")(key(lambda: session.switch(-1)))
     prompt = PromptSession(
         history=InMemoryHistory(),
         key_bindings=keys,
@@ -349,8 +424,10 @@ def run_terminal(session: ChatSession) -> None:
         style=Style.from_dict(STYLE),
     )
     console = stdout_console()
+    plan = f" and a plan of {len(session.plan)} term{'s' if len(session.plan) != 1 else ''}" if session.plan else ""
+    vector = escape(session.vector.label) if session.vector is not None else "no vector"
     console.print(
-        f"[bold]chatting with {escape(session.lm.source.spec)}[/], steering with {escape(session.vector.label)}"
+        f"[bold]chatting with {escape(session.lm.source.spec)}[/], steering with {vector}{plan}"
         " · /help for commands · Ctrl-C stops a reply · Ctrl-D leaves",
     )
     warned = False  # the last Ctrl-D (or /quit) already said that turns are unsaved
@@ -456,7 +533,11 @@ def _stream_reply(console: Console, stream: TurnStream) -> None:
         "interrupted": " · stopped by Ctrl-C (kept as shown, marked interrupted)",
     }[turn.finish_reason]
     sys.stdout.write("\n")
-    console.print(f"[dim]α {turn.steering['alpha']:+.2f} · {turn.n_tokens} tokens · {turn.seconds:.1f} s{note}[/]")
+    terms = len(turn.steering.get("plan") or ())
+    plan = f" · plan of {terms} term{'s' if terms != 1 else ''}" if terms else ""
+    console.print(
+        f"[dim]α {turn.steering['alpha']:+.2f}{plan} · {turn.n_tokens} tokens · {turn.seconds:.1f} s{note}[/]"
+    )
     if turn.readout is not None:
         console.print(_readout_text(turn.readout), style="dim #d7af5f")
 
