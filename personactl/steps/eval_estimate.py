@@ -69,8 +69,9 @@ def describe_estimate(estimate: dict[str, Any], judge: str) -> str:
     """One paragraph for a person."""
     bound = "at most " if estimate["upper_bound"] else ""
     text = (
-        f"would generate {bound}{estimate['generations']} responses ({estimate['questions']} questions, layers "
-        f"{','.join(map(str, estimate['layers']))}) and make {bound}{estimate['judgements']} judgements with "
+        f"would generate {bound}{estimate['generations']} responses ({estimate['questions']} questions, "
+        f"{'layers ' + ','.join(map(str, estimate['layers'])) if estimate['layers'] else 'the steering plan alone'}) "
+        f"and make {bound}{estimate['judgements']} judgements with "
         f"{judge}; up to {estimate['max_new_tokens_total']} new tokens"
     )
     seconds = estimate["estimated_generation_seconds"]
