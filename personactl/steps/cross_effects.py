@@ -32,12 +32,12 @@ from personactl.steps.evaluate import (
     EvalSpec,
     Tag,
     Variant,
-    _judging,
     baseline_rows,
     file_sha256,
     generate_rows,
     grid_runner,
     judge_rows,
+    judging,
     make_plan,
 )
 from personactl.steps.skeleton import StepArtifact
@@ -173,7 +173,7 @@ def cross_effects_step(
     lm = load()
     directions = _directions(workspace, lm, rows)
     records: list[dict[str, Any]] = []
-    with _judging(settings, workspace, load_judge) as judge:
+    with judging(settings, workspace, load_judge) as judge:
         on_judge(judge)
         for trait in traits:
             records += _column(

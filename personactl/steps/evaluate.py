@@ -538,13 +538,12 @@ def eval_fingerprint(
 def plan_fingerprint(workspace: Workspace, model_slug: str, specs: Sequence[str]) -> list[dict[str, str]]:
     """Each `--steer` term as written back and its vector file's hash, found before any model loads
     (a bad term fails here, before the model loads)."""
-    from personactl.core.steer_plan import parse_term
-    from personactl.steps.plan import _persona
+    from personactl.core.steer_plan import parse_term, split_persona
 
     out = []
     for spec in specs:
         term = parse_term(spec)
-        name, persona = _persona(term.vector)
+        name, persona = split_persona(term.vector)
         path = workspace.find_vector(name, model_slug, persona)
         out.append({"spec": term.spec(), "vector_sha256": file_sha256(path)})
     return out
@@ -695,7 +694,7 @@ def _steering_directions(
 
 
 @contextmanager
-def _judging(
+def judging(
     settings: Settings, workspace: Workspace, load_judge: Callable[[str], Any] | None
 ) -> Iterator[RemoteJudge | LocalJudge]:
     """The judge `settings` name, over the workspace's judge cache (closed when done)."""
@@ -729,7 +728,7 @@ def _generate_judge_measure(
     plan: its terms are not part of what the KL measure steers with, so those cells get none).
     Returns the samples, the judge and the timings (seconds in all, and of the kl_neutral phase)."""
     start = time.perf_counter()
-    with _judging(settings, workspace, load_judge) as judge:
+    with judging(settings, workspace, load_judge) as judge:
         on_judge(judge)
         samples = run_eval(
             runner=grid_runner(settings, lm),

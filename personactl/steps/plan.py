@@ -133,6 +133,3 @@ def _term_at(
 def describe_layers(plan: ResolvedPlan) -> str:
     """`evil ablate @ 10-12, kind add @ 8` for messages and toolbars."""
     return ", ".join(f"{r.label} {r.term.op} @ {format_ranges(list(r.term.layers))}" for r in plan.terms)
-
-
-_persona = split_persona  # the name `steps.evaluate` imports until it moves to `split_persona`
