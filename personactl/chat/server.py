@@ -1,11 +1,13 @@
 """An OpenAI-compatible HTTP server for a steered model: `/v1/chat/completions` and `/v1/models`.
 
 Each request becomes a one-turn `ChatSession` carrying that request's steering (persona, α, layers,
-positions, norm; the command line gives the defaults), so validation, chat templating, streaming
-and finish reasons are exactly the chat's. Requests that arrive together are generated together
-when the engine can mix rows (`chat.batching.BatchingChat`: each row its own steering, sampling
-and seed; in float32 a reply equals the same request alone); an engine that cannot mix rows runs
-them one at a time (`Engine.max_stream_batch`).
+positions, norm, and a steering plan: `steer`, a list of `--steer` specs; the command line gives
+the defaults), so validation, chat templating, streaming and finish reasons are exactly the chat's.
+Plan terms are resolved once per (spec, norm, position, aggregator) and vector-file version.
+Requests that arrive together are generated together when the engine can mix rows
+(`chat.batching.BatchingChat`: each row its own steering, plan, sampling and seed; in float32 a
+reply equals the same request alone); an engine that cannot mix rows runs them one at a time
+(`Engine.max_stream_batch`).
 
 The transport is FastAPI on uvicorn; request bodies are checked against `ChatRequest` (unknown keys
 refused by name); streamed replies are server-sent events.
@@ -23,7 +25,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,11 +38,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from personactl.backends import Sampling, engine_for
+from personactl.backends import Sampling, check_plan_ops, engine_for
 from personactl.chat.batching import BatchingChat, QueueFull
 from personactl.chat.session import ChatSession, TurnStream
 from personactl.core.ranges import parse_ranges
-from personactl.errors import InputError, PersonactlError
+from personactl.core.steer_plan import parse_term
+from personactl.errors import InputError, ModelError, PersonactlError, VectorFileError
+from personactl.steps.plan import ResolvedTerm, resolve_plan
 from personactl.store.vectors import LoadedVector, load_for_model
 
 if TYPE_CHECKING:
@@ -47,6 +52,9 @@ if TYPE_CHECKING:
     from personactl.store.workspace import Workspace
 
 MAX_BODY = 8 << 20
+MAX_TERMS = 256  # resolved plan terms kept (the least recently used dropped first)
+# errors a reply's generation may raise about what the request asked (after it was queued): 400, not 500
+REQUEST_ERRORS = (InputError, ModelError, VectorFileError)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -92,7 +100,7 @@ class APIError(Exception):
 class ServeDefaults:
     """Steering and sampling for requests that do not say otherwise (the command line's values)."""
 
-    vector: str
+    vector: str | None  # None: no default persona (requests steer by their plan, or name one)
     layers: list[int]
     alpha: float = 1.0
     max_alpha: float = 3.0
@@ -104,6 +112,7 @@ class ServeDefaults:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    plan: tuple[str, ...] = ()  # `--steer` specs: the plan of requests that send no `steer`
 
 
 @dataclass
@@ -155,6 +164,7 @@ class ChatRequest(BaseModel):
     norm: Any = None
     position: Any = None
     aggregator: Any = None
+    steer: Any = None  # a steering plan: a list of `--steer` specs ([] = none)
 
 
 def check_keys(body: Mapping[str, Any]) -> None:
@@ -195,11 +205,19 @@ class SteeredEngine:
         self.created = int(time.time())
         self.backend = BatchingChat(engine_for(lm), max_batch=max_batch, max_queue=max_queue)
         self._vectors: dict[tuple[Path, int, int], LoadedVector] = {}
+        # (spec, norm, position, aggregator) → the resolved term and its vector file's version
+        self._terms: OrderedDict[tuple[str, str, str, str], tuple[ResolvedTerm, Any]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._running: set[TurnStream] = set()
-        self._trusted = {self.workspace.find_vector(defaults.vector, lm.source.slug).resolve()}
+        self._trusted: set[Path] = set()  # files named at start-up: read even when outside the workspace
+        if defaults.vector:
+            self._trusted.add(self.workspace.find_vector(defaults.vector, lm.source.slug).resolve())
         self.warnings: list[str] = []
-        self.default_session = self._session({})  # the defaults are checked at start-up, not per request
+        try:  # the defaults are checked at start-up, not per request
+            self._trusted |= {Path(t.vector_path).resolve() for t in self._resolve_plan(defaults.plan, defaults.norm)}
+            self.default_session = self._session({})
+        except APIError as exc:
+            raise InputError(exc.message, hint=exc.hint) from None
 
     # ---------------------------------------------------------------- request → session
 
@@ -220,17 +238,81 @@ class SteeredEngine:
                 self._vectors[key] = loaded
             return self._vectors[key]
 
-    def _check_allowed(self, path: Path, spec: str) -> None:
+    def _check_allowed(self, path: Path, spec: str, what: str = "persona") -> None:
         """An exposed server reads only workspace files and the files given at start-up."""
         if not path.is_relative_to(Path(self.workspace.root).resolve()) and path not in self._trusted:
             raise InputError(
-                f"persona {spec!r}: this server does not read vector files outside its workspace",
-                hint="name a trait extracted in the workspace, or a file given with --vector at start-up",
+                f"{what} {spec!r}: this server does not read vector files outside its workspace",
+                hint="name a trait extracted in the workspace, or a file given with --vector or --steer at start-up",
             )
+
+    def plan(self, specs: Any, norm: str, position: str, aggregator: str) -> list[ResolvedTerm]:
+        """A request's `steer` list resolved against the workspace (the same rules as `persona`); each
+        term once per spec, units and vector-file version; a bad term is a 400 naming it."""
+        if not isinstance(specs, list) or not all(isinstance(spec, str) for spec in specs):
+            raise APIError(
+                400, 'steer must be a list of strings like "evil:12:-4" or "evil:10-14:0:ablate"', param="steer"
+            )
+        return [self._cached_term(i, spec, norm, position, aggregator) for i, spec in enumerate(specs)]
+
+    def _cached_term(self, i: int, spec: str, norm: str, position: str, aggregator: str) -> ResolvedTerm:
+        key = (spec, norm, position, aggregator)
+        with self._cache_lock:
+            cached = self._terms.get(key)
+        if cached is not None and cached[1] == _version(cached[0]):
+            with self._cache_lock:
+                if key in self._terms:
+                    self._terms.move_to_end(key)
+            return cached[0]
+        resolved = self._resolve_term(i, spec, norm, position, aggregator, requested=True)
+        with self._cache_lock:
+            self._terms[key] = (resolved, _version(resolved))
+            while len(self._terms) > MAX_TERMS:
+                self._terms.popitem(last=False)
+        return resolved
+
+    def _resolve_plan(
+        self,
+        specs: Sequence[str],
+        norm: str,
+        position: str | None = None,
+        aggregator: str | None = None,
+        requested: bool = False,
+    ) -> list[ResolvedTerm]:
+        """`requested`: a request's plan (the allow-list applies; errors name `steer[i]`), else
+        the command line's (its files are trusted, as --vector's)."""
+        d = self.defaults
+        position, aggregator = position or d.position, aggregator or d.aggregator
+        return [self._resolve_term(i, spec, norm, position, aggregator, requested) for i, spec in enumerate(specs)]
+
+    def _resolve_term(
+        self, i: int, spec: str, norm: str, position: str, aggregator: str, requested: bool
+    ) -> ResolvedTerm:
+        exposed = self.exposed and requested
+        try:
+            term = parse_term(spec)
+            if exposed:  # before touching the file system, as for `persona`
+                for name in {term.vector, term.vector.rpartition(":")[0]} - {""}:
+                    if "/" in name or "\\" in name or name.endswith(".safetensors") or Path(name).is_file():
+                        self._check_allowed(Path(name).resolve(), spec, "steer term")
+            plan = resolve_plan(
+                [term], workspace=self.workspace, lm=self.lm, position=position, aggregator=aggregator, norm=norm
+            )
+            check_plan_ops(self.backend.engine, plan.ops)
+            resolved = plan.terms[0]
+            if exposed:
+                self._check_allowed(Path(resolved.vector_path).resolve(), spec, "steer term")
+        except PersonactlError as exc:
+            where = f"steer[{i}] {spec!r}" if requested else f"--steer {spec}"
+            raise APIError(400, f"{where}: {exc.message}", param="steer", hint=exc.hint) from None
+        if resolved.warning and resolved.warning not in self.warnings:
+            self.warnings.append(resolved.warning)
+        return resolved
 
     def _session(self, body: Mapping[str, Any]) -> ChatSession:
         d = self.defaults
         persona = _get(body, "persona", str, d.vector)
+        steer = body.get("steer")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = d.max_tokens if max_tokens is None else max_tokens
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -239,10 +321,10 @@ class SteeredEngine:
         top_p = _get(body, "top_p", (int, float), d.top_p)
         if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
             raise APIError(400, "temperature must be in 0..2 and top_p in (0, 1]", param="temperature")
-        return ChatSession(
+        session = ChatSession(
             self.lm,
             self.workspace,
-            self.vector(persona),
+            self.vector(persona) if persona else None,
             layers=_layers(body.get("layers"), d.layers),
             alpha=_get(body, "alpha", (int, float), d.alpha),
             max_alpha=d.max_alpha,
@@ -254,6 +336,18 @@ class SteeredEngine:
             seed=_seed(body, d.seed),
             backend=self.backend,
         )
+        if session.vector is None and body.get("alpha") not in (None, 0):
+            raise APIError(
+                400,
+                "alpha scales the persona's vector, and this server has no default persona",
+                param="alpha",
+                hint="send persona too",
+            )
+        specs = list(d.plan) if steer is None else steer
+        if specs:  # resolved in the session's (checked) units; add terms within ±max_alpha as α is
+            for term in self.plan(specs, session.norm, session.position, session.aggregator):
+                session.add_term(term)
+        return session
 
     def start(self, body: Any) -> Completion:
         """Validate a chat-completion request and start generating its reply (400/404 on bad input)."""
@@ -299,10 +393,14 @@ class SteeredEngine:
     # ---------------------------------------------------------------- replies in OpenAI's shapes
 
     def complete(self, completion: Completion) -> dict[str, Any]:
-        """Wait for the whole reply: a `chat.completion` object."""
-        with self._finishing(completion) as stream:
-            for _ in stream:
-                pass
+        """Wait for the whole reply: a `chat.completion` object (a request error the engine raises
+        after the request was queued is a 400, as before)."""
+        try:
+            with self._finishing(completion) as stream:
+                for _ in stream:
+                    pass
+        except REQUEST_ERRORS as exc:
+            raise APIError(400, exc.message, hint=exc.hint) from None
         turn = stream.turn
         return {
             **self._head(completion, "chat.completion"),
@@ -365,10 +463,18 @@ class SteeredEngine:
     @staticmethod
     def describe_steering(session: ChatSession) -> dict[str, Any]:
         """What a reply ran with (no file paths: they are the server's business)."""
-        warning = {"warning": session.vector.warning} if session.vector.warning else {}
+        vector = session.vector
+        warnings = [vector.warning] if vector is not None and vector.warning else []
+        plan = session.resolved_plan()
+        warnings += [w for w in plan.warnings if w not in warnings]
+        warning = {"warning": "; ".join(warnings)} if warnings else {}
         return {
             **warning,
-            "persona": session.vector.label,
+            "persona": vector.label if vector is not None else None,
+            "plan": session.plan_specs(),  # `--steer` specs, applied in order after α·v
+            "plan_applied": [  # per term: the value applied at each layer (α, or c / τ in stream units)
+                {"trait": t.label, "applied": {str(k): v for k, v in t.raw_values.items()}} for t in plan.terms
+            ],
             "alpha": session.alpha,
             "layers": list(session.layers),
             "positions": session.positions,
@@ -457,6 +563,15 @@ def _messages(raw: Any) -> list[dict[str, str]]:
     if out[-1]["role"] != "user":
         raise APIError(400, "the last message must be the user's", param="messages")
     return out
+
+
+def _version(term: ResolvedTerm) -> Any:
+    """A term's vector file version (None once it is gone): a cached term is stale when it changes."""
+    try:
+        stat = Path(term.vector_path).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def _finish_reason(reason: str) -> str:
@@ -554,7 +669,10 @@ async def _events(engine: SteeredEngine, completion: Completion, log: Callable[[
         while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
             yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
         finished = True
-    except Exception as exc:  # headers are gone: report in the stream, then end it
+    except REQUEST_ERRORS as exc:  # headers are gone: report in the stream, then end it
+        error = APIError(400, exc.message, hint=exc.hint).body()
+        yield b"data: " + json.dumps(error).encode() + b"\n\n"
+    except Exception as exc:
         log("".join(traceback.format_exception(exc)))
         error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}").body()
         yield b"data: " + json.dumps(error).encode() + b"\n\n"
@@ -574,9 +692,11 @@ def request_line(completion: Completion) -> str:
     seconds = time.perf_counter() - completion.started
     generating = max(seconds - waited, 1e-9)
     tokens = turn.n_tokens if turn else 0
+    persona = session.vector.label if session.vector is not None else "-"
+    plan = f" plan={len(session.plan)} terms" if session.plan else ""
     return (
-        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {completion.id} persona={session.vector.label} "
-        f"α={session.alpha:g} layers={session.layers} {turn.n_prompt_tokens if turn else 0}+{tokens} tokens "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {completion.id} persona={persona} "
+        f"α={session.alpha:g} layers={session.layers}{plan} {turn.n_prompt_tokens if turn else 0}+{tokens} tokens "
         f"queued {waited:.2f}s, {seconds:.2f}s in all, {tokens / generating:.1f} tokens/s"
     )
 

@@ -19,9 +19,21 @@ API_KEY_ENV = "PERSONACTL_SERVE_API_KEY"
 
 
 DefaultVector = Annotated[
-    str,
+    Optional[str],
     typer.Option(
-        "--vector", "-v", help="Default persona: a vector file, or a trait extracted in the workspace for --model."
+        "--vector",
+        "-v",
+        help="Default persona: a vector file, or a trait extracted in the workspace for --model (optional with --steer).",
+        show_default=False,
+    ),
+]
+DefaultPlan = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--steer",
+        help="A term of the default steering plan (requests without `steer` follow it), repeatable, applied in order "
+        "after α·v: VECTOR[@position[/aggregator]]:LAYERS:VALUE[:OP], OP add, ablate, cap or mean-ablate.",
+        show_default=False,
     ),
 ]
 DefaultAlpha = Annotated[float, typer.Option("--alpha", "-a", help="Default α for requests that give none.")]
@@ -62,7 +74,8 @@ AnnounceJson = Annotated[
 
 @guarded
 def serve(
-    vector: DefaultVector,
+    vector: DefaultVector = None,
+    plan: DefaultPlan = None,
     layers: o.MiddleLayer = None,
     alpha: DefaultAlpha = 1.0,
     max_alpha: MaxAlpha = 3.0,
@@ -96,14 +109,14 @@ def serve(
     pipeline_parallel_size: o.PipelineParallelSize = None,
     json: AnnounceJson = False,
 ) -> None:
-    """Serve the steered model over an OpenAI-compatible API; each request may pick persona, α and layers."""
+    """Serve the steered model over an OpenAI-compatible API; each request may pick persona, α, layers and plan."""
     from personactl.chat.server import ServeDefaults, SteeredEngine
     from personactl.core.ranges import parse_ranges
     from personactl.steps.steer import default_layer
 
     positions = o.steer_positions(steer_positions, old_positions)
     exposed = check_exposure(host, api_key, insecure)
-    check_alpha_bounds(alpha, max_alpha)
+    check_defaults(vector, plan, alpha, max_alpha)
     layer_list = parse_ranges(layers) if layers else None
     settings = settings_from(
         config,
@@ -133,6 +146,7 @@ def serve(
         temperature=temperature,
         top_p=settings.top_p,
         seed=settings.seed,
+        plan=tuple(plan or ()),
     )
     limits = {"max_batch": max_batch, "max_queue": max_queue}
     engine = SteeredEngine(lm, ws, defaults, model_id=served_model_name, exposed=exposed, **limits)
@@ -153,6 +167,18 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> bool:
             hint=f"pass --api-key (or set {API_KEY_ENV}), or --insecure if the network is trusted",
         )
     return exposed
+
+
+def check_defaults(vector: str | None, plan: list[str] | None, alpha: float, max_alpha: float) -> None:
+    """A default persona or plan, every --steer term well-formed and α within bounds, before the model loads."""
+    from personactl.core.steer_plan import parse_term
+    from personactl.errors import InputError
+
+    if vector is None and not plan:
+        raise InputError("nothing to steer with", hint="pass --vector NAME (the default persona) and/or --steer SPEC")
+    for spec in plan or ():
+        parse_term(spec)
+    check_alpha_bounds(alpha, max_alpha)
 
 
 def check_alpha_bounds(alpha: float, max_alpha: float) -> None:
@@ -189,9 +215,10 @@ def run(server: SteeredHTTPServer, json: bool) -> None:
         sys.stdout.write(jsonlib.dumps(document) + "\n")
         sys.stdout.flush()
     auth = "API key required" if server.api_key else "no API key"
+    plan = f", plan {' '.join(card['plan'])}" if card["plan"] else ""
     log(
-        f"serving {engine.model_id} at {server.url} ({auth}); default persona {card['persona']}, "
-        f"α={card['alpha']:g} (max ±{card['max_alpha']:g}), layers {card['layers']}; requests generated in "
+        f"serving {engine.model_id} at {server.url} ({auth}); default persona {card['persona'] or 'none'}, "
+        f"α={card['alpha']:g} (max ±{card['max_alpha']:g}), layers {card['layers']}{plan}; requests generated in "
         f"batches of up to {engine.backend.max_batch} ({engine.backend.max_queue} may wait); Ctrl-C stops"
     )
     try:
