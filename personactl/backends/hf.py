@@ -165,7 +165,13 @@ class HFBackend:
         device = input_device(self.model)
         ids = torch.tensor([list(prompt)], device=device)
         steerer = (
-            Steerer(self.model, steering.directions, coefficient=steering.alpha, positions=steering.positions)
+            Steerer(
+                self.model,
+                steering.directions,
+                coefficient=steering.alpha,
+                positions=steering.positions,
+                plan=steering.plan,
+            )
             if steering is not None
             else contextlib.nullcontext()
         )

@@ -167,15 +167,7 @@ class EngineChat:
     ) -> None:
         try:
             with self.lock:
-                if steering is not None and steering.plan:
-                    # a plan goes through the engine's mixed-batch path (one row), which applies
-                    # `Steering.plan` per row; its one-reply `stream` adds α·v only
-                    from personactl.backends.hf_rows import RowRequest
-
-                    row = RowRequest(prompt, sampling, seed, tokens.push, stop, steering)
-                    generated = self.engine.stream_batch([row])[0]
-                else:
-                    generated = self.engine.stream(prompt, sampling, seed, tokens.push, stop, steering)
+                generated = self.engine.stream(prompt, sampling, seed, tokens.push, stop, steering)
             tokens.finish(generated)
         except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
             tokens.fail(exc)
