@@ -73,6 +73,8 @@ def test_choice_options_offer_the_library_lists():
     assert values(o.DtypeChoice) == choices.DTYPES == setting("dtype")
     assert values(o.BackendChoice) == choices.BACKENDS == setting("backend")
     assert values(o.IndexKindChoice) == choices.INDEX_KINDS
+    executor, _none = setting("distributed_executor_backend")
+    assert values(o.ExecutorChoice) == choices.EXECUTORS == get_args(executor)
 
 
 def test_a_bad_choice_is_a_usage_error_naming_the_choices():

@@ -118,6 +118,7 @@ def chat(
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
     pipeline_parallel_size: o.PipelineParallelSize = None,
+    executor: o.DistributedExecutor = None,
     readout: Readout = None,
     json: JsonLines = False,
 ) -> None:
@@ -140,9 +141,8 @@ def chat(
         top_p=top_p,
         seed=seed,
         dtype=dtype,
-        **placement(device, device_map, max_memory, tensor_parallel_size, pipeline_parallel_size),
+        **placement(backend, device, device_map, max_memory, (tensor_parallel_size, pipeline_parallel_size, executor)),
         trust_remote_code=trust_remote_code,
-        backend=backend,
     )
     ws = open_workspace(settings)
     if readout:

@@ -94,15 +94,18 @@ def settings_from(config=None, **cli: Any):
     return settings
 
 
-def placement(device=None, device_map=None, max_memory=None, tensor_parallel_size=None, pipeline_parallel_size=None):
-    """The flags that say where the model runs (devices, accelerate map, vLLM parallelism), as
-    `settings_from` keywords."""
+def placement(backend=None, device=None, device_map=None, max_memory=None, parallel=(None, None, None)):
+    """The flags that say how and where the model runs (engine, devices, accelerate map, and vLLM's
+    tensor and pipeline parallel sizes and executor), as `settings_from` keywords."""
+    tensor, pipeline, executor = parallel
     return {
+        "backend": backend,
         "device": device,
         "device_map": device_map,
         "max_memory": max_memory,
-        "tensor_parallel_size": tensor_parallel_size,
-        "pipeline_parallel_size": pipeline_parallel_size,
+        "tensor_parallel_size": tensor,
+        "pipeline_parallel_size": pipeline,
+        "distributed_executor_backend": executor,
     }
 
 

@@ -56,6 +56,7 @@ def generate(
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
     pipeline_parallel_size: o.PipelineParallelSize = None,
+    executor: o.DistributedExecutor = None,
     persona: o.Persona = o.PersonaChoice.model,
     force: o.Force = False,
     json: o.Json = False,
@@ -76,9 +77,8 @@ def generate(
         seed=seed,
         batch_size=batch_size,
         dtype=dtype,
-        **placement(device, device_map, max_memory, tensor_parallel_size, pipeline_parallel_size),
+        **placement(backend, device, device_map, max_memory, (tensor_parallel_size, pipeline_parallel_size, executor)),
         trust_remote_code=trust_remote_code,
-        backend=backend,
     )
     trait_obj = load_trait(trait)
     ws = open_workspace(settings)

@@ -104,6 +104,15 @@ PipelineParallelSize = Annotated[
         show_default=False,
     ),
 ]
+ExecutorChoice = _choices("ExecutorChoice", choices.EXECUTORS, "settings.Settings.distributed_executor_backend")
+DistributedExecutor = Annotated[
+    Optional[ExecutorChoice],
+    typer.Option(
+        "--distributed-executor-backend",
+        help="vllm backend: how ranks start; ray for ranks on several machines (default: vLLM chooses).",
+        show_default=False,
+    ),
+]
 DeviceMap = Annotated[
     Optional[str],
     typer.Option(

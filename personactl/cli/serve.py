@@ -107,6 +107,7 @@ def serve(
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
     pipeline_parallel_size: o.PipelineParallelSize = None,
+    executor: o.DistributedExecutor = None,
     json: AnnounceJson = False,
 ) -> None:
     """Serve the steered model over an OpenAI-compatible API; each request may pick persona, α, layers and plan."""
@@ -127,9 +128,8 @@ def serve(
         top_p=top_p,
         seed=seed,
         dtype=dtype,
-        **placement(device, device_map, max_memory, tensor_parallel_size, pipeline_parallel_size),
+        **placement(backend, device, device_map, max_memory, (tensor_parallel_size, pipeline_parallel_size, executor)),
         trust_remote_code=trust_remote_code,
-        backend=backend,
     )
     ws = open_workspace(settings)
     lm = load_engine(settings, steering=True, positions=positions)

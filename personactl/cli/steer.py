@@ -96,6 +96,7 @@ def steer(
     backend: o.Backend = None,
     tensor_parallel_size: o.TensorParallelSize = None,
     pipeline_parallel_size: o.PipelineParallelSize = None,
+    executor: o.DistributedExecutor = None,
     json: JsonLines = False,
 ) -> None:
     """Generate with α·v added at each chosen layer; the whole grid runs as batched generation."""
@@ -118,9 +119,8 @@ def steer(
         seed=seed,
         batch_size=batch_size,
         dtype=dtype,
-        **placement(device, device_map, max_memory, tensor_parallel_size, pipeline_parallel_size),
+        **placement(backend, device, device_map, max_memory, (tensor_parallel_size, pipeline_parallel_size, executor)),
         trust_remote_code=trust_remote_code,
-        backend=backend,
     )
     ws = open_workspace(settings)
     condition = check_condition(when, settings.backend) if when else None  # before any engine starts

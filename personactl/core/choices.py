@@ -14,4 +14,5 @@ INDEX_KINDS = ("row", "block")  # how a foreign vector file numbers its layers (
 PERSONAS = ("model", "user")  # whose turn carries the trait
 BACKENDS = ("hf", "vllm")  # generation engines (settings.Settings.backend)
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # settings.Settings.dtype
+EXECUTORS = ("mp", "ray")  # how vLLM starts its ranks (settings.Settings.distributed_executor_backend)
 QUANTILE_POINTS = 101  # percentiles 0..100 saved per row by `extract --quantiles` (store.plan_values)
