@@ -20,7 +20,13 @@ rows equal unsteered ones, two opposite α in one batch each equal their own ref
 in one engine call equals the per-configuration batches. Continuous batching (`serve_rows`, the
 server's loop) is tested on the loop's own order of events, not on timing: a request that arrives
 while another generates runs beside it and each equals its request alone, a bad row fails alone, a
-stopped row frees its table row at once."""
+stopped row frees its table row at once.
+
+Steering plans (issue 22) run on the same compiled engine (its plugin has 2 projection slots per
+layer): each operation (a plan add at a layer group, ablate, cap, mean-ablate as the ablation it
+resolves to, and a three-term plan) against the HF `Steerer` in float32, a mixed batch of plans
+against each alone, `run_grid(plan=)` against its configurations, the slot limit; the plugin's
+arithmetic itself is checked bit for bit on a stand-in layer in test_vllm_plans.py."""
 
 from __future__ import annotations
 
@@ -92,7 +98,7 @@ def hf():
     for alpha in ALPHAS:
         with Steerer(lm.model, vector, layers=[LAYER], coefficient=alpha):
             outputs[alpha] = [g.token_ids for g in backend.generate(prompts, GREEDY, 0)]
-    return {"lm": lm, "vector": vector, "prompts": prompts, "outputs": outputs}
+    return {"lm": lm, "vector": vector, "prompts": prompts, "outputs": outputs, "extraction": result}
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +332,156 @@ def test_bad_steering_requests_are_refused(engine, hf):
     with pytest.raises(InputError, match="one coefficient per layer"):
         with engine.steering({LAYER: hf["vector"]}, {LAYER: torch.ones(3)}):
             pass
+
+
+def mood_plans(hf) -> dict[str, dict]:
+    """Steering plans on SmolLM2's mood vectors (`steering_ops` terms, float32), each one that moves
+    most replies (at layer 15 the prompts' projections on the unit direction lie in about [-36, 8],
+    mean -8; |v| = 28): one per operation, and three terms together."""
+    from personactl.model.steering_ops import AddTerm, ablate_term, cap_term
+
+    result = hf["extraction"]
+    v = result.mean_diff["response_avg"]  # [L+1, H], row l = layer l
+    neg = result.neg_mean["response_avg"]
+
+    def add(layer, alpha):
+        return AddTerm(torch.tensor(alpha, dtype=torch.float32) * v[layer])
+
+    def mean_ablate(layer):  # `mean-ablate` resolves to ablate at the trait-free mean projection
+        return ablate_term(v[layer], float(neg[layer] @ (v[layer] / v[layer].norm())))
+
+    return {
+        "add": {layer: [add(layer, -1.0)] for layer in (12, 13, 14, 15)},
+        "ablate": {LAYER: [ablate_term(v[LAYER], -40.0)]},
+        "cap": {LAYER: [cap_term(v[LAYER], -30.0)]},
+        "mean-ablate": {layer: [mean_ablate(layer)] for layer in (13, 14, 15)},
+        # add at a layer group, then at one layer an ablation along another direction and a cap:
+        # both projection slots of that layer
+        "three terms": {
+            **{layer: [add(layer, -0.75)] for layer in (10, 11, 12)},
+            LAYER: [ablate_term(v[12]), cap_term(v[LAYER], -25.0)],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def plan_outputs(hf):
+    """HF's greedy replies under each of `mood_plans` (the Steerer's plan hooks), float32."""
+    from personactl.backends.hf import HFBackend
+    from personactl.model.steering import Steerer
+
+    lm = hf["lm"]
+    backend = HFBackend(lm.model, lm.tokenizer)
+    plans = mood_plans(hf)
+    outputs = {}
+    for name, plan in plans.items():
+        with Steerer(lm.model, {}, plan=plan):
+            outputs[name] = tokens(backend.generate(hf["prompts"], GREEDY, 0))
+    return {"plans": plans, "outputs": outputs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["add", "ablate", "cap", "mean-ablate", "three terms"])
+def test_each_plan_operation_agrees_with_hf(engine, hf, plan_outputs, name):
+    plan = plan_outputs["plans"][name]
+    with engine.steering({}, 0.0, plan=plan):
+        ours = tokens(engine.generate(hf["prompts"], GREEDY, 0))
+    same, prefix = agreement(ours, plan_outputs["outputs"][name])
+    print(f"\nplan {name!r} vLLM (compiled) vs HF, {DTYPE}: {same:.0%} identical, {prefix:.0%} leading")
+    assert same >= AGREEMENT, (same, prefix)
+    changed, _ = agreement(ours, hf["outputs"][0.0])
+    assert changed <= 0.5, changed  # the plan really moved most replies
+
+
+def plan_row(prompt, plan, alpha=None, vector=None, sampling=GREEDY):
+    """A mixed-batch row following `plan` (and α·v at LAYER when `alpha` is given)."""
+    row = row_request(prompt, alpha, vector, sampling)
+    if plan is not None:
+        directions = {LAYER: vector} if alpha is not None else {}
+        row.steering = Steering(directions, alpha or 0.0, "all", plan=plan)
+    return row
+
+
+@pytest.mark.slow
+def test_a_mixed_batch_of_plans_equals_each_plan_alone(engine, hf, plan_outputs):
+    """One engine run: on each of 3 prompts every plan, α·v alone, α·v with the three-term plan, α = 0
+    and unsteered. Each row equals the same request alone token for token; α = 0 and unsteered rows
+    equal plain unsteered generation; each plan's rows equal their own engine-wide run."""
+    plans, vector, prompts = plan_outputs["plans"], hf["vector"], hf["prompts"][:3]
+    kinds = [(name, None) for name in plans] + [(None, -2.0), ("three terms", 1.0), (None, 0.0), (None, None)]
+    jobs = [(i, kind) for i in range(len(prompts)) for kind in kinds]
+
+    def make(i, kind):
+        name, alpha = kind
+        return plan_row(prompts[i], plans.get(name), alpha, vector, sampling)
+
+    sampling = Sampling(12, 0.0)
+    unsteered = tokens(engine.generate(prompts, sampling, 0))
+    expected = {}
+    for name, plan in plans.items():
+        with engine.steering({}, 0.0, plan=plan):
+            expected[name] = tokens(engine.generate(prompts, sampling, 0))
+    for start in range(0, len(jobs), engine.max_stream_batch):
+        batch = jobs[start : start + engine.max_stream_batch]
+        mixed = engine.stream_batch([make(i, kind) for i, kind in batch])
+        alone = [engine.stream_batch([make(i, kind)])[0] for i, kind in batch]
+        assert mixed == alone
+        for (i, (name, alpha)), got in zip(batch, mixed, strict=True):
+            reply = engine._finish(got).token_ids
+            if name is None and not alpha:
+                assert reply == unsteered[i]
+            elif alpha is None:
+                assert reply == expected[name][i], (name, i)
+    assert sum(expected[name][i] != unsteered[i] for name in plans for i in range(3)) >= 10
+
+
+@pytest.mark.slow
+def test_a_grid_with_a_plan_equals_the_per_configuration_runs(engine, hf, plan_outputs):
+    """`run_grid(..., plan=)`: the baseline unsteered, the plan-alone row and each (layer, α) row
+    followed by the plan, in one engine call, each equal to its configuration run engine-wide."""
+    from personactl.model.steering import plan_grid
+
+    plan, prompts = plan_outputs["plans"]["three terms"], hf["prompts"][:2]
+    sampling = Sampling(max_new_tokens=8, temperature=0.0)
+    directions = {LAYER: hf["vector"]}
+    for layers in ([], [LAYER]):
+        rows = plan_grid(len(prompts), layers, [-2.0, 1.0], planned=True)
+        calls = []
+        grid = list(
+            engine.run_grid(
+                prompts,
+                rows,
+                directions,
+                sampling=sampling,
+                seed=0,
+                plan=plan,
+                on_chunk=lambda n, t, calls=calls: calls.append(n),
+            )
+        )
+        assert calls == [len(rows)]
+        for row, gen in grid:
+            with engine.steering(
+                {row.layer: hf["vector"]} if row.layer else {}, row.coefficient, plan=plan if row.planned else None
+            ):
+                expected = tokens(engine.generate([prompts[row.prompt_index]], sampling, 0))[0]
+            assert gen.token_ids == expected, row
+        assert len({tuple(g.token_ids) for _, g in grid}) == len(rows)
+
+
+@pytest.mark.slow
+def test_a_plan_needing_more_slots_than_the_engine_has_is_refused(engine, hf, plan_outputs):
+    from personactl.backends import check_plan_ops
+    from personactl.model.steering_ops import AddTerm, ablate_term, cap_term
+
+    check_plan_ops(engine, {"add", "ablate", "cap", "mean-ablate"})
+    assert engine.plan_projections == 2
+    v = hf["vector"]
+    too_many = {LAYER: [ablate_term(v), cap_term(v, 0.0), AddTerm(v)]}
+    with pytest.raises(InputError, match=rf"layer {LAYER} needs 5 slots .* has 4 per layer") as info:
+        engine.config_of(Steering({}, 0.0, "all", plan=too_many))
+    assert "at most 2 ablate/cap terms" in info.value.hint
+    with pytest.raises(InputError, match="out of range"):
+        engine.config_of(Steering({}, 0.0, "all", plan={0: [ablate_term(v)]}))
 
 
 @pytest.mark.slow
