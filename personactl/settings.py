@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="vllm backend: how ranks start (ray: across machines); default: vLLM chooses"
     )
+    vllm_plan_projections: int = Field(
+        2, ge=0, le=8, description="vllm backend: ablate/cap slots per layer for steering plans (0: add-only tables)"
+    )
     vllm_eager: bool = Field(
         False, description="vllm backend: skip compilation (starts in about half the time on a CPU; decodes slower)"
     )

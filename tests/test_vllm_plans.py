@@ -215,3 +215,18 @@ def test_the_vllm_backend_refuses_hf_only_placement_settings(isolated_env):
         with pytest.raises(InputError, match=f"--{option.replace('_', '-')} is a setting of the hf backend") as info:
             open_vllm_from(settings, steering=True)
         assert "--tensor-parallel-size" in info.value.hint
+
+
+def test_settings_vllm_refuses_are_one_line_exit_2(isolated_env, tmp_path):
+    """vLLM's own check of the engine's settings (here: SmolLM2's 9 heads over 2 ranks) is a clear
+    error before any worker starts, not an internal one."""
+    from typer.testing import CliRunner
+
+    from personactl.cli.app import app
+
+    pytest.importorskip("vllm")
+    args = ["generate", "--trait", "optimistic", "--backend", "vllm", "--tensor-parallel-size", "2"]
+    result = CliRunner().invoke(app, [*args, "-w", str(tmp_path / "ws"), "--max-new-tokens", "2"])
+    assert result.exit_code == 2, result.output
+    assert "vLLM refused this engine's settings: Total number of attention heads (9)" in result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output

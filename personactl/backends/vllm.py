@@ -124,6 +124,7 @@ class VLLMBackend:
         self.max_model_len: int | None = info.get("max_model_len")
         self.max_stream_batch: int = info.get("max_num_seqs", 1)  # rows `stream_batch` mixes: the engine's batch
         self.notes: list[str] = info.get("notes", [])
+        self.closed = False  # set by `close`: a handle shared between steps must be reopened after it
         self._rows: ConfigRows | None = None  # the engine's table rows, once `enable_steering` found them
         self.plan_projections = 0  # projection slots per layer (ablate/cap terms), found by `enable_steering`
         self._active: SteeringConfig | None = None  # what `generate` adds inside `steering(...)`
@@ -454,6 +455,7 @@ class VLLMBackend:
     # --- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the engine's processes now (otherwise at interpreter exit)."""
+        self.closed = True
         engine = getattr(self.llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)
         if core is not None:
@@ -513,6 +515,7 @@ def open_vllm_from(
         token=settings.hf_token.get_secret_value() if settings.hf_token else None,
         tensor_parallel_size=settings.tensor_parallel_size,
         pipeline_parallel_size=settings.pipeline_parallel_size,
+        plan_projections=settings.vllm_plan_projections,
         steering=steering,
         enforce_eager=settings.vllm_eager,
         seed=settings.seed,
@@ -578,7 +581,10 @@ def open_vllm(
     }
     log(f"starting vLLM for {spec} ({'eager' if enforce_eager else 'compiling the model: minutes on a CPU'})")
     with _v1_model_runner(steering):
-        llm = vllm.LLM(**arguments)
+        try:
+            llm = vllm.LLM(**arguments)
+        except ValueError as exc:  # vLLM's own checks of the engine's settings (pydantic's among them)
+            raise ModelError(f"vLLM refused this engine's settings: {_first_reason(exc)}", hint=START_HINT) from None
     backend = VLLMBackend(
         llm,
         tokenizer,
@@ -597,6 +603,16 @@ def open_vllm(
     if steering:
         _enable_steering_or_close(backend)
     return backend
+
+
+START_HINT = "check --tensor-parallel-size, --pipeline-parallel-size, --distributed-executor-backend and the model"
+
+
+def _first_reason(exc: Exception) -> str:
+    """The line of a vLLM settings error that says what is wrong (pydantic puts it after "Value error,")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = next((line.split("Value error,", 1)[1] for line in lines if "Value error," in line), None)
+    return (reason or (lines[0] if lines else type(exc).__name__)).split(" [type=")[0].strip()[:240]
 
 
 def _config_and_tokenizer(spec: str, location: str, trust_remote_code: bool, hub: dict[str, Any]) -> tuple[Any, Any]:

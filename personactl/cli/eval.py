@@ -333,7 +333,7 @@ def shared_loader(settings: Settings, spec: EvalSpec, loaded: dict[str, Any]):
     """Load the engine once, into `loaded["lm"]`, for every step of this command."""
 
     def load():
-        if "lm" not in loaded:
+        if "lm" not in loaded or getattr(loaded["lm"], "closed", False):  # a vLLM engine closed for kl_neutral
             loaded["lm"] = load_engine(settings, steering=True, positions=spec.positions)
         return loaded["lm"]
 
