@@ -10,6 +10,10 @@ from the HF side on a small machine), once before the engines start and once aft
 It also reports how often greedy bf16 outputs agree (vLLM vs HF, and HF batched vs HF one prompt
 at a time: the bf16 noise floor).
 
+P12 (issue 22): the same prompts under a steering plan of three terms (add at layers 10-14, an
+ablation at 15, a cap at 16) against unsteered vLLM. The steering engine has the default two
+projection slots per layer, so every steered row above pays for them.
+
 P10 (issue 21): the same prompts, each with its own (layer, α), as one engine call (per-request
 steering) against unsteered vLLM and against one batch per configuration (how sweeps ran before).
 A small check of the code paths: `BENCH_REPEATS=1 BENCH_VLLM_PROMPTS=8 python bench/vllm_bench.py`.
@@ -24,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from plan_bench import three_term_plan
 from timing import median_seconds, paired_median_seconds
 
 N_PROMPTS = int(os.environ.get("BENCH_VLLM_PROMPTS", "64"))
@@ -179,6 +184,10 @@ def bench_vllm(results: dict) -> list[tuple]:
                 plain_run, fixed_length_run(steer, prompts)
             )
         seconds["compiled_steering_alpha0"] = paired_median_seconds(fixed_length_run(steer, prompts), plain_run)[0]
+        with steer.steering({}, plan=three_term_plan(lm)):  # P12 (issue 22)
+            seconds["compiled_stock_p12"], seconds["compiled_plan_3_terms"] = paired_median_seconds(
+                plain_run, fixed_length_run(steer, prompts)
+            )
         bench_per_request(stock, steer, prompts, vector, seconds)
         vllm_stock = greedy_tokens(stock.generate, agree)
         vllm_steering_engine = greedy_tokens(steer.generate, agree)
@@ -228,6 +237,11 @@ def bench_vllm(results: dict) -> list[tuple]:
             "P10 vLLM, each prompt its own (layer, α), one call, vs a batch per configuration",
             5.0,
             tps["compiled_own_configuration_each"] / tps["compiled_one_batch_per_configuration"],
+        ),
+        (
+            "P12 vLLM under a 3-term plan (add 10-14, ablate, cap) vs unsteered, compiled",
+            0.9,
+            tps["compiled_plan_3_terms"] / tps["compiled_stock_p12"],
         ),
         (
             "vLLM compiled buffers vs eager hooks, steered (tok/s)",
