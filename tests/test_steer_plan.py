@@ -39,6 +39,8 @@ def test_specs_parse_from_the_right(spec: str, term: PlanTerm) -> None:
         ("evil:12:saved", "for cap only"),
         ("evil:twelve:4", "bad layers 'twelve'"),
         ("evil:12", "bad --steer"),
+        ("evil:12:cap", "gives no VALUE for cap"),
+        ("evil:12::cap", "bad --steer"),
         ("evil::4", "bad --steer"),
         (":12:4", "no vector"),
         ("evil@:12:4", "bad position ''"),

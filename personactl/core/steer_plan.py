@@ -68,6 +68,8 @@ def parse_term(spec: str) -> PlanTerm:
         raise InputError(
             f"unknown steering operation {parts[-1]!r} in --steer {spec!r}", hint=f"use {', '.join(STEER_OPS)}"
         )
+    if len(parts) == 3 and parts[-1].strip() in STEER_OPS:  # VECTOR:LAYERS:OP, the value left out
+        raise InputError(f"--steer {spec!r} gives no VALUE for {parts[-1].strip()}", hint=f"write {_GRAMMAR}")
     if len(parts) < 3 or not all(p.strip() for p in parts[-2:]):
         raise InputError(f"bad --steer {spec!r}", hint=f"write {_GRAMMAR}")
     value_text, layers_text = parts.pop().strip(), parts.pop().strip()
