@@ -299,3 +299,28 @@ def test_terminal_keys_switch_and_move_a_term(isolated_env, model_dir, ws, tmp_p
     assert doc["turns"][0]["steering"]["plan"] == ["othermood:2:1.5:add"]
     assert doc["turns"][0]["steering"]["alpha"] == 0.0
     assert term.finish() == 0
+
+
+def test_caps_from_data_show_and_move_as_percentiles(make_session, lm, ws):
+    """A cap at a percentile (`pNN`) or at the file's saved thresholds has no single number: the
+    toolbar shows `p90` / `saved`, a nudge moves the percentile by one (the saved one stays), and
+    the reply is the plan's as `steer --steer` resolves it."""
+    path = ws.vectors_path(lm.source.slug, "tinymood", "model")
+    vector = PersonaVector.load(path)
+    tensors = dict(vector.tensors)
+    rows = vector.tensors["mean_diff.response_avg"].shape[0]
+    tensors["quantiles.neg.mean_diff.response_avg"] = torch.linspace(-2, 2, 101).repeat(rows, 1)
+    capped = ws.vectors_path(lm.source.slug, "capmood", "model")
+    capped.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {**vector.metadata, "trait": "capmood", "cap_thresholds": {"rows": {"2": 0.25}, "unit": "projection"}}
+    PersonaVector(tensors, metadata).save(capped)
+
+    session = make_session(plan=["capmood:2:p90:cap", "capmood:2:saved:cap"])
+    assert session.describe_term(1).endswith("cap@2 τ p90") and session.describe_term(2).endswith("cap@2 τ saved")
+    session.select(1)
+    assert "term 1: τ p90" in "".join(part for _, part in toolbar(session))
+    session.nudge(+1)
+    session.select(2)
+    session.nudge(+1)
+    assert session.plan_specs() == ["capmood:2:p91:cap", "capmood:2:saved:cap"]
+    assert fresh_reply(session) == reference(lm, ws, ["capmood:2:p91:cap", "capmood:2:saved:cap"])

@@ -626,7 +626,7 @@ class ChatSession:
         """`2 evil cap@10-12 τ +4` for the toolbar and messages."""
         term = self._term(n)
         where = f"{term.op}@{format_ranges(list(term.layers))}"
-        return f"{n} {self._resolved[n - 1].label} {where} {VALUE_NAMES[term.op]} {term.value:+g}"
+        return f"{n} {self._resolved[n - 1].label} {where} {VALUE_NAMES[term.op]} {value_text(term)}"
 
     def resolved_plan(self) -> ResolvedPlan:
         """The plan as the engines apply it (terms whose value changed are resolved again here)."""
@@ -667,8 +667,16 @@ class ChatSession:
         if self.active == 0:
             self.nudge_alpha(direction * self.alpha_step)
             return
+        term = self._term(self.active)
+        if term.percentile is not None:  # a τ from data moves by one percentile, within 0..100
+            percentile = max(0.0, min(100.0, _stepped(term.percentile, float(direction))))
+            self.plan[self.active - 1] = dataclasses.replace(term, percentile=percentile)
+            self._stale[self.active - 1] = True
+            return
+        if term.value is None:  # `saved` thresholds: one τ per layer, no single value to move
+            return
         top, step = self.term_range(self.active)
-        value = _stepped(self._term(self.active).value or 0.0, direction * step)
+        value = _stepped(term.value, direction * step)
         self.set_term_value(self.active, value if top is None else max(-top, min(top, value)))
 
     def zero(self) -> None:
@@ -869,6 +877,13 @@ class ChatSession:
 
 
 VALUE_NAMES = {"add": "α", "ablate": "c", "cap": "τ", "mean-ablate": "×mean"}
+
+
+def value_text(term: PlanTerm) -> str:
+    """A term's value as the toolbar shows it: a number, a percentile (`p90`) or `saved`."""
+    if term.percentile is not None:
+        return f"p{term.percentile:g}"
+    return "saved" if term.value is None else f"{term.value:+g}"
 
 
 def _stepped(value: float, delta: float) -> float:

@@ -357,7 +357,7 @@ def toolbar(session: ChatSession, width: int | None = None) -> list[tuple[str, s
 
 def _active_slider(session: ChatSession) -> list[tuple[str, str]]:
     """The bar from −max to +max with the active slider's value (a plan term without a range: its value)."""
-    from personactl.chat.session import VALUE_NAMES
+    from personactl.chat.session import VALUE_NAMES, value_text
 
     if session.active == 0:
         if session.vector is None:
@@ -373,12 +373,14 @@ def _active_slider(session: ChatSession) -> list[tuple[str, str]]:
     n = session.active
     term = session.plan[n - 1]
     top, step = session.term_range(n)
-    value = f" term {n}: {VALUE_NAMES[term.op]} {format_alpha(term.value or 0.0, step)} "
+    if term.value is None:  # a τ from data (pNN) or the saved thresholds: no number on a slider
+        return [("class:alpha", f" term {n}: {VALUE_NAMES[term.op]} {value_text(term)} ")]
+    value = f" term {n}: {VALUE_NAMES[term.op]} {format_alpha(term.value, step)} "
     if top is None:
         return [("class:alpha", value)]
     return [
         ("class:ends", f" −{top:g} "),
-        ("class:bar", slider(max(-top, min(top, term.value or 0.0)), top)),
+        ("class:bar", slider(max(-top, min(top, term.value)), top)),
         ("class:ends", f" +{top:g} "),
         ("class:alpha", value),
     ]
