@@ -117,3 +117,25 @@ def test_cross_effect_input_errors(isolated_env, tmp_path, tiny_factory):
                   ["--cross", "evil:9:1"], ["--vector", "evil"]):  # fmt: skip
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code == 2, (extra, result.output)
+
+
+def test_a_cross_row_names_another_persona_s_file(isolated_env, tmp_path, tiny_factory):
+    """`--cross trait:user:LAYER:ALPHA` steers with the user persona's file, as `--steer` does."""
+    import torch
+    from test_cli import extracted_workspace
+
+    from personactl.model.loading import load_model
+    from personactl.steps.cross_effects import _directions, parse_cross
+    from personactl.steps.evaluate import Variant
+    from personactl.store.vectors import PersonaVector
+    from personactl.store.workspace import Workspace
+
+    model = str(tiny_factory("llama"))
+    ws, vector_path = extracted_workspace(tmp_path, model)
+    lm = load_model(model, dtype="float32", device="cpu", log=lambda m: None)
+    vector = PersonaVector.load(vector_path)
+    user = PersonaVector({k: v * 2 for k, v in vector.tensors.items()}, vector.metadata)
+    user.save(Workspace(ws).vectors_path(lm.source.slug, "optimistic", "user"))
+    row = parse_cross("optimistic:user:2:1", Variant("response_avg", "mean_diff", "raw"))
+    (direction,) = _directions(Workspace(ws), lm, [row])
+    assert torch.equal(direction, 2 * vector.direction(2))

@@ -24,7 +24,7 @@ import polars as pl
 from personactl.backends import Sampling
 from personactl.core.eval_summary import paired_change
 from personactl.core.ranges import check_steering_layers
-from personactl.core.steer_plan import parse_term
+from personactl.core.steer_plan import parse_term, split_persona
 from personactl.errors import InputError
 from personactl.model.loading import resolve_model
 from personactl.model.steering import GridRow
@@ -131,7 +131,7 @@ def cross_fingerprint(
         },
         "kind": "eval-cross",
         "traits": [{"name": t.name, "sha256": t.sha256} for t in traits],
-        "rows": [{**asdict(r), "vector_sha256": file_sha256(workspace.find_vector(r.vector, slug))} for r in rows],
+        "rows": [{**asdict(r), "vector_sha256": file_sha256(_vector_path(workspace, r.vector, slug))} for r in rows],
         "questions": spec.questions,
         "samples": spec.samples,
         "positions": spec.positions,
@@ -197,12 +197,18 @@ def cross_effects_step(
     return samples, out.done(**summary, files=files)
 
 
+def _vector_path(workspace: Workspace, vector: str, slug: str) -> Any:
+    name, persona = split_persona(vector)
+    return workspace.find_vector(name, slug, persona)
+
+
 def _directions(workspace: Workspace, lm: ModelHandle, rows: Sequence[CrossRow]) -> list[Any]:
     """Each row's direction at its layer (checked), scaled by its norm mode."""
     out = []
     for row in rows:
         check_steering_layers([row.layer], lm.num_layers)
-        vector = load_for_model(workspace, row.vector, lm).vector
+        name, persona = split_persona(row.vector)  # `trait:user`: the user persona's file
+        vector = load_for_model(workspace, name, lm, persona).vector
         v = row.variant
         out.append(vector.direction(row.layer, v.position, v.aggregator, v.norm))
     return out
