@@ -123,3 +123,10 @@ def test_cap_at_saved_thresholds(isolated_env, setup, tmp_path):
         invoke("steer", "--prompt", "hi", "--steer", f"{capped}:1-2:saved:cap", "--model", model, "-w", ws),
         "no saved cap threshold at layer 1 (saved at rows: 2)",
     )
+
+
+def test_a_malformed_term_fails_before_the_model_loads(isolated_env, tmp_path):
+    result = invoke(
+        "steer", "--prompt", "hi", "--steer", "x:2:4:scale", "--model", tmp_path / "no-model", "-w", tmp_path
+    )
+    expect_error(result, "unknown steering operation 'scale'")

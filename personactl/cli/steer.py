@@ -102,7 +102,6 @@ def steer(
     """Generate with α·v added at each chosen layer; the whole grid runs as batched generation."""
     from personactl.backends import Sampling
     from personactl.core.ranges import parse_floats, parse_ranges
-    from personactl.steps.condition import check_condition
     from personactl.steps.steer import steer_step
 
     positions = o.steer_positions(steer_positions, old_positions)
@@ -123,7 +122,7 @@ def steer(
         trust_remote_code=trust_remote_code,
     )
     ws = open_workspace(settings)
-    condition = check_condition(when, settings.backend) if when else None  # before any engine starts
+    condition, terms = checked_before_loading(when, plan, settings.backend)
     lm = load_engine(settings, steering=True, positions=positions)
     choice = {"position": position.value, "aggregator": aggregator.value, "positions": positions}
     with LazyProgress("steer") as bar:
@@ -139,7 +138,7 @@ def steer(
             **choice,
             norm=norm.value,
             sampling=Sampling(settings.max_new_tokens, temperature, settings.top_p),
-            plan_specs=plan or (),
+            plan_specs=terms,
             condition=condition,
             on_start=bar.start,
             on_chunk=bar.advance,
@@ -159,6 +158,15 @@ def _report(table: pl.DataFrame, summary: dict[str, Any], choice: dict[str, str]
 def _print_json(table: pl.DataFrame, summary: dict[str, Any], choice: dict[str, str]) -> None:
     for row in table.iter_rows(named=True):
         typer.echo(jsonlib.dumps({"vector": summary["vector"], **choice, **row}))
+
+
+def checked_before_loading(when: str | None, plan: list[str] | None, backend: str) -> tuple[Any, list[Any]]:
+    """The --when condition and the --steer terms, parsed (and the condition refused where the
+    engine reads no activations) before minutes of model loading."""
+    from personactl.core.steer_plan import parse_term
+    from personactl.steps.condition import check_condition
+
+    return (check_condition(when, backend) if when else None), [parse_term(spec) for spec in plan or ()]
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from personactl.backends import Generation
     from personactl.core.condition_spec import ConditionSpec
+    from personactl.core.steer_plan import PlanTerm
     from personactl.model.loading import ModelHandle
     from personactl.model.steering import GridRow
     from personactl.settings import Settings
@@ -71,7 +72,7 @@ def steer_step(
     positions: str,
     norm: str,
     sampling: Sampling,
-    plan_specs: Sequence[str] = (),
+    plan_specs: Sequence[str | PlanTerm] = (),
     condition: str | ConditionSpec | None = None,
     on_start: Callable[[int], None] = lambda n: None,
     on_chunk: Callable[[int, int], None] | None = None,
