@@ -130,3 +130,20 @@ def test_a_malformed_term_fails_before_the_model_loads(isolated_env, tmp_path):
         "steer", "--prompt", "hi", "--steer", "x:2:4:scale", "--model", tmp_path / "no-model", "-w", tmp_path
     )
     expect_error(result, "unknown steering operation 'scale'")
+
+
+def test_an_engine_without_an_operation_refuses_the_plan_up_front(tiny_factory):
+    """`check_plan_ops` refuses, before generation, operations an engine does not apply (an add-only
+    vLLM engine, vllm_plan_projections = 0, has plan_ops ("add",))."""
+    from personactl.backends import check_plan_ops
+    from personactl.backends.hf import HFBackend
+    from personactl.errors import InputError
+
+    lm = load_model(str(tiny_factory("llama")), dtype="float32", device="cpu", log=lambda m: None)
+    engine = HFBackend(lm.model, lm.tokenizer)
+    check_plan_ops(engine, {"add", "ablate", "cap", "mean-ablate"})
+    engine.plan_ops = ("add",)
+    check_plan_ops(engine, {"add"})
+    with pytest.raises(InputError, match="does not apply steering plans with ablate, cap") as info:
+        check_plan_ops(engine, {"add", "cap", "ablate"})
+    assert "vllm_plan_projections" in info.value.hint

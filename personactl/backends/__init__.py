@@ -142,8 +142,8 @@ def check_plan_ops(engine: Engine, ops: set[str]) -> None:
         from personactl.errors import InputError
 
         raise InputError(
-            f"the {engine.name} backend does not apply steering plans with {', '.join(missing)} yet",
-            hint="use --backend hf for steering plans",
+            f"this {engine.name} engine does not apply steering plans with {', '.join(missing)}",
+            hint="use --backend hf, or on vllm an engine with plan slots (setting vllm_plan_projections ≥ 1)",
         )
 
 

@@ -335,6 +335,8 @@ class VLLMBackend:
             )
         self._rows = ConfigRows(min(r["rows"] for r in reports))
         self.plan_projections = min(int(r.get("projections", 0)) for r in reports)
+        if self.plan_projections == 0:  # an add-only engine: plans with ablate/cap are refused up front
+            self.plan_ops = ("add",)
         self.steerable = True
 
     @contextlib.contextmanager

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from personactl.errors import InputError, ModelError
-from personactl.model.steering_ops import AddTerm, ProjectionTerm, Term, fold_adds
+from personactl.model.steering_ops import AddTerm, ProjectionTerm, Term, alternating, fold_adds
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
@@ -74,17 +74,6 @@ class LayerPlan:
         ]
 
 
-def _alternating(terms: Sequence[Term]) -> list[Term | None]:
-    """`terms` (adds folded) as add, projection, add, ... with None where a kind is skipped: the
-    order `steering_ops.slots` gives a row's terms."""
-    out: list[Term | None] = []
-    for term in terms:
-        if isinstance(term, AddTerm) != (len(out) % 2 == 0):
-            out.append(None)
-        out.append(term)
-    return out
-
-
 def plan_slots(
     deltas: Mapping[int, torch.Tensor],
     plan: Mapping[int, Sequence[Term]],
@@ -99,7 +88,7 @@ def plan_slots(
     out = dict(deltas)
     plans: dict[int, LayerPlan] = {}
     for layer, terms in sorted(plan.items()):
-        aligned = _alternating(fold_adds([_checked(term, layer, hidden_size) for term in terms]))
+        aligned = alternating(fold_adds([_checked(term, layer, hidden_size) for term in terms]))
         if not aligned:
             continue
         capacity = 2 * projections if projections else 1

@@ -22,7 +22,7 @@ import torch
 
 from personactl.core.choices import POSITION_MODES
 from personactl.errors import InputError
-from personactl.model.steering_ops import AddTerm, Term, change, fold_adds, slots, to_device
+from personactl.model.steering_ops import AddTerm, Term, apply_terms, fold_adds, slots, to_device
 
 # layer → a plan's terms there, in order (`personactl.model.steering_ops`); what a row adds beyond α·v
 Plan = Mapping[int, Sequence[Term]]
@@ -103,7 +103,7 @@ class Steerer:
         self.set_coefficients(coefficient)
         self.plan_layers = sorted(plan or {})  # hooked for plan terms, fixed for the steerer's life
         for layer in self.plan_layers:
-            self._check_direction(layer, torch.zeros(1))
+            self._check_layer(layer)
             self._placed.setdefault(layer, self.device)
         self.terms: dict[int, list[Term]] = {}  # {layer: batched terms}, set by `set_plans`
         self.set_plans(plan)
@@ -175,14 +175,17 @@ class Steerer:
         if extra:
             raise InputError(f"plan terms at layer {extra[0]}, which this steerer was not made for")
         for layer in {layer for plan in plans if plan for layer in plan}:
-            self._check_direction(layer, torch.zeros(1))
+            self._check_layer(layer)
 
-    def _check_direction(self, layer: int, direction: torch.Tensor) -> None:
+    def _check_layer(self, layer: int) -> None:
         if not 1 <= layer <= len(self.blocks):
             raise InputError(
                 f"steering layer {layer} out of range 1..{len(self.blocks)}",
                 hint="layer l = output of decoder block l (0 is the embeddings)",
             )
+
+    def _check_direction(self, layer: int, direction: torch.Tensor) -> None:
+        self._check_layer(layer)
         if direction.dim() != 1 or not torch.isfinite(direction).all():
             raise InputError(f"the steering vector at layer {layer} is not a finite 1-D vector")
 
@@ -269,12 +272,12 @@ class Steerer:
 
     def _apply_terms(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The plan's terms at `layer`, in order, at the positions of `mask` (all when None)."""
-        out = hidden
-        for term in self.terms[layer]:
-            if isinstance(term, AddTerm) and term.delta.dim() == 2 and term.delta.shape[0] != hidden.shape[0]:
-                raise InputError(f"plan terms for {term.delta.shape[0]} rows given to a batch of {hidden.shape[0]}")
-            out = out + change(out, term)
-        return out if mask is None else torch.where(mask, out, hidden)
+        terms = self.terms[layer]
+        for term in terms:
+            rows = term.delta if isinstance(term, AddTerm) else term.unit
+            if rows.dim() == 2 and rows.shape[0] != hidden.shape[0]:
+                raise InputError(f"plan terms for {rows.shape[0]} rows given to a batch of {hidden.shape[0]}")
+        return apply_terms(hidden, terms, None if mask is None else mask[..., 0])
 
     def __enter__(self) -> Steerer:
         try:

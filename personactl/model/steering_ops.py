@@ -108,7 +108,7 @@ def slots(rows: Sequence[Sequence[Term] | None], hidden_size: int, dtype: torch.
     """Per-row terms at one layer as one list of batched terms: slot 2k adds, slot 2k + 1 projects;
     a row's terms fill the slots in order (consecutive adds folded, a missing kind left neutral), so
     each row gets exactly its own sequence and a row with none is left unchanged."""
-    aligned = [_alternating(fold_adds(terms or [])) for terms in rows]
+    aligned = [alternating(fold_adds(terms or [])) for terms in rows]
     width = max((len(a) for a in aligned), default=0)
     out: list[Term] = []
     for k in range(width):
@@ -117,8 +117,9 @@ def slots(rows: Sequence[Sequence[Term] | None], hidden_size: int, dtype: torch.
     return out
 
 
-def _alternating(terms: Sequence[Term]) -> list[Term | None]:
-    """`terms` as add, projection, add, projection, … with None where a kind is skipped."""
+def alternating(terms: Sequence[Term]) -> list[Term | None]:
+    """`terms` as add, projection, add, projection, … with None where a kind is skipped: the slot
+    order every engine lays a row's terms out in (the vLLM plugin's tables too)."""
     out: list[Term | None] = []
     for term in terms:
         if isinstance(term, AddTerm) != (len(out) % 2 == 0):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from personactl.core.ranges import check_steering_layers, format_ranges
+from personactl.core.ranges import check_steering_layers
 from personactl.core.steer_plan import PlanTerm, parse_term, split_persona
 from personactl.model.steering_ops import AddTerm, Term, ablate_term, cap_term
 from personactl.store.plan_values import projection_value
@@ -128,8 +128,3 @@ def _term_at(
     if term.op == "cap":
         return cap_term(direction, value), value
     return ablate_term(direction, value), value
-
-
-def describe_layers(plan: ResolvedPlan) -> str:
-    """`evil ablate @ 10-12, kind add @ 8` for messages and toolbars."""
-    return ", ".join(f"{r.label} {r.term.op} @ {format_ranges(list(r.term.layers))}" for r in plan.terms)

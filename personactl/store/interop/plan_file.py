@@ -5,7 +5,8 @@ for another persona) and its direction `t` at each of its layers is `PersonaVect
 `--norm`. Units are those of `steer`: `add` adds α·t; `ablate` (c) and `cap` (τ) set or bound the
 projection on the unit direction t/|t|, in raw stream units with `--norm raw` or `unit` and in units of
 the layer's mean stream norm with `--norm stream`; `mean-ablate` sets it to VALUE × the projection of
-the trait-free mean (`neg_mean`). Percentile thresholds (`p25`) need data no file keeps yet: refused.
+the trait-free mean (`neg_mean`); `cap` at `pNN` or `saved` reads the file's `quantiles.*` tables or
+`cap_thresholds` (one rule for steering and export: `store.plan_values`).
 
 The plan file (`personactl.plan/1`) is a tagged safetensors file: a tensor `term{i}.direction`
 `[L+1, H]` per term (t on the term's rows, NaN elsewhere) and metadata naming every term (op, layers,
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from personactl.core.ranges import check_steering_layers, format_ranges
+from personactl.core.ranges import check_steering_layers
 from personactl.core.steer_plan import PlanTerm, parse_term, split_persona
 from personactl.errors import InputError, VectorFileError
 from personactl.store.plan_values import projection_value
@@ -177,12 +178,3 @@ def read_plan(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise InputError(f"plan file not found: {path}")
     file = read_tagged(path, PLAN_FORMAT, "write it again: personactl export --steer ...", what="personactl plan file")
     return file.tensors, file.metadata
-
-
-def plan_rows(entries: list[PlanEntry]) -> str:
-    """`evil add @ 2-3, calm cap @ 3` for messages."""
-    return ", ".join(
-        f"{entry.vector.metadata.get('trait') or entry.source.stem} {entry.term.op} @ "
-        f"{format_ranges(list(entry.directions))}"
-        for entry in entries
-    )
