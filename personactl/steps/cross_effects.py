@@ -29,6 +29,7 @@ from personactl.errors import InputError
 from personactl.model.loading import resolve_model
 from personactl.model.steering import GridRow
 from personactl.steps.evaluate import (
+    GROUP_SEED_STRIDE,
     EvalSpec,
     Tag,
     Variant,
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from personactl.store.traits import Trait
     from personactl.store.workspace import Workspace
 
-FIRST_STEERED_GROUP = 1009  # the seed offset `evaluate.generate_rows` gives an eval's first steered grid
 
 CROSS_SCHEMA = {
     "column": pl.String,  # the trait whose questions and rubric these answers are for
@@ -243,7 +243,12 @@ def _column(
     for row, direction in zip(rows, directions, strict=True):
         tagged = [(Tag("steered", row.variant), GridRow(i, row.layer, row.alpha)) for i in range(plan.n_items)]
         steered = generate_rows(
-            runner, plan, tagged, lambda tag, layer, d=direction: d, seed=settings.seed + FIRST_STEERED_GROUP, **common
+            runner,
+            plan,
+            tagged,
+            lambda tag, layer, d=direction: d,
+            seed=settings.seed + GROUP_SEED_STRIDE,  # as an eval's first steered group (group 1)
+            **common,
         )
         generated += [(row.label, r) for r in steered]
     on_phase(f"eval cross: judge for {trait.name}", 2 * len(generated))

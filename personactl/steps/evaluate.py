@@ -88,6 +88,9 @@ SAMPLES_SCHEMA = {
 }
 
 
+GROUP_SEED_STRIDE = 1009  # generation group g of an eval samples with seed + g × this (cross effects rely on it)
+
+
 @dataclass(frozen=True)
 class Variant:
     """Which extracted vector to steer with, and how it is scaled."""
@@ -252,7 +255,7 @@ def generate_rows(
             [tagged[i][1] for i in indices],
             dirs,
             sampling=sampling,
-            seed=seed + 1009 * g,
+            seed=seed + GROUP_SEED_STRIDE * g,
             batch_size=batch_size,
             positions=positions,
             on_chunk=on_chunk,
