@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from personactl.core.choices import AGGREGATORS, POSITIONS
+from personactl.core.steer_plan import vector_part
 from personactl.errors import InputError
 
 _GRAMMAR = "VECTOR[@position[/aggregator]]:LAYER:THRESHOLD, e.g. evil:12:3.5 or evil@prompt_end:12:-0.8"
@@ -42,7 +42,7 @@ def parse_condition(spec: str) -> ConditionSpec:
     if len(parts) < 3 or not all(p.strip() for p in parts[-2:]):
         raise InputError(f"bad --when {spec!r}", hint=f"write {_GRAMMAR}")
     threshold_text, layer_text = parts.pop().strip(), parts.pop().strip()
-    vector, position, aggregator = _vector_part(":".join(parts).strip(), spec)
+    vector, position, aggregator = vector_part(":".join(parts).strip(), spec, "--when", _GRAMMAR)
     if not re.fullmatch(r"\d+", layer_text):
         raise InputError(f"bad layer {layer_text!r} in --when {spec!r}", hint="one layer row, e.g. 12")
     layer = int(layer_text)
@@ -61,21 +61,3 @@ def parse_condition(spec: str) -> ConditionSpec:
     if not math.isfinite(threshold):
         raise InputError(f"threshold {threshold_text!r} in --when {spec!r} is not finite", hint="give a number")
     return ConditionSpec(vector, layer, threshold, position, aggregator)
-
-
-def _vector_part(text: str, spec: str) -> tuple[str, str | None, str | None]:
-    """`name[@position[/aggregator]]` → its three parts, each checked."""
-    if not text:
-        raise InputError(f"no vector in --when {spec!r}", hint=f"write {_GRAMMAR}")
-    vector, at, where = text.partition("@")
-    if not at:
-        return vector, None, None
-    position, _, aggregator = where.partition("/")
-    if not re.fullmatch(r"[a-z][a-z_]*", position):  # which positions exist is the vector file's to say
-        raise InputError(
-            f"bad position {position!r} in --when {spec!r}",
-            hint=f"e.g. {', '.join(POSITIONS)} (user_avg: user persona)",
-        )
-    if aggregator and aggregator not in AGGREGATORS:
-        raise InputError(f"unknown aggregator {aggregator!r} in --when {spec!r}", hint=f"use {', '.join(AGGREGATORS)}")
-    return vector, position, aggregator or None

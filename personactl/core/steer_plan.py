@@ -73,7 +73,7 @@ def parse_term(spec: str) -> PlanTerm:
     if len(parts) < 3 or not all(p.strip() for p in parts[-2:]):
         raise InputError(f"bad --steer {spec!r}", hint=f"write {_GRAMMAR}")
     value_text, layers_text = parts.pop().strip(), parts.pop().strip()
-    vector, position, aggregator = _vector_part(":".join(parts).strip(), spec)
+    vector, position, aggregator = vector_part(":".join(parts).strip(), spec)
     value, percentile = _value(value_text, op, spec)
     try:
         layers = tuple(parse_ranges(layers_text))
@@ -90,21 +90,23 @@ def _looks_like_op(text: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z][A-Za-z_-]*", text)) and not _PERCENTILE.fullmatch(text) and text != "saved"
 
 
-def _vector_part(text: str, spec: str) -> tuple[str, str | None, str | None]:
-    """`name[@position[/aggregator]]` → its three parts, each checked."""
+def vector_part(
+    text: str, spec: str, flag: str = "--steer", grammar: str = _GRAMMAR
+) -> tuple[str, str | None, str | None]:
+    """`name[@position[/aggregator]]` → its three parts, each checked (errors name `flag` and `spec`)."""
     if not text:
-        raise InputError(f"no vector in --steer {spec!r}", hint=f"write {_GRAMMAR}")
+        raise InputError(f"no vector in {flag} {spec!r}", hint=f"write {grammar}")
     vector, at, where = text.partition("@")
     if not at:
         return vector, None, None
     position, _, aggregator = where.partition("/")
     if not re.fullmatch(r"[a-z][a-z_]*", position):  # which positions exist is the vector file's to say
         raise InputError(
-            f"bad position {position!r} in --steer {spec!r}",
+            f"bad position {position!r} in {flag} {spec!r}",
             hint=f"e.g. {', '.join(POSITIONS)} (user_avg: user persona)",
         )
     if aggregator and aggregator not in AGGREGATORS:
-        raise InputError(f"unknown aggregator {aggregator!r} in --steer {spec!r}", hint=f"use {', '.join(AGGREGATORS)}")
+        raise InputError(f"unknown aggregator {aggregator!r} in {flag} {spec!r}", hint=f"use {', '.join(AGGREGATORS)}")
     return vector, position, aggregator or None
 
 
