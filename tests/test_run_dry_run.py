@@ -25,7 +25,7 @@ def test_run_dry_run_counts_what_the_run_does(isolated_env, tmp_path, tiny_facto
     with JudgeServer(scorer=hash_scorer) as server:
         args = small_run_args(model, ws, server.base_url)
         with monkeypatch.context() as patched:
-            patched.setattr("personactl.cli.run.load_engine", refuse_to_load)
+            patched.setattr("personactl.cli.eval.load_engine", refuse_to_load)  # run loads through eval's shared loader
             dry = runner.invoke(app, [*args, "--dry-run"], catch_exceptions=False)
         assert dry.exit_code == 0 and server.total_requests == 0, dry.output
         estimate = json.loads(dry.stdout)
@@ -34,7 +34,7 @@ def test_run_dry_run_counts_what_the_run_does(isolated_env, tmp_path, tiny_facto
         steps = json.loads(real.stdout)["steps"]
         sent = server.total_requests
         with monkeypatch.context() as patched:
-            patched.setattr("personactl.cli.run.load_engine", refuse_to_load)
+            patched.setattr("personactl.cli.eval.load_engine", refuse_to_load)  # run loads through eval's shared loader
             after = json.loads(runner.invoke(app, [*args, "--dry-run"], catch_exceptions=False).stdout)
             worded = runner.invoke(app, [a for a in args if a != "--json"] + ["--dry-run"]).output
         assert server.total_requests == sent

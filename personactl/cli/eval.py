@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -255,27 +256,18 @@ def cross_effects(
                 settings, ws, t, spec, vector_spec=None, proxy=False, max_kl=max_kl, force=force, loaded=loaded
             )
             rows.append(row_from_best(t.name, found.get("best"), variant.norm))
-    phases = Phases()
-    try:
-        _, summary = cross_effects_step(
-            settings=settings,
-            workspace=ws,
-            traits=traits,
-            rows=rows,
-            spec=spec,
-            load=shared_loader(settings, spec, loaded),
-            load_judge=judge_loader(settings, loaded),
-            force=force,
-            on_phase=phases.phase,
-            on_chunk=phases.advance,
-            on_judged=phases.judged,
-            on_judge=weak_judge_warning,
-        )
-    finally:
-        phases.close()
-    if summary.get("skipped"):
-        log(f"skipped: {summary['artifact']} is already complete; --force to rerun")
-    return summary
+    _, summary = with_progress(
+        cross_effects_step,
+        settings=settings,
+        workspace=ws,
+        traits=traits,
+        rows=rows,
+        spec=spec,
+        load=shared_loader(settings, spec, loaded),
+        load_judge=judge_loader(settings, loaded),
+        force=force,
+    )
+    return said_if_skipped(summary)
 
 
 def check_kl_budget(max_kl: float | None) -> None:
@@ -302,21 +294,28 @@ def evaluate(
     from personactl.steps.eval_any import eval_or_proxy
 
     loaded = {} if loaded is None else loaded
-    load = shared_loader(settings, spec, loaded)
+    _, summary = with_progress(
+        eval_or_proxy,
+        settings=settings,
+        workspace=ws,
+        trait=trait,
+        spec=spec,
+        load=shared_loader(settings, spec, loaded),
+        proxy=proxy,
+        load_judge=judge_loader(settings, loaded),
+        vector_spec=vector_spec,
+        max_kl=max_kl,
+        force=force,
+    )
+    return said_if_skipped(summary)
 
+
+def with_progress(step: Callable[..., Any], **inputs: Any) -> Any:
+    """Run a judged step with a progress bar per phase and the weak-judge warning; its result."""
     phases = Phases()
     try:
-        _, summary = eval_or_proxy(
-            settings=settings,
-            workspace=ws,
-            trait=trait,
-            spec=spec,
-            load=load,
-            proxy=proxy,
-            load_judge=judge_loader(settings, loaded),
-            vector_spec=vector_spec,
-            max_kl=max_kl,
-            force=force,
+        return step(
+            **inputs,
             on_phase=phases.phase,
             on_chunk=phases.advance,
             on_judged=phases.judged,
@@ -324,6 +323,9 @@ def evaluate(
         )
     finally:
         phases.close()
+
+
+def said_if_skipped(summary: dict[str, Any]) -> dict[str, Any]:
     if summary.get("skipped"):
         log(f"skipped: {summary['artifact']} is already complete; --force to rerun")
     return summary

@@ -10,7 +10,6 @@ from personactl.cli import options as o
 from personactl.cli.common import (
     emit_json,
     guarded,
-    load_engine,
     log,
     open_workspace,
     settings_from,
@@ -18,12 +17,12 @@ from personactl.cli.common import (
     trait_lock,
 )
 from personactl.cli.eval import (
-    Phases,
     build_spec,
     judge_loader,
     print_eval,
     print_proxy,
-    weak_judge_warning,
+    shared_loader,
+    with_progress,
 )
 
 if TYPE_CHECKING:
@@ -149,33 +148,20 @@ def run_all(
     from personactl.steps.run import run_pipeline
 
     loaded: dict[str, Any] = {}
-
-    def load():
-        if "lm" not in loaded:
-            loaded["lm"] = load_engine(settings, steering=True, positions=spec.positions)
-        return loaded["lm"]
-
-    phases = Phases()
     with trait_lock(ws, settings, trait.name):
-        try:
-            return run_pipeline(
-                settings=settings,
-                workspace=ws,
-                trait=trait,
-                spec=spec,
-                load=load,
-                load_judge=judge_loader(settings, loaded),
-                max_questions=questions,
-                eval_questions=eval_questions,
-                proxy=proxy,
-                on_step=lambda name: log(f"— {name}"),
-                on_phase=phases.phase,
-                on_chunk=phases.advance,
-                on_judged=phases.judged,
-                on_judge=weak_judge_warning,
-            )
-        finally:
-            phases.close()
+        return with_progress(
+            run_pipeline,
+            settings=settings,
+            workspace=ws,
+            trait=trait,
+            spec=spec,
+            load=shared_loader(settings, spec, loaded),
+            load_judge=judge_loader(settings, loaded),
+            max_questions=questions,
+            eval_questions=eval_questions,
+            proxy=proxy,
+            on_step=lambda name: log(f"— {name}"),
+        )
 
 
 def print_result(result: dict[str, Any], trait_name: str, proxy: bool) -> None:
