@@ -83,13 +83,14 @@ def test_a_row_alone_equals_the_one_vector_steerer(lm, backend, prompts, positio
 
 
 def test_alpha_zero_rows_are_exactly_unsteered(lm, backend, prompts):
-    """Rows with α = 0 beside steered rows: the hidden states they see equal an unsteered run's."""
+    """Rows with α = 0 beside steered rows: the hidden states they see equal an unsteered run's of
+    the same batch (same shapes, so the same kernels whatever the thread count)."""
     ids = torch.tensor([prompts[3][-6:], prompts[3][-6:]])
     seen = []
     probe = lm.layers[2].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
     try:
         with torch.no_grad():
-            plain = lm.model(ids[:1]).logits
+            plain = lm.model(ids).logits
             with Steerer.per_row(lm.model, [steering(lm, [2, 3], 0.0), steering(lm, [2, 3], 9.0)]):
                 mixed = lm.model(ids).logits
     finally:

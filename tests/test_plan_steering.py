@@ -133,3 +133,15 @@ def test_rows_with_different_plans_equal_each_alone(lm, prompts):
     assert mixed == alone
     assert mixed[0] != backend.stream_batch([row(prompts[0], None)])[0]
     assert mixed[1] != backend.stream_batch([row(prompts[1], None)])[0]
+
+
+def test_alpha_v_and_a_plan_add_at_its_layer_act_as_one_add_of_their_sum(lm, prompts):
+    """α·v (the classic coefficient path) then a plan's add w at the same layer is one add of
+    α·v + w, exactly, as consecutive plan adds are (and as the vLLM tables add them)."""
+    v, w, alpha = vector(lm, 9), vector(lm, 10) * 0.3, 1.7
+    summed = torch.tensor(alpha).to(torch.float32) * v + w  # α·v as the Steerer computes it, plus w
+    both = Steerer(lm.model, {LAYER: v}, coefficient=alpha, plan={LAYER: [AddTerm(w), ablate_term(v, 0.5)]})
+    one = Steerer(lm.model, {}, plan={LAYER: [AddTerm(summed), ablate_term(v, 0.5)]})
+    after_both, _, _ = stream_after(lm, both, prompts)
+    after_one, _, _ = stream_after(lm, one, prompts)
+    assert torch.equal(after_both, after_one)

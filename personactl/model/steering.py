@@ -260,19 +260,21 @@ class Steerer:
             if self._placed[layer] != hidden.device:
                 self._place(layer, hidden.device)
             mask = self._position_mask(hidden.shape[1], hidden.device)
-            steered = hidden
+            steered, terms = hidden, self.terms.get(layer, [])
             if layer in self.directions:
                 delta = self._delta(layer, hidden.shape[0], hidden.dtype)
+                if terms and isinstance(terms[0], AddTerm):  # α·v and the plan's first add, as one sum
+                    delta, terms = _with_add(delta, terms[0], hidden.shape[0]), terms[1:]
                 steered = hidden + (delta if mask is None else delta * mask)
-            if self.terms.get(layer):
-                steered = self._apply_terms(layer, steered, mask)
+            if terms:
+                steered = self._apply_terms(terms, steered, mask)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook
 
-    def _apply_terms(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The plan's terms at `layer`, in order, at the positions of `mask` (all when None)."""
-        terms = self.terms[layer]
+    @staticmethod
+    def _apply_terms(terms: Sequence[Term], hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """A plan's terms at one layer, in order, at the positions of `mask` (all when None)."""
         for term in terms:
             rows = term.delta if isinstance(term, AddTerm) else term.unit
             if rows.dim() == 2 and rows.shape[0] != hidden.shape[0]:
@@ -296,6 +298,15 @@ class Steerer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _with_add(delta: torch.Tensor, term: AddTerm, batch: int) -> torch.Tensor:
+    """`delta` [B or 1, 1, H] (α·v) plus a plan's add: one sum, so α·v then an add of w acts
+    exactly as one add of α·v + w (as consecutive plan adds fold, and as the vLLM tables add them)."""
+    add = term.delta
+    if add.dim() == 2 and add.shape[0] != batch:
+        raise InputError(f"plan terms for {add.shape[0]} rows given to a batch of {batch}")
+    return delta + (add[:, None, :] if add.dim() == 2 else add)
 
 
 def _plan_of(row: RowSteering | None) -> Plan | None:
