@@ -259,6 +259,17 @@ def extracted_workspace(tmp_path, model):
     return ws, json.loads(ok.stdout)["artifact"]
 
 
+def isolated_extraction(tmp_path, model):
+    """`extracted_workspace` for a module-scoped fixture: no PERSONACTL_* from outside, cwd in
+    `tmp_path` while it runs (as `isolated_env` gives each test); (model, workspace, vector path)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("PERSONACTL_") and k != "PERSONACTL_CACHE_DIR"]:
+            mp.delenv(key)
+        mp.chdir(tmp_path)
+        ws, vector_path = extracted_workspace(tmp_path, model)
+    return model, ws, vector_path
+
+
 def test_steer_and_compare_through_the_cli(isolated_env, tmp_path, tiny_factory):
     model = str(tiny_factory("llama"))
     ws, vector_path = extracted_workspace(tmp_path, model)

@@ -5,10 +5,9 @@ the fit command's `--when` usable as it is."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from test_cli import expect_error, extracted_workspace, invoke
+from test_cli import expect_error, invoke, isolated_extraction
 
 from personactl.core.condition_fit import baseline_f1, best_threshold, f1_of, threshold_text
 from personactl.core.condition_spec import ConditionSpec, parse_condition
@@ -103,14 +102,7 @@ def test_threshold_text_stays_inside_the_gap():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_factory):
-    model = str(tiny_factory("llama"))
-    tmp = tmp_path_factory.mktemp("condition")
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("PERSONACTL_") and k != "PERSONACTL_CACHE_DIR"]:
-            mp.delenv(key)
-        mp.chdir(tmp)
-        ws, vector_path = extracted_workspace(tmp, model)
-    return model, ws, vector_path
+    return isolated_extraction(tmp_path_factory.mktemp("condition"), str(tiny_factory("llama")))
 
 
 PROMPTS = ("hello world", "why is the sky blue?")

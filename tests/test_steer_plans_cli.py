@@ -4,11 +4,10 @@ against the workspace's vectors; bad terms are one line, exit 2."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from test_cli import expect_error, extracted_workspace, invoke
+from test_cli import expect_error, invoke, isolated_extraction
 
 from personactl.model.loading import load_model
 from personactl.model.steering_ops import AddTerm, ablate_term
@@ -19,14 +18,7 @@ from personactl.store.workspace import Workspace
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_factory):
-    model = str(tiny_factory("llama"))
-    tmp = tmp_path_factory.mktemp("plans")
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("PERSONACTL_") and k != "PERSONACTL_CACHE_DIR"]:
-            mp.delenv(key)
-        mp.chdir(tmp)
-        ws, vector_path = extracted_workspace(tmp, model)
-    return model, ws, vector_path
+    return isolated_extraction(tmp_path_factory.mktemp("plans"), str(tiny_factory("llama")))
 
 
 def steer_json(model, ws, *args):

@@ -45,6 +45,12 @@ def check_condition(spec: str | ConditionSpec, backend: str) -> ConditionSpec:
     return condition
 
 
+def unit_direction(loaded: LoadedVector, row: int, position: str, aggregator: str) -> torch.Tensor:
+    """The condition vector's direction at `row`, [H] float32 of norm 1 (what a prompt is projected on)."""
+    unit = loaded.vector.direction(row, position, aggregator, "unit").float()
+    return unit / unit.norm()
+
+
 @dataclass(frozen=True)
 class Condition:
     """A condition resolved for a loaded model: the vector found and its unit direction at `layer`."""
@@ -81,8 +87,7 @@ def resolve_condition(
     loaded = load_for_model(workspace, name, lm, persona)
     check_steering_layers([spec.layer], lm.num_layers)
     position, aggregator = spec.position or position, spec.aggregator or aggregator
-    unit = loaded.vector.direction(spec.layer, position, aggregator, "unit").float()
-    return Condition(spec, loaded, position, aggregator, unit / unit.norm())
+    return Condition(spec, loaded, position, aggregator, unit_direction(loaded, spec.layer, position, aggregator))
 
 
 def prompt_projections(

@@ -22,7 +22,7 @@ from personactl.core.condition_spec import ConditionSpec
 from personactl.core.ranges import check_steering_layers
 from personactl.core.steer_plan import split_persona
 from personactl.model.chat_format import chat_messages, encode_prompt
-from personactl.steps.condition import prompt_projections
+from personactl.steps.condition import prompt_projections, unit_direction
 from personactl.steps.skeleton import RunArtifact
 from personactl.store.labelled_prompts import read_labelled_prompts
 from personactl.store.vectors import load_for_model
@@ -83,8 +83,7 @@ def fit_condition_step(
     rows = check_steering_layers(layers, lm.num_layers) if layers else [r for r in loaded.vector.rows if r >= 1]
     units = {}
     for row in rows:
-        direction = loaded.vector.direction(row, position, aggregator, "unit").float()
-        units[row] = direction / direction.norm()
+        units[row] = unit_direction(loaded, row, position, aggregator)
     prompt_ids = [encode_prompt(lm.tokenizer, chat_messages(p.system, p.text)) for p in prompts]
     start = time.perf_counter()
     projections = prompt_projections(lm, prompt_ids, units, settings.extract_batch_tokens)
