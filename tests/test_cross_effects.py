@@ -113,10 +113,19 @@ def test_cross_effects_shape_diagonal_and_zero(isolated_env, tmp_path, tiny_fact
 def test_cross_effect_input_errors(isolated_env, tmp_path, tiny_factory):
     common = prepare_two(tmp_path, tiny_factory)
     base = ["eval", *common, "--trait", "optimistic", "--trait", "evil", "--judge-base-url", "http://127.0.0.1:9"]
-    for extra in (["--proxy"], ["--steer", "evil:1:1"], ["--cross", "evil:1-2:1"], ["--cross", "evil:1:0:ablate"],
-                  ["--cross", "evil:9:1"], ["--vector", "evil"]):  # fmt: skip
+    for extra in (["--steer", "evil:1:1"], ["--cross", "evil:1:x"], ["--cross", "evil:1:1:bogus"],
+                  ["--cross", "evil:9:1"], ["--cross", "evil:1-9:1:ablate"], ["--cross", "evil:1:p25:ablate"],
+                  ["--cross", "evil:2:1", "--cross", "evil:2:1"], ["--vector", "evil"]):  # fmt: skip
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code == 2, (extra, result.output)
+        assert one_error_line(result.output), (extra, result.output)
+
+
+def one_error_line(output: str) -> bool:
+    """An expected failure: one `error:` line, at most a hint after it."""
+    lines = output.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    return len(errors) == 1 and len(lines) - errors[0] <= 2 and lines[-1].startswith(("error: ", "hint: "))
 
 
 def test_a_cross_row_names_another_persona_s_file(isolated_env, tmp_path, tiny_factory):
@@ -125,7 +134,8 @@ def test_a_cross_row_names_another_persona_s_file(isolated_env, tmp_path, tiny_f
     from test_cli import extracted_workspace
 
     from personactl.model.loading import load_model
-    from personactl.steps.cross_effects import _directions, parse_cross
+    from personactl.settings import Settings
+    from personactl.steps.cross_effects import parse_cross, row_steering
     from personactl.steps.evaluate import Variant
     from personactl.store.vectors import PersonaVector
     from personactl.store.workspace import Workspace
@@ -137,5 +147,5 @@ def test_a_cross_row_names_another_persona_s_file(isolated_env, tmp_path, tiny_f
     user = PersonaVector({k: v * 2 for k, v in vector.tensors.items()}, vector.metadata)
     user.save(Workspace(ws).vectors_path(lm.source.slug, "optimistic", "user"))
     row = parse_cross("optimistic:user:2:1", Variant("response_avg", "mean_diff", "raw"))
-    (direction,) = _directions(Workspace(ws), lm, [row])
-    assert torch.equal(direction, 2 * vector.direction(2))
+    (steering,) = row_steering(Settings(model=model), Workspace(ws), lm, [row])
+    assert torch.equal(steering.direction, 2 * vector.direction(2))
