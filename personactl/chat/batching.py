@@ -106,6 +106,11 @@ class BatchingChat:
             self._wake.notify()
         return tokens
 
+    def exclusive(self) -> threading.Lock:
+        """Held while no mixed batch runs (a request's condition is read under it, before it joins
+        one). The continuous engines read no activations in this process, so nothing reads there."""
+        return self._busy
+
     @property
     def queued(self) -> int:
         return len(self._waiting)

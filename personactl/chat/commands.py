@@ -26,6 +26,10 @@ HELP = (
     ("/steer [SPEC]", "add a plan term (VECTOR[@position]:LAYERS:VALUE[:OP], as --steer); alone: list the plan"),
     ("/unsteer N", "remove plan term N"),
     ("/term N [V]", "make term N the slider the keys move (0: the vector's α), and set its value to V"),
+    (
+        "/when [SPEC|off]",
+        "steer only replies whose prompt passes VECTOR[@position]:LAYER:THRESHOLD (--when); off: drop it",
+    ),
     ("/positions M", "where to add: all, prompt (the conversation so far) or response"),
     ("/norm N", "raw, unit or stream: α keeps its push (‖α·v‖), the slider takes that mode's range"),
     ("/reset", "clear the conversation (settings stay)"),
@@ -97,6 +101,7 @@ def turn_record(turn: ChatTurn) -> dict[str, Any]:
         "conversation": turn.conversation,
         "seed": turn.seed,
         **({"plan": steering["plan"]} if steering.get("plan") else {}),
+        **({"when": steering["when"]} if steering.get("when") else {}),
         **({"readout": turn.readout} if turn.readout is not None else {}),
     }
 
@@ -188,6 +193,26 @@ def _term_number(text: str, usage: str) -> int:
         ) from None
 
 
+def _when(session: ChatSession, arg: str, stop: threading.Event) -> Outcome:
+    if arg.lower() in ("off", "none"):
+        session.set_condition(None)
+        return Outcome("no condition: every reply is steered", data={"when": None})
+    if arg:
+        session.set_condition(arg)
+    if session.condition is None:
+        return Outcome("no condition (/when SPEC sets one)", data={"when": None})
+    spec, last = session.condition.spec.spec(), session.last_condition
+    text = f"when {spec}: a reply is steered only when its prompt's projection is above the threshold"
+    if last is not None:
+        text += f"\nlast prompt: {condition_text(last)}"
+    return Outcome(text, data={"when": spec, "last": last})
+
+
+def condition_text(verdict: dict[str, Any]) -> str:
+    """A reply's verdict in words: `projection 2.13: steered`."""
+    return f"projection {verdict['projection']:.4g}: {'steered' if verdict['steered'] else 'not steered'}"
+
+
 def _positions(session: ChatSession, arg: str, stop: threading.Event) -> Outcome:
     session.set_positions(_need(arg, "/positions all|prompt|response"))
     return Outcome(f"positions {session.positions}", data={"positions": session.positions})
@@ -223,6 +248,7 @@ _COMMANDS: dict[str, Callable[[ChatSession, str, threading.Event], Outcome]] = {
     "steer": _steer,
     "unsteer": _unsteer,
     "term": _term,
+    "when": _when,
     "positions": _positions,
     "norm": _norm,
     "reset": _reset,

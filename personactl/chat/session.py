@@ -12,6 +12,11 @@ stepped request by request. `/compare` runs one
 generation per α through that same path, so its column at the current α is exactly the reply a
 turn gets (a batched run is not: on CPU, batch-2 decoding differs from batch-1 in the last bits,
 which flips near-tied greedy tokens). (On vLLM, steering is the engine's per-layer buffers.)
+
+With a condition (`--when`, `/when`; `steps.condition`), each reply first reads the projection of
+the prompt it answers (the whole templated conversation, last prompt token) while no generation
+runs, and is steered (α·v and the plan alike) only when it is above the threshold; otherwise it is
+generated unsteered. The turn records the verdict.
 """
 
 from __future__ import annotations
@@ -37,10 +42,12 @@ from personactl.core.steer_plan import PlanTerm, parse_term
 from personactl.errors import InputError, PersonactlError, VectorFileError
 from personactl.model.chat_format import encode_prompt
 from personactl.model.loading import context_limit
+from personactl.steps.condition import Condition, check_condition, read_prompt, resolve_condition
 from personactl.steps.plan import ResolvedPlan, ResolvedTerm, resolve_plan
 from personactl.store.vectors import LoadedVector, PersonaVector, load_for_model
 
 if TYPE_CHECKING:
+    from personactl.core.condition_spec import ConditionSpec
     from personactl.model.loading import ModelHandle
     from personactl.store.workspace import Workspace
 
@@ -123,6 +130,10 @@ class ChatBackend(Protocol):
         """Start generating one reply; tokens arrive on the stream; `stop` ends it early."""
         ...
 
+    def exclusive(self) -> contextlib.AbstractContextManager[Any]:
+        """Held while no generation runs on the model (a reading beside one would meet its hooks)."""
+        ...
+
 
 def _in_thread(run: Any, *args: Any) -> TokenStream:
     """Start `run(*args, tokens)` in a worker thread; its tokens arrive on the returned stream."""
@@ -155,6 +166,9 @@ class EngineChat:
         if steering is not None:
             self.engine.check_positions(steering.positions)
         return _in_thread(self._run, prompt, steering, sampling, seed, stop)
+
+    def exclusive(self) -> threading.Lock:
+        return self.lock
 
     def _run(
         self,
@@ -358,6 +372,8 @@ class ChatSession:
         settings_record: Mapping[str, Any] | None = None,
         readout: Any = None,
         plan: Sequence[str | PlanTerm | ResolvedTerm] = (),
+        when: str | ConditionSpec | Condition | None = None,
+        read_batch_tokens: int = 8192,
     ):
         for name, value in (("--max-alpha", max_alpha), ("--alpha-step", alpha_step)):
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -391,6 +407,10 @@ class ChatSession:
         self.active = 0  # the slider the keys move: 0 = the vector's α, n = plan term n
         for term in plan:
             self.add_term(term)
+        self.read_batch_tokens = read_batch_tokens  # the condition's reading (`extract_batch_tokens`)
+        self.condition: Condition | None = None  # `--when`: steer a reply only when its prompt passes
+        self.last_condition: dict[str, Any] | None = None  # the last reply's verdict (projection, steered)
+        self.set_condition(when)
         self.history: list[dict[str, str]] = []
         self.transcript: list[ChatTurn] = []
         self.conversation = 0
@@ -566,6 +586,8 @@ class ChatSession:
         if self.plan:  # what each term applied at each of its layers, in `steer --steer`'s words
             record["plan"] = self.plan_specs()
             record["plan_terms"] = [resolved.describe() for resolved in self.resolved_plan().terms]
+        if self.condition is not None:  # a turn adds the verdict: projection and steered
+            record["when"] = {"spec": self.condition.spec.spec()}
         return record
 
     # ------------------------------------------------------------ the steering plan (`--steer` terms)
@@ -775,12 +797,33 @@ class ChatSession:
         if self._active is not None and self._active.running:
             raise InputError("a reply is still being generated", hint="finish or stop it first")
         prompt = self._prompt(self.messages(user))
-        steering = self.steering()
+        verdict = self.read_condition(prompt)
+        steering = self.steering() if verdict is None or verdict["steered"] else None
         seed = self.seed + len(self.transcript)
         stop = threading.Event()
         tokens = self.backend.stream(prompt, steering, self.sampling, seed, stop)
-        self._active = TurnStream(self, user, prompt, self.steering_record(), seed, tokens, stop)
+        record = {**self.steering_record(), **({"when": verdict} if verdict else {})}
+        self._active = TurnStream(self, user, prompt, record, seed, tokens, stop)
         return self._active
+
+    def read_condition(self, prompt: list[int]) -> dict[str, Any] | None:
+        """The condition's verdict on the prompt a reply answers (None without a condition), read
+        while no generation runs: its projection, and whether steering acts on that reply."""
+        if self.condition is None:
+            return None
+        with self.backend.exclusive():
+            self.last_condition = read_prompt(self.condition, self.lm, prompt, self.read_batch_tokens)
+        return self.last_condition
+
+    def set_condition(self, spec: str | ConditionSpec | Condition | None) -> Condition | None:
+        """The `--when` condition (None drops it), checked and resolved now: a bad one changes nothing."""
+        if spec is not None and not isinstance(spec, Condition):
+            check_condition(spec, self.backend.name)
+            spec = resolve_condition(
+                spec, workspace=self.workspace, lm=self.lm, position=self.position, aggregator=self.aggregator
+            )
+        self.condition, self.last_condition = spec, None
+        return spec
 
     def reply(self, user: str) -> ChatTurn:
         """Send and wait for the whole reply (scripts and tests)."""
@@ -824,17 +867,19 @@ class ChatSession:
         stop = stop or threading.Event()
         last = self.transcript[-1]
         prompt = self._prompt(self.messages()[:-1])
+        verdict = self.read_condition(prompt)  # the gate acts on every column, as on a turn
         rows = []
         for alpha in alphas:
             if stop.is_set():
                 break
-            steering = self.steering(alpha)
+            steering = self.steering(alpha) if verdict is None or verdict["steered"] else None
             tokens = self.backend.stream(prompt, steering, self.sampling, last.seed, stop)
             for _ in tokens:
                 pass
             kept, text, reason = self._outcome(tokens, stop)
             rows.append({"alpha": alpha, "reply": text, "n_tokens": len(kept), "finish_reason": reason})
-        last.compare.append({"steering": {**self.steering_record(), "alpha": None}, "rows": rows})
+        record = {**self.steering_record(), "alpha": None, **({"when": verdict} if verdict else {})}
+        last.compare.append({"steering": record, "rows": rows})
         return rows
 
     # ------------------------------------------------------------ transcript

@@ -86,12 +86,23 @@ Readout = Annotated[
 JsonLines = Annotated[
     bool, typer.Option("--json", help="Line mode with JSON lines out: message, reply, alpha, layers, …")
 ]
+When = Annotated[
+    Optional[str],
+    typer.Option(
+        "--when",
+        help="Steer a reply only when its prompt's (the conversation's) last-token projection on a condition "
+        "vector is above a threshold: VECTOR[@position[/aggregator]]:LAYER:THRESHOLD (see `personactl condition "
+        "fit`); other replies are unsteered. /when changes it.",
+        show_default=False,
+    ),
+]
 
 
 @guarded
 def chat(
     vector: ChatVector = None,
     plan: o.SteerPlan = None,
+    when: When = None,
     layers: o.MiddleLayer = None,
     alpha: Alpha = 1.0,
     max_alpha: MaxAlpha = None,
@@ -124,7 +135,7 @@ def chat(
 ) -> None:
     """Chat with the steered model: sliders for α and each --steer term in the terminal, or one reply per input line."""
     from personactl.backends import Sampling
-    from personactl.chat.readout import LiveReadout, require_hf
+    from personactl.chat.readout import LiveReadout
     from personactl.chat.session import ChatSession
     from personactl.settings import masked_dump
     from personactl.steps.steer import default_layer
@@ -145,9 +156,7 @@ def chat(
         trust_remote_code=trust_remote_code,
     )
     ws = open_workspace(settings)
-    if readout:
-        require_hf(settings.backend)  # before minutes of engine start-up
-    lm = load_engine(settings, steering=True, positions=positions)
+    lm, condition = load_checked(settings, positions, readout, when)
     session = ChatSession(
         lm,
         ws,
@@ -166,8 +175,22 @@ def chat(
         settings_record=masked_dump(settings),
         readout=LiveReadout.open(readout, lm) if readout else None,
         plan=terms,
+        when=condition,
+        read_batch_tokens=settings.extract_batch_tokens,
     )
     run_front_end(session, json)
+
+
+def load_checked(settings: Any, positions: str, readout: str | None, when: str | None) -> tuple[Any, Any]:
+    """The engine and the parsed --when condition; first, what the readout and the condition need of
+    the engine (reading activations in this process) is checked, before minutes of start-up."""
+    from personactl.chat.readout import require_hf
+    from personactl.steps.condition import check_condition
+
+    if readout:
+        require_hf(settings.backend)
+    condition = check_condition(when, settings.backend) if when else None
+    return load_engine(settings, steering=True, positions=positions), condition
 
 
 def check_steering(
@@ -262,7 +285,9 @@ def run_lines(session: ChatSession, lines: TextIO, as_json: bool) -> int:
                 for piece in stream:
                     out(one_line(piece), end="")
                 out("")
-                if stream.turn.readout is not None:  # stdout keeps one line per reply
+                if stream.turn.steering.get("when"):  # stdout keeps one line per reply
+                    _console(stderr=True).print(_when_text(stream.turn.steering["when"]), style="dim", markup=False)
+                if stream.turn.readout is not None:
                     _console(stderr=True).print(_readout_text(stream.turn.readout), style="dim")
         except PersonactlError as exc:
             failures += 1
@@ -347,12 +372,24 @@ def toolbar(session: ChatSession, width: int | None = None) -> list[tuple[str, s
     parts = [
         *head,
         *terms,
+        *_condition_part(session),
         ("", f" L{format_ranges(session.layers)} · {session.positions} · {session.norm} · {vector} "),
         ("class:keys", f" Alt-←/→ ±{step:g}{switch} "),
     ]
     while width is not None and len(parts) > len(head) and sum(len(text) for _, text in parts) > width:
         parts.pop()
     return parts
+
+
+def _condition_part(session: ChatSession) -> list[tuple[str, str]]:
+    """`when evil:12:3.5 · last 4.21 steered`: the condition and the last reply's verdict under it."""
+    if session.condition is None:
+        return []
+    last = session.last_condition
+    verdict = (
+        "" if last is None else f" · last {last['projection']:.3g} {'steered' if last['steered'] else 'not steered'}"
+    )
+    return [("class:term", f" when {session.condition.spec.spec()}{verdict} ")]
 
 
 def _active_slider(session: ChatSession) -> list[tuple[str, str]]:
@@ -428,6 +465,7 @@ def run_terminal(session: ChatSession) -> None:
     console = stdout_console()
     plan = f" and a plan of {len(session.plan)} term{'s' if len(session.plan) != 1 else ''}" if session.plan else ""
     vector = escape(session.vector.label) if session.vector is not None else "no vector"
+    plan += f" when {escape(session.condition.spec.spec())}" if session.condition is not None else ""
     console.print(
         f"[bold]chatting with {escape(session.lm.source.spec)}[/], steering with {vector}{plan}"
         " · /help for commands · Ctrl-C stops a reply · Ctrl-D leaves",
@@ -523,6 +561,8 @@ def _quiet_keys() -> Iterator[None]:
 def _stream_reply(console: Console, stream: TurnStream) -> None:
     """Print the reply as it is generated; Ctrl-C stops it (the reply is cut where the screen shows
     it) and the chat goes on."""
+    from rich.markup import escape
+
     console.print("[bold #5fafff]assistant ›[/] ", end="")
     with _quiet_keys(), _ctrl_c(stream.stop), stream:
         for piece in stream:
@@ -537,11 +577,19 @@ def _stream_reply(console: Console, stream: TurnStream) -> None:
     sys.stdout.write("\n")
     terms = len(turn.steering.get("plan") or ())
     plan = f" · plan of {terms} term{'s' if terms != 1 else ''}" if terms else ""
+    when = f" · {escape(_when_text(turn.steering['when']))}" if turn.steering.get("when") else ""
     console.print(
-        f"[dim]α {turn.steering['alpha']:+.2f}{plan} · {turn.n_tokens} tokens · {turn.seconds:.1f} s{note}[/]"
+        f"[dim]α {turn.steering['alpha']:+.2f}{plan}{when} · {turn.n_tokens} tokens · {turn.seconds:.1f} s{note}[/]"
     )
     if turn.readout is not None:
         console.print(_readout_text(turn.readout), style="dim #d7af5f")
+
+
+def _when_text(verdict: dict[str, Any]) -> str:
+    """`when evil:12:3.5: projection 4.2: steered`, the reply's condition verdict."""
+    from personactl.chat.commands import condition_text
+
+    return f"when {verdict['spec']}: {condition_text(verdict)}"
 
 
 def _readout_text(record: dict[str, Any]) -> Any:

@@ -156,4 +156,13 @@ def condition_gate(
     return ConditionGate(condition, projections, [p > condition.spec.threshold for p in projections])
 
 
+def read_prompt(
+    condition: Condition, lm: LoadedModel, prompt_ids: Sequence[int], batch_tokens: int = 8192
+) -> dict[str, Any]:
+    """One prompt's verdict (a chat turn, a served request): the reading `condition_gate` makes,
+    with its projection and whether steering acts on it."""
+    gate = condition_gate(condition, lm, [prompt_ids], batch_tokens)
+    return {"spec": condition.spec.spec(), "projection": gate.projections[0], "steered": gate.passed[0]}
+
+
 NO_CONDITION = {"condition_projection": None, "condition_passed": None}
