@@ -56,7 +56,12 @@ AlphaCap = Annotated[
     float, typer.Option("--alpha-cap", help="Adaptive: the largest α the search probes (doubling stops here).")
 ]
 Proxy = Annotated[
-    bool, typer.Option("--proxy", help="No judge: Cohen's d of held-out pos vs neg projections per layer.")
+    bool,
+    typer.Option(
+        "--proxy",
+        help="No judge: Cohen's d of held-out pos vs neg projections per layer; with several --trait (or --cross) "
+        "a cross-effect table of projection changes.",
+    ),
 ]
 MaxKL = Annotated[
     Optional[float],
@@ -83,8 +88,9 @@ Cross = Annotated[
     Optional[list[str]],
     typer.Option(
         "--cross",
-        help="A cross-effect row, repeatable: VECTOR[@position[/aggregator]]:LAYER:ALPHA, judged on every --trait "
-        "(instead of each trait's grid's best).",
+        help="A cross-effect row, repeatable: a --steer term VECTOR[@position[/aggregator]]:LAYERS:VALUE[:OP] "
+        "(e.g. evil:12:4, evil:10-14:2, evil:12:0:ablate), judged on every --trait (instead of each trait's "
+        "grid's best).",
         show_default=False,
     ),
 ]
@@ -184,7 +190,8 @@ def eval_cmd(
 
     With --steer SPEC (repeatable) every steered and random row also follows that steering plan and a
     `plan` cell runs the plan alone; without --vector the plan alone is evaluated. With several --trait
-    (or --cross), a cross-effect table: what steering with each vector does to every trait."""
+    (or --cross), a cross-effect table: what steering with each vector does to every trait (with --proxy,
+    judge-free: the change of each trait's projection, in units of its pos−neg separation)."""
     from personactl.store.traits import load_trait
 
     settings = settings_from(
@@ -205,8 +212,10 @@ def eval_cmd(
     crossing = len(traits) > 1 or bool(cross)
     check_modes(spec, proxy=proxy, crossing=crossing, vector=vector, dry_run=dry_run)
     if crossing:
-        summary = cross_effects(settings, ws, traits, spec, cross or [], max_kl=max_kl, force=force)
-        return emit_json(summary) if json else print_cross(summary)
+        summary = cross_effects(settings, ws, traits, spec, cross or [], proxy=proxy, max_kl=max_kl, force=force)
+        if json:
+            return emit_json(summary)
+        return print_cross_proxy(summary) if proxy else print_cross(summary)
     if dry_run and not proxy:
         return report_estimate(settings, ws, traits[0], spec, vector, json)
     summary = evaluate(settings, ws, traits[0], spec, vector_spec=vector, proxy=proxy, max_kl=max_kl, force=force)
@@ -224,10 +233,10 @@ def check_modes(spec: EvalSpec, *, proxy: bool, crossing: bool, vector: str | No
         raise InputError("--proxy measures a vector's projections, not a steering plan", hint="drop --proxy or --steer")
     if not crossing:
         return
-    if proxy or spec.plan or vector is not None or dry_run or spec.adaptive:
+    if spec.plan or vector is not None or dry_run or spec.adaptive:
         raise InputError(
-            "a cross-effect table (several --trait, or --cross) is judged and steers with each trait's own vector",
-            hint="drop --proxy, --steer, --vector, --adaptive and --dry-run, or evaluate one --trait",
+            "a cross-effect table (several --trait, or --cross) steers with its rows alone",
+            hint="drop --steer, --vector, --adaptive and --dry-run (a plan term can be a row: --cross SPEC)",
         )
 
 
@@ -238,19 +247,20 @@ def cross_effects(
     spec: EvalSpec,
     cross: list[str],
     *,
+    proxy: bool,
     max_kl: float | None,
     force: bool,
 ) -> dict[str, Any]:
     """The cross-effect table: rows from --cross, else each trait's vector at its eval grid's best
-    (the grid runs, or its saved result is reused); one model for all."""
+    (the grid runs, or its saved result is reused); one model for all. With `proxy`, judge-free."""
     from personactl.steps.cross_effects import cross_effects_step, parse_cross, row_from_best
 
-    loaded: dict[str, Any] = {}
     variant = spec.variants[0]
-    if cross:
-        rows = [parse_cross(s, variant) for s in cross]
-    else:
-        rows = []
+    rows = [parse_cross(s, variant) for s in cross]  # a malformed row fails before any model loads
+    if proxy:
+        return proxy_cross_effects(settings, ws, traits, spec, rows, force=force)
+    loaded: dict[str, Any] = {}
+    if not rows:
         for t in traits:
             found = evaluate(
                 settings, ws, t, spec, vector_spec=None, proxy=False, max_kl=max_kl, force=force, loaded=loaded
@@ -265,6 +275,44 @@ def cross_effects(
         spec=spec,
         load=shared_loader(settings, spec, loaded),
         load_judge=judge_loader(settings, loaded),
+        force=force,
+    )
+    return said_if_skipped(summary)
+
+
+def proxy_cross_effects(
+    settings: Settings, ws: Workspace, traits: list[Trait], spec: EvalSpec, rows: list[Any], *, force: bool
+) -> dict[str, Any]:
+    """The judge-free table: each trait's column layer is --layers when it names one layer, else the
+    best of the trait's proxy sweep over --layers (run, or its saved result reused); rows from
+    --cross, else each trait's vector at its column layer with every α of --coefficients."""
+    from personactl.backends import require_activations
+    from personactl.steps.cross_proxy import (
+        NEEDS_ACTIVATIONS,
+        Column,
+        column_from_sweep,
+        cross_proxy_step,
+        default_rows,
+    )
+
+    require_activations(settings.backend, NEEDS_ACTIVATIONS, hint="add --backend hf, or drop --proxy and judge")
+    variant, loaded = spec.variants[0], {}
+    columns = []
+    for t in traits:
+        if spec.layers is not None and len(spec.layers) == 1:
+            columns.append(Column(t.name, spec.layers[0], variant.position, variant.aggregator, "--layers"))
+            continue
+        swept = evaluate(settings, ws, t, spec, vector_spec=None, proxy=True, max_kl=None, force=force, loaded=loaded)
+        columns.append(column_from_sweep(t.name, swept, variant))
+    _, summary = with_progress(
+        cross_proxy_step,
+        settings=settings,
+        workspace=ws,
+        traits=traits,
+        columns=columns,
+        rows=rows or default_rows(columns, spec.coefficients, variant.norm),
+        spec=spec,
+        load=shared_loader(settings, spec, loaded),
         force=force,
     )
     return said_if_skipped(summary)
@@ -579,6 +627,7 @@ def print_cross(summary: dict[str, Any]) -> None:
     console = stdout_console()
     for what, title in (("trait", "change in the column trait's score"), ("coherence", "change in coherence")):
         table = Table("steered with ↓ · judged on →", *map(escape, summary["columns"]), title=f"cross effects: {title}")
+        table.columns[0].overflow = "fold"  # a row's label is its spec: wrapped, never cut
         for label, cells in zip(summary["rows"], summary["matrix"], strict=True):
             table.add_row(escape(label), *(_change(c[what]) for c in cells))
         console.print(table)
@@ -587,6 +636,35 @@ def print_cross(summary: dict[str, Any]) -> None:
         markup=False,
         soft_wrap=True,
     )
+
+
+def print_cross_proxy(summary: dict[str, Any]) -> None:
+    """The judge-free matrix: change of each column trait's projection, in its separations (95% CI)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = stdout_console()
+    layers = {c["trait"]: c["layer"] for c in summary["column_settings"]}
+    columns = [escape(f"{c} (layer {layers[c]})") for c in summary["columns"]]
+    table = Table("steered with ↓ · read on →", *columns, title="cross effects (proxy, no judge): change in projection")
+    table.columns[0].overflow = "fold"
+    for label, cells in zip(summary["rows"], summary["matrix"], strict=True):
+        table.add_row(escape(label), *(_separations(c["proxy"]) for c in cells))
+    console.print(table)
+    chosen = ", ".join(f"{c['trait']} at {c['layer']} ({c['chosen_by']})" for c in summary["column_settings"])
+    console.print(
+        f"unit: {summary['unit']} · vs unsteered answers to the same prompts (paired, 95% CI) · column layers: "
+        f"{chosen} · saved {summary['artifact']}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _separations(effect: dict[str, Any]) -> str:
+    if effect["change"] is None:
+        return "—"
+    ci = "" if effect["low"] is None else f" [{effect['low']:+.2f}, {effect['high']:+.2f}]"
+    return f"{effect['change']:+.2f}{ci}"
 
 
 def print_proxy(summary: dict[str, Any]) -> None:
