@@ -3,7 +3,10 @@
 Each request becomes a one-turn `ChatSession` carrying that request's steering (persona, α, layers,
 positions, norm, and a steering plan: `steer`, a list of `--steer` specs; the command line gives
 the defaults), so validation, chat templating, streaming and finish reasons are exactly the chat's.
-Plan terms are resolved once per (spec, norm, position, aggregator) and vector-file version.
+Plan terms are resolved once per (spec, norm, position, aggregator) and vector-file version, and so
+is a condition (`when`, a `--when` spec; `--when` gives the default, null drops it): a request's
+prompt projection is read before it joins a batch (`ChatSession.read_condition`, while no batch
+runs), and a request below the threshold becomes an unsteered row.
 Requests that arrive together are generated together when the engine can mix rows
 (`chat.batching.BatchingChat`: each row its own steering, plan, sampling and seed; in float32 a
 reply equals the same request alone); an engine that cannot mix rows runs them one at a time
@@ -44,6 +47,7 @@ from personactl.chat.session import ChatSession, TurnStream
 from personactl.core.ranges import parse_ranges
 from personactl.core.steer_plan import parse_term
 from personactl.errors import InputError, ModelError, PersonactlError, VectorFileError
+from personactl.steps.condition import Condition, check_condition, resolve_condition
 from personactl.steps.plan import ResolvedTerm, resolve_plan
 from personactl.store.vectors import LoadedVector, load_for_model
 
@@ -113,6 +117,7 @@ class ServeDefaults:
     top_p: float = 1.0
     seed: int = 0
     plan: tuple[str, ...] = ()  # `--steer` specs: the plan of requests that send no `steer`
+    when: str | None = None  # `--when` spec: the condition of requests that send no `when`
 
 
 @dataclass
@@ -165,6 +170,7 @@ class ChatRequest(BaseModel):
     position: Any = None
     aggregator: Any = None
     steer: Any = None  # a steering plan: a list of `--steer` specs ([] = none)
+    when: Any = None  # a condition: a `--when` spec (null = none)
 
 
 def check_keys(body: Mapping[str, Any]) -> None:
@@ -207,6 +213,8 @@ class SteeredEngine:
         self._vectors: dict[tuple[Path, int, int], LoadedVector] = {}
         # (spec, norm, position, aggregator) → the resolved term and its vector file's version
         self._terms: OrderedDict[tuple[str, str, str, str], tuple[ResolvedTerm, Any]] = OrderedDict()
+        # (spec, position, aggregator) → the resolved condition and its vector file's version
+        self._conditions: OrderedDict[tuple[str, str, str], tuple[Condition, Any]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._running: set[TurnStream] = set()
         self._trusted: set[Path] = set()  # files named at start-up: read even when outside the workspace
@@ -215,6 +223,9 @@ class SteeredEngine:
         self.warnings: list[str] = []
         try:  # the defaults are checked at start-up, not per request
             self._trusted |= {Path(t.vector_path).resolve() for t in self._resolve_plan(defaults.plan, defaults.norm)}
+            if defaults.when is not None:
+                default = self._resolve_condition(defaults.when, defaults.position, defaults.aggregator, False)
+                self._trusted.add(default.loaded.path.resolve())
             self.default_session = self._session({})
         except APIError as exc:
             raise InputError(exc.message, hint=exc.hint) from None
@@ -245,6 +256,50 @@ class SteeredEngine:
                 f"{what} {spec!r}: this server does not read vector files outside its workspace",
                 hint="name a trait extracted in the workspace, or a file given with --vector or --steer at start-up",
             )
+
+    def _check_named(self, vector: str, spec: str, what: str) -> None:
+        """`_check_allowed` for a vector a spec names as a file (`VECTOR` or `VECTOR:persona`)."""
+        for name in {vector, vector.rpartition(":")[0]} - {""}:
+            if "/" in name or "\\" in name or name.endswith(".safetensors") or Path(name).is_file():
+                self._check_allowed(Path(name).resolve(), spec, what)
+
+    def condition(self, spec: Any, position: str, aggregator: str) -> Condition | None:
+        """A request's `when` (None: no condition) resolved as `--when` is (the same rules as
+        `persona`), once per spec, units and vector-file version; a bad one is a 400 naming it."""
+        if spec is None:
+            return None
+        if not isinstance(spec, str):
+            raise APIError(400, 'when must be a string like "evil:12:3.5", or null for no condition', param="when")
+        key = (spec, position, aggregator)
+        with self._cache_lock:
+            cached = self._conditions.get(key)
+        if cached is not None and cached[1] == _file_version(cached[0].loaded.path):
+            return cached[0]
+        resolved = self._resolve_condition(spec, position, aggregator, requested=True)
+        with self._cache_lock:
+            self._conditions[key] = (resolved, _file_version(resolved.loaded.path))
+            while len(self._conditions) > MAX_TERMS:
+                self._conditions.popitem(last=False)
+        return resolved
+
+    def _resolve_condition(self, spec: str, position: str, aggregator: str, requested: bool) -> Condition:
+        exposed = self.exposed and requested
+        try:
+            parsed = check_condition(spec, self.backend.name)
+            if exposed:
+                self._check_named(parsed.vector, spec, "when")
+            resolved = resolve_condition(
+                parsed, workspace=self.workspace, lm=self.lm, position=position, aggregator=aggregator
+            )
+            if exposed:
+                self._check_allowed(resolved.loaded.path.resolve(), spec, "when")
+        except PersonactlError as exc:
+            where = "when" if requested else "--when"
+            message = exc.message if spec in exc.message else f"{where} {spec!r}: {exc.message}"
+            raise APIError(400, message, param="when", hint=exc.hint) from None
+        if resolved.loaded.warning and resolved.loaded.warning not in self.warnings:
+            self.warnings.append(resolved.loaded.warning)
+        return resolved
 
     def plan(self, specs: Any, norm: str, position: str, aggregator: str) -> list[ResolvedTerm]:
         """A request's `steer` list resolved against the workspace (the same rules as `persona`); each
@@ -292,9 +347,7 @@ class SteeredEngine:
         try:
             term = parse_term(spec)
             if exposed:  # before touching the file system, as for `persona`
-                for name in {term.vector, term.vector.rpartition(":")[0]} - {""}:
-                    if "/" in name or "\\" in name or name.endswith(".safetensors") or Path(name).is_file():
-                        self._check_allowed(Path(name).resolve(), spec, "steer term")
+                self._check_named(term.vector, spec, "steer term")
             plan = resolve_plan(
                 [term], workspace=self.workspace, lm=self.lm, position=position, aggregator=aggregator, norm=norm
             )
@@ -347,6 +400,8 @@ class SteeredEngine:
         if specs:  # resolved in the session's (checked) units; add terms within ±max_alpha as α is
             for term in self.plan(specs, session.norm, session.position, session.aggregator):
                 session.add_term(term)
+        when = body["when"] if "when" in body else d.when  # `when: null` drops the default
+        session.set_condition(self.condition(when, session.position, session.aggregator))
         return session
 
     def start(self, body: Any) -> Completion:
@@ -481,6 +536,8 @@ class SteeredEngine:
             "norm": session.norm,
             "position": session.position,
             "aggregator": session.aggregator,
+            # the condition, and for a reply its verdict: the prompt's projection and whether it steered
+            "when": session.last_condition or (session.condition and {"spec": session.condition.spec.spec()}),
         }
 
     def models(self) -> dict[str, Any]:
@@ -567,8 +624,12 @@ def _messages(raw: Any) -> list[dict[str, str]]:
 
 def _version(term: ResolvedTerm) -> Any:
     """A term's vector file version (None once it is gone): a cached term is stale when it changes."""
+    return _file_version(term.vector_path)
+
+
+def _file_version(path: str | Path) -> Any:
     try:
-        stat = Path(term.vector_path).stat()
+        stat = Path(path).stat()
     except OSError:
         return None
     return stat.st_mtime_ns, stat.st_size
@@ -694,6 +755,9 @@ def request_line(completion: Completion) -> str:
     tokens = turn.n_tokens if turn else 0
     persona = session.vector.label if session.vector is not None else "-"
     plan = f" plan={len(session.plan)} terms" if session.plan else ""
+    verdict = session.last_condition
+    if verdict is not None:
+        plan += f" when={verdict['projection']:.4g}:{'steered' if verdict['steered'] else 'unsteered'}"
     return (
         f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {completion.id} persona={persona} "
         f"α={session.alpha:g} layers={session.layers}{plan} {turn.n_prompt_tokens if turn else 0}+{tokens} tokens "

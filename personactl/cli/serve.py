@@ -36,6 +36,16 @@ DefaultPlan = Annotated[
         show_default=False,
     ),
 ]
+DefaultWhen = Annotated[
+    Optional[str],
+    typer.Option(
+        "--when",
+        help="Default condition (requests may send their own `when`, or null for none): steer a request only when "
+        "its prompt's last-token projection on a condition vector is above a threshold, "
+        "VECTOR[@position[/aggregator]]:LAYER:THRESHOLD (see `personactl condition fit`); others are unsteered.",
+        show_default=False,
+    ),
+]
 DefaultAlpha = Annotated[float, typer.Option("--alpha", "-a", help="Default α for requests that give none.")]
 MaxAlpha = Annotated[float, typer.Option("--max-alpha", help="Requests with |α| above it are refused with 400.")]
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, max=2.0, help="Default temperature; 0 = greedy.")]
@@ -76,6 +86,7 @@ AnnounceJson = Annotated[
 def serve(
     vector: DefaultVector = None,
     plan: DefaultPlan = None,
+    when: DefaultWhen = None,
     layers: o.MiddleLayer = None,
     alpha: DefaultAlpha = 1.0,
     max_alpha: MaxAlpha = 3.0,
@@ -112,13 +123,10 @@ def serve(
 ) -> None:
     """Serve the steered model over an OpenAI-compatible API; each request may pick persona, α, layers and plan."""
     from personactl.chat.server import ServeDefaults, SteeredEngine
-    from personactl.core.ranges import parse_ranges
     from personactl.steps.steer import default_layer
 
     positions = o.steer_positions(steer_positions, old_positions)
     exposed = check_exposure(host, api_key, insecure)
-    check_defaults(vector, plan, alpha, max_alpha)
-    layer_list = parse_ranges(layers) if layers else None
     settings = settings_from(
         config,
         workspace=workspace,
@@ -132,6 +140,7 @@ def serve(
         trust_remote_code=trust_remote_code,
     )
     ws = open_workspace(settings)
+    layer_list = check_defaults(vector, plan, when, alpha, max_alpha, layers, settings.backend)
     lm = load_engine(settings, steering=True, positions=positions)
     defaults = ServeDefaults(
         vector=vector,
@@ -147,6 +156,7 @@ def serve(
         top_p=settings.top_p,
         seed=settings.seed,
         plan=tuple(plan or ()),
+        when=when,
     )
     limits = {"max_batch": max_batch, "max_queue": max_queue}
     engine = SteeredEngine(lm, ws, defaults, model_id=served_model_name, exposed=exposed, **limits)
@@ -169,16 +179,31 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> bool:
     return exposed
 
 
-def check_defaults(vector: str | None, plan: list[str] | None, alpha: float, max_alpha: float) -> None:
-    """A default persona or plan, every --steer term well-formed and α within bounds, before the model loads."""
+def check_defaults(
+    vector: str | None,
+    plan: list[str] | None,
+    when: str | None,
+    alpha: float,
+    max_alpha: float,
+    layers: str | None,
+    backend: str,
+) -> list[int] | None:
+    """A default persona or plan, every --steer term and the --when condition well-formed (the
+    condition refused where the engine reads no activations here) and α within bounds, before the
+    model loads; the --layers parsed."""
+    from personactl.core.ranges import parse_ranges
     from personactl.core.steer_plan import parse_term
     from personactl.errors import InputError
+    from personactl.steps.condition import check_condition
 
     if vector is None and not plan:
         raise InputError("nothing to steer with", hint="pass --vector NAME (the default persona) and/or --steer SPEC")
     for spec in plan or ():
         parse_term(spec)
+    if when:
+        check_condition(when, backend)
     check_alpha_bounds(alpha, max_alpha)
+    return parse_ranges(layers) if layers else None
 
 
 def check_alpha_bounds(alpha: float, max_alpha: float) -> None:
@@ -216,6 +241,7 @@ def run(server: SteeredHTTPServer, json: bool) -> None:
         sys.stdout.flush()
     auth = "API key required" if server.api_key else "no API key"
     plan = f", plan {' '.join(card['plan'])}" if card["plan"] else ""
+    plan += f", when {card['when']['spec']}" if card["when"] else ""
     log(
         f"serving {engine.model_id} at {server.url} ({auth}); default persona {card['persona'] or 'none'}, "
         f"α={card['alpha']:g} (max ±{card['max_alpha']:g}), layers {card['layers']}{plan}; requests generated in "
