@@ -7,6 +7,8 @@ prompt token, the same reading extraction makes), so it is decided once per prom
 alone, on any engine that reads activations in this process. The gate covers all steering of a
 row, the swept α·v and the plan alike: a prompt below the threshold is not steered at all, and its
 steered rows are its baseline's generation (bit-identical to the unsteered answer, not re-run).
+`chat` and `serve` read one prompt at a time (`read_prompt`: a reply's conversation, a request's
+messages) and generate a prompt below the threshold unsteered.
 """
 
 from __future__ import annotations
