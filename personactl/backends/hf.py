@@ -122,6 +122,10 @@ class HFBackend:
             eos_token_id=self.stop_ids,
         )
 
+    def steerer(self, directions: Mapping[int, torch.Tensor], **options: Any) -> Steerer:
+        """A `Steerer` on this model (hooks while entered), for `run_grid`."""
+        return Steerer(self.model, directions, **options)
+
     def run_grid(
         self,
         prompts: Sequence[Sequence[int]],

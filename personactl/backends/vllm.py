@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from personactl.backends import Generation, Sampling, Steering, end_of_turn_ids, finish_generation
+from personactl.backends import Generation, Sampling, Steering, finish_generation, generation_stop_ids
 from personactl.backends.vllm_configs import ConfigRows, SteeringConfig, plan_slots, salt_for
 from personactl.backends.vllm_plugin import DEFAULT_PROJECTIONS, FLAG, KEY, flag_value
 from personactl.core.choices import STEER_OPS
@@ -65,17 +65,6 @@ def _quiet_vllm_env() -> None:
 def _row_seed(seed: int, index: int) -> int:
     """Per-request sampling seed: same (seed, row) → same sample, whatever the batch around it."""
     return random.Random(seed * 1_000_003 + index).getrandbits(63)
-
-
-def _stop_ids(directory_or_id: str, config: Any, tokenizer: Any, **kwargs: Any) -> list[int]:
-    """The same stop tokens as the HF backend: the generation config's eos ids plus the tokenizer's eos."""
-    from transformers import GenerationConfig
-
-    try:
-        ids = GenerationConfig.from_pretrained(directory_or_id, **kwargs).eos_token_id
-    except OSError:  # no generation_config.json
-        ids = getattr(config, "eos_token_id", None)
-    return end_of_turn_ids(ids, tokenizer)
 
 
 def _chunks_within(keys: Sequence[str | None], capacity: int) -> Iterator[list[int]]:
@@ -594,7 +583,7 @@ def open_vllm(
         text_config,
         model_fingerprint(source, SimpleNamespace(config=config), Path(location) if source.kind != "hub" else None),
         dtype,
-        stop_ids=_stop_ids(location, config, tokenizer, **hub),
+        stop_ids=generation_stop_ids(location, config, tokenizer, **hub),
         steerable=steering,
         enforce_eager=enforce_eager,
         tensor_parallel_size=tensor_parallel_size,

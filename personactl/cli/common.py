@@ -148,8 +148,20 @@ def load_engine(settings, *, steering: bool, positions: str = "all"):
 
 
 def load_model_from(settings):
-    """The Hugging Face model `settings` names (for the steps that need its activations)."""
+    """The Hugging Face model `settings` names (a local judge, the neutral-KL measure: they need
+    transformers' own model)."""
     return load_engine(settings.model_copy(update={"backend": "hf"}), steering=False)
+
+
+def load_reader_from(settings):
+    """The model of the steps that read activations (extract, monitor, readout, condition, import):
+    the chosen engine's when it reads them in this process (hf, mlx), else the Hugging Face model
+    (vLLM's stream lives in its worker processes)."""
+    from personactl.backends import engine_class
+
+    if not engine_class(settings.backend).reads_activations:
+        settings = settings.model_copy(update={"backend": "hf"})
+    return load_engine(settings, steering=False)
 
 
 class LazyProgress:

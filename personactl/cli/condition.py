@@ -11,7 +11,7 @@ from personactl.cli import options as o
 from personactl.cli.common import (
     emit_json,
     guarded,
-    load_model_from,
+    load_reader_from,
     log,
     open_workspace,
     settings_from,
@@ -81,7 +81,7 @@ def fit(
         trust_remote_code=trust_remote_code,
     )
     ws = open_workspace(settings)
-    lm = load_model_from(settings)
+    lm = load_reader_from(settings)
     document, summary = fit_condition_step(
         settings=settings,
         workspace=ws,

@@ -15,7 +15,7 @@ from personactl.cli.common import (
     comma_list,
     emit_json,
     guarded,
-    load_model_from,
+    load_reader_from,
     log,
     open_workspace,
     settings_from,
@@ -130,7 +130,7 @@ def extract(
         vector, summary = extract_step(
             settings=settings,
             workspace=ws,
-            load=lambda: load_model_from(settings),
+            load=lambda: load_reader_from(settings),
             trait=trait_obj,
             pairs_file=pairs,
             name=name,

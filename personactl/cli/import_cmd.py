@@ -12,7 +12,7 @@ from personactl.cli import options as o
 from personactl.cli.common import (
     emit_json,
     guarded,
-    load_model_from,
+    load_reader_from,
     log,
     open_workspace,
     settings_from,
@@ -115,7 +115,7 @@ def import_vector(
     vector, summary = import_step(
         settings=settings,
         workspace=ws,
-        load=lambda: load_model_from(settings),
+        load=lambda: load_reader_from(settings),
         source=source,
         name=name,
         position=o.plain(position),

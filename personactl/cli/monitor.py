@@ -11,7 +11,7 @@ from personactl.cli import options as o
 from personactl.cli.common import (
     emit_json,
     guarded,
-    load_model_from,
+    load_reader_from,
     log,
     open_workspace,
     settings_from,
@@ -114,7 +114,7 @@ def monitor(
     doc, table = monitor_step(
         settings=settings,
         workspace=ws,
-        load=lambda: load_model_from(settings),
+        load=lambda: load_reader_from(settings),
         vector=vector,
         readout=readout,
         texts=list(text or []),

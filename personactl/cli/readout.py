@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from personactl.cli import options as o
-from personactl.cli.common import emit_json, guarded, load_model_from, open_workspace, settings_from
+from personactl.cli.common import emit_json, guarded, load_reader_from, open_workspace, settings_from
 
 app = typer.Typer(help="Multi-concept readouts: train concept vectors, then `monitor --readout`.", no_args_is_help=True)
 
@@ -55,7 +55,7 @@ def train(
     )
     concepts, neutral = read_concept_dir(directory)
     ws = open_workspace(settings)
-    lm = load_model_from(settings)
+    lm = load_reader_from(settings)
     rows = parse_ranges(layers) if layers else list(range(lm.num_layers + 1))
     check_in_range(rows, lm.num_layers)
     readout = train_readout(

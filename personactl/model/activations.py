@@ -26,6 +26,7 @@ from personactl.core.sinks import median_span_norm, sink_mask, without_sinks
 from personactl.errors import InputError
 from personactl.model.chat_format import EncodedExample, PairExample
 from personactl.model.loading import input_device
+from personactl.model.row_reader import RowReader
 
 # the answer after a thinking section (`<think>…</think>`); the response itself when there is none
 THINKING_POSITIONS = ("answer_start", "answer_avg")
@@ -86,6 +87,39 @@ def run_to_last_row(model: Any, **inputs: Any) -> None:
         model(**inputs, use_cache=False)
     except _StopForward:
         pass
+
+
+@contextlib.contextmanager
+def row_reading(
+    model: Any, layers: Any, rows: Sequence[int], on_row: Callable[[int, torch.Tensor], None]
+) -> Iterator[Callable[[Batch], None]]:
+    """`read(batch)`: one forward pass over `batch` that hands each of `rows` to `on_row` and stops
+    after the deepest: hooks on a torch model, the model's own pass on a `RowReader` (MLX)."""
+    if isinstance(model, RowReader):
+        wanted = sorted(set(rows))
+        if not wanted or wanted[0] < 0 or wanted[-1] > len(layers):
+            raise InputError(f"layer rows must be within 0..{len(layers)}, got {list(rows)}")
+        yield lambda batch: model.read_rows(batch, wanted, on_row)
+        return
+    with residual_hooks(layers, rows, on_row):
+        yield lambda batch: run_to_last_row(
+            model,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask.long(),
+            position_ids=batch.position_ids,
+        )
+
+
+def model_width(model: Any) -> int:
+    """The hidden size of a torch model or a `RowReader`."""
+    if isinstance(model, RowReader):
+        return model.hidden_size
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The dtype a torch model or a `RowReader` computes its stream in."""
+    return model.dtype if isinstance(model, RowReader) else next(model.parameters()).dtype
 
 
 @dataclass
@@ -303,7 +337,7 @@ def extract_vectors(
     if not stream_norm and set(positions) <= set(TOKEN_POSITIONS):
         pairs = cut_after_read_tokens(pairs, positions)
     device = input_device(model)  # the batch and the sums; a block elsewhere hands its rows over (`on_row`)
-    hidden_size = int(model.get_input_embeddings().weight.shape[1])
+    hidden_size = model_width(model)
     sums = _PairSums.allocate(len(positions), len(rows), hidden_size, len(pairs), pca, diagnostics, device)
     n_tokens = _stream_batches(
         model, layers, pairs, rows, positions, sums, pad_id, batch_tokens, padding_side, stream_norm, on_batch
@@ -313,7 +347,7 @@ def extract_vectors(
         result.stream_norm[rows] = sums.example_norms.nanmedian(dim=1).values.cpu()
     _fill_vectors(result, sums, positions, n_rows, pca, diagnostics)
     if diagnostics:
-        result.diagnostics["warnings"] = warnings_for(result.diagnostics, next(model.parameters()).dtype)
+        result.diagnostics["warnings"] = warnings_for(result.diagnostics, model_dtype(model))
     return result
 
 
@@ -436,16 +470,11 @@ def _stream_batches(
         sums.add(row_index[row], values, norms, current)
 
     n_tokens = 0
-    with torch.inference_mode(), residual_hooks(layers, rows, on_row):
+    with torch.inference_mode(), row_reading(model, layers, rows, on_row) as read:
         for batch_indices in length_sorted_batches(pairs, batch_tokens):
             current = _batch_in_flight(pairs, batch_indices, sums.slots, pad_id, padding_side, device)
             batch = current.batch
-            run_to_last_row(
-                model,
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask.long(),
-                position_ids=batch.position_ids,
-            )
+            read(batch)
             n_tokens += int(batch.attention_mask.sum())
             del batch
             current = None

@@ -19,10 +19,10 @@ from personactl.model.activations import (
     ALL_POSITIONS,
     POSITIONS,
     collate,
+    model_width,
     reduce_positions,
     release_free_heap,
-    residual_hooks,
-    run_to_last_row,
+    row_reading,
     token_sinks,
 )
 from personactl.model.chat_format import EncodedExample
@@ -71,7 +71,7 @@ def read_examples(
         raise InputError("no texts to read")
     rows = sorted(set(rows))
     device = input_device(model)  # the batch; a block elsewhere (a device map) hands its rows over (`on_row`)
-    hidden_size = int(model.get_input_embeddings().weight.shape[1])
+    hidden_size = model_width(model)
     values = torch.zeros(len(examples), len(positions), len(rows), hidden_size)
     tokens: list[torch.Tensor | None] = [None] * len(examples)
     row_index = {row: i for i, row in enumerate(rows)}
@@ -89,17 +89,12 @@ def read_examples(
             projections[token_sinks(hidden, batch)] = float("nan")
             per_token[row] = projections.cpu()
 
-    with torch.inference_mode(), residual_hooks(layers, rows, on_row):
+    with torch.inference_mode(), row_reading(model, layers, rows, on_row) as read:
         for batch_indices in length_batches(examples, batch_tokens):
             batch = collate([examples[i] for i in batch_indices], pad_id, "right", device)
             state.update(batch=batch, index=torch.tensor(batch_indices))
             per_token.clear()
-            run_to_last_row(
-                model,
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask.long(),
-                position_ids=batch.position_ids,
-            )
+            read(batch)
             if dirs is not None:
                 stacked = torch.stack([per_token[r] for r in rows], dim=2)  # [B, T, R, K]
                 for b, i in enumerate(batch_indices):

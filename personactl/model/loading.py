@@ -262,6 +262,10 @@ def input_device(model: Any):
     and not necessarily that of `model.parameters()`'s first tensor."""
     import torch
 
+    from personactl.model.row_reader import RowReader
+
+    if isinstance(model, RowReader):
+        return model.device
     embedding = model.get_input_embeddings()
     hook = getattr(embedding, "_hf_hook", None)
     for one in [hook, *getattr(hook, "hooks", ())]:  # a SequentialHook holds several

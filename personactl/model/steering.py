@@ -75,6 +75,7 @@ class Steerer:
         positions: str = "all",
         decoder_layers: Any = None,
         plan: Plan | None = None,
+        dtype: torch.dtype | None = None,
     ):
         from personactl.model.loading import decoder_layers as find_layers
         from personactl.model.loading import input_device
@@ -84,9 +85,12 @@ class Steerer:
         self.blocks = decoder_layers if decoder_layers is not None else find_layers(model)
         self.positions = positions
         self.row_modes: torch.Tensor | None = None  # [B] codes of MODE_CODES, set by `per_row`
-        # made where inputs go; a layer whose block runs elsewhere (an accelerate device map) moves
-        # its own tensors there at its first forward (`_place`), never again per step
-        self.device, self.dtype = input_device(model), next(model.parameters()).dtype
+        if dtype is None:
+            # made where inputs go; a layer whose block runs elsewhere (an accelerate device map) moves
+            # its own tensors there at its first forward (`_place`), never again per step
+            self.device, self.dtype = input_device(model), next(model.parameters()).dtype
+        else:  # the blocks of another engine (MLX): this object only holds the configuration, on the CPU
+            self.device, self.dtype = torch.device("cpu"), dtype
         if isinstance(vector, Mapping):
             directions = dict(vector)
         else:
@@ -112,7 +116,13 @@ class Steerer:
         self._prompt_width = 0
 
     @classmethod
-    def per_row(cls, model: Any, rows: Sequence[RowSteering | None], decoder_layers: Any = None) -> Steerer:
+    def per_row(
+        cls,
+        model: Any,
+        rows: Sequence[RowSteering | None],
+        decoder_layers: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> Steerer:
         """Hooks at every layer any row steers; row `b` adds its own α · direction there (zeros at
         the layers it does not steer) at the positions of its own mode."""
         layers = sorted({layer for row in rows if row is not None for layer in row.directions})
@@ -122,7 +132,7 @@ class Steerer:
         }
         plans = [_plan_of(row) for row in rows]
         plan_layers = {layer: [] for plan in plans if plan for layer in plan}
-        steerer = cls(model, unit, coefficient=0.0, decoder_layers=decoder_layers, plan=plan_layers)
+        steerer = cls(model, unit, coefficient=0.0, decoder_layers=decoder_layers, plan=plan_layers, dtype=dtype)
         steerer.set_plans(plans)
         for row in rows:
             if row is not None:
@@ -231,7 +241,7 @@ class Steerer:
         keep = torch.where(modes == MODE_CODES["all"], torch.ones_like(keep), keep)
         return keep[:, :, None]
 
-    def _delta(self, layer: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    def delta(self, layer: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """`[B or 1, 1, H]`: what this forward adds at `layer`."""
         if self.row_deltas is not None:
             deltas = self.row_deltas[layer]
@@ -262,9 +272,9 @@ class Steerer:
             mask = self._position_mask(hidden.shape[1], hidden.device)
             steered, terms = hidden, self.terms.get(layer, [])
             if layer in self.directions:
-                delta = self._delta(layer, hidden.shape[0], hidden.dtype)
+                delta = self.delta(layer, hidden.shape[0], hidden.dtype)
                 if terms and isinstance(terms[0], AddTerm):  # α·v and the plan's first add, as one sum
-                    delta, terms = _with_add(delta, terms[0], hidden.shape[0]), terms[1:]
+                    delta, terms = sum_with_add(delta, terms[0], hidden.shape[0]), terms[1:]
                 steered = hidden + (delta if mask is None else delta * mask)
             if terms:
                 steered = self._apply_terms(terms, steered, mask)
@@ -300,7 +310,7 @@ class Steerer:
         self._handles.clear()
 
 
-def _with_add(delta: torch.Tensor, term: AddTerm, batch: int) -> torch.Tensor:
+def sum_with_add(delta: torch.Tensor, term: AddTerm, batch: int) -> torch.Tensor:
     """`delta` [B or 1, 1, H] (α·v) plus a plan's add: one sum, so α·v then an add of w acts
     exactly as one add of α·v + w (as consecutive plan adds fold, and as the vLLM tables add them)."""
     add = term.delta
@@ -348,11 +358,13 @@ def plan_grid(
 
 
 class BatchGenerator(Protocol):
-    """What a grid needs of an engine: its model (to hook) and one batched, seeded generate."""
-
-    model: Any
+    """What a grid needs of an engine: one batched, seeded generate, and `steerer(...)`, which takes
+    `Steerer`'s arguments without the model and gives a context manager with `set_coefficients` and
+    `set_plans` that steers that engine's generations while it is entered."""
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Any, seed: int) -> list[Any]: ...
+
+    def steerer(self, directions: Mapping[int, torch.Tensor], **options: Any) -> Any: ...
 
 
 def run_grid(
@@ -373,7 +385,7 @@ def run_grid(
     `plan` where the row is `planned`."""
     used = sorted({r.layer for r in rows if r.layer is not None})
     hooked = {k: directions[k] for k in used}
-    with Steerer(backend.model, hooked, coefficient=0.0, positions=positions, plan=plan) as steerer:
+    with backend.steerer(hooked, coefficient=0.0, positions=positions, plan=plan) as steerer:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             steerer.set_coefficients(

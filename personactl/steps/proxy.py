@@ -40,7 +40,7 @@ def held_out_pairs(
     lm: LoadedModel, trait: Trait, questions: int | None, sampling: Sampling, seed: int, batch_size: int
 ):
     """Encoded (pos, neg) answers to the evaluation questions, generated unsteered."""
-    from personactl.backends.hf import HFBackend
+    from personactl.backends import engine_for
     from personactl.model.chat_format import chat_messages, encode_example, encode_prompt
 
     chosen = trait.questions.evaluation[:questions] if questions else list(trait.questions.evaluation)
@@ -50,7 +50,7 @@ def held_out_pairs(
     for q, question in enumerate(chosen):
         pair = trait.instructions[q % len(trait.instructions)]
         messages += [chat_messages(pair.pos, question), chat_messages(pair.neg, question)]
-    backend = HFBackend(lm.model, lm.tokenizer)
+    backend = engine_for(lm)
     prompts = [encode_prompt(lm.tokenizer, m) for m in messages]
     generations = []
     for start in range(0, len(prompts), batch_size):
@@ -70,8 +70,7 @@ def projections(
         collate,
         reduce_positions,
         release_free_heap,
-        residual_hooks,
-        run_to_last_row,
+        row_reading,
     )
 
     out: dict[int, list[float]] = {layer: [] for layer in layers}
@@ -82,16 +81,11 @@ def projections(
         values, _ = reduce_positions(hidden, state["batch"], [position], norms=False)  # the extraction's own reduction
         out[row] += project(values[0], directions[row].to(values.device)).tolist()
 
-    with torch.inference_mode(), residual_hooks(lm.layers, layers, on_row):
+    with torch.inference_mode(), row_reading(lm.model, lm.layers, layers, on_row) as read:
         for start in range(0, len(examples), 16):
             batch = collate(examples[start : start + 16], lm.tokenizer.pad_token_id, "right", lm.device)
             state["batch"] = batch
-            run_to_last_row(
-                lm.model,
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask.long(),
-                position_ids=batch.position_ids,
-            )
+            read(batch)
             if lm.device.type == "cpu":
                 release_free_heap()
     return out
