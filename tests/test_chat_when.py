@@ -209,3 +209,19 @@ def test_vllm_refuses_when_before_starting(isolated_env, model_dir, ws, monkeypa
     result = chat(model_dir, ws, "--when", "othermood:2:0", "--backend", "vllm", lines=())
     assert result.exit_code == 2 and "--when reads each prompt's activations" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 2 and not started  # one line + hint, no engine
+
+
+def test_the_terminal_turn_line_says_the_verdict(lm, ws, replies, capsys):
+    from rich.console import Console
+
+    from personactl.cli.chat import _stream_reply
+
+    _, _, p = replies
+    console = Console(record=True, width=200, force_terminal=False)
+    session = session_for(lm, ws, **STEERING, when=below(p))
+    _stream_reply(console, session.send(MESSAGE))
+    assert f"α +2.00 · plan of 1 term · when {below(p)}: projection {p:.4g}: not steered · " in console.export_text()
+
+
+def below(p: float) -> str:
+    return f"othermood:2:{p + 1!r}"
