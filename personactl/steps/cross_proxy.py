@@ -239,7 +239,7 @@ class ColumnReader:
             encode_example(lm.tokenizer, chat_messages(None, a["question"]), response_ids=list(ids))
             for a, ids in zip(answers, response_ids, strict=True)
         ]
-        readable = [e for e in examples if e.response_len > 0 or not position.startswith("response")]
+        readable = [e for e in examples if e.response_len > 0 or position.startswith("prompt")]
         unique = list(dict.fromkeys(e.input_ids for e in readable))
         by_ids: dict[tuple[int, ...], float] = {}
         on_start(len(unique))
