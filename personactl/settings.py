@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(False, description="run model code from the hub (opt-in only)")
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="converted built-in models")
     hf_token: SecretStr | None = Field(None, description="token for gated hub models (never written)")
-    backend: Literal["hf", "vllm"] = Field("hf", description="generation engine: hf (transformers) or vllm")
+    backend: Literal["hf", "vllm", "mlx"] = Field(
+        "hf", description="generation engine: hf (transformers), vllm, or mlx (Apple silicon; MLX's CPU build on Linux)"
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs to shard the model over")
     pipeline_parallel_size: int = Field(
         1, ge=1, description="vllm backend: pipeline stages (GPUs or nodes) to split the layers over"

@@ -184,7 +184,7 @@ def isolated_env(monkeypatch, tmp_path):
 # Files that take minutes run first: under `make test`'s two workers (pytest-xdist, one file per
 # worker at a time) the vLLM file's engine compile then runs beside the many short files instead of
 # alone at the end. Serially the order changes nothing: every test sets up its own state.
-LONG_FILES = ("test_vllm.py", "test_e2e_embedded.py", "test_chat.py", "test_eval_embedded.py")
+LONG_FILES = ("test_vllm.py", "test_e2e_embedded.py", "test_chat.py", "test_mlx.py", "test_eval_embedded.py")
 
 
 def pytest_collection_modifyitems(config, items):

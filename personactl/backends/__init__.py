@@ -1,10 +1,10 @@
-"""Generation engines behind one interface, `Engine`: Hugging Face transformers (`hf.HFBackend`)
-and vLLM (`vllm.VLLMBackend`) both generate, steer a grid (`run_grid`), stream one reply and close.
-`open_model` loads the model handle the `backend` setting names and `open_engine` gives its engine;
-nobody outside this package asks which engine it holds: callers ask capabilities (`position_modes`,
-`full_distributions`), and an engine refuses what it cannot do with a project error. This module
-also holds what they share: `Sampling`, `Generation`, `Steering`, the end-of-turn tokens and
-`finish_generation`.
+"""Generation engines behind one interface, `Engine`: Hugging Face transformers (`hf.HFBackend`),
+vLLM (`vllm.VLLMBackend`) and MLX (`mlx.MLXBackend`) all generate, steer a grid (`run_grid`),
+stream one reply and close. `open_model` loads the model handle the `backend` setting names and
+`open_engine` gives its engine; nobody outside this package asks which engine it holds: callers
+ask capabilities (`position_modes`, `full_distributions`), and an engine refuses what it cannot do
+with a project error. This module also holds what they share: `Sampling`, `Generation`,
+`Steering`, the end-of-turn tokens and `finish_generation`.
 
 May import: model, store, core, and the top-level errors and settings (layers: pyproject.toml, [tool.importlinter]).
 """
@@ -29,6 +29,18 @@ def end_of_turn_ids(eos_token_id: int | list[int] | None, tokenizer: Any) -> lis
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def generation_stop_ids(directory_or_id: str, config: Any, tokenizer: Any, **kwargs: Any) -> list[int]:
+    """The stop tokens of a model read from its files (engines that do not load it with
+    transformers): its generation config's eos ids plus the tokenizer's eos, as `end_of_turn_ids`."""
+    from transformers import GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(directory_or_id, **kwargs).eos_token_id
+    except OSError:  # no generation_config.json
+        ids = getattr(config, "eos_token_id", None)
+    return end_of_turn_ids(ids, tokenizer)
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,10 @@ def engine_class(backend: str) -> type:
         from personactl.backends.vllm import VLLMBackend
 
         return VLLMBackend
+    if backend == "mlx":
+        from personactl.backends.mlx import MLXBackend
+
+        return MLXBackend
     from personactl.backends.hf import HFBackend
 
     return HFBackend
@@ -160,7 +176,7 @@ def open_model(
     status: Callable[[str], Any] | None = None,
 ) -> Any:
     """The model handle the `backend` setting names: a Hugging Face `LoadedModel`, or a started vLLM
-    engine (`VLLMBackend`, which carries the tokenizer and model facts itself). For vLLM,
+    or MLX engine (`VLLMBackend`, `MLXBackend`: each carries the tokenizer and model facts itself). For vLLM,
     `positions` is checked before minutes of engine start-up, and `steering` asks for the buffers;
     `status(text)`, a context manager, shows while a Hugging Face model loads."""
     if settings.backend == "vllm":
@@ -168,6 +184,10 @@ def open_model(
 
         check_positions(positions)
         return open_vllm_from(settings, steering=steering, log=log)
+    if settings.backend == "mlx":
+        from personactl.backends.mlx import open_mlx_from
+
+        return open_mlx_from(settings, log=log)
     import contextlib
 
     from personactl.model.loading import load_model

@@ -89,6 +89,15 @@ Backend = Annotated[
     Optional[BackendChoice],
     typer.Option("--backend", help="Generation engine (default: hf).", show_default=False),
 ]
+ReadingBackend = Annotated[
+    Optional[BackendChoice],
+    typer.Option(
+        "--backend",
+        help="Engine that reads the activations (default: hf; with vllm the Hugging Face model reads them: "
+        "vLLM's stream lives in its worker processes).",
+        show_default=False,
+    ),
+]
 TensorParallelSize = Annotated[
     Optional[int],
     typer.Option(
