@@ -1,8 +1,9 @@
 """P13–P14: the MLX engine (`--backend mlx`, MLX's CPU build on Linux) next to the Hugging Face
-engine on the same machine: batched greedy generation, 16 prompts × 32 tokens of SmolLM2-135M in
+engine on the same machine: batched greedy generation, 8 prompts × 16 tokens of SmolLM2-135M in
 bf16, every row doing identical work (no end of turn), and MLX's steered sweep (α·v at one layer,
-per-row coefficients) against its unsteered generation. Run alone: `python bench/mlx_bench.py`, or
-in `make bench` (skipped where MLX is not installed)."""
+per-row coefficients) against its unsteered generation. Small, because MLX's Linux CPU build
+multiplies matrices at a few GFLOP/s (torch: ~100 here), so larger runs take minutes. Run alone:
+`python bench/mlx_bench.py`, or in `make bench` (skipped where MLX is not installed)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from personactl.model.steering import GridRow
 from personactl.settings import Settings
 from personactl.store.traits import load_trait
 
-PROMPTS, NEW_TOKENS = 16, 32
+PROMPTS, NEW_TOKENS = 8, 16
+REPEATS = 2
 
 
 def has_mlx() -> bool:
@@ -42,6 +44,7 @@ def bench_mlx(results: dict) -> list[tuple]:
             lambda: hf_engine.generate(prompts, sampling, 0),
             lambda: mlx.generate(prompts, sampling, 0),
             lambda: list(mlx.run_grid(prompts, rows, direction, sampling=sampling, seed=0, batch_size=PROMPTS)),
+            repeats=REPEATS,
         )
     finally:
         mlx.stop_ids = stops
@@ -54,8 +57,8 @@ def bench_mlx(results: dict) -> list[tuple]:
         "new_tokens": NEW_TOKENS,
     }
     return [
-        ("P13 MLX greedy generation vs HF, bf16 16×32 (ratio; informational)", 0.0, hf_s / mlx_s),
-        ("P14 MLX steered sweep vs MLX unsteered, 16×32 (ratio)", 0.9, mlx_s / steered_s),
+        ("P13 MLX greedy generation vs HF, bf16 8×16 (ratio; informational)", 0.0, hf_s / mlx_s),
+        ("P14 MLX steered sweep vs MLX unsteered, 8×16 (ratio)", 0.9, mlx_s / steered_s),
     ]
 
 

@@ -88,3 +88,26 @@ def test_extract_quantiles_and_cap_at_a_percentile(isolated_env, tmp_path, tiny_
     assert invoke(*steer).exit_code == 0
     shown = invoke("show", vector_path, "--json")
     assert shown.exit_code == 0, shown.output
+
+
+def test_probe_and_quantiles_share_one_pass_with_the_same_tables(isolated_env, tmp_path, tiny_factory):
+    """With `probe` and `--quantiles`, the quantiles are computed from the probe's own per-example
+    pass (one forward pass, not two) and equal those of a separate quantile pass; the probe's
+    direction gets its quantiles too."""
+    model = str(tiny_factory("llama"))
+    ws, vector_path = extracted_workspace(tmp_path, model)
+    common = ["extract", "--trait", "optimistic", "--model", model, "-w", ws, "--dtype", "float32", "--quantiles"]
+    alone = invoke(*common, "--force", "--json")
+    assert alone.exit_code == 0, alone.output
+    separate = PersonaVector.load(vector_path)
+    both = invoke(*common, "--aggregators", "mean_diff,pca,probe", "--force", "--json")
+    assert both.exit_code == 0, both.output
+    shared = PersonaVector.load(vector_path)
+    assert shared.metadata["quantiles"]["read"] == "in the probe's pass"
+    assert "read" not in separate.metadata["quantiles"]
+    keys = [k for k in separate.tensors if k.startswith("quantiles.")]
+    assert keys
+    for key in keys:
+        assert torch.equal(shared.tensors[key].nan_to_num(-7.0), separate.tensors[key].nan_to_num(-7.0)), key
+    probe_table = shared.tensors["quantiles.pos.probe.response_avg"]
+    assert bool(torch.isfinite(probe_table[1:]).all())

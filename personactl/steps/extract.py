@@ -149,14 +149,18 @@ def build_vector(
         diagnostics = merge_user_diagnostics(diagnostics, user.diagnostics, main_positions)
     seconds = time.perf_counter() - start
     timing = {"seconds": round(seconds, 3), "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1)}
-    probe_meta = None
-    if "probe" in aggregators:
-        probe_meta, timing["probe_seconds"] = add_probe(
-            lm, pairs, positions, result.rows, tensors, seed, batch_tokens, user_pairs, note
-        )
     add_directions(tensors, result, main_positions, aggregators)
-    quantile_meta = None
-    if quantiles:
+    probe_meta, quantile_meta = None, None
+    if "probe" in aggregators:  # with --quantiles, the probe's pass gives the quantiles their readings too
+        shared = shared_quantiles(tensors, len(pairs)) if quantiles and main_positions else None
+        probe_meta, timing["probe_seconds"] = add_probe(
+            lm, pairs, positions, result.rows, tensors, seed, batch_tokens, user_pairs, note, also=shared
+        )
+        if shared is not None:
+            from personactl.steps.extract_quantiles import quantile_metadata
+
+            quantile_meta = {**quantile_metadata(main_positions, len(pairs)), "read": "in the probe's pass"}
+    if quantiles and quantile_meta is None:
         quantile_meta, timing["quantile_seconds"] = timed_quantiles(
             lm, pairs, main_positions, result.rows, tensors, batch_tokens, note
         )
@@ -210,6 +214,17 @@ def timed_quantiles(
     return meta, round(time.perf_counter() - start, 3)
 
 
+def shared_quantiles(tensors: dict[str, Any], n_pairs: int) -> Callable[[list[str], Any, dict[str, Any]], None]:
+    """A probe-pass callback (`add_probe`'s `also`) that adds the quantiles of every direction at the
+    pass's positions, the probes just fitted included: one forward pass for both."""
+    from personactl.steps.extract_quantiles import add_group_quantiles
+
+    def add(group: list[str], readings: Any, probes: dict[str, Any]) -> None:
+        add_group_quantiles(group, readings, {**tensors, **probes}, n_pairs, into=tensors)
+
+    return add
+
+
 def add_user_avg(
     lm: LoadedModel,
     user_pairs: Sequence[PairExample],
@@ -250,13 +265,15 @@ def add_probe(
     batch_tokens: int,
     user_pairs: Sequence[PairExample] | None,
     note: Callable[[str], None],
+    also: Callable[[list[str], Any, dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], float]:
-    """The `probe.<position>` tensors added to `tensors`; their metadata and the seconds they took."""
+    """The `probe.<position>` tensors added to `tensors`; their metadata and the seconds they took.
+    `also` shares the probe's per-example readings (`extract_probe.probe_pass`)."""
     from personactl.steps.extract_probe import probe_vectors
 
     start = time.perf_counter()
     probes, meta = probe_vectors(
-        lm, pairs, positions, rows, seed=seed, batch_tokens=batch_tokens, user_pairs=user_pairs, note=note
+        lm, pairs, positions, rows, seed=seed, batch_tokens=batch_tokens, user_pairs=user_pairs, note=note, also=also
     )
     tensors.update(probes)
     return meta, round(time.perf_counter() - start, 3)

@@ -70,10 +70,12 @@ def probe_pass(
     batch_tokens: int,
     names: dict[str, str] | None = None,
     into: ProbeResult,
+    also: Callable[[list[str], Any, dict[str, torch.Tensor]], None] | None = None,
 ) -> None:
     """Read `pairs` per example at `positions` and `rows`, fit the probes and add them to `into`
     (a position is stored under `names[position]` when given: the user pass reads `response_avg`
-    for `user_avg`)."""
+    for `user_avg`). `also(group, readings, probes)` then gets each pass's readings and the probes fitted
+    so far: work that needs the same per-example reading (`extract --quantiles`) shares the pass."""
     from personactl.model.example_activations import read_examples
 
     examples = [p.pos for p in pairs] + [p.neg for p in pairs]
@@ -101,6 +103,8 @@ def probe_pass(
                 "train_pairs": n_train,
                 "test_pairs": n_test,
             }
+        if also is not None:
+            also(group, readings, into.tensors)
         del readings
 
 
@@ -114,9 +118,11 @@ def probe_vectors(
     batch_tokens: int,
     user_pairs: Sequence[PairExample] | None = None,
     note: Callable[[str], None] = lambda message: None,
+    also: Callable[[list[str], Any, dict[str, torch.Tensor]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """`probe.<position>` tensors and the metadata that describes them: how they were fitted, the
-    held-out accuracy per position and row, and the tokens the extra pass ran."""
+    held-out accuracy per position and row, and the tokens the extra pass ran. `also` shares the
+    main pairs' readings (`probe_pass`)."""
     main = [p for p in positions if p != "user_avg"]
     size = 2 * len(pairs) * len(main) * len(rows) * lm.hidden_size * 4
     passes = len(position_groups(2 * len(pairs), main, len(rows), lm.hidden_size))
@@ -126,7 +132,7 @@ def probe_vectors(
     )
     result = ProbeResult()
     if main:
-        probe_pass(lm, pairs, main, rows, seed=seed, batch_tokens=batch_tokens, into=result)
+        probe_pass(lm, pairs, main, rows, seed=seed, batch_tokens=batch_tokens, into=result, also=also)
     if "user_avg" in positions and user_pairs is not None:
         names = {"response_avg": "user_avg"}
         probe_pass(

@@ -4,7 +4,8 @@ percentile of the trait-free responses' projections (`store.plan_values`).
 
 The streamed extraction keeps only sums, so this reads the pairs again, per example
 (`model.example_activations.read_examples`: the same hooks, spans and sink rule as extraction), a
-second forward pass made only when asked for. For each direction tensor `<aggregator>.<position>`
+second forward pass made only when asked for, and shared with the probe's when both are
+(`steps.extract.shared_quantiles`). For each direction tensor `<aggregator>.<position>`
 it saves `quantiles.pos.<aggregator>.<position>` and `quantiles.neg.<aggregator>.<position>`, each
 `[L+1, 101]`: row l holds percentiles 0, 1, …, 100 of h·û over the pos (neg) examples, h the
 example's reading at that position and row, û the direction's unit vector there; stream units.
@@ -53,17 +54,29 @@ def add_quantiles(
             lm.model, lm.layers, examples, pad_id=lm.tokenizer.pad_token_id, rows=rows,
             positions=group, batch_tokens=batch_tokens,
         )  # fmt: skip
-        for p, position in enumerate(group):
-            for aggregator in AGGREGATORS:
-                key = f"{aggregator}.{position}"
-                if key in tensors:
-                    tables = side_quantiles(readings.values[:, p], tensors[key][readings.rows], n)
-                    for side, table in tables.items():
-                        full = torch.full((tensors[key].shape[0], POINTS), float("nan"))
-                        full[readings.rows] = table
-                        tensors[quantile_key(side, aggregator, position)] = full
+        add_group_quantiles(group, readings, tensors, n, into=tensors)
         del readings
-    return {"rule": QUANTILE_RULE, "points": POINTS, "positions": list(positions), "examples_per_side": n}
+    return quantile_metadata(positions, n)
+
+
+def quantile_metadata(positions: Sequence[str], n_pairs: int) -> dict[str, Any]:
+    return {"rule": QUANTILE_RULE, "points": POINTS, "positions": list(positions), "examples_per_side": n_pairs}
+
+
+def add_group_quantiles(
+    group: Sequence[str], readings: Any, directions: dict[str, torch.Tensor], n_pairs: int, *, into: dict[str, Any]
+) -> None:
+    """The quantile tensors of every direction in `directions` at the positions of `group`, added to
+    `into`, from one pass's `readings` (`read_examples` of the pos examples, then the neg ones)."""
+    for p, position in enumerate(group):
+        for aggregator in AGGREGATORS:
+            key = f"{aggregator}.{position}"
+            if key in directions:
+                tables = side_quantiles(readings.values[:, p], directions[key][readings.rows], n_pairs)
+                for side, table in tables.items():
+                    full = torch.full((directions[key].shape[0], POINTS), float("nan"))
+                    full[readings.rows] = table
+                    into[quantile_key(side, aggregator, position)] = full
 
 
 def side_quantiles(values: torch.Tensor, directions: torch.Tensor, n_pos: int) -> dict[str, torch.Tensor]:
