@@ -255,6 +255,10 @@ def open_mlx_from(settings: Settings, log: Callable[[str], None] = lambda messag
     elif settings.device not in ("auto", "gpu"):
         raise InputError(f"--device {settings.device} is not an MLX device", hint="use --device auto, cpu or gpu")
     elif settings.device == "gpu":
+        if not mx.is_available(mx.gpu):  # MLX's Linux CPU build
+            raise InputError(
+                "--device gpu: this MLX build has no GPU", hint="use --device cpu (or auto: MLX's default)"
+            )
         mx.set_default_device(mx.gpu)
     from transformers import AutoConfig, AutoTokenizer
 
