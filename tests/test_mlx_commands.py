@@ -230,7 +230,7 @@ def test_chat_when_and_compare_equal_the_hf_engine(isolated_env, setup):
 
 
 @contextlib.contextmanager
-def serving(model, ws, backend):
+def serving(model, ws, backend, vector="optimistic"):
     """A loopback server (uvicorn) over `backend`'s engine and an OpenAI client for it, with a spy on
     the sizes of the mixed batches it runs."""
     import openai
@@ -239,7 +239,7 @@ def serving(model, ws, backend):
     from tests.test_serve import running
 
     lm = open_model(Settings(backend=backend, model=model, dtype="float32", device="cpu"))
-    defaults = ServeDefaults(vector="optimistic", layers=[2], alpha=4.0, max_alpha=10.0, max_tokens=10)
+    defaults = ServeDefaults(vector=vector, layers=[2], alpha=4.0, max_alpha=10.0, max_tokens=10)
     engine = SteeredEngine(lm, Workspace(ws), defaults)
     inner = engine.backend.engine
     sizes: list[int] = []
@@ -343,6 +343,55 @@ def test_the_serve_command_runs_the_mlx_engine(isolated_env, setup, hf_replies):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    """(model, workspace): a tiny Llama with Llama 3's RoPE scaling (mlx-lm's `Llama3RoPE` holds its
+    frequencies as an array computed lazily when the model is built) and a random `tinymood` vector."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from personactl.model.loading import load_model
+    from tests.conftest import build_tokenizer
+    from tests.test_serve import write_vector
+
+    directory = tmp_path_factory.mktemp("tiny-llama3")
+    tokenizer = build_tokenizer()
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=4, pad_token_id=0,
+        rope_scaling={**rope, "original_max_position_embeddings": 64},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    lm = load_model(str(directory), dtype="float32", device="cpu", log=lambda m: None)
+    ws = Workspace(tmp_path_factory.mktemp("ws-llama3"))
+    path = ws.vectors_path(lm.source.slug, "tinymood", "model")
+    path.parent.mkdir(parents=True)
+    write_vector(path, lm, str(directory), scale=0.05)
+    return str(directory), ws.root
+
+
+def test_chat_and_serve_generate_on_worker_threads(isolated_env, llama3):
+    """Chat and serve generate on threads other than the one that loaded the model; MLX's streams
+    belong to a thread, so every array the model holds is evaluated at load (Llama 3's RoPE
+    frequencies included), and both give the HF engine's replies."""
+    model, ws = llama3
+    chat = ["chat", "--vector", "tinymood", "--layers", "2", "--alpha", "2", *common_args(model, ws)]
+    chat += ["--max-new-tokens", "8", "--temperature", "0", "--json"]
+    replies = {}
+    for backend in BACKENDS:
+        result = invoke(*chat, "--backend", backend, input="hello world\n/alpha 0\nwhy?\n")
+        assert result.exit_code == 0, result.output
+        replies[backend] = [json.loads(line).get("reply") for line in result.stdout.splitlines()]
+    assert replies["mlx"] == replies["hf"] and len(replies["mlx"]) == 3
+    served = {}
+    for backend in BACKENDS:
+        with serving(model, ws, backend, vector="tinymood") as client:
+            served[backend] = [ask(client, body)[0] for body in REQUESTS[:2]]
+    assert served["mlx"] == served["hf"]
 
 
 # ---------------------------------------------------------------- the commands that read activations

@@ -184,8 +184,19 @@ def load_mlx_net(directory: Path, dtype: str, trust_remote_code: bool) -> Any:
         raise InputError(f"mlx-lm cannot load {directory.name}: {exc}", hint=MLX_HINT) from None
     if dtype != "auto":
         net.set_dtype(getattr(mx, dtype))
-    mx.eval(net.parameters())
+    mx.eval(held_arrays(net))
     return net
+
+
+def held_arrays(net: Any) -> list[Any]:
+    """Every array the model holds: its parameters and its private ones (Llama 3's RoPE keeps its
+    frequencies as `_freqs`, computed lazily at construction). Evaluated on the loading thread, since
+    MLX streams belong to a thread: serve and chat generate on worker threads, where a lazy array
+    made here fails with "There is no Stream(cpu, 0) in current thread"."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return [value for _, value in tree_flatten(net) if isinstance(value, mx.array)]
 
 
 def net_dtype(net: Any) -> torch.dtype:
