@@ -73,8 +73,12 @@ def make_session(lm, ws):
 
 def reference(lm, ws, specs=(), vector_steering=None, message=MESSAGE):
     """Greedy `generate` of a one-turn chat under `Steerer` with the plan `specs` resolved as `steer
-    --steer` resolves it (and α·v when given): the ground truth."""
+    --steer` resolves it (and α·v when given): the ground truth. On a model a server shares, it
+    first waits for the server's last batch to take its hooks off (they would steer this run too)."""
+    from test_serve import no_hooks as no_hooks_within
     from transformers import GenerationConfig
+
+    assert no_hooks_within(lm)
 
     plan = resolve_plan(list(specs), workspace=ws, lm=lm, position="response_avg", aggregator="mean_diff", norm="raw")
     prompt = encode_prompt(lm.tokenizer, [{"role": "user", "content": message}])

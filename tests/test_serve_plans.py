@@ -177,6 +177,20 @@ def test_plans_are_resolved_once_per_specs_and_file_version(lm, ws):
         engine.shutdown()
 
 
+def test_the_default_plan_is_resolved_once_at_start_up(lm, ws, monkeypatch):
+    import personactl.chat.server as server_module
+
+    calls = []
+    original = server_module.resolve_plan
+    monkeypatch.setattr(server_module, "resolve_plan", lambda terms, **kw: calls.append(terms) or original(terms, **kw))
+    engine = make_engine(lm, ws, vector=None, plan=["othermood:2:0:ablate", "tinymood:1:1"])
+    try:
+        assert len(calls) == 2  # one per term: the default session reuses what start-up resolved
+        assert engine.default_session.plan_specs() == ["othermood:2:0:ablate", "tinymood:1:1:add"]
+    finally:
+        engine.shutdown()
+
+
 def test_the_default_plan(lm, ws):
     engine = make_engine(lm, ws, vector=None, plan=["othermood:2:0:ablate"])
     with running(engine) as server:

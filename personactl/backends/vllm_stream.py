@@ -135,6 +135,7 @@ class ContinuousRows:
         self.take, self.fail, self.max_rows = take, fail, max_rows
         self.running: dict[str, _Running] = {}  # request id → row, in the engine now
         self.pending: collections.deque[RowRequest] = collections.deque()  # taken, waiting for a table row
+        self.checked: dict[int, SteeringConfig | None] = {}  # id of a pending row → its configuration, built once
         self.closed = False
 
     def run(self) -> None:
@@ -150,6 +151,7 @@ class ContinuousRows:
             self._fail_running(exc)
             while self.pending:
                 self.fail(self.pending.popleft(), exc)
+            self.checked.clear()
             raise
 
     def _take_rows(self) -> None:
@@ -161,6 +163,7 @@ class ContinuousRows:
             self.closed = True
             while self.pending:  # taken but never started: interrupted, as the queue's are
                 self.pending.popleft().on_done([])
+            self.checked.clear()
             return
         self.pending.extend(rows)
 
@@ -171,16 +174,21 @@ class ContinuousRows:
         while self.pending:
             row = self.pending[0]
             if row.stop.is_set():  # its client left before it started
+                self.checked.pop(id(row), None)
                 self.pending.popleft().on_done([])
                 continue
-            try:
-                config = self.backend.config_of(row.steering)
-                self.backend._check_prompt(row.prompt)
-            except Exception as exc:
-                self.fail(self.pending.popleft(), exc)
-                continue
+            if id(row) not in self.checked:  # checked once, not at every step it waits
+                try:
+                    self.checked[id(row)] = self.backend.config_of(row.steering)
+                    self.backend._check_prompt(row.prompt)
+                except Exception as exc:
+                    self.checked.pop(id(row), None)
+                    self.fail(self.pending.popleft(), exc)
+                    continue
+            config = self.checked[id(row)]
             if self.running and not self.backend.has_room(config):
                 return
+            del self.checked[id(row)]
             self._admit(self.pending.popleft(), config)
 
     def _admit(self, row: RowRequest, config: SteeringConfig | None) -> None:

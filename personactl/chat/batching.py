@@ -10,9 +10,10 @@ too long) fails alone.
 Otherwise (Hugging Face transformers) the scheduler thread takes up to `max_batch` waiting replies
 whenever the engine is free and runs them as one mixed batch (`Engine.stream_batch`: each row its own
 steering, sampling, seed and budget), so a new batch forms when the running one ends. Before it starts
-a batch that is not full it waits until no request has arrived for `quiet_s` (50 ms), at most
-`gather_s` (250 ms): requests a client sends together start together (a burst reaches the server over
-tens of milliseconds, more while a batch is generating). Replies that arrive while a batch runs wait
+a batch that is not full it waits until no request has arrived for `quiet_s` (50 ms) and none is
+reading its condition (`exclusive`), at most `gather_s` (250 ms): requests a client sends together
+start together (a burst reaches the server over tens of milliseconds, more while a batch is
+generating). Replies that arrive while a batch runs wait
 for the next one. Why not join rows at every decoding step there? On HF that means splicing KV caches
 of different lengths into a running `generate`.
 
@@ -23,8 +24,10 @@ Either way the queue holds at most `max_queue` waiting replies and a request bey
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from personactl.backends import Engine, Sampling, Steering
@@ -76,6 +79,7 @@ class BatchingChat:
         self.max_batch = max(1, min(max_batch, engine.max_stream_batch))
         self.max_queue, self.quiet_s, self.gather_s = max_queue, quiet_s, gather_s
         self._arrived = 0  # requests ever queued: tells the gathering wait that another came
+        self._reading = 0  # requests reading their condition now (`exclusive`): about to be queued
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._wake = threading.Condition()
         self._busy = threading.Lock()  # held while a batch runs
@@ -106,10 +110,22 @@ class BatchingChat:
             self._wake.notify()
         return tokens
 
-    def exclusive(self) -> threading.Lock:
-        """Held while no mixed batch runs (a request's condition is read under it, before it joins
-        one). The continuous engines read no activations in this process, so nothing reads there."""
-        return self._busy
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held while no mixed batch runs: a request's condition is read under it, before it joins one
+        (the continuous engines read no activations in this process, so nothing reads there). A batch
+        being gathered waits for requests in the middle of that reading, and counts the end of one as
+        an arrival (`_gather`), so requests sent together still start together."""
+        with self._wake:
+            self._reading += 1
+        try:
+            with self._busy:
+                yield
+        finally:
+            with self._wake:
+                self._reading -= 1
+                self._arrived += 1  # its reply is queued next: the quiet period starts again
+                self._wake.notify()
 
     @property
     def queued(self) -> int:
@@ -147,7 +163,7 @@ class BatchingChat:
             if remaining <= 0:
                 return
             self._wake.wait(min(self.quiet_s, remaining))
-            if self._arrived == seen:
+            if self._arrived == seen and not self._reading:
                 return
 
     def _run(self, batch: list[_Waiting]) -> None:

@@ -222,7 +222,10 @@ class SteeredEngine:
             self._trusted.add(self.workspace.find_vector(defaults.vector, lm.source.slug).resolve())
         self.warnings: list[str] = []
         try:  # the defaults are checked at start-up, not per request
-            self._trusted |= {Path(t.vector_path).resolve() for t in self._resolve_plan(defaults.plan, defaults.norm)}
+            default_terms = self._resolve_plan(defaults.plan, defaults.norm)
+            self._trusted |= {Path(t.vector_path).resolve() for t in default_terms}
+            for spec, term in zip(defaults.plan, default_terms, strict=True):  # requests without `steer` reuse them
+                self._terms[(spec, defaults.norm, defaults.position, defaults.aggregator)] = (term, _version(term))
             if defaults.when is not None:
                 default = self._resolve_condition(defaults.when, defaults.position, defaults.aggregator, False)
                 self._trusted.add(default.loaded.path.resolve())
