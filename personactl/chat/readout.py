@@ -36,8 +36,9 @@ class LiveReadout:
 
     @classmethod
     def open(cls, spec: str, lm: LoadedModel) -> LiveReadout:
-        """`vector`, or a readout file made for a model of this shape; refused on a vLLM engine."""
-        require_hf(getattr(lm, "name", "hf"))
+        """`vector`, or a readout file made for a model of this shape; refused on an engine that reads
+        no activations in this process (vLLM)."""
+        require_reader(getattr(lm, "name", "hf"))
         if spec == VECTOR:
             return cls(VECTOR, None)
         from personactl.store.readout_file import Readout
@@ -72,11 +73,11 @@ class LiveReadout:
         return record
 
 
-def require_hf(backend: str) -> None:
+def require_reader(backend: str) -> None:
     require_activations(
         backend,
-        f"the live readout reads activations with the Hugging Face model; the {backend} backend has none",
-        hint="use --backend hf for --readout, or run `personactl monitor` on a saved transcript",
+        f"the live readout reads activations in this process; the {backend} backend has none here",
+        hint="use --backend hf or mlx for --readout, or run `personactl monitor` on a saved transcript",
     )
 
 

@@ -184,11 +184,11 @@ def chat(
 def load_checked(settings: Any, positions: str, readout: str | None, when: str | None) -> tuple[Any, Any]:
     """The engine and the parsed --when condition; first, what the readout and the condition need of
     the engine (reading activations in this process) is checked, before minutes of start-up."""
-    from personactl.chat.readout import require_hf
+    from personactl.chat.readout import require_reader
     from personactl.steps.condition import check_condition
 
     if readout:
-        require_hf(settings.backend)
+        require_reader(settings.backend)
     condition = check_condition(when, settings.backend) if when else None
     return load_engine(settings, steering=True, positions=positions), condition
 

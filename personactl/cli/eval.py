@@ -295,7 +295,7 @@ def proxy_cross_effects(
         default_rows,
     )
 
-    require_activations(settings.backend, NEEDS_ACTIVATIONS, hint="add --backend hf, or drop --proxy and judge")
+    require_activations(settings.backend, NEEDS_ACTIVATIONS, hint="use --backend hf or mlx, or drop --proxy and judge")
     variant, loaded = spec.variants[0], {}
     columns = []
     for t in traits:

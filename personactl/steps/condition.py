@@ -42,7 +42,7 @@ def check_condition(spec: str | ConditionSpec, backend: str) -> ConditionSpec:
     require_activations(
         backend,
         "--when reads each prompt's activations before generation, which this backend does not expose here",
-        hint="use --backend hf for conditional steering",
+        hint="use --backend hf or mlx for conditional steering",
     )
     return condition
 

@@ -54,7 +54,7 @@ UNIT = (
     "activations along its direction): 1.0 = moved as far as from its neg answers to its pos answers"
 )
 LABEL = "proxy (no judge): change of each answer's projection on the column trait's vector, steered − unsteered"
-NEEDS_ACTIVATIONS = "judge-free cross effects read activations in this process, so they need --backend hf"
+NEEDS_ACTIVATIONS = "judge-free cross effects read activations in this process, so they need --backend hf or mlx"
 
 PROXY_CROSS_SCHEMA = {
     "column": pl.String,  # the trait whose questions and vector these answers are read with
@@ -127,7 +127,7 @@ def cross_proxy_step(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Skip when the same table exists; else generate every (row, column), read and project the
     answers, summarise (`on_judged`, `on_judge`: unused, there is no judge)."""
-    require_activations(settings.backend, NEEDS_ACTIVATIONS, hint="add --backend hf, or drop --proxy and judge")
+    require_activations(settings.backend, NEEDS_ACTIVATIONS, hint="use --backend hf or mlx, or drop --proxy and judge")
     check_rows(rows)
     sampling = sampling or Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
     fingerprint = proxy_fingerprint(settings, workspace, traits, columns, rows, spec, sampling)

@@ -190,7 +190,7 @@ def proxy_step(
     on_phase: Callable[[str, int | None], None] = lambda what, total: None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Skip when a proxy sweep with the same inputs exists; else sweep, save table, plot, manifest."""
-    require_activations(settings.backend, "--proxy reads activations, so it needs --backend hf")
+    require_activations(settings.backend, "--proxy reads activations in this process, so it needs --backend hf or mlx")
     slug = resolve_model(settings.model).slug
     vector_path = workspace.find_vector(vector_spec or trait.name, slug)  # before loading: the fingerprint hashes it
     fingerprint = proxy_fingerprint(settings, trait, vector_path, layers, position, aggregator, questions, sampling)
