@@ -272,3 +272,52 @@ def test_what_mlx_lm_cannot_load_is_refused_naming_the_hf_engine(isolated_env, t
         )
         assert run.exit_code == 2, run.output
         assert "--backend hf" in run.output
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma"])
+def test_each_architecture_generates_steers_and_reads_as_the_hf_engine(tiny_factory, arch):
+    """Every architecture both engines load, in float32: greedy tokens of a left-padded batch, a
+    sweep with a plan in each position mode (prefill and decode steps), and readings. Qwen2's mlx-lm
+    model walks a fresh slice of its blocks at each call: steering and reading its exposed `layers`
+    would silently change nothing."""
+    from personactl.core.choices import POSITION_MODES
+    from personactl.model.steering_ops import ablate_term
+
+    hf, mlx = load_pair(str(tiny_factory(arch)))
+    prompts, engine = prompts_for(hf.tokenizer), engine_for(hf)
+    unsteered = [g.token_ids for g in engine.generate(prompts, GREEDY, seed=0)]
+    assert [g.token_ids for g in mlx.generate(prompts, GREEDY, seed=0)] == unsteered
+    g = torch.Generator().manual_seed(5)
+    directions = {2: torch.randn(hf.hidden_size, generator=g) * 8}
+    plan = {1: [ablate_term(torch.randn(hf.hidden_size, generator=g))]}
+    rows = [GridRow(p, 2, alpha, planned=True) for p in range(len(prompts)) for alpha in (-4.0, 4.0)]
+    for positions in POSITION_MODES:
+        options = dict(sampling=GREEDY, seed=0, batch_size=len(rows), positions=positions, plan=plan)
+        ours = [g.token_ids for _, g in mlx.run_grid(prompts, rows, directions, **options)]
+        assert ours == [g.token_ids for _, g in engine.run_grid(prompts, rows, directions, **options)], positions
+        assert ours != [unsteered[r.prompt_index] for r in rows]
+    examples = [encode_example(hf.tokenizer, chat_messages(None, q), "A short answer.") for q in QUESTIONS]
+    ours = read_examples(mlx.model, mlx.layers, examples, pad_id=hf.tokenizer.pad_token_id, rows=[0, 1, 3])
+    theirs = read_examples(hf.model, hf.layers, examples, pad_id=hf.tokenizer.pad_token_id, rows=[0, 1, 3])
+    assert float((ours.values - theirs.values).abs().max()) < 1e-4 * float(theirs.values.abs().max())
+
+
+def test_a_model_whose_padded_batches_mlx_lm_gets_wrong_is_refused(tiny_factory):
+    """mlx-lm's Gemma 2 applies a batch's padding mask per KV head, not per row: refused at load
+    (exit 2 through the CLI), not left to give another row's tokens."""
+    from personactl.errors import InputError
+
+    with pytest.raises(InputError) as refused:
+        open_model(Settings(backend="mlx", model=str(tiny_factory("gemma2")), dtype="float32", device="cpu"))
+    assert "--backend hf" in (refused.value.hint or "")
+
+
+def test_a_quantized_model_computes_in_its_float_dtype(tiny_llama):
+    """A 4-bit model's first parameters are packed uint32 weights; its stream is in its float dtype."""
+    import mlx.nn as nn
+
+    from personactl.backends.mlx_model import load_mlx_net, net_dtype
+
+    net = load_mlx_net(tiny_llama, "float32", trust_remote_code=False)
+    nn.quantize(net, group_size=32, bits=4)
+    assert net_dtype(net) == torch.float32

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personactl.backends import Generation, Sampling, Steering, finish_generation, generation_stop_ids
-from personactl.backends.mlx_model import MLXRows, import_mlx, load_mlx_net, model_directory, net_dtype
+from personactl.backends.mlx_model import (
+    MLXRows,
+    check_padded_batches,
+    decoder_blocks,
+    import_mlx,
+    load_mlx_net,
+    model_directory,
+    net_dtype,
+)
 from personactl.backends.mlx_steering import MLXSteerer
 from personactl.core.choices import POSITION_MODES, STEER_OPS
 from personactl.errors import InputError
@@ -58,7 +66,7 @@ class MLXBackend:
         import mlx.core as mx
 
         self.net = net
-        self.layers = net.layers  # the model's own list: wrapped in place while steering or reading
+        self.layers = decoder_blocks(net)  # the model's own list: wrapped in place while steering or reading
         self.tokenizer = tokenizer
         self.source = source
         self.config = config
@@ -66,7 +74,7 @@ class MLXBackend:
         self.stop_ids = stop_ids
         self.dtype = net_dtype(net)
         self.mx_dtype = getattr(mx, str(self.dtype).removeprefix("torch."))
-        self.model = MLXRows(net, self.hidden_size, self.dtype)
+        self.model = MLXRows(net, self.layers, self.hidden_size, self.dtype)
         self.device = MLXRows.device
         self.notes: list[str] = []
         self.active_steerer: MLXSteerer | None = None  # set while an `MLXSteerer` is entered
@@ -215,10 +223,13 @@ class MLXBackend:
         """Float32 logits of each row's last position, after one forward pass starting at `offset`."""
         import mlx.core as mx
 
-        if self.active_steerer is not None:
-            self.active_steerer.at(offset, ids.shape[0])
+        steerer = self.active_steerer
+        if steerer is not None:
+            steerer.at(offset, ids.shape[0])
         logits = self.net(ids, cache=cache)[:, -1, :].astype(mx.float32)
         mx.eval(logits)
+        if steerer is not None and offset == 0:
+            steerer.check_ran()
         return logits
 
 
@@ -275,6 +286,7 @@ def open_mlx_from(settings: Settings, log: Callable[[str], None] = lambda messag
     dtype = default_dtype("cpu") if settings.dtype == "auto" else settings.dtype
     log(f"loading {settings.model} into MLX ({dtype})")
     net = load_mlx_net(directory, dtype, settings.trust_remote_code)
+    check_padded_batches(net)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     fingerprint = model_fingerprint(source, SimpleNamespace(config=config), directory if source.kind != "hub" else None)
     stop_ids = generation_stop_ids(str(directory), config, tokenizer)

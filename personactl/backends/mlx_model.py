@@ -89,6 +89,44 @@ def wrapped_blocks(
             blocks[i] = block
 
 
+def decoder_blocks(net: Any) -> list[Any]:
+    """The list of decoder blocks the model's forward pass walks at every call: wrapping its entries
+    steers and reads. mlx-lm models expose `layers` either as that list or as a fresh slice of the
+    inner model's list at each call (Qwen2's pipeline layers): wrapping a slice would change nothing."""
+    exposed = net.layers
+    inner = getattr(getattr(net, "model", None), "layers", None)
+    same = isinstance(inner, list) and len(inner) == len(exposed)
+    if same and all(a is b for a, b in zip(inner, exposed, strict=True)):
+        return inner
+    if exposed is net.layers and isinstance(exposed, list):
+        return exposed
+    raise InputError("cannot find the MLX model's own list of decoder blocks", hint=MLX_HINT)
+
+
+def check_padded_batches(net: Any) -> None:
+    """Refuse a model whose mlx-lm implementation does not mask a left-padded batch row by row (Gemma
+    2's attention applies the batch cache's mask per KV head instead): a padded row must give the
+    logits it gives alone. Two short prompts, once, at load."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    long, short = [5, 6, 7, 8, 9, 10], [5, 6, 7]
+    blocks = len(decoder_blocks(net))
+    try:
+        both = net(mx.array([long, [0, 0, 0, *short]]), cache=[BatchKVCache([0, 3]) for _ in range(blocks)])
+        alone = net(mx.array([short]), cache=[BatchKVCache([0]) for _ in range(blocks)])
+        gap = mx.abs(both[1, -1].astype(mx.float32) - alone[0, -1].astype(mx.float32)).max()
+        scale = mx.abs(alone[0, -1].astype(mx.float32)).max()
+        wrong = float(gap) > 1e-2 * float(scale) + 1e-6
+    except Exception:  # noqa: BLE001 - a mask the model cannot even broadcast: the same verdict
+        wrong = True
+    if wrong:
+        raise InputError(
+            "mlx-lm's implementation of this model does not mask padded rows of a batch one by one",
+            hint=MLX_HINT,
+        )
+
+
 class _StopForward(Exception):
     """Raised after the deepest row read: the rest of the model does not run."""
 
@@ -99,8 +137,8 @@ class MLXRows:
 
     device = torch.device("cpu")  # the torch tensors handed over live on the CPU (unified memory on a Mac)
 
-    def __init__(self, net: Any, hidden_size: int, dtype: torch.dtype):
-        self.net, self.hidden_size, self.dtype = net, hidden_size, dtype
+    def __init__(self, net: Any, blocks: list[Any], hidden_size: int, dtype: torch.dtype):
+        self.net, self.blocks, self.hidden_size, self.dtype = net, blocks, hidden_size, dtype
 
     def read_rows(self, batch: Batch, rows: Sequence[int], on_row: Callable[[int, torch.Tensor], None]) -> None:
         """One forward pass: the batch's padding is given to mlx-lm's batch cache, which masks it and
@@ -108,27 +146,29 @@ class MLXRows:
         import mlx.core as mx
         from mlx_lm.models.cache import BatchKVCache
 
-        deepest = max(rows)
+        deepest, handed = max(rows), []
 
         def hand_over(row: int) -> Callable[[Any], Any]:
             def take(hidden: Any) -> Any:
                 on_row(row, mx_to_torch(hidden, self.dtype))
+                handed.append(row)
                 if row == deepest:
                     raise _StopForward
                 return hidden
 
             return take
 
-        blocks = self.net.layers
         before = {0: hand_over(0)} if 0 in rows else {}
         after = {row - 1: hand_over(row) for row in rows if row > 0}
         ids = mx.array(batch.input_ids.cpu().numpy())
-        cache = [BatchKVCache(batch.first.cpu().tolist()) for _ in blocks]
-        with wrapped_blocks(blocks, after, before):
+        cache = [BatchKVCache(batch.first.cpu().tolist()) for _ in self.blocks]
+        with wrapped_blocks(self.blocks, after, before):
             try:
                 mx.eval(self.net(ids, cache=cache))
             except _StopForward:
                 pass
+        if sorted(handed) != sorted(rows):  # a model whose forward pass does not run these blocks
+            raise ModelError(f"the MLX model ran without handing over rows {sorted(set(rows) - set(handed))}")
 
 
 def model_directory(source: Any, cache_dir: Path, revision: str | None, token: str | None, log: Any) -> Path:
@@ -156,10 +196,12 @@ def model_directory(source: Any, cache_dir: Path, revision: str | None, token: s
 def mlx_config_overrides(config: dict[str, Any]) -> dict[str, Any]:
     """What mlx-lm misses in a config saved by transformers ≥ 5: rope settings moved under
     `rope_parameters`, where mlx-lm does not look (it then rotates with θ = 10000, and every position
-    after the first few is wrong). Lifted back to the top level."""
+    after the first few is wrong). Lifted back to the top level; settings per layer type are refused."""
     rope = config.get("rope_parameters")
     if not isinstance(rope, dict) or "rope_theta" in config:
         return {}
+    if any(isinstance(value, dict) for value in rope.values()):  # per layer type (Gemma 3): no mlx-lm key
+        raise InputError("mlx-lm cannot read this config's per-layer-type rope_parameters", hint=MLX_HINT)
     overrides: dict[str, Any] = {}
     if "rope_theta" in rope:
         overrides["rope_theta"] = rope["rope_theta"]
@@ -169,21 +211,18 @@ def mlx_config_overrides(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_mlx_net(directory: Path, dtype: str, trust_remote_code: bool) -> Any:
-    """The mlx-lm model in `dtype` ('auto': the checkpoint's own); a refusal naming the HF engine
-    where mlx-lm lacks the architecture."""
+    """The mlx-lm model in `dtype` (a float dtype's name); a refusal naming the HF engine where
+    mlx-lm lacks the architecture or cannot build it from the config."""
     mx = import_mlx()
     from mlx_lm.utils import load_model
 
     config = json.loads((directory / "config.json").read_text())
     try:
         net, _ = load_model(directory, model_config=mlx_config_overrides(config), trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        reason = str(exc).splitlines()[0][:200]
+    except Exception as exc:  # noqa: BLE001 - the model's files and mlx-lm's code: any failure is "cannot load"
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"mlx-lm cannot load {directory.name}: {reason}", hint=MLX_HINT) from None
-    except FileNotFoundError as exc:
-        raise InputError(f"mlx-lm cannot load {directory.name}: {exc}", hint=MLX_HINT) from None
-    if dtype != "auto":
-        net.set_dtype(getattr(mx, dtype))
+    net.set_dtype(getattr(mx, dtype))
     mx.eval(held_arrays(net))
     return net
 
@@ -200,11 +239,14 @@ def held_arrays(net: Any) -> list[Any]:
 
 
 def net_dtype(net: Any) -> torch.dtype:
-    """The torch dtype of the model's embedding weights (what its stream is computed in)."""
+    """The torch dtype of the model's first floating-point parameters (what its stream is computed
+    in; a quantized model's packed integer weights are not)."""
+    import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    first = next(value for _, value in tree_flatten(net.parameters()))
-    name = str(first.dtype).rsplit(".", 1)[-1]
+    floats = (v for _, v in tree_flatten(net.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    first = next(floats, None)
+    name = str(first.dtype).rsplit(".", 1)[-1] if first is not None else "none"
     if name not in TORCH_DTYPES:
-        raise ModelError(f"the MLX model's weights are {name}", hint="pass --dtype float32 or bfloat16")
+        raise ModelError(f"the MLX model computes in {name}", hint="use --backend hf")
     return TORCH_DTYPES[name]

@@ -30,6 +30,7 @@ class MLXSteerer:
         self._batch = 0
         self.offset = 0  # where the next forward pass starts in the sequence (0 at prefill)
         self.prompt_width = 0
+        self._ran: set[int] = set()  # layers whose wrapped block ran in the last prefill
 
     @classmethod
     def build(cls, engine: Any, directions: Mapping[int, torch.Tensor], **options: Any) -> MLXSteerer:
@@ -68,10 +69,21 @@ class MLXSteerer:
         self.engine.active_steerer = None
         self._wrap.__exit__(*exc)
 
+    def check_ran(self) -> None:
+        """After a prefill: every steered block ran (a model that walked other blocks would go
+        unsteered without a word)."""
+        missing = sorted({*self.config.directions, *self.config.plan_layers} - self._ran)
+        self._ran.clear()
+        if missing:
+            from personactl.errors import ModelError
+
+            raise ModelError(f"the MLX model ran without its steered blocks at layers {missing}")
+
     def _steer_at(self, layer: int) -> Any:
         def steer(hidden: Any) -> Any:
             if self.offset == 0:
                 self.prompt_width = hidden.shape[1]
+                self._ran.add(layer)
             delta, terms = self._arrays(layer, hidden.shape[0])
             mask = self._mask(hidden.shape[1])
             out = hidden

@@ -97,9 +97,7 @@ class BatchingChat:
             self.engine.check_positions(steering.positions)
         tokens = TokenStream()
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                batches_ahead = len(self._waiting) // self.max_batch + 1
-                raise QueueFull(len(self._waiting), max(1, round(batches_ahead * self._last_batch_s)))
+            self._refuse_when_full()
             waiting = _Waiting(RowRequest(prompt, sampling, seed, tokens.push, stop, steering), tokens)
             waiting.row.on_done = (lambda ids, w=waiting: self._ended(w, ids)) if self.continuous else waiting.finish
             if self._closed:  # nobody takes it any more: interrupted, as the queue's replies at close
@@ -117,6 +115,7 @@ class BatchingChat:
         being gathered waits for requests in the middle of that reading, and counts the end of one as
         an arrival (`_gather`), so requests sent together still start together."""
         with self._wake:
+            self._refuse_when_full()  # at once: not after waiting for the running batch to read
             self._reading += 1
         try:
             with self._busy:
@@ -126,6 +125,12 @@ class BatchingChat:
                 self._reading -= 1
                 self._arrived += 1  # its reply is queued next: the quiet period starts again
                 self._wake.notify()
+
+    def _refuse_when_full(self) -> None:
+        """QueueFull when `max_queue` replies wait already. Called with `_wake` held."""
+        if len(self._waiting) >= self.max_queue:
+            batches_ahead = len(self._waiting) // self.max_batch + 1
+            raise QueueFull(len(self._waiting), max(1, round(batches_ahead * self._last_batch_s)))
 
     @property
     def queued(self) -> int:
