@@ -355,9 +355,14 @@ def _scores(trait_j: Any, coherence_j: Any) -> dict[str, Any]:
     }
 
 
-def cross_summary(samples: pl.DataFrame, rows: Sequence[str], columns: Sequence[str]) -> dict[str, Any]:
-    """The matrix (rows = steering vectors, columns = judged traits): each cell the paired change of
-    the column's trait score (and coherence) against its unsteered answers, with 95% CIs."""
+def cross_matrix(
+    samples: pl.DataFrame,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    cell: Callable[[pl.DataFrame, pl.DataFrame], dict[str, Any]],
+) -> list[list[dict[str, Any]]]:
+    """`matrix[i][j]`: row i's steered answers to column j's questions against the column's unsteered
+    answers, measured by `cell(steered, unsteered)` (the judged and the judge-free tables alike)."""
     matrix = []
     for label in rows:
         cells = []
@@ -365,21 +370,27 @@ def cross_summary(samples: pl.DataFrame, rows: Sequence[str], columns: Sequence[
             mine = samples.filter(pl.col("column") == column)
             unsteered = mine.filter(pl.col("condition") == "unsteered")
             steered = mine.filter(pl.col("row") == label)
-            cells.append(
-                {
-                    "row": label,
-                    "column": column,
-                    "trait": paired_change(steered, unsteered, "trait_score"),
-                    "coherence": paired_change(steered, unsteered, "coherence_score"),
-                    "steered_trait_mean": steered["trait_score"].mean(),
-                    "unsteered_trait_mean": unsteered["trait_score"].mean(),
-                }
-            )
+            cells.append({"row": label, "column": column, **cell(steered, unsteered)})
         matrix.append(cells)
+    return matrix
+
+
+def cross_summary(samples: pl.DataFrame, rows: Sequence[str], columns: Sequence[str]) -> dict[str, Any]:
+    """The matrix (rows = steering vectors, columns = judged traits): each cell the paired change of
+    the column's trait score (and coherence) against its unsteered answers, with 95% CIs."""
+
+    def judged(steered: pl.DataFrame, unsteered: pl.DataFrame) -> dict[str, Any]:
+        return {
+            "trait": paired_change(steered, unsteered, "trait_score"),
+            "coherence": paired_change(steered, unsteered, "coherence_score"),
+            "steered_trait_mean": steered["trait_score"].mean(),
+            "unsteered_trait_mean": unsteered["trait_score"].mean(),
+        }
+
     return {
         "rows": list(rows),
         "columns": list(columns),
-        "matrix": matrix,
+        "matrix": cross_matrix(samples, rows, columns, judged),
         "definition": "cell = mean over the column trait's held-out (question, sample) pairs of the column's judge "
         "score steered by the row minus unsteered, both scored; 95% t-interval of those paired differences",
     }

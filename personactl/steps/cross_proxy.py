@@ -34,6 +34,7 @@ from personactl.steps.cross_effects import (
     answer_record,
     check_rows,
     cross_fingerprint,
+    cross_matrix,
     generate_column,
     row_settings,
     row_steering,
@@ -275,27 +276,18 @@ class ColumnReader:
 def proxy_cross_summary(samples: pl.DataFrame, rows: Sequence[str], columns: Sequence[str]) -> dict[str, Any]:
     """The matrix (rows = steering, columns = traits read): each cell the mean paired change of the
     column's proxy score against its unsteered answers, with a 95% t-interval, in separations."""
-    matrix = []
-    for label in rows:
-        cells = []
-        for column in columns:
-            mine = samples.filter(pl.col("column") == column)
-            unsteered = mine.filter(pl.col("condition") == "unsteered")
-            steered = mine.filter(pl.col("row") == label)
-            cells.append(
-                {
-                    "row": label,
-                    "column": column,
-                    "proxy": paired_proxy_change(steered, unsteered),
-                    "steered_mean": steered["proxy_score"].mean(),
-                    "unsteered_mean": unsteered["proxy_score"].mean(),
-                }
-            )
-        matrix.append(cells)
+
+    def proxy(steered: pl.DataFrame, unsteered: pl.DataFrame) -> dict[str, Any]:
+        return {
+            "proxy": paired_proxy_change(steered, unsteered),
+            "steered_mean": steered["proxy_score"].mean(),
+            "unsteered_mean": unsteered["proxy_score"].mean(),
+        }
+
     return {
         "rows": list(rows),
         "columns": list(columns),
-        "matrix": matrix,
+        "matrix": cross_matrix(samples, rows, columns, proxy),
         "label": LABEL,
         "unit": UNIT,
         "definition": "cell = mean over the column trait's held-out (question, sample) pairs of the answer's "
